@@ -1,0 +1,99 @@
+"""Shared helpers for the benchmark scripts: a full-size random Phi-2 checkpoint, machine info, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = Path(os.environ.get("PHIKIT_BENCH_WORK", HERE / "_work"))
+SHARED_TOKENIZER = HERE.parent.parent / "shared" / "data" / "gpt2-bpe"
+
+PHI2_SHAPE = dict(
+    vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+    max_position_embeddings=2048, partial_rotary_factor=0.4, rope_theta=10000.0, layer_norm_eps=1e-5,
+    bos_token_id=50256, eos_token_id=50256, resid_pdrop=0.1,
+)
+
+PROMPT = (
+    "Instruct: Write a detailed analogy between mathematics and a lighthouse. Explain how the beam of light "
+    "relates to proofs, how the keeper relates to the mathematician, and why ships at sea need both.\nOutput:"
+)
+
+
+def random_phi2(folder: Path = WORK / "phi2-random", **overrides) -> Path:
+    """Write (once) a full-size Phi-2-shaped checkpoint with random weights, saved by transformers in fp16
+    as 2 shards like microsoft/phi-2, with the GPT-2 tokenizer files next to it."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    print(f"creating a random full-size Phi-2 checkpoint in {folder} (once) ...", file=sys.stderr)
+    torch.manual_seed(0)
+    config = PhiConfig(**{**PHI2_SHAPE, **overrides})
+    with torch.device("cpu"):
+        model = PhiForCausalLM._from_config(config, dtype=torch.float16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="3GB")
+    copy_tokenizer(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def copy_tokenizer(folder: Path) -> None:
+    if not SHARED_TOKENIZER.is_dir():
+        raise SystemExit(f"need the GPT-2 tokenizer at {SHARED_TOKENIZER}")
+    for f in SHARED_TOKENIZER.iterdir():
+        if f.name != "PROVENANCE.md":
+            shutil.copyfile(f, folder / f.name)
+
+
+def machine() -> str:
+    """One line naming the CPU (and GPU if any), core count and torch version."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def run_worker(script: Path, args: list[str], timeout: int = 3600) -> dict:
+    """Run one measurement in a fresh process (so peak RSS is its own) and parse its last JSON line."""
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Rows of dicts -> a Markdown table; columns are (key, header)."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row.get(key, "")
+            cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_json(path: Path, payload: dict) -> None:
+    payload = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), **payload}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,5 @@
+import sys
+
+from phikit.cli import main
+
+sys.exit(main())

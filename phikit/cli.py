@@ -1,0 +1,204 @@
+"""The ``phikit`` command: parses arguments and calls library functions a user could call from Python."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from phikit.checkpoint import DEFAULT_MODEL
+from phikit.errors import PhikitError
+
+EPILOG = "Models: a local folder (config.json + *.safetensors) or a Hugging Face Hub id such as microsoft/phi-2."
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model folder or Hub id (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="weight/compute dtype (default auto: bf16, or fp16 on GPUs without bf16)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: GPU if present)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--template",
+        "-t",
+        default="raw",
+        help="prompt template: raw, instruct ('Instruct: {prompt}\\nOutput:'), guanaco "
+        "('### Human: {prompt}### Assistant:') or your own string with {prompt} (default raw)",
+    )
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when TEXT appears (repeatable); the template's turn markers always stop",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the last tokens of a prompt too long for the context instead of failing",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phikit",
+        description="Run, quantize, benchmark, fine-tune, evaluate and serve Microsoft Phi-2 "
+        "(and Phi-1/Phi-1.5) on one GPU or a CPU.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="complete a prompt (or a file of prompts)",
+        description="Complete a prompt. Prints only the completion on stdout; load time, "
+        "speed and peak memory go to stderr.",
+        epilog=EPILOG,
+    )
+    g.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin)")
+    g.add_argument(
+        "--file",
+        "-f",
+        type=Path,
+        help='batch mode: a .txt file with one prompt per line, or .jsonl with {"prompt": ...} rows; '
+        "prints one JSON object per prompt",
+    )
+    g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --file mode (default 8)")
+    g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
+    g.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt (one per non-empty line) or .jsonl ({"prompt": ...} per line) file."""
+    if not path.is_file():
+        raise PhikitError(f"{path}: prompt file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PhikitError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise PhikitError(f'{path}:{number}: expected an object with a string "prompt" field')
+        prompts.append(row["prompt"])
+    return prompts
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        truncate=args.truncate,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from phikit.generate import GenerationConfig, generate, load, peak_memory_bytes
+    from phikit.templates import get_template
+
+    if args.file is None and args.prompt is None:
+        raise PhikitError("give a prompt, '-' to read it from stdin, or --file PROMPTS")
+    if args.file is not None and args.prompt is not None:
+        raise PhikitError("give either a prompt or --file, not both")
+    prompts = read_prompts(args.file) if args.file else [sys.stdin.read() if args.prompt == "-" else args.prompt]
+    if not prompts:
+        raise PhikitError(f"{args.file}: no prompts in the file")
+    config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
+    config.validate()
+    template = get_template(args.template)  # fail on a bad template before the slow load
+    phi = load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    if not args.quiet:
+        print(
+            f"loaded {args.model} ({str(phi.model.dtype).removeprefix('torch.')}, {phi.model.device}) "
+            f"in {phi.load_seconds:.1f} s",
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+
+    def show(index: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    single = args.file is None
+    on_text = show if (single and args.stream) else None
+    results = generate(phi.model, phi.tokenizer, prompts, config, template, on_text=on_text)
+    if single:
+        print(results[0].text if not args.stream else "")
+    else:
+        for prompt, c in zip(prompts, results):
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "completion": c.text,
+                        "prompt_tokens": c.prompt_tokens,
+                        "completion_tokens": len(c.token_ids),
+                        "finish_reason": c.finish_reason,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+    if not args.quiet:
+        elapsed = time.perf_counter() - start
+        new = sum(len(c.token_ids) for c in results)
+        if single:  # decode speed: tokens after the first, over the time after the first
+            c = results[0]
+            rate = (new - 1) / (c.seconds - c.seconds_to_first_token) if new > 1 else 0.0
+            speed = f"first token {c.seconds_to_first_token:.2f} s | decode {rate:.2f} tok/s"
+        else:
+            speed = f"{new / elapsed:.2f} tok/s over all prompts"
+        peak = peak_memory_bytes(phi.model.device) / 1e9
+        print(
+            f"{sum(c.prompt_tokens for c in results)} prompt + {new} new tokens in {elapsed:.2f} s | "
+            f"{speed} | peak memory {peak:.2f} GB",
+            file=sys.stderr,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except PhikitError as e:
+        print(f"phikit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nphikit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Text generation over the native model: sampling, stop strings, streaming, batches, and ``phikit.load``.
+
+The decode loop is plain: one prefill of the (left-padded) prompts into a preallocated KV cache, then
+one forward of the newest token per step. Text-level concerns (UTF-8-safe streaming, stop strings that
+span tokens) live in ``TextStream`` so the HTTP server can reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from phikit.checkpoint import DEFAULT_MODEL, load_model, resolve_model_path
+from phikit.errors import PhikitError
+from phikit.model import PhiForCausalLM
+from phikit.templates import Template, get_template
+from phikit.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; ``temperature`` 0 is greedy. Defaults follow transformers' generate."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    truncate: bool = False  # keep a too-long prompt's last tokens instead of raising
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PhikitError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PhikitError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PhikitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PhikitError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise PhikitError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.batch_size < 1:
+            raise PhikitError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    seconds_to_first_token: float = 0.0
+    seconds: float = 0.0
+
+
+def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None) -> torch.Tensor:
+    """Repetition penalty, then temperature, top-k and top-p on fp32 logits (batch, vocab), in
+    transformers' order; filtered-out tokens become -inf. ``seen`` marks tokens already in each row."""
+    if seen is not None and config.repetition_penalty != 1.0:
+        penalized = torch.where(logits < 0, logits * config.repetition_penalty, logits / config.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if config.temperature == 0:
+        return logits
+    logits = logits / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= config.top_p  # keeps the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row (batch,): argmax when temperature is 0, else a draw from the processed logits."""
+    logits = process_logits(logits, config, seen)
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: PhiForCausalLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (batch,), step by step, for ``config.max_new_tokens`` steps.
+
+    Prompts are left-padded into one batch; the caller stops iterating when every row is done.
+    """
+    device = model.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + config.max_new_tokens
+    ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        valid[row, : longest - len(prompt)] = False
+    padded = not bool(valid.all())
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+    padding_mask = valid if padded else None
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    seen = None
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        for row in range(batch):
+            seen[row, ids[row][valid[row, :longest]]] = True
+    cache = model.new_cache(batch, total)
+    logits = model(ids, positions, cache, 0, padding_mask, last_only=True)[:, -1].float()
+    next_position = positions[:, -1:] + 1
+    for step in range(config.max_new_tokens):
+        token = sample_next(logits, config, seen, generator)
+        yield token
+        if step + 1 == config.max_new_tokens:
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = model(token[:, None], next_position, cache, longest + step, padding_mask)[:, -1].float()
+        next_position = next_position + 1
+
+
+class TextStream:
+    """Text of one generated sequence as it grows: UTF-8-safe pieces, cut at the first stop string.
+
+    Text that could be the start of a stop string is held back until it is clearly not one, so a
+    streamed reply never shows a half-printed "### Hum".
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = tuple(s for s in stop if s)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now safe to show."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """No more tokens: release what was held back."""
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop and not self.stopped:
+            scan_from = max(0, self.emitted - max(len(s) for s in self.stop))
+            hits = [i for i in (self.text.find(s, scan_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= max((_overlap(self.text, s) for s in self.stop), default=0)
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of ``stop`` that ``text`` ends with."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def encode_prompts(tokenizer: Tokenizer, texts: list[str], config: GenerationConfig, context: int) -> list[list[int]]:
+    """Token ids of each prompt, checked against the context window (or left-truncated if asked)."""
+    room = context - config.max_new_tokens
+    if room < 1:
+        raise PhikitError(
+            f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {context} tokens; lower --max-new-tokens"
+        )
+    out = []
+    for i, ids in enumerate(tokenizer.encode_batch(texts)):
+        ids = ids or [tokenizer.eos_id]  # an empty prompt starts from <|endoftext|>, as GPT-2 sampling does
+        if len(ids) > room:
+            if not config.truncate:
+                which = f"prompt {i + 1}" if len(texts) > 1 else "the prompt"
+                raise PhikitError(
+                    f"{which} is {len(ids)} tokens; with max_new_tokens {config.max_new_tokens} that exceeds "
+                    f"the model's context of {context} tokens; shorten it, lower --max-new-tokens, or pass "
+                    "--truncate to keep its last tokens"
+                )
+            ids = ids[-room:]
+        out.append(ids)
+    return out
+
+
+def iter_generate(
+    model: PhiForCausalLM,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    config: GenerationConfig,
+    template: Template | str | None = None,
+) -> Generator[tuple[int, str], None, list[Completion]]:
+    """Generate for ``prompts`` in batches; yield (prompt index, new text) as text becomes final and
+    return the completions in prompt order."""
+    config.validate()
+    template = get_template(template)
+    stop = tuple(dict.fromkeys((*template.stop, *config.stop)))
+    texts = [template.render(p) for p in prompts]
+    encoded = encode_prompts(tokenizer, texts, config, model.config.max_position_embeddings)
+    completions: list[Completion] = []
+    for first in range(0, len(encoded), config.batch_size):
+        chunk = encoded[first : first + config.batch_size]
+        streams = [TextStream(tokenizer, stop) for _ in chunk]
+        tokens: list[list[int]] = [[] for _ in chunk]
+        reasons = ["length"] * len(chunk)
+        done = [False] * len(chunk)
+        start = time.perf_counter()
+        first_token_at = None
+        for step_tokens in generate_tokens(model, chunk, config, tokenizer.pad_id):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            for row, token in enumerate(step_tokens.tolist()):
+                if done[row]:
+                    continue
+                if token == tokenizer.eos_id:
+                    done[row], reasons[row] = True, "stop"
+                    continue
+                tokens[row].append(token)
+                piece = streams[row].push(token)
+                if streams[row].stopped:
+                    done[row], reasons[row] = True, "stop"
+                if piece:
+                    yield first + row, piece
+            if all(done):
+                break
+        elapsed = time.perf_counter() - start
+        for row, stream in enumerate(streams):
+            piece = stream.finish()
+            if piece:
+                yield first + row, piece
+            completions.append(
+                Completion(
+                    stream.text, tokens[row], len(chunk[row]), reasons[row], (first_token_at or start) - start, elapsed
+                )
+            )
+    return completions
+
+
+def generate(
+    model: PhiForCausalLM,
+    tokenizer: Tokenizer,
+    prompts: str | list[str],
+    config: GenerationConfig | None = None,
+    template: Template | str | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    **overrides,
+) -> Completion | list[Completion]:
+    """Complete one prompt (returns a Completion) or several (a list, batched with left padding).
+
+    ``overrides`` set GenerationConfig fields (``max_new_tokens=64, temperature=0.7 ...``);
+    ``on_text(index, piece)`` is called with text as it is produced.
+    """
+    config = replace(config or GenerationConfig(), **overrides)
+    single = isinstance(prompts, str)
+    runner = iter_generate(model, tokenizer, [prompts] if single else list(prompts), config, template)
+    while True:
+        try:
+            index, piece = next(runner)
+        except StopIteration as finished:
+            completions = finished.value
+            break
+        if on_text is not None:
+            on_text(index, piece)
+    return completions[0] if single else completions
+
+
+def stream(
+    model: PhiForCausalLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    config: GenerationConfig | None = None,
+    template: Template | str | None = None,
+    **overrides,
+) -> Iterator[str]:
+    """Yield the completion of ``prompt`` piece by piece as it is generated."""
+    config = replace(config or GenerationConfig(), **overrides)
+    for _, piece in iter_generate(model, tokenizer, [prompt], config, template):
+        yield piece
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: max allocated on CUDA, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Phi:
+    """A loaded model with its tokenizer: ``phikit.load("microsoft/phi-2").generate("...")``."""
+
+    model: PhiForCausalLM
+    tokenizer: Tokenizer
+    path: Path
+    load_seconds: float = 0.0
+    defaults: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def generate(
+        self, prompts: str | list[str], template: Template | str | None = None, **overrides
+    ) -> Completion | list[Completion]:
+        return generate(self.model, self.tokenizer, prompts, self.defaults, template, **overrides)
+
+    def stream(self, prompt: str, template: Template | str | None = None, **overrides) -> Iterator[str]:
+        return stream(self.model, self.tokenizer, prompt, self.defaults, template, **overrides)
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> Phi:
+    """Load a Phi checkpoint (local folder or Hub id) and its tokenizer."""
+    start = time.perf_counter()
+    folder = resolve_model_path(model)
+    net = load_model(folder, dtype=dtype, device=device, progress=progress)
+    tokenizer = Tokenizer(folder)
+    return Phi(net, tokenizer, folder, time.perf_counter() - start)

@@ -1,0 +1,224 @@
+"""Native PyTorch Phi (Phi-1, Phi-1.5, Phi-2) in reading order: cache -> attention -> MLP -> block -> model.
+
+Module and parameter names are those of transformers' ``PhiForCausalLM`` (``model.layers.N.self_attn.q_proj``,
+``model.final_layernorm``, ``lm_head``) so HF state dicts and PEFT adapters map 1:1. Written by hand rather
+than wrapping transformers so that decoding has a preallocated KV cache, no per-token Python bookkeeping
+and plain modules that quantization and LoRA can swap in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from phikit.config import PhiConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to ``max_length`` so decoding never concatenates.
+
+    ``k`` and ``v`` are (layers, batch, kv_heads, max_length, head_dim); layer i uses ``k[i]``.
+    """
+
+    def __init__(
+        self, config: PhiConfig, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device | str
+    ):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+
+
+def rope_tables(config: PhiConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for ``positions`` (batch, seq) -> each (batch, 1, seq, rotary_dim), computed in fp32."""
+    dim = config.rotary_dim
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` dims of each head (GPT-NeoX half-split style); pass the rest through."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """Scaled dot-product attention; q (batch, heads, seq, dim), k/v (batch, kv_heads, keys, dim).
+
+    Phi-2's attention scores overflow fp16. On CUDA, SDPA's fused kernels accumulate scores and softmax
+    in fp32; on CPU the fp16 path may materialise fp16 scores, so there we compute in fp32.
+    """
+    if q.dtype == torch.float16 and q.device.type == "cpu":
+        out = attention(q.float(), k.float(), v.float(), mask, causal)
+        return out.to(torch.float16)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        h, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, h * d)
+        self.k_proj = nn.Linear(config.hidden_size, kv * d)
+        self.v_proj = nn.Linear(config.hidden_size, kv * d)
+        self.dense = nn.Linear(h * d, config.hidden_size)
+        if config.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.config.head_dim
+        q = self.q_proj(x).view(b, t, -1, d).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+        if self.config.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache[:, :, start : start + t] = k
+            v_cache[:, :, start : start + t] = v
+            k, v = k_cache[:, :, : start + t], v_cache[:, :, : start + t]
+        y = attention(q, k, v, mask, causal=mask is None and t > 1)
+        return self.dense(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.approximate = "none" if config.hidden_act == "gelu" else "tanh"  # gelu_new is the tanh form
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class PhiDecoderLayer(nn.Module):
+    """One LayerNorm feeds attention and MLP in parallel; both add to the residual."""
+
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.self_attn = PhiAttention(config)
+        self.mlp = PhiMLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.resid_dropout = nn.Dropout(float(config.extra.get("resid_pdrop", 0.0)))
+
+    def forward(self, x, cos, sin, kv, start, mask):
+        h = self.input_layernorm(x)
+        attn = self.resid_dropout(self.self_attn(h, cos, sin, kv, start, mask))
+        return attn + self.resid_dropout(self.mlp(h)) + x
+
+
+class PhiModel(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(float(config.extra.get("embd_pdrop", 0.0)))
+        self.layers = nn.ModuleList(PhiDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (batch, seq, hidden) for ``input_ids`` (batch, seq).
+
+        positions: rope positions (batch, seq), default ``start + arange(seq)``.
+        cache/start: write this chunk's keys/values at cache slots ``start:start+seq`` and attend to all before.
+        padding_mask: (batch, >= start+seq) bool, False at left-padding slots, which no query attends to.
+        """
+        b, t = input_ids.shape
+        x = self.embed_dropout(self.embed_tokens(input_ids))
+        if positions is None:
+            positions = torch.arange(start, start + t, device=x.device).expand(b, t)
+        cos, sin = rope_tables(self.config, positions, x.dtype)
+        mask = build_mask(t, start, padding_mask, x.device)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv, start, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv, start, mask)
+        return self.final_layernorm(x)
+
+
+def build_mask(t: int, start: int, padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean attention mask (batch|1, 1, seq, keys), or None where SDPA's own causal flag suffices.
+
+    Each query also sees itself, so a left-padding row never has every key masked (that gives NaN in SDPA).
+    """
+    if padding_mask is None and (t == 1 or start == 0):
+        return None  # one new token sees every cached key; a fresh prompt is plain causal
+    keys = torch.arange(start + t, device=device)
+    queries = torch.arange(start, start + t, device=device)
+    mask = keys[None, :] <= queries[:, None]  # (seq, keys)
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, : start + t]
+        mask = mask | (keys[None, :] == queries[:, None])
+        return mask[:, None]
+    return mask[None, None]
+
+
+class PhiForCausalLM(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        self.model = PhiModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        padding_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position."""
+        h = self.model(input_ids, positions, cache, start, padding_mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty KV cache of this model's dtype and device."""
+        return KVCache(self.config, batch_size, max_length, self.dtype, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.final_layernorm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.final_layernorm.weight.dtype

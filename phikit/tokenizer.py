@@ -1,0 +1,125 @@
+"""Tokenizer from a checkpoint folder, through the ``tokenizers`` library, plus streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from phikit.errors import PhikitError
+
+EOS_TEXT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer of Phi (GPT-2/CodeGen vocabulary); EOS is ``<|endoftext|>``.
+
+    Reads ``tokenizer.json``; falls back to ``vocab.json`` + ``merges.txt`` (plus ``added_tokens.json``).
+    Encoding adds no BOS, as transformers' tokenizer for Phi does not.
+    """
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(folder)
+        self.folder = folder
+        path = folder / "tokenizer.json"
+        try:
+            if path.is_file():
+                self._tok = HFTokenizer.from_file(str(path))
+            elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+                self._tok = _from_vocab_merges(folder)
+            else:
+                raise PhikitError(
+                    f"{folder}: no tokenizer found (expected tokenizer.json, or vocab.json and merges.txt)"
+                )
+        except PhikitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception subclasses
+            raise PhikitError(f"{folder}: cannot read the tokenizer ({e})") from None
+        eos = self._tok.token_to_id(EOS_TEXT)
+        if eos is None:
+            raise PhikitError(f"{folder}: tokenizer has no {EOS_TEXT} token; not a Phi tokenizer")
+        self.eos_id: int = eos
+        self.pad_id: int = eos  # Phi has no pad token; generation and training pad with EOS
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def save(self, folder: str | Path) -> None:
+        """Copy the tokenizer files next to an exported checkpoint."""
+        import shutil
+
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+            "added_tokens.json",
+            "special_tokens_map.json",
+        ):
+            if (self.folder / name).is_file():
+                shutil.copyfile(self.folder / name, Path(folder) / name)
+
+
+class StreamDecoder:
+    """Turns token ids, fed one at a time, into text pieces that never split a UTF-8 character.
+
+    Byte-level BPE may put half of a multi-byte character in one token; decoding that alone gives U+FFFD.
+    We decode a short window of recent tokens and hold text back while it ends in U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: decoding from here gives the context that spaces depend on
+        self.read = 0  # tokens whose text has been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (a trailing incomplete character comes out as U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+def _from_vocab_merges(folder: Path):
+    """A byte-level BPE tokenizer equal to GPT-2's ``tokenizer.json``, from the slow-tokenizer files."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tok = HFTokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    added: dict[str, int] = {}
+    if (folder / "added_tokens.json").is_file():
+        added = json.loads((folder / "added_tokens.json").read_text())
+    vocab = json.loads((folder / "vocab.json").read_text())
+    specials = [EOS_TEXT] if EOS_TEXT in vocab else []
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    normal = [t for t, _ in sorted(added.items(), key=lambda kv: kv[1]) if t not in specials]
+    if normal:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in normal])
+    return tok

@@ -1,0 +1,129 @@
+"""Fixtures: tiny random Phi checkpoints written by transformers itself, and a real tokenizer.
+
+The tokenizer is GPT-2's full-size BPE from ``../shared/data/gpt2-bpe`` (Phi-2's vocabulary for ids
+0-50256) when that folder exists, else a tiny byte-level BPE trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = Path(os.environ.get("PHIKIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "gpt2-bpe"
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    partial_rotary_factor=0.5,
+    rope_theta=10000.0,
+    initializer_range=0.2,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
+
+TRAINING_TEXT = [
+    "Hello world! This is a tiny tokenizer trained for phikit's tests.",
+    "def add(a, b):\n    return a + b\n",
+    "Instruct: Write a poem about the sea.\nOutput: The sea is wide and deep and blue.",
+    "### Human: What is the capital of France?### Assistant: Paris.",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u65e5\u672c\u8a9e \U0001f600 emoji and unicode text.",
+] * 20
+
+
+def _tiny_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TRAINING_TEXT, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "bos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "model_max_length": 2048,
+            }
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder with tokenizer.json (+ vocab.json/merges.txt where real) and tokenizer_config.json."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    if SHARED_TOKENIZER.is_dir():
+        for f in SHARED_TOKENIZER.iterdir():
+            if f.name != "PROVENANCE.md":
+                shutil.copyfile(f, folder / f.name)
+    else:
+        _tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer_dir) -> int:
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    return ((n + 63) // 64) * 64  # padded like Phi's 51200 rows for 50295 tokens
+
+
+def make_checkpoint(
+    folder: Path,
+    tokenizer_dir: Path,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    **overrides,
+):
+    """Save a random transformers PhiForCausalLM (and the tokenizer) to ``folder``; return the HF model (fp32)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(seed)
+    config = PhiConfig(vocab_size=vocab_size, **{**TINY, **overrides})
+    model = PhiForCausalLM(config).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(dtype).save_pretrained(folder, **kwargs)
+    model.float()
+    for f in tokenizer_dir.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory, tokenizer_dir, vocab_size):
+    """``factory(**overrides) -> (folder, hf_model)``, cached per distinct overrides."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def factory(**overrides):
+        key = json.dumps(overrides, sort_keys=True, default=str)
+        if key not in made:
+            folder = tmp_path_factory.mktemp("ckpt")
+            made[key] = (folder, make_checkpoint(folder, tokenizer_dir, vocab_size, **overrides))
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny(checkpoint_factory):
+    """The default tiny checkpoint: (folder, transformers model in fp32)."""
+    return checkpoint_factory()

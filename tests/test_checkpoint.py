@@ -1,0 +1,187 @@
+"""Checkpoint loading: shards, legacy layouts, configs, and the errors users see."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from phikit.checkpoint import load_model, resolve_model_path
+from phikit.config import PhiConfig
+from phikit.errors import PhikitError
+
+PUBLISHED_PHI2_CONFIG = {  # microsoft/phi-2 config.json as published (transformers 4.37 keys)
+    "architectures": ["PhiForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 50256,
+    "embd_pdrop": 0.0,
+    "eos_token_id": 50256,
+    "hidden_act": "gelu_new",
+    "hidden_size": 2560,
+    "initializer_range": 0.02,
+    "intermediate_size": 10240,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048,
+    "model_type": "phi",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "partial_rotary_factor": 0.4,
+    "qk_layernorm": False,
+    "resid_pdrop": 0.1,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.37.0",
+    "use_cache": True,
+    "vocab_size": 51200,
+}
+
+
+def logits_of(model, vocab, n=11):
+    ids = torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_published_phi2_config_and_rope_parameters_agree():
+    old = PhiConfig.from_dict(PUBLISHED_PHI2_CONFIG)
+    new_raw = {k: v for k, v in PUBLISHED_PHI2_CONFIG.items() if k not in ("partial_rotary_factor", "rope_theta")}
+    new_raw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4}
+    new = PhiConfig.from_dict(new_raw)
+    assert old.as_dict() == new.as_dict()
+    assert (old.head_dim, old.rotary_dim, old.rope_theta) == (80, 32, 10000.0)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(PhikitError, match="model_type 'llama' is not a Phi model"):
+        PhiConfig.from_dict({**PUBLISHED_PHI2_CONFIG, "model_type": "llama"})
+    with pytest.raises(PhikitError, match="missing required key.*hidden_size"):
+        PhiConfig.from_dict({k: v for k, v in PUBLISHED_PHI2_CONFIG.items() if k != "hidden_size"})
+    with pytest.raises(PhikitError, match="rope type 'dynamic' is not supported"):
+        PhiConfig.from_dict({**PUBLISHED_PHI2_CONFIG, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(PhikitError, match="config.json: not valid JSON"):
+        PhiConfig.from_json(bad)
+
+
+def test_sharded_checkpoint_loads_like_single_file(checkpoint_factory, tiny):
+    folder, hf = checkpoint_factory(max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    sharded = load_model(folder, dtype="fp32", device="cpu")
+    single = load_model(tiny[0], dtype="fp32", device="cpu")
+    torch.testing.assert_close(
+        logits_of(sharded, hf.config.vocab_size), logits_of(single, hf.config.vocab_size), rtol=0, atol=0
+    )
+
+
+def legacy_state_dict(hf, layout: str) -> dict[str, torch.Tensor]:
+    """transformers weights renamed to the remote-code layouts of the first Phi releases."""
+    sd, n = hf.state_dict(), hf.config.num_hidden_layers
+    block = "transformer.h.{}" if layout == "phi-msft" else "layers.{}"
+    offset = 0 if layout == "phi-msft" else 1
+    out = {
+        ("transformer.embd.wte.weight" if layout == "phi-msft" else "layers.0.wte.weight"): sd[
+            "model.embed_tokens.weight"
+        ]
+    }
+    head = "lm_head" if layout == "phi-msft" else f"layers.{n + 1}"
+    for kind in ("weight", "bias"):
+        out[f"{head}.ln.{kind}"] = sd[f"model.final_layernorm.{kind}"]
+        out[f"{head}.linear.{kind}"] = sd[f"lm_head.{kind}"]
+        for i in range(n):
+            src, dst = f"model.layers.{i}", block.format(i + offset)
+            out[f"{dst}.ln.{kind}"] = sd[f"{src}.input_layernorm.{kind}"]
+            out[f"{dst}.mixer.Wqkv.{kind}"] = torch.cat([sd[f"{src}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out[f"{dst}.mixer.out_proj.{kind}"] = sd[f"{src}.self_attn.dense.{kind}"]
+            out[f"{dst}.mlp.fc1.{kind}"] = sd[f"{src}.mlp.fc1.{kind}"]
+            out[f"{dst}.mlp.fc2.{kind}"] = sd[f"{src}.mlp.fc2.{kind}"]
+    out[f"{block.format(offset)}.mixer.rotary_emb.inv_freq"] = torch.ones(8)  # a buffer the loader skips
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("layout", ["phi-msft", "mixformer-sequential"])
+def test_legacy_layout_loads_to_same_logits(tmp_path, tiny, layout):
+    folder, hf = tiny
+    c = hf.config
+    save_file(legacy_state_dict(hf, layout), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": layout,
+                "n_embd": c.hidden_size,
+                "n_layer": c.num_hidden_layers,
+                "n_head": c.num_attention_heads,
+                "n_inner": c.intermediate_size,
+                "n_positions": c.max_position_embeddings,
+                "vocab_size": c.vocab_size,
+                "rotary_dim": int(c.hidden_size // c.num_attention_heads * c.rope_parameters["partial_rotary_factor"]),
+                "activation_function": "gelu_new",
+                "layer_norm_epsilon": c.layer_norm_eps,
+                "pad_vocab_size_multiple": 64,
+            }
+        )
+    )
+    legacy = load_model(tmp_path, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        ids = torch.randint(0, c.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(legacy(ids), hf(ids).logits, rtol=0, atol=1e-5)
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_error_names_the_file(checkpoint_factory, tmp_path):
+    folder = copy_checkpoint(checkpoint_factory(max_shard_size="100KB")[0], tmp_path / "ckpt")
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(PhikitError, match=f"{shard.name}.*truncated or corrupt"):
+        load_model(folder, dtype="fp32", device="cpu")
+
+
+def test_corrupt_single_file_error_names_the_file(tiny, tmp_path):
+    folder = copy_checkpoint(tiny[0], tmp_path / "ckpt")
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(PhikitError, match="model.safetensors.*truncated or corrupt"):
+        load_model(folder, dtype="fp32", device="cpu")
+
+
+def test_missing_shard_error_names_the_shard(checkpoint_factory, tmp_path):
+    folder = copy_checkpoint(checkpoint_factory(max_shard_size="100KB")[0], tmp_path / "ckpt")
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(PhikitError, match=f"missing: {shard.name}"):
+        load_model(folder, dtype="fp32", device="cpu")
+
+
+def test_missing_files_and_mismatched_shapes(tiny, tmp_path):
+    folder = copy_checkpoint(tiny[0], tmp_path / "ckpt")
+    (folder / "config.json").rename(folder / "config.bak")
+    with pytest.raises(PhikitError, match="config.json not found"):
+        load_model(folder, dtype="fp32", device="cpu")
+    raw = json.loads((folder / "config.bak").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 128}))
+    with pytest.raises(PhikitError, match="fc1.(weight|bias) has shape .* config and weights do not match"):
+        load_model(folder, dtype="fp32", device="cpu")
+    (folder / "config.json").write_text(json.dumps(raw))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(PhikitError, match="no weights found"):
+        load_model(folder, dtype="fp32", device="cpu")
+    with pytest.raises(PhikitError, match="no such model folder"):
+        resolve_model_path(tmp_path / "does-not-exist")
+
+
+def test_unreachable_hub_points_to_model_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PhikitError, match="--model PATH"):
+        resolve_model_path("microsoft/phi-2")

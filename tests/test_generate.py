@@ -1,0 +1,171 @@
+"""Generation against transformers' generate and logits processors; stops, streaming, batches, context."""
+
+import pytest
+import torch
+
+import phikit
+from phikit.checkpoint import load_model
+from phikit.errors import PhikitError
+from phikit.generate import GenerationConfig, TextStream, generate, process_logits, sample_next, stream
+from phikit.templates import get_template
+from phikit.tokenizer import Tokenizer
+
+PROMPTS = ["Hello world", "def add(a, b):", "Instruct: Name a colour.\nOutput:", "The"]
+
+
+@pytest.fixture(scope="module")
+def phi(tiny):
+    folder, hf = tiny
+    return load_model(folder, dtype="fp32", device="cpu"), Tokenizer(folder), hf
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_transformers_generate(phi, prompt):
+    model, tok, hf = phi
+    ids = torch.tensor([tok.encode(prompt)])
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=30,
+        do_sample=False,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.eos_id,
+    )[0, ids.shape[1] :].tolist()
+    expected = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
+    got = generate(model, tok, prompt, max_new_tokens=30)
+    assert got.token_ids == expected
+    assert got.finish_reason == ("stop" if tok.eos_id in out else "length")
+    assert got.text == tok.decode(expected)
+
+
+def test_batch_generation_equals_one_by_one(phi):
+    model, tok, _ = phi
+    batch = generate(model, tok, PROMPTS, max_new_tokens=20)
+    single = [generate(model, tok, p, max_new_tokens=20) for p in PROMPTS]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in single]
+    assert [c.text for c in batch] == [c.text for c in single]
+
+
+def test_batch_generation_matches_transformers_left_padding(phi):
+    model, tok, hf = phi
+    encoded = [tok.encode(p) for p in PROMPTS[:3]]
+    longest = max(map(len, encoded))
+    ids = torch.tensor([[tok.eos_id] * (longest - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded])
+    out = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id
+    )[:, longest:]
+    got = generate(model, tok, PROMPTS[:3], max_new_tokens=12)
+    for row, c in enumerate(got):
+        assert c.token_ids == out[row, : len(c.token_ids)].tolist()
+
+
+def test_streamed_pieces_join_to_the_completion(phi):
+    model, tok, _ = phi
+    pieces = list(stream(model, tok, "Hello world", max_new_tokens=25))
+    assert "".join(pieces) == generate(model, tok, "Hello world", max_new_tokens=25).text
+
+
+def test_eos_ends_generation(phi, tiny):
+    model, tok, _ = phi
+    bias = model.lm_head.bias.detach().clone()
+    try:
+        model.lm_head.bias.data[tok.eos_id] = 1e4
+        c = generate(model, tok, "Hello", max_new_tokens=10)
+    finally:
+        model.lm_head.bias.data.copy_(bias)
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [], "stop")
+
+
+def test_stop_string_cuts_the_text(phi):
+    model, tok, _ = phi
+    full = generate(model, tok, "Hello world", max_new_tokens=30)
+    assert len(full.text) > 12
+    stop = full.text[5:9]
+    cut = generate(model, tok, "Hello world", max_new_tokens=30, stop=(stop,))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_text_stream_holds_back_a_partial_stop_marker(tokenizer_dir):
+    tok = Tokenizer(tokenizer_dir)
+    text_stream = TextStream(tok, get_template("guanaco").stop)
+    shown = [text_stream.push(i) for i in tok.encode("Paris is the capital.### Human: next")]
+    shown.append(text_stream.finish())
+    assert "".join(shown) == "Paris is the capital."
+    assert not any("#" in piece for piece in shown)
+    assert text_stream.stopped
+
+
+def test_templates_render_and_stop():
+    assert get_template("instruct").render("Hi") == "Instruct: Hi\nOutput:"
+    assert get_template("guanaco").render("Hi") == "### Human: Hi### Assistant:"
+    custom = get_template("User: {prompt}\\nBot:")
+    assert custom.render("Hi") == "User: Hi\nBot:" and custom.stop == ("User:",)
+    chat = get_template("guanaco").render_chat([("Hi", " Hello!")], "Bye")
+    assert chat == "### Human: Hi### Assistant: Hello!### Human: Bye### Assistant:"
+    with pytest.raises(PhikitError, match="unknown template"):
+        get_template("alpacca")
+
+
+def test_prompt_longer_than_context(phi):
+    model, tok, _ = phi
+    context = model.config.max_position_embeddings
+    long_prompt = "word " * (context + 10)
+    with pytest.raises(PhikitError, match="exceeds the model's context.*--truncate"):
+        generate(model, tok, long_prompt, max_new_tokens=8)
+    c = generate(model, tok, long_prompt, max_new_tokens=8, truncate=True)
+    assert c.prompt_tokens == context - 8
+    with pytest.raises(PhikitError, match="leaves no room"):
+        generate(model, tok, "Hi", max_new_tokens=context)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(phi):
+    model, tok, _ = phi
+    a = generate(model, tok, "Hello", max_new_tokens=15, temperature=1.0, seed=7)
+    b = generate(model, tok, "Hello", max_new_tokens=15, temperature=1.0, seed=7)
+    assert a.token_ids == b.token_ids
+    greedy = generate(model, tok, "Hello", max_new_tokens=15)
+    assert (
+        generate(model, tok, "Hello", max_new_tokens=15, temperature=0.8, top_k=1, seed=3).token_ids == greedy.token_ids
+    )
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,penalty", [(0.7, 10, 0.8, 1.3), (1.0, 0, 0.5, 1.0), (1.5, 3, 1.0, 0.8), (0.0, 0, 1.0, 1.2)]
+)
+def test_logit_processing_matches_transformers(temperature, top_k, top_p, penalty):
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    history = torch.randint(0, 50, (3, 6))
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter_(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+    if temperature > 0:
+        expected = TemperatureLogitsWarper(temperature)(history, expected)
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(history, expected)
+        if top_p < 1:
+            expected = TopPLogitsWarper(top_p)(history, expected)
+    config = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    got = process_logits(logits, config, seen)
+    torch.testing.assert_close(got, expected)
+    if temperature == 0:
+        assert sample_next(logits, config, seen, None).tolist() == expected.argmax(-1).tolist()
+    else:
+        draws = torch.stack([sample_next(logits, config, seen, torch.Generator().manual_seed(s)) for s in range(50)])
+        assert torch.isfinite(expected.gather(1, draws.T)).all()
+
+
+def test_public_load_api(tiny):
+    folder, _ = tiny
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    c = phi.generate("Hello", max_new_tokens=5, template="instruct")
+    assert isinstance(c, phikit.Completion) and c.prompt_tokens == len(phi.tokenizer.encode("Instruct: Hello\nOutput:"))
+    assert "".join(phi.stream("Hello", max_new_tokens=5, template="instruct")) == c.text

@@ -1,0 +1,93 @@
+"""The native model against transformers' PhiForCausalLM on the same checkpoint."""
+
+import pytest
+import torch
+
+from phikit.checkpoint import load_model
+from phikit.model import attention
+
+VARIANTS = [
+    {},
+    {"partial_rotary_factor": 0.4},
+    {"partial_rotary_factor": 1.0},
+    {"qk_layernorm": True},
+    {"qk_layernorm": True, "partial_rotary_factor": 0.4, "num_hidden_layers": 3},
+    {"num_key_value_heads": 2},
+]
+
+
+def random_ids(n: int, vocab: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, n), generator=g)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "base")
+def test_logits_match_transformers(checkpoint_factory, overrides):
+    folder, hf = checkpoint_factory(**overrides)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(17, hf.config.vocab_size)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = model(ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_parameter_names_match_transformers(checkpoint_factory):
+    for overrides in ({}, {"qk_layernorm": True}):
+        folder, hf = checkpoint_factory(**overrides)
+        model = load_model(folder, dtype="fp32", device="cpu")
+        assert set(model.state_dict()) == set(hf.state_dict())
+
+
+def test_fp16_checkpoint_loads_to_requested_dtype(checkpoint_factory):
+    folder, hf = checkpoint_factory(dtype=torch.float16)
+    for dtype, tol in (("fp32", 1e-5), ("bf16", None)):
+        model = load_model(folder, dtype=dtype, device="cpu")
+        assert all(p.dtype == model.dtype for p in model.parameters())
+        if tol:  # transformers reading the same fp16 file, upcast to fp32
+            from transformers import PhiForCausalLM
+
+            ref = PhiForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            ids = random_ids(9, hf.config.vocab_size)
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids), ref(ids).logits, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_layernorm": True, "partial_rotary_factor": 0.4}])
+def test_cached_decode_matches_full_forward(checkpoint_factory, overrides):
+    folder, hf = checkpoint_factory(**overrides)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(20, hf.config.vocab_size)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 32)
+        pieces = [model(ids[:, :8], cache=cache, start=0)]  # prefill
+        pieces.append(model(ids[:, 8:13], cache=cache, start=8))  # a chunk on top of a cache
+        for t in range(13, 20):  # one token at a time
+            pieces.append(model(ids[:, t : t + 1], cache=cache, start=t))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_left_padded_rows_match_unpadded(tiny):
+    folder, hf = tiny
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(10, hf.config.vocab_size, batch=1)
+    pad = 3
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    valid = torch.tensor([[False] * pad + [True] * 10])
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(ids)
+        got = model(padded, positions=positions, padding_mask=valid)[:, pad:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_fp16_attention_does_not_overflow():
+    # q.k here is about 7e6, far beyond fp16's 65504: naive fp16 scores would be inf.
+    q = torch.full((1, 2, 4, 80), 300.0)
+    k = torch.full((1, 2, 4, 80), 300.0)
+    v = torch.randn(1, 2, 4, 80)
+    expected = attention(q, k, v, None, causal=True)
+    got = attention(q.half(), k.half(), v.half(), None, causal=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
