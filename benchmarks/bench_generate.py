@@ -28,7 +28,8 @@ def worker(engine: str, model_dir: str, dtype_name: str, new_tokens: int, repeat
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     start = time.perf_counter()
     if engine == "phikit":
-        from phikit.generate import GenerationConfig, generate_tokens, load
+        from phikit.api import load
+        from phikit.generate import GenerationConfig, generate_tokens
 
         phi = load(model_dir, dtype=dtype, device="cpu")
         ids = phi.tokenizer.encode(PROMPT)
@@ -46,8 +47,15 @@ def worker(engine: str, model_dir: str, dtype_name: str, new_tokens: int, repeat
 
         def run(n: int) -> None:
             with torch.inference_mode():
-                model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, pad_token_id=50256)
+                model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=50256,
+                )
+
     load_s = time.perf_counter() - start
 
     def timed(n: int) -> float:
@@ -59,8 +67,12 @@ def worker(engine: str, model_dir: str, dtype_name: str, new_tokens: int, repeat
     first = statistics.median(timed(1) for _ in range(repeats))
     full = statistics.median(timed(new_tokens) for _ in range(repeats))
     return {
-        "engine": engine, "dtype": dtype_name, "load_s": load_s, "prompt_tokens": len(ids),
-        "prefill_tok_s": len(ids) / first, "decode_tok_s": (new_tokens - 1) / (full - first),
+        "engine": engine,
+        "dtype": dtype_name,
+        "load_s": load_s,
+        "prompt_tokens": len(ids),
+        "prefill_tok_s": len(ids) / first,
+        "decode_tok_s": (new_tokens - 1) / (full - first),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
     }
 
@@ -83,15 +95,40 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         for engine in args.engines.split(","):
             print(f"running {engine} {dtype} ...", file=sys.stderr, flush=True)
-            rows.append(run_worker(Path(__file__), ["--model", model, "--new-tokens", str(args.new_tokens),
-                                                    "--repeats", str(args.repeats), "--worker", engine, dtype]))
+            rows.append(
+                run_worker(
+                    Path(__file__),
+                    [
+                        "--model",
+                        model,
+                        "--new-tokens",
+                        str(args.new_tokens),
+                        "--repeats",
+                        str(args.repeats),
+                        "--worker",
+                        engine,
+                        dtype,
+                    ],
+                )
+            )
     base = {r["dtype"]: r["decode_tok_s"] for r in rows if r["engine"] == "transformers"}
     for r in rows:
         r["vs_transformers"] = f"{r['decode_tok_s'] / base[r['dtype']]:.2f}x" if r["dtype"] in base else ""
     print(f"\nMachine: {machine()}\nModel: {model}, batch 1, {args.new_tokens} new tokens\n")
-    print(markdown_table(rows, [("engine", "engine"), ("dtype", "dtype"), ("load_s", "load s"),
-                                ("peak_rss_gb", "peak RSS GB"), ("prefill_tok_s", "prefill tok/s"),
-                                ("decode_tok_s", "decode tok/s"), ("vs_transformers", "decode vs transformers")]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("engine", "engine"),
+                ("dtype", "dtype"),
+                ("load_s", "load s"),
+                ("peak_rss_gb", "peak RSS GB"),
+                ("prefill_tok_s", "prefill tok/s"),
+                ("decode_tok_s", "decode tok/s"),
+                ("vs_transformers", "decode vs transformers"),
+            ],
+        )
+    )
     save_json(args.out, {"command": " ".join(sys.argv), "model": model, "rows": rows})
 
 

@@ -16,9 +16,18 @@ WORK = Path(os.environ.get("PHIKIT_BENCH_WORK", HERE / "_work"))
 SHARED_TOKENIZER = HERE.parent.parent / "shared" / "data" / "gpt2-bpe"
 
 PHI2_SHAPE = dict(
-    vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
-    max_position_embeddings=2048, partial_rotary_factor=0.4, rope_theta=10000.0, layer_norm_eps=1e-5,
-    bos_token_id=50256, eos_token_id=50256, resid_pdrop=0.1,
+    vocab_size=51200,
+    hidden_size=2560,
+    intermediate_size=10240,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    max_position_embeddings=2048,
+    partial_rotary_factor=0.4,
+    rope_theta=10000.0,
+    layer_norm_eps=1e-5,
+    bos_token_id=50256,
+    eos_token_id=50256,
+    resid_pdrop=0.1,
 )
 
 PROMPT = (

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -118,29 +118,71 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every weight, one shard open (memory-mapped) at a time."""
-    for file in files:
-        if file.suffix == ".bin":
-            try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise PhikitError(
-                    f"{file}: cannot read weights ({e}); the file is truncated or corrupt, re-download it"
-                ) from None
-            yield from state.items()
-            del state
-            continue
-        from safetensors import SafetensorError, safe_open
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one safetensors file, each read into its own buffer.
+
+    Written by hand instead of ``safetensors.safe_open``: its memory map keeps every page it touched
+    resident until the file is closed, so converting a shard held weights + a whole shard in RSS; reading
+    tensor by tensor holds weights + one tensor. The header is checked against the file size, so a
+    truncated download is caught before any tensor is read.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            data_start = 8 + header_len
+            for name, info in entries:
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"unsupported dtype {info['dtype']} of {name}")
+                if data_start + end > size:
+                    raise ValueError(f"tensor {name} ends at byte {data_start + end} of {size}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise PhikitError(
                 f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt, re-download it"
             ) from None
+        for name, info in entries:
+            begin, end = info["data_offsets"]
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            if f.readinto(memoryview(buffer.numpy())) != end - begin:
+                raise PhikitError(f"{file}: truncated while reading {name}; re-download it")
+            yield name, buffer.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight, shard after shard."""
+    for file in files:
+        if file.suffix != ".bin":
+            yield from read_safetensors(file)
+            continue
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise PhikitError(
+                f"{file}: cannot read weights ({e}); the file is truncated or corrupt, re-download it"
+            ) from None
+        yield from state.items()
+        del state
 
 
 _LEGACY_BLOCK = {
@@ -179,23 +221,29 @@ def convert_legacy(name: str, tensor: torch.Tensor, config: PhiConfig) -> list[t
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace parameter ``name`` (e.g. ``model.layers.0.mlp.fc1.weight``) with ``tensor``, frozen."""
+    """Replace parameter or buffer ``name`` (e.g. ``model.layers.0.mlp.fc1.weight``) with ``tensor``, frozen."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    if leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
-    on_tensor=None,
+    prepare: Callable[[PhiForCausalLM], None] | None = None,
+    on_tensor: Callable[[str, torch.Tensor, PhiForCausalLM, torch.dtype], bool] | None = None,
     progress: bool = False,
 ) -> PhiForCausalLM:
     """Build a PhiForCausalLM from a checkpoint folder or Hub id, in eval mode with frozen weights.
 
-    ``on_tensor(name, tensor, model)`` may take over placing a tensor (quantization does, so a
-    full-precision copy of every layer never exists at once); it returns True when it did.
+    Floating parameters are cast to ``dtype``; buffers (quantized weights and their scales) keep theirs.
+    ``prepare(model)`` may swap modules of the meta-device model first (shells of a quantized checkpoint);
+    ``on_tensor(name, tensor, model, dtype)`` may take over placing a tensor and returns True when it did
+    (quantizing while loading, so a full-precision copy of every layer never exists at once).
     """
     folder = resolve_model_path(path)
     config = PhiConfig.from_json(folder / "config.json")
@@ -203,7 +251,10 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = PhiForCausalLM(config)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+    if prepare is not None:
+        prepare(model)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    buffers = {name for name, _ in model.named_buffers()}
     seen: set[str] = set()
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, tensor in iter_tensors(weight_files(folder)):
@@ -216,8 +267,9 @@ def load_model(
                     f"{folder}: tensor {key} has shape {tuple(value.shape)} but config.json "
                     f"implies {tuple(expected[key])}; config and weights do not match"
                 )
-            if on_tensor is None or not on_tensor(key, value, model):
-                set_tensor(model, key, value.to(device=device).to(dtype))
+            if on_tensor is None or not on_tensor(key, value, model, dtype):
+                value = value.to(device=device)
+                set_tensor(model, key, value if key in buffers or not value.is_floating_point() else value.to(dtype))
             seen.add(key)
             bar.update()
     bar.close()
@@ -245,3 +297,68 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(
+    out: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    config: dict,
+    tokenizer_folder: Path | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+) -> Path:
+    """Write a transformers-style checkpoint folder: config.json, safetensors (sharded with an index
+    past ``max_shard_bytes``) and the tokenizer files. Everything is written into a temporary folder
+    that is renamed into place at the end, so an interrupted save never leaves a half-written checkpoint."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state_dict.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor.detach().to("cpu").contiguous()
+            size += nbytes
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        weight_map = {}
+        for file, shard in zip(names, shards):
+            save_file(shard, tmp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in state_dict.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_folder is not None:
+            for name in (
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "vocab.json",
+                "merges.txt",
+                "added_tokens.json",
+                "special_tokens_map.json",
+                "generation_config.json",
+            ):
+                if (tokenizer_folder / name).is_file():
+                    shutil.copyfile(tokenizer_folder / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -25,6 +25,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: GPU if present)")
 
 
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "nf4"],
+        help="quantize linear layers while loading: int8 (per channel), int4 (per group), nf4 "
+        "(QLoRA's 4-bit; bitsandbytes on CUDA); a checkpoint from 'phikit quantize' needs none",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=64, choices=[32, 64, 128, 256], help="int4 group size (default 64)"
+    )
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--template",
@@ -81,8 +93,73 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
     g.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
     add_model_args(g)
+    add_quantize_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser(
+        "quantize",
+        help="write a quantized checkpoint that loads without re-quantizing",
+        description="Quantize a model's linear layers and save it as a checkpoint folder. "
+        "Layers are quantized one at a time while loading, so memory stays near "
+        "the size of the quantized model.",
+        epilog=EPILOG,
+    )
+    q.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
+    q.add_argument("--to", required=True, choices=["int8", "int4", "nf4"], help="quantization format")
+    q.add_argument(
+        "--group-size", type=int, default=64, choices=[32, 64, 128, 256], help="int4 group size (default 64)"
+    )
+    q.add_argument(
+        "--keep-lm-head", action="store_true", help="leave lm_head unquantized (larger, slightly more accurate)"
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_model_args(q)
+    q.set_defaults(func=cmd_quantize)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure prefill/decode speed, first-token latency, load time and memory",
+        description="Benchmark a model at several precisions, each in a fresh process; prints a "
+        "Markdown table (and JSON with --json). Medians of --repeats runs after a "
+        "warm-up; decode always runs --new-tokens tokens.",
+        epilog=EPILOG,
+    )
+    b.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model folder or Hub id (default: {DEFAULT_MODEL})")
+    b.add_argument(
+        "--precisions",
+        default="bf16,int8,int4",
+        help="comma-separated, from fp32, bf16, fp16, int8, int4, nf4 (default bf16,int8,int4)",
+    )
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill (default 128)")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
+    b.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, 256], help="int4 group size")
+    b.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    b.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also run transformers generate on the same checkpoint (bf16 and each dense precision)",
+    )
+    b.add_argument("--perplexity-data", metavar="FILE", help="also report perplexity on FILE (.txt or .jsonl)")
+    b.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    b.set_defaults(func=cmd_bench)
+
+    pp = sub.add_parser(
+        "perplexity",
+        help="perplexity of a model on a text file (sliding window)",
+        description='Perplexity on a .txt file or the "text" fields of a .jsonl file, with '
+        "windows of --context tokens every --stride tokens.",
+        epilog=EPILOG,
+    )
+    pp.add_argument("--data", "-d", type=Path, required=True, help='a .txt file or .jsonl with a "text" field')
+    pp.add_argument("--context", type=int, default=1024, help="window length in tokens (default 1024)")
+    pp.add_argument("--stride", type=int, help="tokens between windows (default context/2)")
+    pp.add_argument("--max-tokens", type=int, help="only the first N tokens of the data")
+    add_model_args(pp)
+    add_quantize_args(pp)
+    pp.set_defaults(func=cmd_perplexity)
     return parser
 
 
@@ -121,7 +198,8 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from phikit.generate import GenerationConfig, generate, load, peak_memory_bytes
+    from phikit.api import load
+    from phikit.generate import GenerationConfig, generate, peak_memory_bytes
     from phikit.templates import get_template
 
     if args.file is None and args.prompt is None:
@@ -134,7 +212,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
     config.validate()
     template = get_template(args.template)  # fail on a bad template before the slow load
-    phi = load(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    phi = load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        progress=not args.quiet,
+    )
     if not args.quiet:
         print(
             f"loaded {args.model} ({str(phi.model.dtype).removeprefix('torch.')}, {phi.model.device}) "
@@ -181,6 +266,80 @@ def cmd_generate(args: argparse.Namespace) -> None:
             f"{speed} | peak memory {peak:.2f} GB",
             file=sys.stderr,
         )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from phikit.api import load, save_quantized
+    from phikit.quantize import QuantSpec
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise PhikitError(f"{args.out} already exists and is not empty; choose a new folder or pass --overwrite")
+    spec = QuantSpec(args.to, args.group_size, lm_head=not args.keep_lm_head)
+    start = time.perf_counter()
+    phi = load(args.model, dtype=args.dtype, device=args.device, quantize=spec, progress=True)
+    out = save_quantized(phi, args.out, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+    print(f"wrote {out} ({args.to}, {size:.2f} GB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from phikit.bench import BenchSettings, markdown, run_bench
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in ("fp32", "bf16", "fp16", "int8", "int4", "nf4")]
+    if unknown or not precisions:
+        raise PhikitError(f"unknown precision(s) {', '.join(unknown)}; choose from fp32, bf16, fp16, int8, int4, nf4")
+    if args.perplexity_data and not Path(args.perplexity_data).is_file():
+        raise PhikitError(f"{args.perplexity_data}: data file not found")
+    settings = BenchSettings(
+        args.model,
+        precisions,
+        args.device,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.repeats,
+        args.group_size,
+        args.compare_transformers,
+        args.perplexity_data,
+        args.threads,
+    )
+    report = run_bench(settings)
+    print(
+        f"{report['machine']}\nmodel {args.model}, batch 1, prompt {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens\n"
+    )
+    print(markdown(report))
+    if args.json:
+        from phikit.checkpoint import atomic_write
+
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from phikit.api import load
+    from phikit.evaluate import perplexity, read_text
+
+    phi = load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        progress=True,
+    )
+    ids = read_text(args.data, phi.tokenizer)
+    result = perplexity(phi.model, ids, args.context, args.stride, args.max_tokens, progress=True)
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "precision": args.quantize or str(phi.model.dtype).removeprefix("torch."),
+                "perplexity": result.perplexity,
+                "nll": result.nll,
+                "tokens": result.tokens,
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Text generation over the native model: sampling, stop strings, streaming, batches, and ``phikit.load``.
+"""Text generation over the native model: sampling, stop strings, streaming, batches.
 
 The decode loop is plain: one prefill of the (left-padded) prompts into a preallocated KV cache, then
 one forward of the newest token per step. Text-level concerns (UTF-8-safe streaming, stop strings that
@@ -7,16 +7,13 @@ span tokens) live in ``TextStream`` so the HTTP server can reuse them.
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 
-from phikit.checkpoint import DEFAULT_MODEL, load_model, resolve_model_path
 from phikit.errors import PhikitError
 from phikit.model import PhiForCausalLM
 from phikit.templates import Template, get_template
@@ -308,36 +305,3 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@dataclass
-class Phi:
-    """A loaded model with its tokenizer: ``phikit.load("microsoft/phi-2").generate("...")``."""
-
-    model: PhiForCausalLM
-    tokenizer: Tokenizer
-    path: Path
-    load_seconds: float = 0.0
-    defaults: GenerationConfig = field(default_factory=GenerationConfig)
-
-    def generate(
-        self, prompts: str | list[str], template: Template | str | None = None, **overrides
-    ) -> Completion | list[Completion]:
-        return generate(self.model, self.tokenizer, prompts, self.defaults, template, **overrides)
-
-    def stream(self, prompt: str, template: Template | str | None = None, **overrides) -> Iterator[str]:
-        return stream(self.model, self.tokenizer, prompt, self.defaults, template, **overrides)
-
-
-def load(
-    model: str | os.PathLike = DEFAULT_MODEL,
-    dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device | None = "auto",
-    progress: bool = False,
-) -> Phi:
-    """Load a Phi checkpoint (local folder or Hub id) and its tokenizer."""
-    start = time.perf_counter()
-    folder = resolve_model_path(model)
-    net = load_model(folder, dtype=dtype, device=device, progress=progress)
-    tokenizer = Tokenizer(folder)
-    return Phi(net, tokenizer, folder, time.perf_counter() - start)

@@ -58,21 +58,6 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
-    def save(self, folder: str | Path) -> None:
-        """Copy the tokenizer files next to an exported checkpoint."""
-        import shutil
-
-        for name in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "vocab.json",
-            "merges.txt",
-            "added_tokens.json",
-            "special_tokens_map.json",
-        ):
-            if (self.folder / name).is_file():
-                shutil.copyfile(self.folder / name, Path(folder) / name)
-
 
 class StreamDecoder:
     """Turns token ids, fed one at a time, into text pieces that never split a UTF-8 character.

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from phikit.api import load
 from phikit.cli import build_parser, main
-from phikit.generate import load
 
 
 def run_cli(capsys, *args):

@@ -1,0 +1,87 @@
+"""``phikit.load``: checkpoint + quantization + tokenizer in one call, the entry point for Python users.
+
+This is the one place that composes the capability modules around the core, so they stay independent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from phikit.checkpoint import DEFAULT_MODEL, load_model, resolve_device, resolve_model_path, save_checkpoint
+from phikit.config import PhiConfig
+from phikit.errors import PhikitError
+from phikit.generate import Completion, GenerationConfig, generate, stream
+from phikit.model import PhiForCausalLM
+from phikit.quantize import QuantSpec, accelerate_linears, prepare_shells, quantizing_hook
+from phikit.templates import Template
+from phikit.tokenizer import Tokenizer
+
+
+@dataclass
+class Phi:
+    """A loaded model with its tokenizer: ``phikit.load("microsoft/phi-2").generate("...")``."""
+
+    model: PhiForCausalLM
+    tokenizer: Tokenizer
+    path: Path
+    quantization: QuantSpec | None = None
+    load_seconds: float = 0.0
+    defaults: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def generate(
+        self, prompts: str | list[str], template: Template | str | None = None, **overrides
+    ) -> Completion | list[Completion]:
+        return generate(self.model, self.tokenizer, prompts, self.defaults, template, **overrides)
+
+    def stream(self, prompt: str, template: Template | str | None = None, **overrides) -> Iterator[str]:
+        return stream(self.model, self.tokenizer, prompt, self.defaults, template, **overrides)
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    quantize: str | QuantSpec | None = None,
+    group_size: int = 64,
+    progress: bool = False,
+) -> Phi:
+    """Load a Phi checkpoint (local folder or Hub id) and its tokenizer.
+
+    ``quantize`` (int8, int4, nf4) quantizes each linear layer as it is read; a checkpoint written by
+    ``phikit quantize`` loads already quantized. ``dtype`` is that of everything not quantized.
+    """
+    start = time.perf_counter()
+    folder = resolve_model_path(model)
+    config = PhiConfig.from_json(folder / "config.json")
+    target = resolve_device(device)
+    spec = QuantSpec(quantize, group_size) if isinstance(quantize, str) else quantize
+    saved = config.extra.get("quantization_config")
+    if saved:
+        saved_spec = QuantSpec.from_config(saved, str(folder / "config.json"))
+        if spec is not None and spec != saved_spec:
+            raise PhikitError(f"{folder} is already quantized ({saved_spec.format}); drop --quantize")
+        spec = saved_spec
+        net = load_model(folder, dtype, target, prepare=lambda m: prepare_shells(m, saved_spec), progress=progress)
+    elif spec is not None:
+        net = load_model(folder, dtype, target, on_tensor=quantizing_hook(spec, target), progress=progress)
+    else:
+        net = load_model(folder, dtype, target, progress=progress)
+    if target.type == "cpu":
+        accelerate_linears(net)
+    return Phi(net, Tokenizer(folder), folder, spec, time.perf_counter() - start)
+
+
+def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a quantized model as a checkpoint folder that ``load`` reads without re-quantizing."""
+    if phi.quantization is None:
+        raise PhikitError("the model is not quantized; load it with quantize=... first")
+    config = PhiConfig.from_json(phi.path / "config.json").to_hf_dict()
+    config["quantization_config"] = phi.quantization.to_config()
+    config["torch_dtype"] = str(phi.model.dtype).removeprefix("torch.")
+    return save_checkpoint(out, phi.model.state_dict(), config, phi.path, overwrite=overwrite)

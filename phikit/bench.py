@@ -1,0 +1,258 @@
+"""``phikit bench``: prefill and decode speed, time to first token, load time and peak memory per precision.
+
+Each precision runs in its own process so its peak memory is its own. Timings are medians of
+``repeats`` runs after a warm-up; decode speed is over ``new_tokens`` forced tokens (EOS ignored), so
+every engine and precision decodes the same number of tokens. ``--compare-transformers`` runs
+transformers ``generate`` on the same checkpoint in the same way, in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from phikit.errors import PhikitError
+
+DENSE = ("fp32", "bf16", "fp16")
+QUANTIZED = ("int8", "int4", "nf4")
+FILLER = (
+    "The lighthouse keeper climbed the stairs at dusk, lit the lamp and watched the ships pass the rocks. "
+    "Mathematics, like the beam, sweeps across the dark and shows the way one proof at a time. "
+)
+
+
+@dataclass
+class BenchSettings:
+    model: str
+    precisions: list[str]
+    device: str = "auto"
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    repeats: int = 3
+    group_size: int = 64
+    compare_transformers: bool = False
+    perplexity_data: str | None = None
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def machine_description() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} CPU threads{gpu}, torch {torch.__version__}"
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(FILLER * (n // 20 + 2))
+    return ids[:n]
+
+
+def measure_phikit(s: BenchSettings, precision: str) -> dict:
+    """One precision with phikit: load, then prefill and decode timings."""
+    import torch
+
+    from phikit.api import load
+    from phikit.generate import GenerationConfig, generate_tokens, peak_memory_bytes
+
+    quantize = precision if precision in QUANTIZED else None
+    dtype = precision if precision in DENSE else "auto"
+    start = time.perf_counter()
+    phi = load(s.model, dtype=dtype, device=s.device, quantize=quantize, group_size=s.group_size)
+    load_s = time.perf_counter() - start
+    model, ids = phi.model, prompt_ids(phi.tokenizer, s.prompt_tokens)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+    def prefill() -> float:
+        cache = model.new_cache(1, len(ids) + 1)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(torch.tensor([ids], device=model.device), cache=cache, last_only=True)
+        sync()
+        return time.perf_counter() - t
+
+    def decode() -> tuple[float, float]:
+        """(seconds to first token, seconds per later token)"""
+        config = GenerationConfig(max_new_tokens=s.new_tokens)
+        t = time.perf_counter()
+        stamps = []
+        for _ in generate_tokens(model, [ids], config, phi.tokenizer.pad_id):
+            sync()
+            stamps.append(time.perf_counter())
+        return stamps[0] - t, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    prefill()
+    for _ in generate_tokens(model, [ids[:16]], GenerationConfig(max_new_tokens=8), phi.tokenizer.pad_id):
+        pass  # warm-up
+    prefill_s = statistics.median(prefill() for _ in range(s.repeats))
+    runs = [decode() for _ in range(s.repeats)]
+    row = {
+        "engine": "phikit",
+        "precision": precision,
+        "load_s": load_s,
+        "prefill_tok_s": len(ids) / prefill_s,
+        "ttft_s": statistics.median(r[0] for r in runs),
+        "decode_tok_s": 1 / statistics.median(r[1] for r in runs),
+        "peak_memory_gb": peak_memory_bytes(model.device) / 1e9,
+    }
+    if s.perplexity_data:
+        from phikit.evaluate import perplexity, read_text
+
+        row["perplexity"] = perplexity(model, read_text(s.perplexity_data, phi.tokenizer)).perplexity
+    return row
+
+
+def measure_transformers(s: BenchSettings, precision: str) -> dict:
+    """The same measurements with transformers' PhiForCausalLM and generate."""
+    import torch
+    from transformers import PhiForCausalLM
+
+    from phikit.checkpoint import resolve_device, resolve_model_path
+    from phikit.generate import peak_memory_bytes
+    from phikit.tokenizer import Tokenizer
+
+    folder = resolve_model_path(s.model)
+    device = resolve_device(s.device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    kwargs = {"dtype": dtypes.get(precision, torch.bfloat16)}
+    if precision == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    elif precision not in dtypes:
+        raise PhikitError(f"transformers has no built-in {precision} path to compare with")
+    start = time.perf_counter()
+    model = PhiForCausalLM.from_pretrained(folder, **kwargs).eval()
+    if precision != "nf4":
+        model.to(device)
+    load_s = time.perf_counter() - start
+    ids = torch.tensor([prompt_ids(Tokenizer(folder), s.prompt_tokens)], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=50256,
+            )
+        sync()
+        return time.perf_counter() - t
+
+    run(4)
+    first = statistics.median(run(1) for _ in range(s.repeats))
+    full = statistics.median(run(s.new_tokens) for _ in range(s.repeats))
+    return {
+        "engine": "transformers",
+        "precision": precision,
+        "load_s": load_s,
+        "prefill_tok_s": ids.shape[1] / first,
+        "ttft_s": first,
+        "decode_tok_s": (s.new_tokens - 1) / (full - first),
+        "peak_memory_gb": peak_memory_bytes(device) / 1e9,
+    }
+
+
+def run_one(s: BenchSettings, engine: str, precision: str) -> dict:
+    """Measure one engine/precision in a fresh Python process and return its row."""
+    payload = json.dumps({"settings": asdict(s), "engine": engine, "precision": precision})
+    env = dict(os.environ)
+    if s.threads:
+        env["OMP_NUM_THREADS"] = str(s.threads)
+    proc = subprocess.run([sys.executable, "-m", "phikit.bench", payload], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        return {"engine": engine, "precision": precision, "error": tail}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(s: BenchSettings, progress: bool = True) -> dict:
+    """All requested measurements; returns the JSON-ready report (settings, machine, rows)."""
+    from tqdm.auto import tqdm
+
+    jobs = [("phikit", p) for p in s.precisions]
+    if s.compare_transformers:
+        jobs += [("transformers", p) for p in dict.fromkeys(["bf16", *s.precisions]) if p in (*DENSE, "nf4")]
+    rows = []
+    bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    for engine, precision in bar:
+        bar.set_postfix_str(f"{engine} {precision}")
+        rows.append(run_one(s, engine, precision))
+    base = next(
+        (
+            r["decode_tok_s"]
+            for r in rows
+            if r["engine"] == "transformers" and r["precision"] == "bf16" and "error" not in r
+        ),
+        None,
+    )
+    for r in rows:
+        if base and "decode_tok_s" in r:
+            r["decode_vs_transformers_bf16"] = r["decode_tok_s"] / base
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "settings": asdict(s), "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    cols = [
+        ("engine", "engine"),
+        ("precision", "precision"),
+        ("load_s", "load s"),
+        ("prefill_tok_s", "prefill tok/s"),
+        ("ttft_s", "first token s"),
+        ("decode_tok_s", "decode tok/s"),
+        ("peak_memory_gb", "peak mem GB"),
+        ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
+        ("perplexity", "perplexity"),
+    ]
+    cols = [c for c in cols if any(c[0] in r for r in report["rows"])]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['precision']} | error: {r['error']} |")
+            continue
+        cells = [f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _worker(payload: str) -> None:
+    job = json.loads(payload)
+    s = BenchSettings(**job["settings"])
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    measure = measure_phikit if job["engine"] == "phikit" else measure_transformers
+    print(json.dumps(measure(s, job["precision"])))
+
+
+if __name__ == "__main__":
+    try:
+        _worker(sys.argv[1])
+    except PhikitError as e:
+        print(f"phikit: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,413 @@
+"""Weight-only quantization (int8, int4, NF4) and the fast linear layers that run it.
+
+Formats (row n of a weight is output feature n; K = in_features):
+  int8  per output channel, symmetric:      w = q * scale[n]                  q in [-127, 127]
+  int4  per group of G in a row, asymmetric: w = q * scale[n, g] + minimum[n, g]   q in [0, 15]
+  nf4   QLoRA's NormalFloat4 per block of 64, absmax double-quantized to int8 per 256 blocks
+4-bit codes are packed two per byte in blocks of 32 (byte i: code i low nibble, code i+16 high nibble).
+
+Which kernel runs: on CPU the hand-written AVX2 kernels in ``kernels`` (decode: a few activation rows)
+or unpack-to-fp32 + BLAS sgemm (prefill); without them PyTorch's ``_weight_int8pack_mm`` /
+``_weight_int4pack_mm_for_cpu``; on CUDA PyTorch's int8/int4 kernels or bitsandbytes (NF4); and a
+plain dequantize + matmul wherever nothing faster applies. Embeddings stay unquantized (a decode step
+reads one row of them); ``lm_head`` is quantized unless the spec says otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phikit import kernels
+from phikit.errors import PhikitError
+
+FORMATS = ("int8", "int4", "nf4")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+NF4_BLOCK = 64
+NF4_ABSMAX_BLOCK = 256
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize: format, int4 group size, and whether lm_head is included."""
+
+    format: str
+    group_size: int = 64
+    lm_head: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise PhikitError(f"unknown quantization {self.format!r}; use one of {', '.join(FORMATS)}")
+        if self.format == "int4" and self.group_size not in (32, 64, 128, 256):
+            raise PhikitError(f"int4 group size must be 32, 64, 128 or 256, got {self.group_size}")
+
+    def targets(self, name: str) -> bool:
+        """Whether the linear layer called ``name`` (e.g. model.layers.3.mlp.fc1) is quantized."""
+        leaf = name.rsplit(".", 1)[-1]
+        return leaf in LINEAR_NAMES or (leaf == "lm_head" and self.lm_head)
+
+    def to_config(self) -> dict:
+        return {"quant_method": "phikit", "format": self.format, "group_size": self.group_size, "lm_head": self.lm_head}
+
+    @classmethod
+    def from_config(cls, raw: dict, source: str = "config.json") -> QuantSpec:
+        if raw.get("quant_method") != "phikit":
+            raise PhikitError(
+                f"{source}: quantized with {raw.get('quant_method')!r}; phikit loads its own "
+                "quantized checkpoints (phikit quantize) or full-precision ones"
+            )
+        return cls(raw["format"], int(raw.get("group_size", 64)), bool(raw.get("lm_head", True)))
+
+
+# ---- reference quantizers and dequantizers (plain PyTorch) ----
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K/2) uint8, blocks of 32 as described in the module docstring."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // 16, 1, 16)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scale}
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    return {"weight": pack_nibbles(q.reshape(n, k)), "weight_scale": scale, "weight_min": low}
+
+
+def quantize_nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NF4 codes per block of 64 with absmax scales, the absmax values themselves quantized to int8
+    (double quantization, as QLoRA does) per 256 blocks around their mean."""
+    n, k = w.shape
+    blocks = w.float().reshape(-1, NF4_BLOCK)
+    absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
+    normalized = blocks / absmax[:, None]
+    codes = (normalized[..., None] - NF4_CODE).abs().argmin(dim=-1)
+    mean = absmax.mean()
+    centered = absmax - mean
+    pad = (-centered.numel()) % NF4_ABSMAX_BLOCK
+    chunks = F.pad(centered, (0, pad)).reshape(-1, NF4_ABSMAX_BLOCK)
+    absmax_scale = (chunks.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    absmax_q = torch.round(chunks / absmax_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return {
+        "weight": pack_nibbles(codes.reshape(n, k)),
+        "weight_absmax": absmax_q.flatten()[: absmax.numel()],
+        "weight_absmax_scale": absmax_scale,
+        "weight_absmax_mean": mean.reshape(1),
+    }
+
+
+def dequantize(fmt: str, t: dict[str, torch.Tensor], group_size: int = 64) -> torch.Tensor:
+    """The fp32 weight (N, K) that quantized tensors ``t`` stand for."""
+    if fmt == "int8":
+        return t["weight"].float() * t["weight_scale"][:, None]
+    q = unpack_nibbles(t["weight"])
+    n, k = q.shape
+    if fmt == "int4":
+        groups = q.reshape(n, k // group_size, group_size).float()
+        return (groups * t["weight_scale"][..., None] + t["weight_min"][..., None]).reshape(n, k)
+    absmax_q = t["weight_absmax"].float()
+    scales = t["weight_absmax_scale"].repeat_interleave(NF4_ABSMAX_BLOCK)[: absmax_q.numel()]
+    absmax = absmax_q * scales + t["weight_absmax_mean"]
+    values = NF4_CODE.to(q.device)[q.long()].reshape(-1, NF4_BLOCK) * absmax[:, None]
+    return values.reshape(n, k)
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
+
+
+# ---- the layers ----
+
+_scratch = threading.local()
+
+
+def _fp32_scratch(numel: int) -> torch.Tensor:
+    """A reusable fp32 buffer per thread for unpacked weights (one layer at a time), grown as needed."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
+def _cpu_kernel_ok(x: torch.Tensor, k: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and k % 32 == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and kernels.available()
+    )
+
+
+class _Fp32Bias:
+    """fp32 copy of a bias for the C kernels, refreshed when the bias changes."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        key = (bias.data_ptr(), bias._version, bias.dtype)
+        if key != self.key:
+            self.key, self.value = key, bias.detach().float().contiguous()
+        return self.value
+
+
+def _run_cpu(
+    x: torch.Tensor,
+    kind: str,
+    weight: torch.Tensor,
+    bias32: torch.Tensor | None,
+    out_features: int,
+    scale=None,
+    minimum=None,
+    group_size: int = 0,
+) -> torch.Tensor:
+    """Decode rows through the gemv kernel, many rows through unpack + sgemm; output in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    if x2.shape[0] <= kernels.MAX_ROWS:
+        y = kernels.gemv(x2, kind, weight, scale, minimum, bias32, group_size)
+    else:
+        w = (
+            weight
+            if kind == "f32"
+            else kernels.unpack(kind, weight, _fp32_scratch(weight.shape[0] * x2.shape[1]), scale, minimum, group_size)
+        )
+        y = torch.addmm(bias32, x2, w.t()) if bias32 is not None else x2 @ w.t()
+    return y.to(x.dtype).reshape(*lead, out_features)
+
+
+class DenseLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) that runs bf16/fp16/fp32 weights through the CPU kernels
+    when it can; PyTorch's bf16 GEMM on AVX2 CPUs is several times slower than unpacking to fp32."""
+
+    _kinds = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self._kinds.get(self.weight.dtype)
+        if kind is None or not _cpu_kernel_ok(x, self.in_features) or self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        if not hasattr(self, "_bias32"):
+            self._bias32 = _Fp32Bias()
+        return _run_cpu(x, kind, self.weight, self._bias32.get(self.bias), self.out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DenseLinear:
+        new = cls.__new__(cls)
+        new.__dict__.update(linear.__dict__)  # same Parameters, hooks and attributes
+        return new
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer with a quantized weight (buffers ``weight``, ``weight_scale`` ...) and a bias."""
+
+    def __init__(
+        self, in_features: int, out_features: int, fmt: str, group_size: int = 64, bias: torch.Tensor | None = None
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format, self.group_size = fmt, group_size
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._bias32 = _Fp32Bias()
+        self._device_pack: tuple | None = None
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fmt: str,
+        group_size: int = 64,
+        device: torch.device | str = "cpu",
+    ) -> QuantizedLinear:
+        """Quantize ``weight`` (computed in fp32 on its own device, stored on ``device``)."""
+        out_features, in_features = weight.shape
+        if in_features % (group_size if fmt == "int4" else 32) or (fmt == "nf4" and weight.numel() % NF4_BLOCK):
+            raise PhikitError(
+                f"cannot quantize a {out_features}x{in_features} weight to {fmt}: in_features must "
+                f"be a multiple of {group_size if fmt == 'int4' else 32}"
+            )
+        layer = cls(in_features, out_features, fmt, group_size, bias)
+        tensors = QUANTIZERS[fmt](weight, group_size) if fmt == "int4" else QUANTIZERS[fmt](weight)
+        for name, t in tensors.items():
+            layer.register_buffer(name, t.to(device).contiguous())
+        if layer.bias is not None:
+            layer.bias.data = layer.bias.data.to(device)
+        return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, fmt: str, group_size: int, bias: bool) -> QuantizedLinear:
+        """A shell with correctly shaped buffers on the meta device, filled in by the checkpoint loader."""
+        with torch.device("meta"):
+            layer = cls.from_weight(
+                torch.zeros(out_features, in_features),
+                torch.zeros(out_features) if bias else None,
+                fmt,
+                group_size,
+                "meta",
+            )
+        return layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: buf for name, buf in self.named_buffers(recurse=False)}
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.format, self.tensors(), self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format in ("int8", "int4") and _cpu_kernel_ok(x, self.in_features):
+            minimum = getattr(self, "weight_min", None)
+            return _run_cpu(
+                x,
+                self.format,
+                self.weight,
+                self._bias32.get(self.bias),
+                self.out_features,
+                self.weight_scale,
+                minimum,
+                self.group_size,
+            )
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            y = self._torch_cpu(x)
+            if y is not None:
+                return y
+        weight = self.dequantized().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _torch_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """PyTorch's own CPU weight-only kernels, used when ours are unavailable (bf16 activations)."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        try:
+            if self.format == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(torch.bfloat16))
+            elif self.format == "int4":
+                if self._device_pack is None:
+                    q = unpack_nibbles(self.weight).to(torch.int32)
+                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+                    zero = self.weight_min + 8 * self.weight_scale  # their form: (q - 8) * scale + zero
+                    sz = torch.stack([self.weight_scale, zero], dim=-1).transpose(0, 1).contiguous()
+                    self._device_pack = (packed, sz.to(torch.bfloat16))
+                packed, sz = self._device_pack
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+            else:
+                return None
+        except (RuntimeError, AttributeError):
+            return None
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.format == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{group}"
+
+
+# ---- applying quantization to a model ----
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def accelerate_linears(model: nn.Module) -> nn.Module:
+    """Swap plain nn.Linear layers for DenseLinear (same parameters) so CPU inference uses the kernels."""
+    for name in linear_names(model):
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            _set_module(model, name, DenseLinear.from_linear(module))
+    return model
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Quantize the targeted linear layers of a loaded model in place, one layer at a time."""
+    for name in linear_names(model):
+        if spec.targets(name):
+            linear = model.get_submodule(name)
+            layer = QuantizedLinear.from_weight(
+                linear.weight.data,
+                None if linear.bias is None else linear.bias.data,
+                spec.format,
+                spec.group_size,
+                linear.weight.device,
+            )
+            _set_module(model, name, layer)
+            del linear
+    return model
+
+
+def prepare_shells(model: nn.Module, spec: QuantSpec) -> None:
+    """Replace targeted meta-device linears by QuantizedLinear shells (to load a quantized checkpoint)."""
+    for name in linear_names(model):
+        if spec.targets(name):
+            linear = model.get_submodule(name)
+            _set_module(
+                model,
+                name,
+                QuantizedLinear.empty(
+                    linear.in_features, linear.out_features, spec.format, spec.group_size, linear.bias is not None
+                ),
+            )
+
+
+def quantizing_hook(spec: QuantSpec, device: torch.device):
+    """An ``on_tensor`` hook for ``load_model``: quantize each targeted weight as it is read, so a
+    full-precision copy of the model never exists; biases are kept until their weight arrives."""
+    pending_bias: dict[str, torch.Tensor] = {}
+    pending_weight: dict[str, torch.Tensor] = {}
+
+    def place(model: nn.Module, module_name: str) -> None:
+        weight = pending_weight.pop(module_name)
+        bias = pending_bias.pop(module_name, None)
+        layer = QuantizedLinear.from_weight(
+            weight.to(device), None if bias is None else bias.to(device), spec.format, spec.group_size, device
+        )
+        _set_module(model, module_name, layer)
+
+    def on_tensor(key: str, value: torch.Tensor, model: nn.Module, dtype: torch.dtype) -> bool:
+        module_name, _, leaf = key.rpartition(".")
+        if not spec.targets(module_name) or leaf not in ("weight", "bias"):
+            return False
+        linear = model.get_submodule(module_name)
+        if isinstance(linear, QuantizedLinear):
+            return False
+        (pending_weight if leaf == "weight" else pending_bias)[module_name] = (
+            value if leaf == "weight" else value.to(dtype)
+        )
+        if module_name in pending_weight and (linear.bias is None or module_name in pending_bias):
+            place(model, module_name)
+        return True
+
+    return on_tensor

@@ -1,0 +1,170 @@
+"""Quantized layers against the dequantized-reference matmul; NF4 against bitsandbytes; save/reload."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import phikit
+from phikit import kernels
+from phikit.errors import PhikitError
+from phikit.quantize import (
+    DenseLinear,
+    QuantizedLinear,
+    QuantSpec,
+    dequantize,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    quantize_nf4,
+    unpack_nibbles,
+)
+
+N, K = 96, 256
+
+
+@pytest.fixture
+def weight():
+    torch.manual_seed(0)
+    return torch.randn(N, K) * 0.05
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def backend(request, monkeypatch):
+    """Run each layer test with our CPU kernels and with PyTorch's ops only."""
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("CPU kernels unavailable on this machine")
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    return request.param
+
+
+def test_nibble_packing_round_trips():
+    q = torch.randint(0, 16, (4, 64))
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q.to(torch.uint8))
+
+
+def test_int8_and_int4_round_trip_within_half_a_step(weight):
+    t = quantize_int8(weight)
+    assert (dequantize("int8", t) - weight).abs().max() <= t["weight_scale"].max() / 2 + 1e-7
+    for group in (32, 64, 128):
+        t = quantize_int4(weight, group)
+        err = (dequantize("int4", t, group) - weight).abs().reshape(N, K // group, group).amax(-1)
+        assert (err <= t["weight_scale"] / 2 + 1e-6).all()
+
+
+def test_nf4_matches_bitsandbytes(weight):
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    ours = quantize_nf4(weight)
+    packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    bytes_ = packed.flatten()
+    theirs = torch.stack([bytes_ >> 4, bytes_ & 0x0F], dim=1).reshape(N, K)  # high nibble first
+    agree = (unpack_nibbles(ours["weight"]) == theirs).float().mean()
+    assert agree > 0.999
+    reference = bnb.dequantize_4bit(packed, state)
+    torch.testing.assert_close(dequantize("nf4", ours), reference, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("nf4", 0)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_quantized_linear_matches_dequantized_matmul(weight, backend, fmt, group, rows):
+    bias = torch.randn(N)
+    layer = QuantizedLinear.from_weight(weight, bias, fmt, group or 64)
+    x = torch.randn(2, rows, K)
+    expected = F.linear(x, layer.dequantized(), bias)
+    with torch.no_grad():
+        got = layer(x)
+    # int4 kernels quantize activations to int8 per 32 values (as llama.cpp does), PyTorch's int8/int4
+    # CPU kernels take bf16 activations: both about 0.5% of the output range
+    approximate = fmt == "int4" and backend == "kernels" and rows * 2 <= kernels.MAX_ROWS
+    approximate |= fmt in ("int8", "int4") and backend == "torch"
+    tol = 2e-2 if approximate else 1e-4
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_dense_linear_matches_torch(backend, dtype, rows):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(K, N).to(dtype).requires_grad_(False)
+    fast = DenseLinear.from_linear(linear)
+    x = torch.randn(rows, K).to(dtype)
+    with torch.no_grad():
+        expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        got = fast(x)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4"])
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(weight, kind):
+    x = torch.randn(6, K)
+    tensors = {
+        "f32": {"weight": weight},
+        "bf16": {"weight": weight.bfloat16()},
+        "int8": quantize_int8(weight),
+        "int4": quantize_int4(weight, 64),
+    }[kind]
+    args = (tensors["weight"], tensors.get("weight_scale"), tensors.get("weight_min"), None, 64)
+    batch = kernels.gemv(x, kind, *args)
+    for row in range(6):
+        assert torch.equal(kernels.gemv(x[row : row + 1].contiguous(), kind, *args)[0], batch[row])
+
+
+def test_spec_errors():
+    with pytest.raises(PhikitError, match="unknown quantization 'int3'"):
+        QuantSpec("int3")
+    with pytest.raises(PhikitError, match="group size must be"):
+        QuantSpec("int4", group_size=48)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_quantized_while_loading_equals_quantizing_after(tiny, fmt):
+    folder, _ = tiny
+    on_load = phikit.load(folder, dtype="fp32", device="cpu", quantize=fmt)
+    after = phikit.load(folder, dtype="fp32", device="cpu")
+    from phikit.quantize import quantize_model
+
+    quantize_model(after.model, QuantSpec(fmt))
+    assert on_load.model.state_dict().keys() == after.model.state_dict().keys()
+    for name, tensor in on_load.model.state_dict().items():
+        assert torch.equal(tensor, after.model.state_dict()[name]), name
+    assert isinstance(on_load.model.lm_head, QuantizedLinear)
+    assert not isinstance(on_load.model.model.embed_tokens, QuantizedLinear)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_saved_quantized_checkpoint_reloads_identically(tiny, tmp_path, fmt):
+    folder, _ = tiny
+    phi = phikit.load(folder, dtype="bf16", device="cpu", quantize=fmt, group_size=32)
+    out = phikit.save_quantized(phi, tmp_path / "q")
+    again = phikit.load(out, dtype="bf16", device="cpu")
+    assert again.quantization == phi.quantization
+    ids = torch.randint(0, 500, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(phi.model(ids), again.model(ids))
+    assert phi.generate("Hello", max_new_tokens=10).token_ids == again.generate("Hello", max_new_tokens=10).token_ids
+    with pytest.raises(PhikitError, match="already exists"):
+        phikit.save_quantized(phi, out)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_quantized_model_matches_transformers_with_dequantized_weights(tiny, fmt):
+    folder, hf = tiny
+    quant = phikit.load(folder, dtype="fp32", device="cpu", quantize=fmt)
+    reference = type(hf)(hf.config).eval()
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    for name, module in quant.model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            state[f"{name}.weight"] = module.dequantized()
+    reference.load_state_dict(state)
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(ids).logits, quant.model(ids)
+    # decode-sized inputs run the int4 kernel, which quantizes activations to int8 (as llama.cpp does)
+    limit = 0.03 if fmt == "int4" and kernels.available() else 1e-4
+    assert ((got - expected).norm() / expected.norm()).item() < limit
+    with torch.no_grad():
+        one = quant.model(ids[:1, :1])
+        assert ((one - reference(ids[:1, :1]).logits).norm() / one.norm()).item() < limit
