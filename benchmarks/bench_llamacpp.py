@@ -17,7 +17,8 @@ benchmarks/_work/llamacpp/ (git-ignored), and skips every step whose output is a
    after an empty context); both are the mean tokens/s over the repetitions.
 
 Steps 1-4 run under `nice -n 19` so they stay out of the way of other work; step 5 does not.
-Logs of each step are in benchmarks/_work/llamacpp/logs/. Delete a file there to redo its step.
+Each step logs to benchmarks/_work/llamacpp/logs/. To redo a step, delete its output there: the unpacked
+llama_cpp_python-*/ folder, build-*/, or gguf/<model>-<type>.gguf.
 
 Tokenizer: the converter names the BPE pre-tokenizer by hashing how the tokenizer encodes a test string and
 looking the hash up in a table. The checkpoint's tokenizer is GPT-2's BPE (Phi-2's vocabulary minus its 38

@@ -18,7 +18,7 @@ from phikit.config import PhiConfig
 from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
 from phikit.model import PhiForCausalLM
-from phikit.quantize import QuantSpec, accelerate_linears, prepare_shells, quantizing_hook
+from phikit.quantize import QuantSpec, prepare_for_cpu, prepare_shells, quantizing_hook
 from phikit.templates import Template
 from phikit.tokenizer import Tokenizer
 
@@ -33,14 +33,15 @@ class Phi:
     quantization: QuantSpec | None = None
     load_seconds: float = 0.0
     defaults: GenerationConfig = field(default_factory=GenerationConfig)
+    draft: PhiForCausalLM | None = None  # a smaller model for speculative decoding (same tokenizer)
 
     def generate(
         self, prompts: str | list[str], template: Template | str | None = None, **overrides
     ) -> Completion | list[Completion]:
-        return generate(self.model, self.tokenizer, prompts, self.defaults, template, **overrides)
+        return generate(self.model, self.tokenizer, prompts, self.defaults, template, draft=self.draft, **overrides)
 
     def stream(self, prompt: str, template: Template | str | None = None, **overrides) -> Iterator[str]:
-        return stream(self.model, self.tokenizer, prompt, self.defaults, template, **overrides)
+        return stream(self.model, self.tokenizer, prompt, self.defaults, template, self.draft, **overrides)
 
 
 def load(
@@ -73,7 +74,7 @@ def load(
     else:
         net = load_model(folder, dtype, target, progress=progress)
     if target.type == "cpu":
-        accelerate_linears(net)
+        prepare_for_cpu(net)
     return Phi(net, Tokenizer(folder), folder, spec, time.perf_counter() - start)
 
 

@@ -59,6 +59,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         help="stop when TEXT appears (repeatable); the template's turn markers always stop",
     )
     p.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="speculative decoding with drafts copied from earlier text (greedy only; same output)",
+    )
+    p.add_argument(
+        "--draft-model",
+        metavar="M",
+        help="speculative decoding with a smaller model sharing the tokenizer, e.g. microsoft/phi-1_5 "
+        "for Phi-2 (greedy only; same output)",
+    )
+    p.add_argument("--draft-tokens", type=int, default=5, help="tokens drafted per speculative step (1-7, default 5)")
+    p.add_argument(
         "--truncate",
         action="store_true",
         help="keep the last tokens of a prompt too long for the context instead of failing",
@@ -92,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --file mode (default 8)")
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
     g.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (pays off on GPUs; minutes of compiling on first use)",
+    )
     add_model_args(g)
     add_quantize_args(g)
     add_sampling_args(g)
@@ -194,12 +211,14 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
         seed=args.seed,
         stop=tuple(args.stop),
         truncate=args.truncate,
+        prompt_lookup=args.prompt_lookup,
+        draft_tokens=args.draft_tokens,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from phikit.api import load
-    from phikit.generate import GenerationConfig, generate, peak_memory_bytes
+    from phikit.generate import GenerationConfig, SpeculativeStats, compile_decode, generate, peak_memory_bytes
     from phikit.templates import get_template
 
     if args.file is None and args.prompt is None:
@@ -220,13 +239,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         group_size=args.group_size,
         progress=not args.quiet,
     )
+    if args.draft_model:
+        draft = load(
+            args.draft_model, dtype=args.dtype, device=args.device, quantize=args.quantize, group_size=args.group_size
+        )
+        phi.draft = draft.model
+    if args.compile:
+        compile_decode(phi.model, mode="reduce-overhead" if phi.model.device.type == "cuda" else None)
     if not args.quiet:
+        quant = f", {phi.quantization.format}" if phi.quantization else ""
         print(
-            f"loaded {args.model} ({str(phi.model.dtype).removeprefix('torch.')}, {phi.model.device}) "
+            f"loaded {args.model} ({str(phi.model.dtype).removeprefix('torch.')}{quant}, {phi.model.device}) "
             f"in {phi.load_seconds:.1f} s",
             file=sys.stderr,
         )
     start = time.perf_counter()
+    stats = SpeculativeStats()
 
     def show(index: int, piece: str) -> None:
         sys.stdout.write(piece)
@@ -234,7 +262,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     single = args.file is None
     on_text = show if (single and args.stream) else None
-    results = generate(phi.model, phi.tokenizer, prompts, config, template, on_text=on_text)
+    results = generate(
+        phi.model, phi.tokenizer, prompts, config, template, on_text=on_text, draft=phi.draft, stats=stats
+    )
     if single:
         print(results[0].text if not args.stream else "")
     else:
@@ -260,6 +290,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             speed = f"first token {c.seconds_to_first_token:.2f} s | decode {rate:.2f} tok/s"
         else:
             speed = f"{new / elapsed:.2f} tok/s over all prompts"
+        if stats.steps:
+            speed += f" | drafts accepted {stats.accepted}/{stats.drafted}"
         peak = peak_memory_bytes(phi.model.device) / 1e9
         print(
             f"{sum(c.prompt_tokens for c in results)} prompt + {new} new tokens in {elapsed:.2f} s | "

@@ -33,6 +33,8 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     truncate: bool = False  # keep a too-long prompt's last tokens instead of raising
     batch_size: int = 8
+    prompt_lookup: bool = False  # speculative decoding with drafts copied from earlier text
+    draft_tokens: int = 5  # tokens proposed per speculative step (prompt lookup or a draft model)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,6 +49,8 @@ class GenerationConfig:
             raise PhikitError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:
             raise PhikitError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 1 <= self.draft_tokens <= 7:
+            raise PhikitError(f"draft_tokens must be between 1 and 7, got {self.draft_tokens}")
 
 
 @dataclass
@@ -100,8 +104,11 @@ def generate_tokens(
     device = model.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + config.max_new_tokens
+    compiled = getattr(model, "compiled_decode", None)
+    if compiled is not None:  # round the cache up so a compiled step is reused across lengths
+        total = min(-(-total // 256) * 256, max(total, model.config.max_position_embeddings))
     ids = torch.full((batch, longest), pad_id, dtype=torch.long)
-    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid = torch.ones(batch, total, dtype=torch.bool)  # False at left padding
     for row, prompt in enumerate(prompts):
         ids[row, longest - len(prompt) :] = torch.tensor(prompt)
         valid[row, : longest - len(prompt)] = False
@@ -127,8 +134,105 @@ def generate_tokens(
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits = model(token[:, None], next_position, cache, longest + step, padding_mask)[:, -1].float()
+        if compiled is None:
+            logits = model(token[:, None], next_position, cache, longest + step, padding_mask)
+        else:
+            slot = torch.tensor([longest + step], device=device)
+            logits = compiled(token[:, None], next_position, cache, slot, padding_mask if padded else None)
+        logits = logits[:, -1].float()
         next_position = next_position + 1
+
+
+def compile_decode(model: PhiForCausalLM, mode: str | None = None, backend: str = "inductor") -> PhiForCausalLM:
+    """torch.compile the one-token decode step. The compiled step takes its cache slot as a tensor and
+    attends over the whole (padded) cache with a mask, so its shapes never change and it compiles once
+    per cache size (``mode="reduce-overhead"`` adds CUDA graphs on GPUs). Prefill stays eager."""
+    model.compiled_decode = torch.compile(model.forward, mode=mode, backend=backend, dynamic=False)
+    return model
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+
+class PromptLookup:
+    """Drafts by prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's
+    last n-gram (n = max_ngram down to 1). Free to compute; pays off when the output repeats its input
+    (code edits, summaries, extraction)."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+
+    def propose(self, seq: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):
+                if seq[start : start + n] == tail:
+                    return seq[start + n : start + n + k]
+        return []
+
+
+class DraftModel:
+    """Drafts with a smaller model sharing the tokenizer (Phi-1.5 for Phi-2), greedily, with its own cache.
+
+    Each call first feeds the tokens the target accepted since the last call (one chunked forward), so
+    rejected drafts cost nothing beyond the draft steps themselves."""
+
+    def __init__(self, model: PhiForCausalLM, max_length: int):
+        self.model, self.cache, self.pos = model, model.new_cache(1, max_length), 0
+
+    @torch.inference_mode()
+    def propose(self, seq: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        new = torch.tensor([seq[self.pos :]], device=self.model.device)
+        logits = self.model(new, cache=self.cache, start=self.pos, last_only=True)[0, -1]
+        self.pos = len(seq)
+        drafts = []
+        for i in range(k):
+            drafts.append(int(logits.argmax()))
+            if i + 1 < k:
+                token = torch.tensor([[drafts[-1]]], device=self.model.device)
+                logits = self.model(token, cache=self.cache, start=self.pos + i)[0, -1]
+        return drafts
+
+
+@torch.inference_mode()
+def speculative_tokens(
+    model: PhiForCausalLM, prompt: list[int], config: GenerationConfig, proposer, stats: SpeculativeStats | None = None
+) -> Iterator[torch.Tensor]:
+    """Greedy decoding of one prompt, verifying ``proposer``'s drafts with one forward per step.
+
+    The target scores [last token] + drafts at once; drafts are kept up to the first one that differs
+    from the target's own argmax, which is emitted instead, so the output is the target's greedy output.
+    Rejected drafts need no cache rollback: the next step overwrites their slots and attention only
+    reads slots before the current position."""
+    stats = stats if stats is not None else SpeculativeStats()
+    context = model.config.max_position_embeddings
+    cache = model.new_cache(1, len(prompt) + config.max_new_tokens + config.draft_tokens + 1)
+    logits = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True)[0, -1]
+    seq = list(prompt) + [int(logits.argmax())]
+    produced, pos = 1, len(prompt)  # pos: cache slot of seq[-1], not yet written
+    yield torch.tensor(seq[-1:])
+    while produced < config.max_new_tokens:
+        room = min(config.draft_tokens, config.max_new_tokens - produced - 1, context - pos - 1)
+        drafts = proposer.propose(seq, room) if room > 0 else []
+        inputs = torch.tensor([[seq[-1], *drafts]], device=model.device)
+        predicted = model(inputs, cache=cache, start=pos)[0].argmax(dim=-1).tolist()
+        n = 0
+        while n < len(drafts) and drafts[n] == predicted[n]:
+            n += 1
+        stats.steps, stats.drafted, stats.accepted = stats.steps + 1, stats.drafted + len(drafts), stats.accepted + n
+        for token in [*drafts[:n], predicted[n]]:
+            seq.append(token)
+            produced += 1
+            yield torch.tensor([token])
+            if produced == config.max_new_tokens:
+                return
+        pos += n + 1
 
 
 class TextStream:
@@ -211,10 +315,26 @@ def iter_generate(
     prompts: list[str],
     config: GenerationConfig,
     template: Template | str | None = None,
+    draft: PhiForCausalLM | None = None,
+    stats: SpeculativeStats | None = None,
 ) -> Generator[tuple[int, str], None, list[Completion]]:
     """Generate for ``prompts`` in batches; yield (prompt index, new text) as text becomes final and
-    return the completions in prompt order."""
+    return the completions in prompt order. With ``draft`` (a smaller model) or ``config.prompt_lookup``,
+    decoding is speculative: one prompt at a time, greedy, with output identical to plain greedy."""
     config.validate()
+    speculative = draft is not None or config.prompt_lookup
+    if speculative:
+        if config.temperature != 0 or config.repetition_penalty != 1.0:
+            raise PhikitError(
+                "speculative decoding (draft model or prompt lookup) is greedy only: use "
+                "temperature 0 and no repetition penalty"
+            )
+        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+            raise PhikitError(
+                f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the "
+                f"model's ({model.config.vocab_size}); they must share a tokenizer"
+            )
+        config = replace(config, batch_size=1)
     template = get_template(template)
     stop = tuple(dict.fromkeys((*template.stop, *config.stop)))
     texts = [template.render(p) for p in prompts]
@@ -228,7 +348,16 @@ def iter_generate(
         done = [False] * len(chunk)
         start = time.perf_counter()
         first_token_at = None
-        for step_tokens in generate_tokens(model, chunk, config, tokenizer.pad_id):
+        if speculative:
+            proposer = (
+                DraftModel(draft, len(chunk[0]) + config.max_new_tokens + config.draft_tokens + 1)
+                if draft is not None
+                else PromptLookup()
+            )
+            token_steps = speculative_tokens(model, chunk[0], config, proposer, stats)
+        else:
+            token_steps = generate_tokens(model, chunk, config, tokenizer.pad_id)
+        for step_tokens in token_steps:
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             for row, token in enumerate(step_tokens.tolist()):
@@ -265,6 +394,8 @@ def generate(
     config: GenerationConfig | None = None,
     template: Template | str | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    draft: PhiForCausalLM | None = None,
+    stats: SpeculativeStats | None = None,
     **overrides,
 ) -> Completion | list[Completion]:
     """Complete one prompt (returns a Completion) or several (a list, batched with left padding).
@@ -274,7 +405,7 @@ def generate(
     """
     config = replace(config or GenerationConfig(), **overrides)
     single = isinstance(prompts, str)
-    runner = iter_generate(model, tokenizer, [prompts] if single else list(prompts), config, template)
+    runner = iter_generate(model, tokenizer, [prompts] if single else list(prompts), config, template, draft, stats)
     while True:
         try:
             index, piece = next(runner)
@@ -292,11 +423,12 @@ def stream(
     prompt: str,
     config: GenerationConfig | None = None,
     template: Template | str | None = None,
+    draft: PhiForCausalLM | None = None,
     **overrides,
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece as it is generated."""
     config = replace(config or GenerationConfig(), **overrides)
-    for _, piece in iter_generate(model, tokenizer, [prompt], config, template):
+    for _, piece in iter_generate(model, tokenizer, [prompt], config, template, draft):
         yield piece
 
 

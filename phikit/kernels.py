@@ -83,10 +83,9 @@ def library() -> ctypes.CDLL | None:
     for name in ("phikit_gemv_f32", "phikit_gemv_bf16", "phikit_gemv_f16", "phikit_gemv_i8"):
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, p]
     lib.phikit_gemv_i4.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p]
-    for name in ("phikit_unpack_bf16", "phikit_unpack_f16"):
-        getattr(lib, name).argtypes = [p, i64, i64, p]
-    lib.phikit_unpack_i8.argtypes = [p, p, i64, i64, p]
-    lib.phikit_unpack_i4.argtypes = [p, p, p, i64, i64, i64, p]
+    lib.phikit_gelu_tanh.argtypes = [p, i64]
+    lib.phikit_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, p, p, i64, p, p]
+    lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p]
     _lib = lib
     return lib
 
@@ -138,24 +137,83 @@ def gemv(
     return y
 
 
-def unpack(
+def attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    first: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding, KV-cache write and attention for one new token per row, in one call.
+
+    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; cos/sin (B, R); caches (B, KV, S, D) fp32
+    contiguous; pos/first (B,) int64: write slot and first attended slot. Returns (B, H, D)."""
+    b, h, d = q.shape
+    out = torch.empty_like(q)
+    library().phikit_attention_decode(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        b,
+        h,
+        k.shape[1],
+        d,
+        cos.shape[-1],
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[2],
+        pos.data_ptr(),
+        first.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """In-place gelu (tanh form) of a contiguous fp32 tensor; returns it."""
+    library().phikit_gelu_tanh(x.data_ptr(), x.numel())
+    return x
+
+
+GEMM_KINDS = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3, "int4": 4}
+
+
+def gemm(
+    x: torch.Tensor,
     kind: str,
     weight: torch.Tensor,
-    out: torch.Tensor,
     scale: torch.Tensor | None = None,
     minimum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     group_size: int = 0,
 ) -> torch.Tensor:
-    """Write the fp32 weight (N, K) of a packed weight into ``out`` (at least N*K floats); returns the view."""
-    lib = library()
+    """y = x @ W.T (+ bias) for many rows of x (prefill): x (M, K) fp32 contiguous, W as in ``gemv``.
+    Returns (M, N) fp32. Needs N % 16 == 0 and K % 64 == 0."""
+    m, k = x.shape
     n = weight.shape[0]
-    k = weight.shape[1] * (2 if kind == "int4" else 1)
-    view = out[: n * k].view(n, k)
-    if kind == "int4":
-        lib.phikit_unpack_i4(weight.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, group_size, view.data_ptr())
-    elif kind == "int8":
-        lib.phikit_unpack_i8(weight.data_ptr(), scale.data_ptr(), n, k, view.data_ptr())
-    else:
-        fn = lib.phikit_unpack_bf16 if kind == "bf16" else lib.phikit_unpack_f16
-        fn(weight.data_ptr(), n, k, view.data_ptr())
-    return view
+    padded = -(-m // 6) * 6
+    if padded != m:
+        x = torch.cat([x, x.new_zeros(padded - m, k)])
+    y = torch.empty(padded, n, dtype=torch.float32)
+    int4 = kind == "int4"
+    library().phikit_gemm(
+        GEMM_KINDS[kind],
+        x.data_ptr(),
+        padded,
+        k,
+        weight.data_ptr(),
+        n,
+        None if int4 else _ptr(scale),
+        _ptr(scale) if int4 else None,
+        _ptr(minimum),
+        group_size,
+        _ptr(bias),
+        y.data_ptr(),
+    )
+    return y[:m]

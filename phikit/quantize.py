@@ -4,7 +4,8 @@ Formats (row n of a weight is output feature n; K = in_features):
   int8  per output channel, symmetric:      w = q * scale[n]                  q in [-127, 127]
   int4  per group of G in a row, asymmetric: w = q * scale[n, g] + minimum[n, g]   q in [0, 15]
   nf4   QLoRA's NormalFloat4 per block of 64, absmax double-quantized to int8 per 256 blocks
-4-bit codes are packed two per byte in blocks of 32 (byte i: code i low nibble, code i+16 high nibble).
+4-bit codes are packed two per byte in blocks of 64 (byte i: code i low nibble, code i+32 high nibble), so
+one 32-byte load gives 64 codes in order with one mask and one shift.
 
 Which kernel runs: on CPU the hand-written AVX2 kernels in ``kernels`` (decode: a few activation rows)
 or unpack-to-fp32 + BLAS sgemm (prefill); without them PyTorch's ``_weight_int8pack_mm`` /
@@ -15,7 +16,6 @@ reads one row of them); ``lm_head`` is quantized unless the spec says otherwise.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -73,15 +73,15 @@ class QuantSpec:
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes in [0, 15] -> (N, K/2) uint8, blocks of 32 as described in the module docstring."""
+    """(N, K) codes in [0, 15] -> (N, K/2) uint8, blocks of 64 as described in the module docstring."""
     n, k = q.shape
-    blocks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    blocks = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
-    blocks = packed.reshape(n, half // 16, 1, 16)
+    blocks = packed.reshape(n, half // 32, 1, 32)
     return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
 
 
@@ -93,11 +93,12 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Scale and minimum are stored in fp16 (as llama.cpp's 4-bit formats do); codes use the rounded values."""
     n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    low = groups.amin(dim=-1).half()
+    scale = ((groups.amax(dim=-1) - low.float()) / 15).clamp(min=1e-7).half()
+    q = torch.round((groups - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
     return {"weight": pack_nibbles(q.reshape(n, k)), "weight_scale": scale, "weight_min": low}
 
 
@@ -131,7 +132,7 @@ def dequantize(fmt: str, t: dict[str, torch.Tensor], group_size: int = 64) -> to
     n, k = q.shape
     if fmt == "int4":
         groups = q.reshape(n, k // group_size, group_size).float()
-        return (groups * t["weight_scale"][..., None] + t["weight_min"][..., None]).reshape(n, k)
+        return (groups * t["weight_scale"].float()[..., None] + t["weight_min"].float()[..., None]).reshape(n, k)
     absmax_q = t["weight_absmax"].float()
     scales = t["weight_absmax_scale"].repeat_interleave(NF4_ABSMAX_BLOCK)[: absmax_q.numel()]
     absmax = absmax_q * scales + t["weight_absmax_mean"]
@@ -144,21 +145,13 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
 
 # ---- the layers ----
 
-_scratch = threading.local()
 
-
-def _fp32_scratch(numel: int) -> torch.Tensor:
-    """A reusable fp32 buffer per thread for unpacked weights (one layer at a time), grown as needed."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
-    return buf
-
-
-def _cpu_kernel_ok(x: torch.Tensor, k: int) -> bool:
+def _cpu_kernel_ok(x: torch.Tensor, k: int, n: int) -> bool:
+    """Our CPU kernels handle this input: CPU, no autograd, K % 64 == 0 and N % 16 == 0 (all Phi shapes)."""
     return (
         x.device.type == "cpu"
-        and k % 32 == 0
+        and k % 64 == 0
+        and n % 16 == 0
         and not (torch.is_grad_enabled() and x.requires_grad)
         and kernels.available()
     )
@@ -189,18 +182,13 @@ def _run_cpu(
     minimum=None,
     group_size: int = 0,
 ) -> torch.Tensor:
-    """Decode rows through the gemv kernel, many rows through unpack + sgemm; output in x's dtype."""
+    """Decode-sized inputs through the gemv kernels, longer ones (prefill) through the GEMM; output in x's dtype."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if x2.shape[0] <= kernels.MAX_ROWS:
-        y = kernels.gemv(x2, kind, weight, scale, minimum, bias32, group_size)
-    else:
-        w = (
-            weight
-            if kind == "f32"
-            else kernels.unpack(kind, weight, _fp32_scratch(weight.shape[0] * x2.shape[1]), scale, minimum, group_size)
-        )
-        y = torch.addmm(bias32, x2, w.t()) if bias32 is not None else x2 @ w.t()
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    run = kernels.gemv if x2.shape[0] <= kernels.MAX_ROWS else kernels.gemm
+    y = run(x2, kind, weight, scale, minimum, bias32, group_size)
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
@@ -212,7 +200,9 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = self._kinds.get(self.weight.dtype)
-        if kind is None or not _cpu_kernel_ok(x, self.in_features) or self.weight.requires_grad:
+        if kind is None or not _cpu_kernel_ok(x, self.in_features, self.out_features) or self.weight.requires_grad:
+            if x.dtype != self.weight.dtype:  # fp32 activations over narrower stored weights
+                return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
             return F.linear(x, self.weight, self.bias)
         if not hasattr(self, "_bias32"):
             self._bias32 = _Fp32Bias()
@@ -282,7 +272,7 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.format, self.tensors(), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format in ("int8", "int4") and _cpu_kernel_ok(x, self.in_features):
+        if self.format in ("int8", "int4") and _cpu_kernel_ok(x, self.in_features, self.out_features):
             minimum = getattr(self, "weight_min", None)
             return _run_cpu(
                 x,
@@ -312,8 +302,9 @@ class QuantizedLinear(nn.Module):
                 if self._device_pack is None:
                     q = unpack_nibbles(self.weight).to(torch.int32)
                     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-                    zero = self.weight_min + 8 * self.weight_scale  # their form: (q - 8) * scale + zero
-                    sz = torch.stack([self.weight_scale, zero], dim=-1).transpose(0, 1).contiguous()
+                    scale, low = self.weight_scale.float(), self.weight_min.float()
+                    zero = low + 8 * scale  # their form: (q - 8) * scale + zero
+                    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
                     self._device_pack = (packed, sz.to(torch.bfloat16))
                 packed, sz = self._device_pack
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
@@ -342,12 +333,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def accelerate_linears(model: nn.Module) -> nn.Module:
-    """Swap plain nn.Linear layers for DenseLinear (same parameters) so CPU inference uses the kernels."""
+def prepare_for_cpu(model: nn.Module) -> nn.Module:
+    """CPU inference layout: linear layers run through the kernels (DenseLinear, same parameters) and
+    activations are fp32 whatever the stored weights are: LayerNorms become fp32 (a few KB), so
+    embeddings, the KV cache and every element-wise op follow. AVX2 CPUs have no bf16 arithmetic, so
+    bf16 activations only add conversions; weights keep their stored dtype."""
     for name in linear_names(model):
         module = model.get_submodule(name)
         if type(module) is nn.Linear:
             _set_module(model, name, DenseLinear.from_linear(module))
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
     return model
 
 

@@ -6,7 +6,15 @@ import torch
 import phikit
 from phikit.checkpoint import load_model
 from phikit.errors import PhikitError
-from phikit.generate import GenerationConfig, TextStream, generate, process_logits, sample_next, stream
+from phikit.generate import (
+    GenerationConfig,
+    SpeculativeStats,
+    TextStream,
+    generate,
+    process_logits,
+    sample_next,
+    stream,
+)
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
 
@@ -169,3 +177,46 @@ def test_public_load_api(tiny):
     c = phi.generate("Hello", max_new_tokens=5, template="instruct")
     assert isinstance(c, phikit.Completion) and c.prompt_tokens == len(phi.tokenizer.encode("Instruct: Hello\nOutput:"))
     assert "".join(phi.stream("Hello", max_new_tokens=5, template="instruct")) == c.text
+
+
+REPETITIVE = ["one two three four five one two three four five one two three", "def f(x):\n    return x\ndef f(x):"]
+
+
+@pytest.mark.parametrize("prompt", REPETITIVE + PROMPTS[:2])
+def test_prompt_lookup_output_equals_greedy(phi, prompt):
+    model, tok, _ = phi
+    stats = SpeculativeStats()
+    fast = generate(model, tok, prompt, max_new_tokens=40, prompt_lookup=True, stats=stats)
+    assert fast.token_ids == generate(model, tok, prompt, max_new_tokens=40).token_ids
+    assert stats.steps > 0 and stats.accepted <= stats.drafted
+
+
+def test_draft_model_output_equals_greedy(phi, checkpoint_factory):
+    model, tok, _ = phi
+    other = load_model(checkpoint_factory(seed=1)[0], dtype="fp32", device="cpu")
+    for draft, draft_tokens in ((model, 4), (other, 3), (other, 7)):  # itself: every draft accepted
+        stats = SpeculativeStats()
+        for prompt in PROMPTS[:3]:
+            fast = generate(model, tok, prompt, max_new_tokens=30, draft=draft, draft_tokens=draft_tokens, stats=stats)
+            assert fast.token_ids == generate(model, tok, prompt, max_new_tokens=30).token_ids
+        if draft is model:
+            assert stats.accepted == stats.drafted > 0
+
+
+def test_speculative_decoding_is_greedy_only(phi):
+    model, tok, _ = phi
+    with pytest.raises(PhikitError, match="greedy only"):
+        generate(model, tok, "Hi", max_new_tokens=5, prompt_lookup=True, temperature=0.7)
+
+
+def test_compiled_static_decode_equals_eager(tiny):
+    from phikit.generate import compile_decode
+
+    folder, _ = tiny
+    eager = load_model(folder, dtype="fp32", device="cpu")
+    static = compile_decode(load_model(folder, dtype="fp32", device="cpu"), backend="eager")
+    tok = Tokenizer(folder)
+    for prompts in (["Hello world"], PROMPTS):  # one row, and left-padded rows
+        got = generate(static, tok, prompts, max_new_tokens=12)
+        expected = generate(eager, tok, prompts, max_new_tokens=12)
+        assert [c.token_ids for c in got] == [c.token_ids for c in expected]

@@ -162,8 +162,9 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tiny, fmt
     ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = reference(ids).logits, quant.model(ids)
-    # decode-sized inputs run the int4 kernel, which quantizes activations to int8 (as llama.cpp does)
-    limit = 0.03 if fmt == "int4" and kernels.available() else 1e-4
+    # decode-sized inputs run the int4 kernel, which quantizes activations to int8 per group (as
+    # llama.cpp does); on this random tiny model that moves logits by a few percent
+    limit = 0.05 if fmt == "int4" and kernels.available() else 1e-4
     assert ((got - expected).norm() / expected.norm()).item() < limit
     with torch.no_grad():
         one = quant.model(ids[:1, :1])

@@ -10,9 +10,9 @@
  *   f32        : float [N][K]
  *   bf16 / f16 : uint16 [N][K]
  *   int8       : int8 [N][K], float scale[N]            w = q * scale
- *   int4       : uint8 [N][K/2], float scale[N][K/G], float minimum[N][K/G]   w = q * scale + minimum
- *                in blocks of 32 weights: byte i of a block holds weight i (low nibble) and
- *                weight i + 16 (high nibble), so one 16-byte load unpacks to 32 weights in order.
+ *   int4       : uint8 [N][K/2], fp16 scale[N][K/G], fp16 minimum[N][K/G]   w = q * scale + minimum
+ *                in blocks of 64 weights: byte i of a block holds weight i (low nibble) and
+ *                weight i + 32 (high nibble), so one 32-byte load unpacks to 64 weights in order.
  *
  * Every (row of x, row of W) dot product is accumulated the same way whatever M is, so a token
  * decoded alone and the same token inside a batch (speculative verification) get identical results.
@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <string.h>
 
 #define ROWS 4 /* weight rows processed together when M == 1 */
 
@@ -30,6 +31,15 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
 static inline __m256 load_bf16(const uint16_t *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -94,113 +104,390 @@ static inline __m256 load_i8(const int8_t *p) {
 DEFINE_GEMV(phikit_gemv_f32, float, load_f32)
 DEFINE_GEMV(phikit_gemv_bf16, uint16_t, load_bf16)
 DEFINE_GEMV(phikit_gemv_f16, uint16_t, load_f16)
-DEFINE_GEMV(phikit_gemv_i8, int8_t, load_i8)
 
-/* ---- int4: activations quantized to int8 per 32 values, integer dot products (maddubs) ---- */
+/* ---- int8: activations rounded to int16 per block of XB values (15-bit, near exact), integer madd ----
+ * Lanes accumulate int32 over a whole activation block (at most 4 * 127 * 32767 * XB / 32, no overflow
+ * for XB <= 256), then one float multiply-add per block. */
 
-/* x (K floats) -> xq (K int8), dx[K/32] scales, xsum[K/G] exact group sums of x. */
-static void quantize_row(const float *x, int64_t K, int64_t G, int8_t *xq, float *dx, float *xsum) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        const float *xb = x + b * 32;
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+static void quantize_row_i16(const float *x, int64_t K, int64_t XB, int16_t *xq, float *dx) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < K / XB; b++) {
+        const float *xb = x + b * XB;
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t i = 0; i < XB; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        float d = hmax(amax) / 32767.0f, inv = d > 0 ? 1.0f / d : 0.0f;
         dx[b] = d;
-        for (int i = 0; i < 32; i++) xq[b * 32 + i] = (int8_t)lrintf(xb[i] * inv);
-    }
-    for (int64_t g = 0; g < K / G; g++) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < G; i++) s += x[g * G + i];
-        xsum[g] = s;
-    }
-}
-
-/* 32 unsigned 4-bit weights of one block, in order, as bytes. */
-static inline __m256i unpack_nibbles(const uint8_t *p) {
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    return _mm256_set_m128i(hi, lo);
-}
-
-static inline float dot_row_i4(const uint8_t *wr, const float *sc, const float *mn, const int8_t *xq,
-                               const float *dx, const float *xsum, int64_t K, int64_t G) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
-    float extra = 0.0f;
-    int64_t per_group = G / 32;
-    for (int64_t g = 0; g < K / G; g++) {
-        __m256 gacc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < per_group; j++) {
-            int64_t b = g * per_group + j;
-            __m256i q = unpack_nibbles(wr + b * 16);
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-            gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dx[b]), gacc);
+        __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < XB; i += 16) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i), vinv));
+            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + i + 8), vinv));
+            __m256i ac = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8); /* back in order */
+            _mm256_storeu_si256((__m256i *)(xq + b * XB + i), ac);
         }
-        acc = _mm256_fmadd_ps(gacc, _mm256_set1_ps(sc[g]), acc);
-        extra += mn[g] * xsum[g];
     }
-    return hsum(acc) + extra;
+}
+
+/* 32 int8 weights times 32 int16 activations -> 8 int32 lanes. */
+static inline __m256i madd_i8_i16(const int8_t *w, const int16_t *x) {
+    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+    __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x));
+    __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16)));
+    return _mm256_add_epi32(p0, p1);
+}
+
+static inline __attribute__((always_inline)) __m256 dot_i8(const int8_t *w, const int16_t *xq, const float *dx,
+                                                          int64_t K, const int64_t XB) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += XB) {
+        __m256i s = _mm256_setzero_si256();
+        for (int64_t j = 0; j < XB; j += 32) s = _mm256_add_epi32(s, madd_i8_i16(w + k + j, xq + k + j));
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(dx + k / XB), a);
+    }
+    return a;
+}
+
+#define I8_ROWS(XB)                                                                                   \
+    _Pragma("omp parallel for schedule(static)") for (int64_t n = 0; n < N; n++) {                     \
+        for (int64_t m = 0; m < M; m++)                                                               \
+            y[m * N + n] = hsum(dot_i8(w + n * K, xq + m * K, dx + m * (K / XB), K, XB)) * scale[n] +    \
+                           (bias ? bias[n] : 0.0f);                                                   \
+    }
+
+void phikit_gemv_i8(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale,
+                    const float *bias, float *y) {
+    int64_t XB = K % 256 == 0 ? 256 : 32;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
+    float *dx = malloc(sizeof(float) * (size_t)(M * K / 32));
+    for (int64_t m = 0; m < M; m++) quantize_row_i16(x + m * K, K, XB, xq + m * K, dx + m * (K / XB));
+    if (XB == 256) {
+        I8_ROWS(256)
+    } else {
+        I8_ROWS(32)
+    }
+    free(xq);
+    free(dx);
+}
+
+/* ---- int4: activations quantized to int8 per group, integer dot products (maddubs) ---- */
+
+/* x (K floats) -> xq (K int8) with one scale per group of G, and exact group sums of x. G % 32 == 0. */
+static void quantize_row(const float *x, int64_t K, int64_t G, int8_t *xq, float *dx, float *xsum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *xg = x + g * G;
+        __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int64_t i = 0; i < G; i += 8) {
+            __m256 v = _mm256_loadu_ps(xg + i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+            sum = _mm256_add_ps(sum, v);
+        }
+        float d = hmax(amax) / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+        dx[g] = d;
+        xsum[g] = hsum(sum);
+        __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < G; i += 32) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), vinv));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8), vinv));
+            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 16), vinv));
+            __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 24), vinv));
+            __m256i ab = _mm256_packs_epi32(a, b), ce = _mm256_packs_epi32(c, e); /* lanes interleaved */
+            __m256i all = _mm256_packs_epi16(ab, ce);
+            /* undo the in-lane interleaving of the two packs: dwords 0 4 1 5 2 6 3 7 */
+            all = _mm256_permutevar8x32_epi32(all, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(xq + g * G + i), all);
+        }
+    }
+}
+
+/* dot(x, w) for one row of int4 weights, 64 weights (32 bytes) per step: the low nibbles are weights
+ * 0..31 of the block, the high nibbles 32..63. Within a group the int16 pair sums of maddubs are added
+ * up directly: each is at most 2 * 15 * 127 = 3810, and a group (G <= 256) adds at most 8 of them.
+ * The per-group factors (activation scale x weight scale) and the minimum terms are done 8 groups at a
+ * time with vector instructions before the main loop. */
+static inline __attribute__((always_inline)) float dot_row_i4(const uint8_t *wr, const uint16_t *sc,
+        const uint16_t *mn, const int8_t *xq, const float *dx, const float *xsum, int64_t K, const int64_t G) {
+    const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+    int64_t groups = K / G, g = 0;
+    float coef[groups];
+    __m256 extra = _mm256_setzero_ps();
+    for (; g + 8 <= groups; g += 8) {
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
+        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
+        _mm256_storeu_ps(coef + g, _mm256_mul_ps(s, _mm256_loadu_ps(dx + g)));
+        extra = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + g), extra);
+    }
+    float tail = 0.0f;
+    for (; g < groups; g++) {
+        coef[g] = f16(sc[g]) * dx[g];
+        tail += f16(mn[g]) * xsum[g];
+    }
+    __m256 acc = _mm256_setzero_ps();
+    if (G == 32) { /* one 64-block holds two groups */
+        for (int64_t b = 0; b < K / 64; b++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wr + b * 32));
+            __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            __m256i s0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + b * 64)));
+            __m256i s1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + b * 64 + 32)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, ones)), _mm256_broadcast_ss(coef + 2 * b), acc);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, ones)), _mm256_broadcast_ss(coef + 2 * b + 1),
+                                  acc);
+        }
+    } else {
+        for (g = 0; g < groups; g++) {
+            __m256i gsum = _mm256_setzero_si256();
+            for (int64_t j = 0; j < G / 64; j++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wr + g * G / 2 + j * 32));
+                __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                const int8_t *x = xq + g * G + j * 64;
+                gsum = _mm256_add_epi16(gsum, _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)));
+                gsum = _mm256_add_epi16(gsum, _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
+            }
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(gsum, ones)), _mm256_broadcast_ss(coef + g), acc);
+        }
+    }
+    return hsum(acc) + hsum(extra) + tail;
 }
 
 void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G,
-                    const float *scale, const float *minimum, const float *bias, float *y) {
+                    const uint16_t *scale, const uint16_t *minimum, const float *bias, float *y) {
     int8_t *xq = malloc((size_t)(M * K));
-    float *dx = malloc(sizeof(float) * (size_t)(M * K / 32));
+    float *dx = malloc(sizeof(float) * (size_t)(M * K / G));
     float *xsum = malloc(sizeof(float) * (size_t)(M * K / G));
     for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * K, K, G, xq + m * K, dx + m * K / 32, xsum + m * K / G);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *wr = w + n * K / 2;
-        const float *sc = scale + n * K / G, *mn = minimum + n * K / G;
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = dot_row_i4(wr, sc, mn, xq + m * K, dx + m * K / 32, xsum + m * K / G, K, G) +
-                           (bias ? bias[n] : 0.0f);
+        quantize_row(x + m * K, K, G, xq + m * K, dx + m * K / G, xsum + m * K / G);
+/* one copy of the loop per group size, so the compiler unrolls the blocks of a group */
+#define I4_ROWS(GS)                                                                                   \
+    _Pragma("omp parallel for schedule(static)") for (int64_t n = 0; n < N; n++) {                     \
+        const uint8_t *wr = w + n * K / 2;                                                            \
+        const uint16_t *sc = scale + n * K / GS, *mn = minimum + n * K / GS;                          \
+        for (int64_t m = 0; m < M; m++)                                                               \
+            y[m * N + n] = dot_row_i4(wr, sc, mn, xq + m * K, dx + m * K / GS, xsum + m * K / GS, K, GS) + \
+                           (bias ? bias[n] : 0.0f);                                                   \
+    }
+    switch (G) {
+    case 32: I4_ROWS(32) break;
+    case 64: I4_ROWS(64) break;
+    case 128: I4_ROWS(128) break;
+    default: I4_ROWS(256) break;
     }
     free(xq);
     free(dx);
     free(xsum);
 }
 
-/* ---- unpacking to fp32, for prefill (many rows of x: a BLAS sgemm on the unpacked weight) ---- */
-
-void phikit_unpack_bf16(const uint16_t *w, int64_t N, int64_t K, float *out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, load_bf16(w + n * K + k));
+/* ---- gelu (tanh form, "gelu_new") in place ----
+ * tanh(u) = 1 - 2 / (exp(2u) + 1) with a vectorised exp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
+ * p a degree-6 Taylor polynomial (relative error below 2e-7 on that interval). */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-void phikit_unpack_f16(const uint16_t *w, int64_t N, int64_t K, float *out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, load_f16(w + n * K + k));
-}
-
-void phikit_unpack_i8(const int8_t *w, const float *scale, int64_t N, int64_t K, float *out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        __m256 s = _mm256_set1_ps(scale[n]);
-        for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(out + n * K + k, _mm256_mul_ps(load_i8(w + n * K + k), s));
+void phikit_gelu_tanh(float *x, int64_t n) {
+    const __m256 c = _mm256_set1_ps(0.7978845608028654f), a = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    int64_t vec = n / 8 * 8;
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < vec; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(a, v), _mm256_mul_ps(v, v), v));
+        __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_add_ps(u, u)), one)));
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+    }
+    for (int64_t i = vec; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     }
 }
 
-void phikit_unpack_i4(const uint8_t *w, const float *scale, const float *minimum, int64_t N, int64_t K, int64_t G,
-                      float *out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t b = 0; b < K / 32; b++) {
-            int64_t g = b * 32 / G;
-            __m256 s = _mm256_set1_ps(scale[n * K / G + g]), mn = _mm256_set1_ps(minimum[n * K / G + g]);
-            __m256i q = unpack_nibbles(w + n * K / 2 + b * 16);
-            float *o = out + n * K + b * 32;
-            for (int part = 0; part < 4; part++) {
-                __m128i bytes = part < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
-                if (part & 1) bytes = _mm_srli_si128(bytes, 8);
-                __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-                _mm256_storeu_ps(o + part * 8, _mm256_fmadd_ps(v, s, mn));
+/* ---- attention for one new token (decoding), batch rows in parallel with heads ----
+ * q (B, H*D) and k, v (B, KV*D) are this token's projections before rotary embedding; cos/sin (B, R)
+ * are the rotary tables at each row's position (R = rotary dims, rotated GPT-NeoX style on the first R
+ * of each head). Keys/values go into the caches (B, KV, S, D) at slot pos[b]; the query attends to
+ * slots first[b] .. pos[b] (first[b] > 0 skips left padding). Scores and softmax in fp32; D % 8 == 0. */
+static void rope(float *x, const float *cos, const float *sin, int64_t R) {
+    int64_t half = R / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+void phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                             int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, float *k_cache,
+                             float *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out) {
+    /* write the rotated keys and the values first, so every head sees them */
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < KV; h++) {
+            float *kd = k_cache + ((b * KV + h) * S + pos[b]) * D;
+            float *vd = v_cache + ((b * KV + h) * S + pos[b]) * D;
+            for (int64_t i = 0; i < D; i++) {
+                kd[i] = k[(b * KV + h) * D + i];
+                vd[i] = v[(b * KV + h) * D + i];
             }
+            rope(kd, cos + b * R, sin + b * R, R);
+        }
+    }
+    float scale = 1.0f / sqrtf((float)D);
+    int64_t nv = D / 8;
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            int64_t kvh = h / (H / KV), n = pos[b] + 1 - first[b];
+            const float *kc = k_cache + ((b * KV + kvh) * S + first[b]) * D;
+            const float *vc = v_cache + ((b * KV + kvh) * S + first[b]) * D;
+            float qh[D], scores[n + 8];
+            for (int64_t i = 0; i < D; i++) qh[i] = q[(b * H + h) * D + i] * scale;
+            rope(qh, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
+            __m256 mx = _mm256_set1_ps(-INFINITY);
+            for (int64_t j = 0; j < n; j++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t i = 0; i < nv; i++)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kc + j * D + 8 * i), acc);
+                scores[j] = hsum(acc);
+            }
+            float m = -INFINITY;
+            for (int64_t j = 0; j < n; j++) m = fmaxf(m, scores[j]);
+            for (int64_t j = n; j < n + 8; j++) scores[j] = -INFINITY;
+            mx = _mm256_set1_ps(m);
+            __m256 total = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n; j += 8) {
+                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mx));
+                _mm256_storeu_ps(scores + j, e);
+                total = _mm256_add_ps(total, e);
+            }
+            float inv = 1.0f / hsum(total);
+            __m256 o[16];
+            for (int64_t i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n; j++) {
+                __m256 p = _mm256_set1_ps(scores[j] * inv);
+                for (int64_t i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + j * D + 8 * i), o[i]);
+            }
+            for (int64_t i = 0; i < nv; i++) _mm256_storeu_ps(out + (b * H + h) * D + 8 * i, o[i]);
+        }
+    }
+}
+
+
+/* ---- GEMM for prefill: y (M x N) = x (M x K) @ W^T + bias, W in any of the formats above ----
+ * BLIS-style: W is unpacked to fp32 a panel of 16 output rows x KC at a time, transposed so the 16 values
+ * of one k are contiguous, and a 6 x 16 register-blocked kernel (12 accumulators, 2 FMAs per loaded
+ * activation) runs over every 6 rows of x. Unpacking inside the GEMM means no fp32 copy of the weight
+ * is ever materialised, and MKL (which picks slow code paths on AMD CPUs) is not used. */
+#define MR 6
+#define NR 16
+#define KC 256
+#define MC 126
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
+
+/* Bp[k * NR + j] = W[n0 + j][k0 + k] as fp32, for k < kc */
+static void pack_panel(int kind, const void *w, const float *scale, const uint16_t *scale16,
+                       const uint16_t *minimum, int64_t G, int64_t K, int64_t n0, int64_t k0, int64_t kc,
+                       float *Bp) {
+    float row[KC];
+    for (int64_t j = 0; j < NR; j++) {
+        int64_t n = n0 + j;
+        switch (kind) {
+        case KIND_F32: memcpy(row, (const float *)w + n * K + k0, kc * sizeof(float)); break;
+        case KIND_BF16:
+            for (int64_t k = 0; k < kc; k += 8) _mm256_storeu_ps(row + k, load_bf16((const uint16_t *)w + n * K + k0 + k));
+            break;
+        case KIND_F16:
+            for (int64_t k = 0; k < kc; k += 8) _mm256_storeu_ps(row + k, load_f16((const uint16_t *)w + n * K + k0 + k));
+            break;
+        case KIND_I8: {
+            __m256 s = _mm256_set1_ps(scale[n]);
+            for (int64_t k = 0; k < kc; k += 8)
+                _mm256_storeu_ps(row + k, _mm256_mul_ps(load_i8((const int8_t *)w + n * K + k0 + k), s));
+            break;
+        }
+        default: { /* int4, 64-blocks: k0 and kc are multiples of 64 */
+            const uint8_t *wr = (const uint8_t *)w + n * K / 2;
+            for (int64_t k = 0; k < kc; k += 64) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wr + (k0 + k) / 2));
+                __m256i mask = _mm256_set1_epi8(0x0F);
+                __m256i halves[2] = {_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)};
+                for (int h = 0; h < 2; h++) {
+                    int64_t g = (k0 + k + h * 32) / G;
+                    __m256 s = _mm256_set1_ps(f16(scale16[n * (K / G) + g]));
+                    __m256 mn = _mm256_set1_ps(f16(minimum[n * (K / G) + g]));
+                    for (int part = 0; part < 4; part++) {
+                        __m128i bytes = part < 2 ? _mm256_castsi256_si128(halves[h]) : _mm256_extracti128_si256(halves[h], 1);
+                        if (part & 1) bytes = _mm_srli_si128(bytes, 8);
+                        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                        _mm256_storeu_ps(row + k + h * 32 + part * 8, _mm256_fmadd_ps(q, s, mn));
+                    }
+                }
+            }
+        }
+        }
+        for (int64_t k = 0; k < kc; k++) Bp[k * NR + j] = row[k];
+    }
+}
+
+/* C[i][0..15] (+)= sum_k A[i][k] * Bp[k][0..15] for the 6 rows of A */
+static inline void kernel_6x16(int64_t kc, const float *A, int64_t lda, const float *Bp, float *C, int64_t ldc,
+                               int accumulate) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_loadu_ps(Bp + k * NR), b1 = _mm256_loadu_ps(Bp + k * NR + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + k);           c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(A + lda + k);     c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(A + 2 * lda + k); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(A + 3 * lda + k); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+        a = _mm256_broadcast_ss(A + 4 * lda + k); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+        a = _mm256_broadcast_ss(A + 5 * lda + k); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+    __m256 c[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int i = 0; i < MR; i++) {
+        float *ci = C + i * ldc;
+        if (accumulate) {
+            c[i][0] = _mm256_add_ps(c[i][0], _mm256_loadu_ps(ci));
+            c[i][1] = _mm256_add_ps(c[i][1], _mm256_loadu_ps(ci + 8));
+        }
+        _mm256_storeu_ps(ci, c[i][0]);
+        _mm256_storeu_ps(ci + 8, c[i][1]);
+    }
+}
+
+/* x: M x K fp32 rows padded by the caller to a multiple of 6 (Mp rows); y: Mp x N. N % 16 == 0, K % 64 == 0. */
+void phikit_gemm(int kind, const float *x, int64_t Mp, int64_t K, const void *w, int64_t N, const float *scale,
+                 const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y) {
+    for (int64_t m0 = 0; m0 < Mp; m0 += MC) { /* rows of x in blocks that stay in L2 */
+        int64_t mc = Mp - m0 < MC ? Mp - m0 : MC;
+#pragma omp parallel
+        {
+            float *Bp = aligned_alloc(64, KC * NR * sizeof(float));
+#pragma omp for schedule(static)
+            for (int64_t n0 = 0; n0 < N; n0 += NR) {
+                for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                    int64_t kc = K - k0 < KC ? K - k0 : KC;
+                    pack_panel(kind, w, scale, scale16, minimum, G, K, n0, k0, kc, Bp);
+                    for (int64_t m = m0; m < m0 + mc; m += MR)
+                        kernel_6x16(kc, x + m * K + k0, K, Bp, y + m * N + n0, N, k0 > 0);
+                }
+                if (bias)
+                    for (int64_t m = m0; m < m0 + mc; m++)
+                        for (int64_t j = 0; j < NR; j++) y[m * N + n0 + j] += bias[n0 + j];
+            }
+            free(Bp);
         }
     }
 }
