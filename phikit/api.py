@@ -13,12 +13,28 @@ from pathlib import Path
 
 import torch
 
-from phikit.checkpoint import DEFAULT_MODEL, load_model, resolve_device, resolve_model_path, save_checkpoint
+from phikit.checkpoint import (
+    DEFAULT_MODEL,
+    DTYPES,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+    save_checkpoint,
+)
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
+from phikit.lora import load_adapter
 from phikit.model import PhiForCausalLM
-from phikit.quantize import QuantSpec, prepare_for_cpu, prepare_shells, quantizing_hook
+from phikit.quantize import (
+    QuantSpec,
+    bnb_available,
+    bnb_nf4_hook,
+    prepare_for_cpu,
+    prepare_shells,
+    quantizing_hook,
+)
 from phikit.templates import Template
 from phikit.tokenizer import Tokenizer
 
@@ -51,6 +67,7 @@ def load(
     quantize: str | QuantSpec | None = None,
     group_size: int = 64,
     progress: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> Phi:
     """Load a Phi checkpoint (local folder or Hub id) and its tokenizer.
 
@@ -70,11 +87,18 @@ def load(
         spec = saved_spec
         net = load_model(folder, dtype, target, prepare=lambda m: prepare_shells(m, saved_spec), progress=progress)
     elif spec is not None:
-        net = load_model(folder, dtype, target, on_tensor=quantizing_hook(spec, target), progress=progress)
+        if spec.format == "nf4" and target.type == "cuda" and bnb_available():
+            hook = bnb_nf4_hook(target, resolve_dtype(dtype, target))  # QLoRA's own 4-bit layers
+        else:
+            hook = quantizing_hook(spec, target)
+        net = load_model(folder, dtype, target, on_tensor=hook, progress=progress)
     else:
         net = load_model(folder, dtype, target, progress=progress)
     if target.type == "cpu":
         prepare_for_cpu(net)
+    if adapter is not None:
+        load_adapter(net, adapter)
+        net.requires_grad_(False)
     return Phi(net, Tokenizer(folder), folder, spec, time.perf_counter() - start)
 
 
@@ -86,3 +110,28 @@ def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) ->
     config["quantization_config"] = phi.quantization.to_config()
     config["torch_dtype"] = str(phi.model.dtype).removeprefix("torch.")
     return save_checkpoint(out, phi.model.state_dict(), config, phi.path, overwrite=overwrite)
+
+
+def merge_adapter(
+    model: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Fold a LoRA adapter into its base model and write a transformers checkpoint (config, safetensors
+    shards, tokenizer files) in the base checkpoint's dtype unless ``dtype`` says otherwise."""
+    from phikit.lora import merge_lora
+
+    folder = resolve_model_path(model)
+    config = PhiConfig.from_json(folder / "config.json")
+    if config.extra.get("quantization_config"):
+        raise PhikitError(f"{folder} is quantized; merge into the full-precision checkpoint it came from")
+    phi = load(folder, dtype="fp32", device="cpu", adapter=adapter, progress=progress)
+    merge_lora(phi.model)
+    target = DTYPES.get(dtype or config.torch_dtype or "float32", torch.float32)
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in phi.model.state_dict().items()}
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = str(target).removeprefix("torch.")
+    return save_checkpoint(out, state, hf, folder, overwrite=overwrite)

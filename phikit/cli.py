@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(g)
     add_quantize_args(g)
+    g.add_argument("--adapter", "-a", metavar="DIR", help="a LoRA adapter folder (ours or PEFT's), used unmerged")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -133,6 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_model_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser(
+        "finetune",
+        help="LoRA/QLoRA supervised fine-tuning from a YAML recipe",
+        description="Fine-tune with LoRA (QLoRA with quantize: nf4) from a recipe; any recipe key "
+        "can be overridden on the command line, e.g. --lr 2e-4 --max_steps 100. "
+        "Writes checkpoints, metrics.jsonl and the final PEFT-format adapter to "
+        "output_dir/adapter. Runs DDP under torchrun --nproc-per-node N.",
+        epilog="Recipes: recipes/phi2-qlora-guanaco.yaml (the reference QLoRA run), "
+        "recipes/tiny-cpu.yaml (a small CPU run).",
+    )
+    f.add_argument("--config", "-c", type=Path, help="recipe YAML (see recipes/)")
+    f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+    mg = sub.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base model and save a HF checkpoint",
+        description="Write base + adapter as one transformers checkpoint (config.json, safetensors "
+        "shards, tokenizer files) that transformers, vLLM and phikit load.",
+        epilog=EPILOG,
+    )
+    mg.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
+    mg.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL, help=f"base model folder or Hub id (default: {DEFAULT_MODEL})"
+    )
+    mg.add_argument("--adapter", "-a", required=True, help="LoRA adapter folder")
+    mg.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the base checkpoint's)"
+    )
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    mg.set_defaults(func=cmd_merge)
 
     b = sub.add_parser(
         "bench",
@@ -238,6 +272,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         quantize=args.quantize,
         group_size=args.group_size,
         progress=not args.quiet,
+        adapter=args.adapter,
     )
     if args.draft_model:
         draft = load(
@@ -374,9 +409,74 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from phikit.train import TrainConfig, finetune
+
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        overrides["resume"] = True
+    config = TrainConfig.from_yaml(args.config, overrides)
+    final = finetune(config, progress=not args.quiet)
+    print(f"adapter written to {final}", file=sys.stderr)
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """``--lr 2e-4 --lora_targets q_proj,v_proj --packing false`` -> typed recipe overrides."""
+    import dataclasses
+
+    from phikit.train import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out: dict = {}
+    i = 0
+    while i < len(tokens):
+        key = tokens[i]
+        if not key.startswith("--") or i + 1 >= len(tokens):
+            raise PhikitError(f"recipe overrides come in pairs like --lr 2e-4; got {' '.join(tokens[i:])!r}")
+        name = key[2:].replace("-", "_")
+        if name not in fields:
+            raise PhikitError(f"unknown recipe setting --{name}; known: {', '.join(fields)}")
+        out[name] = coerce(fields[name], tokens[i + 1])
+        i += 2
+    return out
+
+
+def coerce(f, text: str):
+    """A command-line string as the recipe field's type (from its default value)."""
+    default = f.default if f.default is not f.default_factory else None
+    kind = str(f.type)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    try:
+        if "list" in kind:
+            return [t.strip() for t in text.split(",") if t.strip()]
+        if "bool" in kind or isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if "float" in kind:
+            return float(text)
+        if "int" in kind:
+            return int(text)
+    except ValueError:
+        raise PhikitError(f"--{f.name}: {text!r} is not a valid {kind}") from None
+    return text
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from phikit.api import merge_adapter
+
+    start = time.perf_counter()
+    out = merge_adapter(args.model, args.adapter, args.out, args.dtype, args.overwrite, progress=True)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "finetune":
+        parser.parse_args(argv)  # reports the unknown arguments the usual way
+    args.overrides = extra
     if args.command is None:
         parser.print_help()
         return 2

@@ -408,3 +408,48 @@ def quantizing_hook(spec: QuantSpec, device: torch.device):
         return True
 
     return on_tensor
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install raises more than ImportError
+        return False
+    return True
+
+
+def bnb_nf4_hook(device: torch.device, compute_dtype: torch.dtype):
+    """``on_tensor`` hook that puts each linear layer (not lm_head, as QLoRA) into a bitsandbytes 4-bit
+    NF4 layer with double quantization: the reference tutorials' QLoRA base, for CUDA/ROCm."""
+    import bitsandbytes as bnb
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_tensor(key: str, value: torch.Tensor, model: nn.Module, dtype: torch.dtype) -> bool:
+        module_name, _, leaf = key.rpartition(".")
+        if module_name.rsplit(".", 1)[-1] not in LINEAR_NAMES or leaf not in ("weight", "bias"):
+            return False
+        linear = model.get_submodule(module_name)
+        got = pending.setdefault(module_name, {})
+        got[leaf] = value
+        if "weight" not in got or (linear.bias is not None and "bias" not in got):
+            return True
+        del pending[module_name]
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="cpu",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            got["weight"].to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        if "bias" in got:
+            layer.bias = nn.Parameter(got["bias"].to(compute_dtype), requires_grad=False)
+        _set_module(model, module_name, layer.to(device))  # moving to the GPU quantizes
+        return True
+
+    return on_tensor

@@ -1,0 +1,247 @@
+"""LoRA fine-tuning speed and memory: phikit vs transformers + peft + trl SFTTrainer, same model, data, run.
+
+    python benchmarks/bench_finetune.py [--steps 30] [--seq-len 256] [--batch-size 4] [--layers 4 --hidden 512]
+
+A small Phi-shaped model (random weights, made by transformers) is trained with the same LoRA (r=16,
+alpha=16, q/k/v/dense), the same packed sequences of the guanaco-style text in recipes/data, the same
+batch, learning rate and number of optimizer steps, fp32 on CPU. Each engine runs in its own process
+so its peak RSS is its own; tokens/s counts the tokens of the timed steps (after 3 warm-up steps).
+Prints a Markdown table and writes benchmarks/results_finetune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import WORK, copy_tokenizer, machine, markdown_table, save_json  # noqa: E402
+
+DATA = HERE.parent / "recipes" / "data" / "tiny-instructions.jsonl"
+WARMUP = 3
+
+
+def make_model(folder: Path, layers: int, hidden: int) -> Path:
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(
+        vocab_size=50304,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        partial_rotary_factor=0.4,
+        max_position_embeddings=2048,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    PhiForCausalLM(config).save_pretrained(tmp)
+    copy_tokenizer(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def texts() -> list[str]:
+    rows = [json.loads(line)["text"] for line in DATA.read_text().splitlines() if line.strip()]
+    return rows * 40  # enough packed sequences for the steps
+
+
+def run_phikit(model: Path, args) -> dict:
+    from phikit.train import TrainConfig, finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "d.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
+        config = TrainConfig(
+            model=str(model),
+            output_dir=f"{tmp}/out",
+            data=str(data),
+            data_format="text",
+            template="guanaco",
+            dtype="fp32",
+            device="cpu",
+            seq_len=args.seq_len,
+            packing=True,
+            batch_size=args.batch_size,
+            grad_accum=1,
+            lr=1e-4,
+            warmup_steps=0,
+            max_steps=args.steps + WARMUP,
+            lora_r=16,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            gradient_checkpointing=False,
+            save_every=10**9,
+            eval_every=10**9,
+        )
+        start = time.perf_counter()
+        finetune(config, progress=False)
+        rows = [json.loads(line) for line in Path(config.output_dir, "metrics.jsonl").read_text().splitlines()]
+        total = time.perf_counter() - start
+    return {"losses": [r["loss"] for r in rows if "loss" in r], "total_s": total}
+
+
+def run_trl(model: Path, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, PhiForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.pad_token = tok.eos_token
+    net = PhiForCausalLM.from_pretrained(model, dtype=torch.float32)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SFTConfig(
+            output_dir=tmp,
+            max_steps=args.steps + WARMUP,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-4,
+            warmup_steps=0,
+            packing=True,
+            max_length=args.seq_len,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            dataset_text_field="text",
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=net,
+            args=config,
+            train_dataset=Dataset.from_dict({"text": texts()}),
+            processing_class=tok,
+            callbacks=[Clock()],
+            peft_config=LoraConfig(
+                r=16,
+                lora_alpha=16,
+                lora_dropout=0.05,
+                task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "dense"],
+            ),
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"losses": losses, "step_stamps": stamps}
+
+
+def worker(engine: str, model: Path, args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if engine == "phikit":
+        import phikit.train as train
+
+        stamps: list[float] = []
+        original = train.MetricsLog.write
+
+        def timed_write(self, step, **values):  # one call per optimizer step: a timestamp per step
+            if "loss" in values:
+                stamps.append(time.perf_counter())
+            return original(self, step, **values)
+
+        train.MetricsLog.write = timed_write
+        result = run_phikit(model, args)
+        result["step_stamps"] = stamps
+    else:
+        result = run_trl(model, args)
+    stamps = result.pop("step_stamps")
+    timed = stamps[WARMUP - 1 :]
+    seconds = timed[-1] - timed[0]
+    tokens = args.steps * args.batch_size * args.seq_len
+    return {
+        "engine": engine,
+        "tokens_per_s": tokens / seconds,
+        "s_per_step": seconds / args.steps,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "first_loss": result["losses"][0],
+        "last_loss": result["losses"][-1],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=HERE / "results_finetune.json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    model = make_model(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
+    if args.worker:
+        print(json.dumps(worker(args.worker, model, args)))
+        return
+    rows = []
+    for engine in ("phikit", "trl"):
+        print(f"training with {engine} ...", file=sys.stderr, flush=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            engine,
+            "--steps",
+            str(args.steps),
+            "--seq-len",
+            str(args.seq_len),
+            "--batch-size",
+            str(args.batch_size),
+            "--layers",
+            str(args.layers),
+            "--hidden",
+            str(args.hidden),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows[0]["speedup"] = f"{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x"
+    rows[1]["engine"] = "transformers+peft+trl SFTTrainer"
+    print(
+        f"\nMachine: {machine()}\nPhi {args.layers} layers x {args.hidden}, LoRA r=16 on q/k/v/dense, fp32 CPU, "
+        f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("engine", "engine"),
+                ("tokens_per_s", "tokens/s"),
+                ("s_per_step", "s/step"),
+                ("peak_rss_gb", "peak RSS GB"),
+                ("first_loss", "first loss"),
+                ("last_loss", "last loss"),
+                ("speedup", "speed-up"),
+            ],
+        )
+    )
+    save_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

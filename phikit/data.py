@@ -1,0 +1,256 @@
+"""Fine-tuning data: read rows, render them to (prompt, response) text, tokenize, pack.
+
+Formats of a row:
+  text      {"text": "### Human: ...### Assistant: ..."}  (guanaco; turns split on the template's markers)
+  alpaca    {"instruction": ..., "input": ... (optional), "output": ...}
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+Every example ends with <|endoftext|> so the model learns to stop. Padding is also <|endoftext|> but is
+masked out of the loss, while each example's real EOS keeps its label. With ``responses_only`` the
+loss covers only what the assistant says (and its EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from phikit.errors import PhikitError
+from phikit.templates import Template, get_template
+from phikit.tokenizer import Tokenizer
+
+IGNORE = -100
+FORMATS = ("text", "alpaca", "messages")
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
+    """(where, row) for each row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset;
+    ``where`` is "file:line" (or "dataset[split]:index") for error messages."""
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl" or (path.exists() and path.suffix not in (".json", ".parquet")):
+        if not path.is_file():
+            raise PhikitError(f"{path}: data file not found")
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{number}", {"__error__": f"not valid JSON ({e.msg})"}
+                    continue
+                yield f"{path}:{number}", row
+        return
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise PhikitError(f"{path}: data file not found")
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PhikitError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(rows, dict):
+            rows = rows.get("data", rows.get(split))
+        if not isinstance(rows, list):
+            raise PhikitError(f'{path}: expected a JSON list of rows (or {{"data": [...]}})')
+        for i, row in enumerate(rows):
+            yield f"{path}[{i}]", row
+        return
+    try:
+        import datasets
+    except ImportError:
+        raise PhikitError(f"reading {source} needs the 'datasets' package: pip install datasets") from None
+    try:
+        if path.suffix == ".parquet":
+            if not path.is_file():
+                raise PhikitError(f"{path}: data file not found")
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except PhikitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for "cannot get it"
+        raise PhikitError(
+            f"cannot load dataset {source!r} split {split!r} ({str(e).splitlines()[0][:200]}); "
+            "for offline use pass a local .jsonl/.json/.parquet file"
+        ) from None
+    for i, row in enumerate(ds):
+        yield f"{source}[{split}]:{i}", row
+
+
+def render(row: dict, fmt: str, template: Template) -> list[tuple[str, bool]]:
+    """A row as text segments, each flagged True when it is the model's reply (trained on)."""
+    if not isinstance(row, dict):
+        raise ValueError("expected a JSON object")
+    if "__error__" in row:
+        raise ValueError(row["__error__"])
+    if fmt == "text":
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError('expected a non-empty string field "text"')
+        return split_turns(text, template)
+    if fmt == "alpaca":
+        instruction, output = row.get("instruction"), row.get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str):
+            raise ValueError('expected string fields "instruction" and "output"')
+        extra = row.get("input") or ""
+        prompt = instruction + (f"\n{extra}" if extra else "")
+        return [(template.render(prompt), False), (" " + output.strip(), True)]
+    if fmt == "messages":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('expected a non-empty list field "messages"')
+        segments: list[tuple[str, bool]] = []
+        system = ""
+        for m in messages:
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or m.get("role") not in ("system", "user", "assistant")
+            ):
+                raise ValueError('each message needs "role" (system, user, assistant) and string "content"')
+            if m["role"] == "system":
+                system += m["content"].strip() + "\n"
+            elif m["role"] == "user":
+                if segments and not segments[-1][1]:
+                    raise ValueError("two user messages in a row")
+                segments.append(
+                    ((template.separator if segments else "") + template.render(system + m["content"]), False)
+                )
+                system = ""
+            else:
+                if not segments or segments[-1][1]:
+                    raise ValueError("an assistant message must follow a user message")
+                segments.append((" " + m["content"].strip(), True))
+        if not segments[-1][1]:
+            raise ValueError("the last message must be the assistant's")
+        return segments
+    raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def split_turns(text: str, template: Template) -> list[tuple[str, bool]]:
+    """Split guanaco-style text into user parts and assistant replies using the template's markers:
+    the text after each assistant marker (up to the next user marker) is a reply."""
+    user_marker, _, assistant_marker = template.prompt.partition("{prompt}")
+    user_marker, assistant_marker = user_marker.strip(), assistant_marker.strip()
+    if not assistant_marker or assistant_marker not in text:
+        return [(text, True)]  # plain text: all of it is trained on
+    segments: list[tuple[str, bool]] = []
+    rest = text
+    while rest:
+        cut = rest.find(assistant_marker)
+        if cut < 0:
+            segments.append((rest, False))
+            break
+        segments.append((rest[: cut + len(assistant_marker)], False))
+        rest = rest[cut + len(assistant_marker) :]
+        end = rest.find(user_marker) if user_marker else -1
+        reply, rest = (rest, "") if end < 0 else (rest[:end], rest[end:])
+        segments.append((reply, True))
+    return segments
+
+
+def encode(segments: list[tuple[str, bool]], tokenizer: Tokenizer, responses_only: bool) -> Example:
+    """Token ids with <|endoftext|> appended, and labels (IGNORE where not trained on)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_reply in segments:
+        part = tokenizer.encode(text)
+        ids += part
+        labels += part if (is_reply or not responses_only) else [IGNORE] * len(part)
+    return Example(ids + [tokenizer.eos_id], labels + [tokenizer.eos_id])
+
+
+def load_examples(
+    source: str,
+    tokenizer: Tokenizer,
+    fmt: str = "text",
+    template: str | Template = "guanaco",
+    split: str = "train",
+    responses_only: bool = False,
+    skip_bad_rows: bool = False,
+    limit: int | None = None,
+) -> tuple[list[Example], int]:
+    """Tokenized examples of a data source and the number of malformed rows skipped.
+
+    A malformed row raises a PhikitError naming file and line, unless ``skip_bad_rows``."""
+    if fmt not in FORMATS:
+        raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    template = get_template(template)
+    examples, skipped = [], 0
+    for where, row in read_rows(source, split):
+        try:
+            segments = render(row, fmt, template)
+        except ValueError as e:
+            if skip_bad_rows:
+                skipped += 1
+                continue
+            raise PhikitError(f"{where}: {e} (format {fmt}); fix the row or set skip_bad_rows") from None
+        examples.append(encode(segments, tokenizer, responses_only))
+        if limit and len(examples) >= limit:
+            break
+    if not examples:
+        raise PhikitError(f"{source}: no usable rows ({skipped} malformed)")
+    return examples, skipped
+
+
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> list[Example]:
+    """Concatenate examples (each already ending with EOS) into sequences of exactly ``seq_len``;
+    the last, shorter one is padded (padding masked out of the loss)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        ids += e.ids
+        labels += e.labels
+    packed = [Example(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
+    last = packed[-1]
+    if len(last.ids) < seq_len:
+        short = seq_len - len(last.ids)
+        packed[-1] = Example(last.ids + [pad_id] * short, last.labels + [IGNORE] * short)
+    return packed
+
+
+def truncate_examples(examples: list[Example], seq_len: int) -> list[Example]:
+    return [Example(e.ids[:seq_len], e.labels[:seq_len]) for e in examples]
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch with EOS; padding gets IGNORE labels, real EOS tokens keep theirs."""
+    longest = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+    return ids, labels
+
+
+def epoch_batches(
+    examples: list[Example], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[Example]]:
+    """This rank's batches of one epoch, shuffled by (seed, epoch) so a resumed run sees the same order."""
+    order = list(range(len(examples)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    batches = [[examples[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
+    usable = len(batches) - len(batches) % world if world > 1 else len(batches)
+    return batches[rank:usable:world]
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the examples (deterministically) for evaluation."""
+    if not 0 < fraction < 1:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]

@@ -1,0 +1,445 @@
+"""LoRA / QLoRA supervised fine-tuning: one training loop driven by a YAML recipe.
+
+Checkpoints (adapter + optimizer, scheduler, loss-scaler and RNG states + data position) are written
+atomically every ``save_every`` steps; ``resume`` continues from the newest one to the same result as an
+uninterrupted run, because the data order depends only on (seed, epoch) and the RNG states are restored.
+Under ``torchrun --nproc-per-node N`` the same loop runs DDP (gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from phikit.errors import PhikitError
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning recipe. Field names are the YAML keys (and ``--key value`` CLI overrides)."""
+
+    model: str = "microsoft/phi-2"
+    output_dir: str = "runs/finetune"
+    data: str = "timdettmers/openassistant-guanaco"
+    data_format: str = "text"  # text | alpaca | messages
+    template: str = "guanaco"
+    split: str = "train"
+    eval_data: str | None = None  # a file or dataset; with a Hub dataset, eval_split picks its split
+    eval_split: str | None = None
+    eval_fraction: float = 0.0  # hold this much of the training data out when there is no eval data
+    responses_only: bool = False
+    skip_bad_rows: bool = False
+    max_examples: int | None = None
+    seq_len: int = 1024
+    packing: bool = True
+    dtype: str = "auto"  # compute dtype of the frozen base: bf16, fp16 (with loss scaling), fp32
+    device: str = "auto"
+    quantize: str | None = None  # nf4 (QLoRA: bitsandbytes on CUDA, our NF4 on CPU), int8, int4
+    lora_r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"])
+    batch_size: int = 1
+    grad_accum: int = 12
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 100
+    epochs: float = 3
+    max_steps: int | None = None
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes, CUDA)
+    gradient_checkpointing: bool = True
+    eval_every: int = 50
+    save_every: int = 50
+    save_total_limit: int = 2
+    log_every: int = 1
+    seed: int = 42
+    resume: bool = False
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+        raw: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise PhikitError(f"{path}: recipe not found")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise PhikitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(raw, dict):
+                raise PhikitError(f"{path}: expected a mapping of settings")
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(names))
+        if unknown:
+            raise PhikitError(
+                f"{path or 'overrides'}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}"
+            )
+        config = cls(**raw)
+        config.validate(str(path or "config"))
+        return config
+
+    def validate(self, source: str) -> None:
+        checks = [
+            (self.seq_len >= 8, "seq_len must be at least 8"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
+            (
+                self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+                "optimizer must be adamw, adamw_8bit or paged_adamw_8bit",
+            ),
+            (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32"),
+            (self.quantize in (None, "nf4", "int8", "int4"), "quantize must be nf4, int8, int4 or empty"),
+            (self.epochs > 0 or self.max_steps, "set epochs > 0 or max_steps"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PhikitError(f"{source}: {message}")
+
+
+# ---- distributed helpers ----
+
+
+def _world() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _setup_distributed(device: torch.device) -> None:
+    if _world()[1] > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+# ---- pieces of the loop ----
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        if config.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1 - progress)
+
+    return factor
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if device.type != "cuda":
+        raise PhikitError(f"optimizer {config.optimizer} needs bitsandbytes on a CUDA GPU; use adamw on CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labelled positions (and their count)."""
+    logits = model(ids)
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return loss, int((targets != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, pad_id: int, device: torch.device, autocast) -> float:
+    from phikit.data import collate
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        ids, labels = (t.to(device) for t in collate(batch, pad_id))
+        with autocast():
+            loss, n = causal_lm_loss(model, ids, labels)
+        total += loss.item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, scheduler, scaler, cursor: dict, config: TrainConfig, limit: int
+) -> Path:
+    """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed."""
+    from phikit.lora import save_adapter
+
+    final = out / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-"))
+    try:
+        save_adapter(model, tmp, base_model=config.model)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(),
+                "cursor": cursor,
+                "config": dataclasses.asdict(config),
+            },
+            tmp / "trainer_state.pt",
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(out)[:-limit] if limit > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class MetricsLog:
+    """metrics.jsonl, plus TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---- the loop ----
+
+
+def finetune(config: TrainConfig, progress: bool = True) -> Path:
+    """Run a fine-tuning recipe; returns the folder of the final adapter (``output_dir/adapter``)."""
+    from phikit.api import load
+    from phikit.checkpoint import resolve_device
+    from phikit.data import collate, epoch_batches, load_examples, pack_examples, split_eval, truncate_examples
+    from phikit.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, trainable_parameters
+
+    rank, world, local_rank = _world()
+    device = resolve_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    _setup_distributed(device)
+    main_process = rank == 0
+    out = Path(config.output_dir)
+    existing = checkpoints(out) if out.exists() else []
+    if main_process and out.exists() and not config.resume and (existing or (out / "adapter").exists()):
+        raise PhikitError(f"{out} already holds a run; pass --resume to continue it or choose another output_dir")
+    if config.resume and not existing:
+        raise PhikitError(f"--resume: no checkpoint-* folder in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, list(config.lora_targets))
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    phi = load(config.model, dtype=dtype, device=device, quantize=config.quantize, progress=main_process and progress)
+    model, tokenizer = phi.model, phi.tokenizer
+    if config.resume:
+        load_adapter(model, existing[-1])
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name)
+    else:
+        inject_lora(model, lora_config)
+    model.model.gradient_checkpointing = config.gradient_checkpointing
+    model.train()
+
+    examples, skipped = load_examples(
+        config.data,
+        tokenizer,
+        config.data_format,
+        config.template,
+        config.split,
+        config.responses_only,
+        config.skip_bad_rows,
+        config.max_examples,
+    )
+    if config.eval_data or config.eval_split:
+        eval_examples, _ = load_examples(
+            config.eval_data or config.data,
+            tokenizer,
+            config.data_format,
+            config.template,
+            config.eval_split or "test",
+            config.responses_only,
+            config.skip_bad_rows,
+        )
+    else:
+        examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+    shape = (
+        (lambda ex: pack_examples(ex, config.seq_len, tokenizer.pad_id))
+        if config.packing
+        else (lambda ex: truncate_examples(ex, config.seq_len))
+    )
+    train_set, eval_set = shape(examples), shape(eval_examples) if eval_examples else []
+    eval_batches = [eval_set[i : i + config.batch_size] for i in range(0, len(eval_set), config.batch_size)]
+    per_epoch = len(epoch_batches(train_set, config.batch_size, config.seed, 0, rank, world)) // config.grad_accum
+    if per_epoch == 0:
+        raise PhikitError(
+            f"{config.data}: too little data for one optimizer step "
+            f"({len(train_set)} sequences, batch {config.batch_size} x grad_accum {config.grad_accum})"
+        )
+    total_steps = config.max_steps or math.ceil(per_epoch * config.epochs)
+
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(config, params, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    fp16 = dtype == "fp16"
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and device.type == "cuda")
+
+    step, cursor = 0, {"epoch": 0, "batch": 0}
+    if config.resume:
+        state = torch.load(existing[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        step, cursor = state["step"], state["cursor"]
+        _set_rng_state(state["rng"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    log = MetricsLog(out, main_process)
+    if main_process and skipped:
+        print(f"skipped {skipped} malformed row(s) of {config.data}")
+    bar = tqdm(
+        total=total_steps, initial=step, desc="fine-tuning", unit="step", disable=not (main_process and progress)
+    )
+    batches = epoch_batches(train_set, config.batch_size, config.seed, cursor["epoch"], rank, world)
+    tokens_seen, started = 0, time.perf_counter()
+    while step < total_steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            if cursor["batch"] >= len(batches):
+                cursor = {"epoch": cursor["epoch"] + 1, "batch": 0}
+                batches = epoch_batches(train_set, config.batch_size, config.seed, cursor["epoch"], rank, world)
+            ids, labels = (t.to(device) for t in collate(batches[cursor["batch"]], tokenizer.pad_id))
+            cursor["batch"] += 1
+            sync = world == 1 or micro == config.grad_accum - 1
+            context = net.no_sync() if not sync and world > 1 else contextlib.nullcontext()
+            with context:
+                with autocast():
+                    loss, n = causal_lm_loss(net, ids, labels)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    last = checkpoints(out)
+                    raise PhikitError(
+                        f"loss became {loss.item()} at step {step + 1}; lower lr"
+                        f"{' or use bf16 instead of fp16' if fp16 else ''}; last checkpoint: "
+                        f"{last[-1] if last else 'none'}"
+                    )
+                scaled = loss / config.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += loss.item() / config.grad_accum
+            tokens_seen += int(ids.numel())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        elapsed = time.perf_counter() - started
+        rate = tokens_seen * world / elapsed if elapsed > 0 else 0.0
+        lr = scheduler.get_last_lr()[0]
+        bar.update()
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+        if step % config.log_every == 0 or step == total_steps:
+            log.write(
+                step,
+                loss=loss_sum,
+                lr=lr,
+                tokens_per_s=rate,
+                grad_norm=float(grad_norm) if grad_norm is not None else None,
+                epoch=cursor["epoch"],
+            )
+        if eval_batches and (step % config.eval_every == 0 or step == total_steps):
+            eval_loss = evaluate_loss(model, eval_batches, tokenizer.pad_id, device, autocast)
+            log.write(step, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+            bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+        if main_process and (step % config.save_every == 0 or step == total_steps) and step < total_steps:
+            save_checkpoint(
+                out, step, model, optimizer, scheduler, scaler, dict(cursor), config, config.save_total_limit
+            )
+        if world > 1:
+            torch.distributed.barrier()
+    bar.close()
+    log.close()
+    final = out / "adapter"
+    if main_process:
+        tmp = out / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp, base_model=config.model)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final

@@ -1,0 +1,124 @@
+"""Fine-tuning data: formats, EOS and padding labels, response-only masking, packing, malformed rows."""
+
+import json
+
+import pytest
+
+from phikit.data import (
+    IGNORE,
+    collate,
+    epoch_batches,
+    load_examples,
+    pack_examples,
+    read_rows,
+    render,
+    split_turns,
+)
+from phikit.errors import PhikitError
+from phikit.templates import get_template
+from phikit.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return Tokenizer(tokenizer_dir)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_guanaco_text_splits_into_turns():
+    text = "### Human: Hi there### Assistant: Hello! How can I help?### Human: Bye### Assistant: Goodbye."
+    segments = split_turns(text, get_template("guanaco"))
+    assert "".join(s for s, _ in segments) == text
+    assert [s for s, reply in segments if reply] == [" Hello! How can I help?", " Goodbye."]
+
+
+def test_every_example_ends_with_a_labelled_eos_and_responses_only_masks_prompts(tok, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "### Human: 2+2?### Assistant: 4."}])
+    full, _ = load_examples(str(data), tok, "text", "guanaco")
+    masked, _ = load_examples(str(data), tok, "text", "guanaco", responses_only=True)
+    for e in (full[0], masked[0]):
+        assert e.ids[-1] == tok.eos_id and e.labels[-1] == tok.eos_id
+    assert full[0].labels == full[0].ids
+    trained = [t for t in masked[0].labels if t != IGNORE]
+    assert tok.decode(trained) == " 4.<|endoftext|>"
+    assert tok.decode(masked[0].ids) == "### Human: 2+2?### Assistant: 4.<|endoftext|>"
+
+
+def test_alpaca_and_messages_formats(tok):
+    instruct = get_template("instruct")
+    alpaca = render({"instruction": "Add", "input": "2 and 3", "output": "5"}, "alpaca", instruct)
+    assert "".join(s for s, _ in alpaca) == "Instruct: Add\n2 and 3\nOutput: 5"
+    chat = render(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye!"},
+            ]
+        },
+        "messages",
+        get_template("guanaco"),
+    )
+    expected = "### Human: Be brief.\nHi### Assistant: Hello### Human: Bye### Assistant: Bye!"
+    assert "".join(s for s, _ in chat) == expected
+    assert [s for s, reply in chat if reply] == [" Hello", " Bye!"]
+
+
+def test_padding_is_masked_but_the_real_eos_is_not(tok, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "short"}, {"text": "a much longer example text here"}])
+    examples, _ = load_examples(str(data), tok, "text", "raw")
+    ids, labels = collate(examples, tok.pad_id)
+    short = len(examples[0].ids)
+    assert labels[0, short - 1] == tok.eos_id  # its own EOS is trained on
+    assert (ids[0, short:] == tok.pad_id).all() and (labels[0, short:] == IGNORE).all()
+
+
+def test_packing_fills_sequences_and_keeps_labels_aligned(tok, tmp_path):
+    rows = [{"text": f"### Human: question {i}### Assistant: answer {i}"} for i in range(20)]
+    examples, _ = load_examples(
+        str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "text", "guanaco", responses_only=True
+    )
+    packed = pack_examples(examples, 32, tok.pad_id)
+    assert all(len(p.ids) == 32 == len(p.labels) for p in packed)
+    flat = [t for p in packed for t in p.ids]
+    total = sum(len(e.ids) for e in examples)
+    assert flat[:total] == [t for e in examples for t in e.ids]
+    assert sum(t == tok.eos_id for t in flat[:total]) == 20
+
+
+def test_malformed_rows_name_file_and_line_or_are_counted(tok, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, "{broken json", {"txt": "wrong field"}, {"text": "ok"}])
+    with pytest.raises(PhikitError, match=r"d\.jsonl:2: not valid JSON"):
+        load_examples(str(data), tok, "text", "raw")
+    examples, skipped = load_examples(str(data), tok, "text", "raw", skip_bad_rows=True)
+    assert (len(examples), skipped) == (2, 2)
+    bad = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x"}])
+    with pytest.raises(PhikitError, match=r"a\.jsonl:1: expected string fields"):
+        load_examples(str(bad), tok, "alpaca", "instruct")
+    with pytest.raises(PhikitError, match="data file not found"):
+        list(read_rows(str(tmp_path / "missing.jsonl")))
+
+
+def test_json_and_parquet_files(tok, tmp_path):
+    rows = [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert [r for _, r in read_rows(str(tmp_path / "d.json"))] == rows
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    examples, _ = load_examples(str(tmp_path / "d.parquet"), tok, "text", "raw")
+    assert [tok.decode(e.ids) for e in examples] == ["one<|endoftext|>", "two<|endoftext|>"]
+
+
+def test_epoch_order_is_reproducible_and_ranks_split_it(tok, tmp_path):
+    rows = [{"text": f"row {i}"} for i in range(10)]
+    examples, _ = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "text", "raw")
+    a = epoch_batches(examples, 2, seed=1, epoch=3)
+    assert [e.ids for b in a for e in b] == [e.ids for b in epoch_batches(examples, 2, seed=1, epoch=3) for e in b]
+    r0, r1 = epoch_batches(examples, 2, 1, 3, rank=0, world=2), epoch_batches(examples, 2, 1, 3, rank=1, world=2)
+    assert len(r0) == len(r1) == 2 and r0 + r1 != a[:4]

@@ -1,0 +1,172 @@
+"""Fine-tuning end to end on a tiny model: it learns to answer and stop, resumes exactly after a kill,
+runs under torchrun with two processes, and reports recipe mistakes clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import phikit
+from phikit.errors import PhikitError
+from phikit.train import TrainConfig, checkpoints, finetune
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
+
+
+def recipe(tiny_folder, out, **overrides):
+    return TrainConfig.from_yaml(
+        RECIPE,
+        {
+            "model": str(tiny_folder),
+            "output_dir": str(out),
+            "data": str(REPO / "recipes/data/tiny-instructions.jsonl"),
+            **overrides,
+        },
+    )
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_recipe_learns_to_stop(tiny, tmp_path):
+    folder, _ = tiny
+    adapter = finetune(recipe(folder, tmp_path / "run"), progress=False)
+    rows = metrics(tmp_path / "run")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert any("eval_loss" in r for r in rows)
+    tuned = phikit.load(folder, dtype="fp32", device="cpu", adapter=adapter)
+    base = phikit.load(folder, dtype="fp32", device="cpu")
+    for question in ("What is the capital of France?", "What is 5 plus 3?", "Say the word red."):
+        prompt = f"### Human: {question}### Assistant:"  # raw template: only <|endoftext|> can stop it
+        short = tuned.generate(prompt, max_new_tokens=24)
+        assert short.finish_reason == "stop" and len(short.token_ids) <= 6, short
+        assert base.generate(prompt, max_new_tokens=24).finish_reason == "length"
+
+
+def _adapter_weights(folder):
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
+    folder, _ = tiny
+    settings = {"max_steps": 120, "save_every": 10, "eval_every": 1000, "batch_size": 4, "lora_dropout": 0.1}
+    straight = finetune(recipe(folder, tmp_path / "straight", **settings), progress=False)
+
+    out = tmp_path / "killed"
+    args = [
+        sys.executable,
+        "-m",
+        "phikit",
+        "finetune",
+        "--config",
+        str(RECIPE),
+        "-q",
+        "--model",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--data",
+        str(REPO / "recipes/data/tiny-instructions.jsonl"),
+    ]
+    for k, v in settings.items():
+        args += [f"--{k}", str(v)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not checkpoints(out):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints(out), proc.stderr.read().decode()[-2000:]
+    assert not (out / "adapter").exists(), "the run finished before it could be killed"
+    resumed = finetune(recipe(folder, out, resume=True, **settings), progress=False)
+    a, b = _adapter_weights(straight), _adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_under_torchrun(tiny, tmp_path):
+    folder, _ = tiny
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "phikit",
+        "finetune",
+        "--config",
+        str(RECIPE),
+        "-q",
+        "--model",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--data",
+        str(REPO / "recipes/data/tiny-instructions.jsonl"),
+        "--max_steps",
+        "30",
+        "--batch_size",
+        "4",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_recipe_mistakes_are_clear(tiny, tmp_path):
+    folder, _ = tiny
+    with pytest.raises(PhikitError, match="unknown setting.*learning_rate"):
+        recipe(folder, tmp_path, learning_rate=0.1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [unclosed")
+    with pytest.raises(PhikitError, match="not valid YAML"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(PhikitError, match="scheduler must be"):
+        recipe(folder, tmp_path, scheduler="exp")
+    with pytest.raises(PhikitError, match="no checkpoint"):
+        finetune(recipe(folder, tmp_path / "none", resume=True), progress=False)
+
+
+def test_diverging_loss_stops_with_a_clear_error(tiny, tmp_path):
+    folder, _ = tiny
+    with pytest.raises(PhikitError, match="loss became"):
+        finetune(recipe(folder, tmp_path / "nan", lr=1e9, warmup_steps=0, max_steps=20), progress=False)
+
+
+def test_cli_overrides_are_typed(tmp_path):
+    from phikit.cli import parse_overrides
+
+    assert parse_overrides(
+        [
+            "--lr",
+            "2e-4",
+            "--packing",
+            "false",
+            "--lora_targets",
+            "q_proj,v_proj",
+            "--max_steps",
+            "7",
+            "--quantize",
+            "none",
+        ]
+    ) == {"lr": 2e-4, "packing": False, "lora_targets": ["q_proj", "v_proj"], "max_steps": 7, "quantize": None}
+    with pytest.raises(PhikitError, match="--max_steps"):
+        parse_overrides(["--max_steps", "many"])
