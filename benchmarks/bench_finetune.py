@@ -1,6 +1,6 @@
 """LoRA fine-tuning speed and memory: phikit vs transformers + peft + trl SFTTrainer, same model, data, run.
 
-    python benchmarks/bench_finetune.py [--steps 30] [--seq-len 256] [--batch-size 4] [--layers 4 --hidden 512]
+    python benchmarks/bench_finetune.py [--steps 30] [--seq-len 256] [--batch-size 4] [--layers 4 --hidden 640]
 
 A small Phi-shaped model (random weights, made by transformers) is trained with the same LoRA (r=16,
 alpha=16, q/k/v/dense), the same packed sequences of the guanaco-style text in recipes/data, the same
@@ -41,7 +41,7 @@ def make_model(folder: Path, layers: int, hidden: int) -> Path:
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
+        num_attention_heads=hidden // 80,
         partial_rotary_factor=0.4,
         max_position_embeddings=2048,
         bos_token_id=50256,
@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=640)
     ap.add_argument("--out", type=Path, default=HERE / "results_finetune.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -168,6 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     mg.set_defaults(func=cmd_merge)
 
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve /v1/completions and /v1/chat/completions (streaming too), /v1/models "
+        "and /health. Concurrent requests are decoded together (continuous batching).",
+        epilog=EPILOG,
+    )
+    add_model_args(sv)
+    add_quantize_args(sv)
+    sv.add_argument("--adapter", "-a", metavar="DIR", help="a LoRA adapter folder, used unmerged")
+    sv.add_argument("--template", "-t", default="guanaco", help="how chat messages are rendered (default guanaco)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    sv.add_argument("--model-name", help="model id reported and accepted by the API (default: from --model)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 503 (default 64)")
+    sv.add_argument("--timeout", type=float, default=600, help="seconds a request may take (default 600)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none (default 256)")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat in the terminal (streaming, history, /reset, /exit)",
+        description="A terminal conversation; the history is kept within the context window.",
+        epilog=EPILOG,
+    )
+    add_model_args(ch)
+    add_quantize_args(ch)
+    ch.add_argument("--adapter", "-a", metavar="DIR", help="a LoRA adapter folder, used unmerged")
+    ch.add_argument("--template", "-t", default="guanaco", help="prompt template of the turns (default guanaco)")
+    ch.add_argument("--max-new-tokens", "-n", type=int, default=256, help="reply length limit (default 256)")
+    ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; default 0.7)")
+    ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    ch.add_argument("--seed", type=int, help="random seed")
+    ch.set_defaults(func=cmd_chat)
+
     b = sub.add_parser(
         "bench",
         help="measure prefill/decode speed, first-token latency, load time and memory",
@@ -469,6 +506,65 @@ def cmd_merge(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = merge_adapter(args.model, args.adapter, args.out, args.dtype, args.overwrite, progress=True)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from phikit.api import load
+    from phikit.serve import create_app, serve
+    from phikit.templates import get_template
+
+    get_template(args.template)
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise PhikitError("--max-batch and --max-queue must be at least 1")
+    phi = load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        adapter=args.adapter,
+        progress=True,
+    )
+    name = args.model_name or Path(str(args.model)).name
+    app = create_app(
+        phi.model,
+        phi.tokenizer,
+        name,
+        args.template,
+        args.max_batch,
+        args.max_queue,
+        args.timeout,
+        args.api_key,
+        args.max_tokens,
+    )
+    cache = app.state.engine.cache
+    gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
+    print(
+        f"serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB)",
+        file=sys.stderr,
+    )
+    serve(app, args.host, args.port)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from phikit.api import load
+    from phikit.chat import chat
+    from phikit.generate import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    config.validate()
+    phi = load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        adapter=args.adapter,
+        progress=True,
+    )
+    chat(phi, args.template, config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,10 @@ class PhiAttention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if kv is not None and t == 1 and mask is None and _fused_decode_ok(q, kv[0]):
             cos1, sin1 = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
-            pos = torch.full((b,), start, dtype=torch.long)
+            if isinstance(start, torch.Tensor):
+                pos = start.to(torch.long).expand(b).contiguous()
+            else:
+                pos = torch.full((b,), start, dtype=torch.long)
             y = kernels.attention_decode(
                 q[:, :, 0].contiguous(),
                 k[:, :, 0].contiguous(),
@@ -128,10 +131,14 @@ class PhiAttention(nn.Module):
             )
             return self.dense(y.view(b, 1, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(start, torch.Tensor):  # static shapes for torch.compile: whole cache, masked
-            slots = start + torch.arange(t, device=x.device)
-            kv[0].index_copy_(2, slots, k)
-            kv[1].index_copy_(2, slots, v)
+        if isinstance(start, torch.Tensor):
+            # one new token per row at its own slot (continuous batching; compiled decoding with a (1,)
+            # slot): static shapes, whole cache attended under a mask
+            rows, slots = torch.arange(b, device=x.device), start.expand(b)
+            kv[0][rows, :, slots] = k[:, :, 0]
+            kv[1][rows, :, slots] = v[:, :, 0]
+            if mask is None:
+                mask = torch.arange(kv[0].shape[2], device=x.device) <= slots.view(-1, 1, 1, 1)
             y = attention(q, kv[0], kv[1], mask, causal=False)
             return self.dense(y.transpose(1, 2).reshape(b, t, -1))
         if kv is not None:
@@ -205,7 +212,8 @@ class PhiModel(nn.Module):
         if self.training:
             x = self.embed_dropout(x)
         if positions is None:
-            positions = (start + torch.arange(t, device=x.device)).expand(b, t)
+            first = start.view(-1, 1) if isinstance(start, torch.Tensor) else start
+            positions = (first + torch.arange(t, device=x.device)).expand(b, t)
         cos, sin = rope_tables(self.config, positions, x.dtype)
         mask = build_mask(t, start, padding_mask, x.device, cache.max_length if cache is not None else 0)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -227,14 +235,14 @@ def build_mask(
     A tensor ``start`` (compiled decoding) masks over the whole cache, so shapes never change.
     """
     static = isinstance(start, torch.Tensor)
-    if not static and padding_mask is None and (t == 1 or start == 0):
+    if padding_mask is None and (static or t == 1 or start == 0):
         return None  # one new token sees every cached key; a fresh prompt is plain causal
     keys = torch.arange(cache_length if static else start + t, device=device)
-    queries = start + torch.arange(t, device=device)
-    mask = keys[None, :] <= queries[:, None]  # (seq, keys)
+    first = start.view(-1, 1) if static else start
+    queries = first + torch.arange(t, device=device)  # (seq,) or, per row, (batch, seq)
+    mask = keys <= queries[..., None]  # (seq, keys) or (batch, seq, keys)
     if padding_mask is not None:
-        mask = mask & padding_mask[:, None, : keys.numel()]
-        mask = mask | (keys[None, :] == queries[:, None])
+        mask = (mask & padding_mask[:, None, : keys.numel()]) | (keys == queries[..., None])
         return mask[:, None]
     return mask[None, None]
 

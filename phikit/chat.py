@@ -1,0 +1,67 @@
+"""``phikit chat``: a terminal conversation with streaming replies and a history kept within the context."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from phikit.generate import GenerationConfig, generate
+from phikit.templates import Template, get_template
+
+HELP = "Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits."
+
+
+def fit_history(
+    history: list[tuple[str, str]], user: str, template: Template, count_tokens: Callable[[str], int], budget: int
+) -> list[tuple[str, str]]:
+    """Drop the oldest turns until the rendered prompt fits ``budget`` tokens."""
+    turns = list(history)
+    while turns and count_tokens(template.render_chat(turns, user)) > budget:
+        turns.pop(0)
+    return turns
+
+
+def chat(
+    phi,
+    template: str | Template = "guanaco",
+    config: GenerationConfig | None = None,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
+) -> list[tuple[str, str]]:
+    """Read user turns with ``read`` until /exit or end of input, stream each reply to ``out``; returns the
+    history. Old turns are dropped when the conversation no longer fits the context window."""
+    template = get_template(template)
+    config = config or GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.9)
+    context = phi.model.config.max_position_embeddings
+    history: list[tuple[str, str]] = []
+    print(HELP, file=out)
+    while True:
+        try:
+            user = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return history
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            return history
+        if user == "/reset":
+            history = []
+            print("(conversation reset)", file=out)
+            continue
+        budget = context - config.max_new_tokens
+        history = fit_history(history, user, template, lambda text: len(phi.tokenizer.encode(text)), budget)
+        prompt = template.render_chat(history, user)
+        out.write("phi> ")
+        out.flush()
+
+        def show(_index: int, piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        reply = generate(
+            phi.model, phi.tokenizer, prompt, config, "raw", on_text=show, truncate=True, stop=template.stop
+        )
+        out.write("\n")
+        history.append((user, reply.text.strip()))
