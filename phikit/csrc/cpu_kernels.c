@@ -85,12 +85,31 @@ static inline __m256 load_i8(const int8_t *p) {
                     int mb = M - m0 < 4 ? (int)(M - m0) : 4;                                        \
                     __m256 a[4], b[4];                                                              \
                     for (int i = 0; i < 4; i++) a[i] = b[i] = _mm256_setzero_ps();                  \
-                    for (int64_t k = 0; k < K; k += 16) {                                           \
-                        __m256 wl = LOAD(wr + k), wh = LOAD(wr + k + 8);                            \
-                        for (int i = 0; i < mb; i++) {                                              \
-                            const float *xr = x + (m0 + i) * K + k;                                 \
-                            a[i] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xr), a[i]);                  \
-                            b[i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xr + 8), b[i]);              \
+                    const float *x0 = x + m0 * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;           \
+                    if (mb == 4) { /* unrolled so the 8 accumulators stay in registers */           \
+                        __m256 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                           \
+                        __m256 b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];                           \
+                        for (int64_t k = 0; k < K; k += 16) {                                       \
+                            __m256 wl = LOAD(wr + k), wh = LOAD(wr + k + 8);                        \
+                            a0 = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x0 + k), a0);                  \
+                            b0 = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x0 + k + 8), b0);              \
+                            a1 = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x1 + k), a1);                  \
+                            b1 = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x1 + k + 8), b1);              \
+                            a2 = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x2 + k), a2);                  \
+                            b2 = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x2 + k + 8), b2);              \
+                            a3 = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x3 + k), a3);                  \
+                            b3 = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x3 + k + 8), b3);              \
+                        }                                                                           \
+                        a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;                                 \
+                        b[0] = b0, b[1] = b1, b[2] = b2, b[3] = b3;                                 \
+                    } else {                                                                        \
+                        for (int64_t k = 0; k < K; k += 16) {                                       \
+                            __m256 wl = LOAD(wr + k), wh = LOAD(wr + k + 8);                        \
+                            for (int i = 0; i < mb; i++) {                                          \
+                                const float *xr = x + (m0 + i) * K + k;                             \
+                                a[i] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xr), a[i]);              \
+                                b[i] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xr + 8), b[i]);          \
+                            }                                                                       \
                         }                                                                           \
                     }                                                                               \
                     for (int i = 0; i < mb; i++)                                                    \
@@ -399,11 +418,12 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 static void pack_panel(int kind, const void *w, const float *scale, const uint16_t *scale16,
                        const uint16_t *minimum, int64_t G, int64_t K, int64_t n0, int64_t k0, int64_t kc,
                        float *Bp) {
-    float row[KC];
+    float rows[NR][KC];
     for (int64_t j = 0; j < NR; j++) {
         int64_t n = n0 + j;
+        float *row = rows[j];
         switch (kind) {
-        case KIND_F32: memcpy(row, (const float *)w + n * K + k0, kc * sizeof(float)); break;
+        case KIND_F32: memcpy(row, (const float *)w + n * K + k0, (size_t)kc * sizeof(float)); break;
         case KIND_BF16:
             for (int64_t k = 0; k < kc; k += 8) _mm256_storeu_ps(row + k, load_bf16((const uint16_t *)w + n * K + k0 + k));
             break;
@@ -436,7 +456,25 @@ static void pack_panel(int kind, const void *w, const float *scale, const uint16
             }
         }
         }
-        for (int64_t k = 0; k < kc; k++) Bp[k * NR + j] = row[k];
+    }
+    /* transpose 8 x 8 blocks: Bp[k][j] = rows[j][k] */
+    for (int64_t j0 = 0; j0 < NR; j0 += 8) {
+        for (int64_t k = 0; k < kc; k += 8) {
+            __m256 r[8], t[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[j0 + i] + k);
+            t[0] = _mm256_unpacklo_ps(r[0], r[1]); t[1] = _mm256_unpackhi_ps(r[0], r[1]);
+            t[2] = _mm256_unpacklo_ps(r[2], r[3]); t[3] = _mm256_unpackhi_ps(r[2], r[3]);
+            t[4] = _mm256_unpacklo_ps(r[4], r[5]); t[5] = _mm256_unpackhi_ps(r[4], r[5]);
+            t[6] = _mm256_unpacklo_ps(r[6], r[7]); t[7] = _mm256_unpackhi_ps(r[6], r[7]);
+            r[0] = _mm256_shuffle_ps(t[0], t[2], 0x44); r[1] = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+            r[2] = _mm256_shuffle_ps(t[1], t[3], 0x44); r[3] = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+            r[4] = _mm256_shuffle_ps(t[4], t[6], 0x44); r[5] = _mm256_shuffle_ps(t[4], t[6], 0xEE);
+            r[6] = _mm256_shuffle_ps(t[5], t[7], 0x44); r[7] = _mm256_shuffle_ps(t[5], t[7], 0xEE);
+            for (int i = 0; i < 4; i++) {
+                _mm256_storeu_ps(Bp + (k + i) * NR + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+                _mm256_storeu_ps(Bp + (k + i + 4) * NR + j0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+            }
+        }
     }
 }
 

@@ -1,0 +1,127 @@
+"""Aggregate serving throughput with 1, 4 and 16 concurrent clients: continuous batching vs one at a time.
+
+    python benchmarks/bench_serve.py [--layers 8 --hidden 1280] [--clients 1,4,16] [--max-tokens 64]
+
+A small Phi-shaped model (random weights, made by transformers) is served by phikit's real server on a
+loopback port; each client thread sends --requests-per-client completions back to back (greedy, fixed
+max_tokens) through the openai client. Aggregate tokens/s = completion tokens of all clients / wall time.
+"One at a time" is the same server with --max-batch 1 (requests queue and run one after another).
+Prints a Markdown table and writes benchmarks/results_serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from common import WORK, copy_tokenizer, machine, markdown_table, save_json  # noqa: E402
+
+
+def make_model(folder: Path, layers: int, hidden: int) -> Path:
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(
+        vocab_size=50304,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 80,
+        partial_rotary_factor=0.4,
+        max_position_embeddings=2048,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    PhiForCausalLM(config).save_pretrained(tmp)
+    copy_tokenizer(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def measure(phi, max_batch: int, clients: int, requests: int, max_tokens: int) -> dict:
+    from test_serve import Server
+
+    from phikit.serve import create_app
+
+    app = create_app(
+        phi.model, phi.tokenizer, "bench", max_batch=max_batch, max_queue=256, default_max_tokens=max_tokens
+    )
+    with Server(app) as server:
+        client = server.client()
+        client.completions.create(model="bench", prompt="warm up", max_tokens=4, temperature=0)
+
+        def run_client(i: int) -> int:
+            tokens = 0
+            for j in range(requests):
+                reply = client.completions.create(
+                    model="bench",
+                    prompt=f"Request {i}.{j}: the story of a lighthouse",
+                    max_tokens=max_tokens,
+                    temperature=0,
+                )
+                tokens += reply.usage.completion_tokens
+            return tokens
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            total = sum(pool.map(run_client, range(clients)))
+        wall = time.perf_counter() - start
+    return {"clients": clients, "max_batch": max_batch, "tokens": total, "seconds": wall, "tok_s": total / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1280)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=HERE / "results_serve.json")
+    args = ap.parse_args()
+    import phikit
+
+    model = make_model(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
+    phi = phikit.load(model, dtype="bf16", device="cpu")
+    rows = []
+    for clients in [int(c) for c in args.clients.split(",")]:
+        for max_batch in (1, 16):
+            print(f"{clients} clients, max batch {max_batch} ...", file=sys.stderr, flush=True)
+            rows.append(measure(phi, max_batch, clients, args.requests_per_client, args.max_tokens))
+    base = {r["clients"]: r["tok_s"] for r in rows if r["max_batch"] == 1}
+    for r in rows:
+        r["mode"] = "one at a time" if r["max_batch"] == 1 else "continuous batching"
+        r["speedup"] = f"{r['tok_s'] / base[r['clients']]:.2f}x"
+    print(
+        f"\nMachine: {machine()}\nPhi {args.layers} layers x {args.hidden} (bf16 weights), CPU, greedy, "
+        f"{args.max_tokens} tokens per request, {args.requests_per_client} requests per client\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("clients", "clients"),
+                ("mode", "serving"),
+                ("tokens", "tokens"),
+                ("seconds", "seconds"),
+                ("tok_s", "aggregate tok/s"),
+                ("speedup", "vs one at a time"),
+            ],
+        )
+    )
+    save_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
