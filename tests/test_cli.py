@@ -81,3 +81,22 @@ def test_help_explains_every_subcommand():
     assert "generate" in parser.format_help()
     out = subprocess.run([sys.executable, "-m", "phikit", "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--max-new-tokens" in out.stdout and "--template" in out.stdout
+
+
+def test_eval_writes_a_side_by_side_report(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("template: instruct\nmax_new_tokens: 6\nprompts:\n  - {id: hi, prompt: Say hi}\n"
+                     "  - {id: sum, prompt: Add 2 and 3}\n")
+    code, _, err = run_cli(capsys, "eval", "--model", folder, "--dtype", "fp32", "--suite", suite, "--out",
+                           tmp_path / "out", "--compare", "int8:quantize=int8")
+    assert code == 0, err
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "int8" in report and "base" in report and "Say hi" in report
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"base", "int8"} and len(results["int8"]) == 2
+
+
+def test_eval_compare_spec_errors(capsys):
+    code, _, err = run_cli(capsys, "eval", "--compare", "broken")
+    assert code == 2 and "LABEL:key=value" in err

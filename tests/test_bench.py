@@ -1,0 +1,57 @@
+"""phikit bench's JSON report and phikit perplexity against transformers' loss."""
+
+import json
+import math
+
+import torch
+
+from phikit.checkpoint import load_model
+from phikit.cli import main
+from phikit.evaluate import perplexity
+from phikit.tokenizer import Tokenizer
+
+ROW_KEYS = {"engine", "precision", "load_s", "prefill_tok_s", "ttft_s", "decode_tok_s", "peak_memory_gb"}
+
+
+def test_bench_json_schema(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(folder), "--precisions", "fp32,int8,int4", "--prompt-tokens", "20",
+                 "--new-tokens", "5", "--repeats", "1", "--compare-transformers", "--json", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"date", "machine", "settings", "rows"} <= report.keys()
+    rows = report["rows"]
+    assert [(r["engine"], r["precision"]) for r in rows] == [("phikit", "fp32"), ("phikit", "int8"),
+                                                            ("phikit", "int4"), ("transformers", "bf16"),
+                                                            ("transformers", "fp32")]
+    for r in rows:
+        assert ROW_KEYS <= r.keys(), r
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_memory_gb"] > 0
+        assert "decode_vs_transformers_bf16" in r
+    assert "| phikit | int4 |" in stdout
+
+
+def test_perplexity_matches_transformers_loss(tiny):
+    folder, hf = tiny
+    tok = Tokenizer(folder)
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 12)[:150]
+    model = load_model(folder, dtype="fp32", device="cpu")
+    # windows of 64 tokens every 32: the documented transformers recipe, computed with its model
+    total, count, scored = 0.0, 0, 0
+    for begin in range(0, len(ids) - 1, 32):
+        end = min(begin + 64, len(ids))
+        window = torch.tensor([ids[begin:end]])
+        labels = window.clone()
+        first = max(scored, begin + 1) - begin  # label positions scored before get -100
+        labels[:, :first] = -100
+        with torch.no_grad():
+            loss = hf(window, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total, count, scored = total + loss.item() * n, count + n, end
+        if end == len(ids):
+            break
+    result = perplexity(model, ids, context=64, stride=32)
+    assert result.tokens == count == len(ids) - 1
+    assert math.isclose(result.perplexity, math.exp(total / count), rel_tol=1e-4)

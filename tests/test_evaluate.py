@@ -1,0 +1,372 @@
+"""Prompt suites and reports; the lm-eval adapter against lm-eval's own HF backend on the same checkpoint."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from html.parser import HTMLParser
+
+import pytest
+
+import phikit
+from phikit.errors import PhikitError
+from phikit.evaluate import load_suite, run_suite, write_report
+
+
+@pytest.fixture(scope="module")
+def phi(tiny):
+    folder, _ = tiny
+    return phikit.load(folder, dtype="fp32", device="cpu")
+
+
+# --- prompt suites -------------------------------------------------------------------------------------
+
+
+def test_default_suite_has_the_reference_prompts():
+    suite = load_suite()
+    assert suite.template == "instruct" and len(suite.prompts) == 10
+    text = "\n".join(p.prompt for p in suite.prompts)
+    for needle in (
+        "3Sum",
+        "Attention Is All You Need",
+        "joke",
+        "Shakespeare",
+        "advancedmath",
+        "LoRA: Low-Rank Adaptation",
+        "List 20 famous people",
+        '"I love bread and cheese!" into French',
+        "chicken curry",
+        "Where is the moon right now?",
+    ):
+        assert needle in text
+    assert len({p.id for p in suite.prompts}) == 10
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("prompts: [{id: a, prompt: hi}, {prompt: hello}]", r"prompts entry 2: 'id' must be a non-empty string"),
+        ("prompts: [{id: a, prompt: hi}, {id: a, prompt: yo}]", r"prompts entry 2 \(id 'a'\): duplicate id"),
+        ("prompts: [{id: a, prompt: hi, max_new_tokens: 0}]", r"entry 1 \(id 'a'\): max_new_tokens must be a pos"),
+        ("prompts: [{id: a, prompt: hi, max_tokens: 5}]", r"entry 1 \(id 'a'\): unknown key\(s\) max_tokens"),
+        ("prompts: [{id: a, prompt: ''}]", r"entry 1 \(id 'a'\): 'prompt' must be a non-empty string"),
+        ("prompts: [just a string]", r"prompts entry 1: expected a mapping"),
+        ("prompts: []", r"'prompts' must be a non-empty list"),
+        ("template: alpacca\nprompts: [{id: a, prompt: hi}]", r"template: unknown template 'alpacca'"),
+        ("max_new_tokens: lots\nprompts: [{id: a, prompt: hi}]", r"max_new_tokens must be a positive integer"),
+        ("prompt: [{id: a, prompt: hi}]", r"unknown key\(s\) prompt"),
+        ("prompts: [{id: a, prompt: hi}", r"not valid YAML"),
+    ],
+)
+def test_bad_suite_errors_name_the_file_and_entry(tmp_path, body, message):
+    path = tmp_path / "suite.yaml"
+    path.write_text(body)
+    with pytest.raises(PhikitError, match=message) as caught:
+        load_suite(path)
+    assert str(caught.value).startswith(str(path))
+    with pytest.raises(PhikitError, match="not found"):
+        load_suite(tmp_path / "missing.yaml")
+
+
+def test_run_suite_equals_generate(phi, tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            template: guanaco
+            max_new_tokens: 9
+            prompts:
+              - {id: short, prompt: "Say hi", max_new_tokens: 4}
+              - {id: default, prompt: "Where is the moon right now?"}
+            """
+        )
+    )
+    results = run_suite(phi, path)
+    expected = [
+        phi.generate("Say hi", template="guanaco", max_new_tokens=4),
+        phi.generate("Where is the moon right now?", template="guanaco", max_new_tokens=9),
+    ]
+    for r, c in zip(results, expected):
+        assert (r["text"], r["tokens"], r["stopped_by_itself"]) == (c.text, len(c.token_ids), c.finish_reason == "stop")
+        assert r["seconds"] > 0 and r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
+    assert [r["id"] for r in results] == ["short", "default"]
+    assert [r["prompt"] for r in results] == ["Say hi", "Where is the moon right now?"]
+
+    # the default suite with a run-time budget and a stop string that the greedy text contains
+    quick = run_suite(phi, None, max_new_tokens=12)
+    suite = load_suite()
+    for r, item in zip(quick, suite.prompts):
+        c = phi.generate(item.prompt, template="instruct", max_new_tokens=12)
+        assert (r["id"], r["text"], r["tokens"]) == (item.id, c.text, len(c.token_ids))
+    stop = quick[0]["text"][4:7]
+    cut = run_suite(phi, suite, max_new_tokens=12, stop=(stop,))[0]
+    assert cut["stopped_by_itself"] and cut["text"] == quick[0]["text"][: quick[0]["text"].index(stop)]
+
+
+class _Table(HTMLParser):
+    """Rows of cells (their text, unescaped) of every table in a page, parsed by the standard library."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.rows[-1].append(self.cell)
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def test_report_has_every_prompt_and_column_and_escapes_html(phi, tmp_path):
+    base = run_suite(phi, None, max_new_tokens=6)
+    hostile = [dict(r, text=f"<script>alert('{r['id']}')</script> a | b\n    indented &amp;") for r in base]
+    hostile[0]["stopped_by_itself"] = True
+    columns = {"base": base, "int4 <&>": hostile[:-1]}  # the last prompt is missing from the second column
+    md_path, html_path = write_report(columns, tmp_path / "out")
+    page, markdown = html_path.read_text(), md_path.read_text()
+
+    table = _Table()
+    table.feed(page)
+    header, *rows = table.rows
+    assert header == ["prompt", "base", "int4 <&>"]
+    assert len(rows) == len(base) + 1 and rows[-1][0] == "summary"
+    for row, r, h in zip(rows, base, hostile):
+        assert row[0] == r["id"] + r["prompt"]
+        assert row[1].startswith(r["text"]) and f"{r['tokens']} tokens" in row[1]
+        if h is not hostile[-1]:
+            assert row[2].startswith(h["text"])
+    assert rows[-2][2] == "—"
+    assert "stopped by itself" in rows[0][2] and "cut at max_new_tokens" in rows[1][2]
+    stopped = sum(r["stopped_by_itself"] for r in base)
+    assert rows[-1][1].startswith(f"{stopped}/{len(base)} stopped by themselves")
+    assert rows[-1][2].startswith(f"1/{len(base) - 1} stopped by themselves")
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&amp;amp;" in page
+
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(lines) == 2 + len(base) + 1  # header, rule, prompts, summary
+    assert all(line.count("|") == 4 for line in lines)  # escaped pipes do not add cells
+    for r in base:
+        assert f"**{r['id']}**" in markdown
+    assert "int4 &lt;&amp;&gt;" in lines[0] and "<script>" not in markdown
+    assert "&nbsp;&nbsp;&nbsp;&nbsp;indented" in markdown
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_phikit_imports_without_lm_eval():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["lm_eval"] = None  # as if not installed: importing it raises ImportError
+        import phikit.evaluate as ev
+        from phikit.errors import PhikitError
+        assert ev.TemplateLM is None and len(ev.load_suite().prompts) == 10
+        for call in (lambda: ev.PhikitLM("x"), lambda: ev.run_lm_eval("x", "hellaswag")):
+            try:
+                call()
+            except PhikitError as e:
+                assert "pip install" in str(e)
+            else:
+                raise AssertionError("no error")
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backends(tiny, phi):
+    """(our adapter, lm-eval's HF backend) on the same checkpoint folder."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from phikit.evaluate import PhikitLM
+
+    folder, _ = tiny
+    return PhikitLM(pretrained=phi, batch_size=3), HFLM(
+        pretrained=str(folder), device="cpu", dtype="float32", batch_size=3
+    )
+
+
+def _instances(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_matches_hf_backend(backends, phi):
+    ours, ref = backends
+    tok = phi.tokenizer
+    context = "The capital of France is"
+    greedy = phi.generate(context, max_new_tokens=2).token_ids
+    continuation = tok.decode(greedy)
+    assert tok.encode(context + continuation) == tok.encode(context) + greedy  # a greedy continuation
+    pairs = [
+        (context, continuation),
+        ("Question: 2+2=", " 4"),
+        ("Question: 2+2=", " 5"),  # same input as the one before: one shared forward
+        ("Question: 2+2= ", "5"),  # the trailing space moves to the continuation
+        ("", "Hello world"),  # empty context: conditioned on <|endoftext|>
+        ("def f(x):", "\n    return x * 2\n"),
+        ("word " * 300, " and the end."),  # longer than the 256-token window: cut from the left
+        ("Caf\u00e9 na\u00efve", " \u65e5\u672c\u8a9e \U0001f600"),
+    ]
+    got = ours.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+    expected = ref.loglikelihood(_instances("loglikelihood", pairs), disable_tqdm=True)
+    assert [flag for _, flag in got] == [flag for _, flag in expected]
+    assert expected[0][1] is True
+    for (lp, _), (ref_lp, _) in zip(got, expected):
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+
+
+def test_loglikelihood_rolling_matches_hf_backend(backends, monkeypatch):
+    ours, ref = backends
+    monkeypatch.setattr("phikit.evaluate.SCORE_CHUNK", 100)  # several lm_head slices per batch
+    texts = [
+        "Hello world.",
+        "x",
+        "The quick brown fox jumps over the lazy dog. " * 60,  # ~600 tokens: three rolling windows of 256
+        "def add(a, b):\n    return a + b\n" * 20,
+    ]
+    got = ours.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
+    expected = ref.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True)
+    for lp, ref_lp in zip(got, expected):
+        # HFLM sums each window in fp32: over thousands of nats that alone differs by ~1e-4
+        assert lp == pytest.approx(ref_lp, rel=1e-6, abs=1e-4)
+
+
+def test_generate_until_matches_hf_backend_and_stops_at_until(backends):
+    ours, ref = backends
+    free = ours.generate_until(_instances("generate_until", [("Hello world", {"max_gen_toks": 24})]))[0]
+    stop = free[6:9]
+    assert stop and free.index(stop) > 0
+    requests = [
+        ("Hello world", {"until": [stop], "max_gen_toks": 24, "do_sample": False}),
+        ("The capital of France is", {"until": ["\n", "."], "max_gen_toks": 10}),
+        ("def f(x):", {"until": "return", "max_gen_toks": 16}),
+        ("word " * 300, {"until": ["zzz"], "max_gen_toks": 8}),  # context cut to the window's last tokens
+    ]
+    got = ours.generate_until(_instances("generate_until", requests), disable_tqdm=True)
+    assert got == ref.generate_until(_instances("generate_until", requests), disable_tqdm=True)
+    assert got[0] == free[: free.index(stop)]
+
+
+def test_registered_with_lm_eval_as_phikit(tiny):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    from phikit.evaluate import PhikitLM
+
+    folder, _ = tiny
+    assert get_model("phikit") is PhikitLM
+    assert get_model("hf") is HFLM  # lm-eval's own backends are still found
+    lm = get_model("phikit").create_from_arg_string(f"pretrained={folder},dtype=fp32,device=cpu,batch_size=2")
+    assert (lm.batch_size, lm.max_length, lm.prefix_token_id) == (2, 256, lm.tokenizer.eos_id)
+    assert lm.get_model_info()["model_dtype"] == "float32"
+    with pytest.raises(PhikitError, match="batch_size must be a positive integer"):
+        PhikitLM(pretrained=lm.phi, batch_size="auto")
+
+
+TASKS = {
+    "tiny_mc": """
+        output_type: multiple_choice
+        doc_to_text: "Question: {{question}}\\nAnswer:"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: answer
+        metric_list: [{metric: acc}, {metric: acc_norm}]
+    """,
+    "tiny_text": """
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]
+    """,
+    "tiny_gen": """
+        output_type: generate_until
+        doc_to_text: "{{question}}"
+        doc_to_target: "{{answer}}"
+        generation_kwargs: {until: ["\\n", "."], max_gen_toks: 12, do_sample: false}
+        metric_list: [{metric: exact_match}]
+    """,
+}
+ROWS = {
+    "tiny_mc": [
+        {"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "answer": 0},
+        {"question": "2 + 2 =", "choices": ["3", "4", "5"], "answer": 1},
+        {"question": "The capital of France is", "choices": ["Berlin", "Madrid", "Paris"], "answer": 2},
+        {"question": "Water boils at", "choices": ["100 degrees", "0 degrees"], "answer": 0},
+        {"question": "Which is a fruit?", "choices": [" apple", " car"], "answer": 0},
+    ],
+    "tiny_text": [{"text": "The quick brown fox jumps over the lazy dog. " * 30}, {"text": "Hello world."}],
+    "tiny_gen": [{"question": "Say hi", "answer": "hi"}, {"question": "Count: one, two,", "answer": " three"}],
+}
+
+
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory):
+    """A TaskManager over three tiny lm-eval tasks (multiple choice, perplexity, generation) in local JSONL."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    for name, body in TASKS.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[name]))
+        data = {"data_files": {"test": str(folder / f"{name}.jsonl")}, "cache_dir": str(folder / "cache")}
+        head = f"task: {name}\ndataset_path: json\ndataset_kwargs: {json.dumps(data)}\ntest_split: test\n"
+        (folder / f"{name}.yaml").write_text(head + textwrap.dedent(body))
+    return TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def test_simple_evaluate_phikit_equals_hf_on_local_tasks(tiny, local_tasks):
+    from lm_eval import simple_evaluate
+
+    from phikit.evaluate import format_lm_eval, run_lm_eval
+
+    folder, _ = tiny
+    tasks = list(TASKS)
+    ours = run_lm_eval(folder, ",".join(tasks), dtype="fp32", device="cpu", task_manager=local_tasks, log_samples=True)
+    ref = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},dtype=float32",
+        tasks=tasks,
+        device="cpu",
+        batch_size=4,
+        task_manager=local_tasks,
+        log_samples=True,
+    )
+    assert ours["results"]["tiny_mc"]["acc,none"] == ref["results"]["tiny_mc"]["acc,none"]
+    assert ours["results"]["tiny_mc"]["acc_norm,none"] == ref["results"]["tiny_mc"]["acc_norm,none"]
+    assert ours["results"]["tiny_gen"]["exact_match,none"] == ref["results"]["tiny_gen"]["exact_match,none"]
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"]["tiny_text"][metric] == pytest.approx(ref["results"]["tiny_text"][metric], rel=1e-5)
+    for task in tasks:
+        for mine, theirs in zip(ours["samples"][task], ref["samples"][task]):
+            for (a,), (b,) in zip(mine["resps"], theirs["resps"]):  # one response per request
+                if isinstance(b, str):  # generate_until
+                    assert a == b
+                elif isinstance(b, (tuple, list)):  # loglikelihood: (log-prob, is greedy)
+                    assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
+                else:  # loglikelihood_rolling
+                    assert a == pytest.approx(b, rel=1e-6, abs=1e-4)
+    table = format_lm_eval(ours)
+    assert all(task in table for task in tasks)
+
+
+def test_run_lm_eval_names_unknown_tasks(phi, local_tasks):
+    from phikit.evaluate import run_lm_eval
+
+    with pytest.raises(PhikitError, match="unknown lm-eval task.*hellaswagg"):
+        run_lm_eval(phi, "tiny_mc,hellaswagg", task_manager=local_tasks)
+    with pytest.raises(PhikitError, match="no lm-eval tasks"):
+        run_lm_eval(phi, " , ", task_manager=local_tasks)
