@@ -67,13 +67,17 @@ MODEL_SHAPE = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training/eval window (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help=f"GPT-2 BPE folder (default {DEFAULT_TOKENIZER})")
+    p.add_argument(
+        "--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help=f"GPT-2 BPE folder (default {DEFAULT_TOKENIZER})"
+    )
     p.add_argument("--seed", type=int, default=0, help="torch seed for init and data order (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out already exists")
     args = p.parse_args(argv)
@@ -111,7 +115,9 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8) -> t
             for length in sorted({len(w) for w in windows[i : i + batch_size]}):  # the last window may be short
                 batch = torch.stack([w for w in windows[i : i + batch_size] if len(w) == length])
                 logits = model(input_ids=batch).logits[:, :-1].float()
-                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+                )
                 total += nll.item()
                 count += batch[:, 1:].numel()
     model.train(was_training)
@@ -147,21 +153,26 @@ def train(args: argparse.Namespace, tokenizer, train_texts: list[str], held_ids:
         stream += tokenizer(text)["input_ids"] + [EOS]
     stream = torch.tensor(stream, dtype=torch.long)
     if len(stream) < args.seq_len * args.batch_size + args.seq_len:
-        raise SystemExit(f"error: only {len(stream)} training tokens, too few for batch {args.batch_size} x {args.seq_len}")
+        raise SystemExit(
+            f"error: only {len(stream)} training tokens, too few for batch {args.batch_size} x {args.seq_len}"
+        )
 
     model = PhiForCausalLM(PhiConfig(**MODEL_SHAPE))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95)
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
     )
     warmup = max(1, min(50, args.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, warmup))
     tokens_per_step = args.batch_size * args.seq_len
+    epochs = args.steps * tokens_per_step / len(stream)
     print(
         f"model: {n_params / 1e6:.2f}M parameters; train: {len(stream):,} tokens "
-        f"({args.steps * tokens_per_step / len(stream):.1f} epochs in {args.steps} steps of {args.batch_size}x{args.seq_len})",
+        f"({epochs:.1f} epochs in {args.steps} steps of {args.batch_size}x{args.seq_len})",
         flush=True,
     )
 
@@ -182,15 +193,24 @@ def train(args: argparse.Namespace, tokenizer, train_texts: list[str], held_ids:
         if step % 10 == 0 or step == 1 or step == args.steps:
             elapsed = time.perf_counter() - start
             eta = elapsed / step * (args.steps - step)
-            print(f"step {step:4d}/{args.steps}  loss {loss.item():.3f}  lr {sched.get_last_lr()[0]:.2e}  {elapsed:5.0f}s  eta {eta:4.0f}s", flush=True)
+            lr = sched.get_last_lr()[0]
+            timing = f"{elapsed:5.0f}s  eta {eta:4.0f}s"
+            print(f"step {step:4d}/{args.steps}  loss {loss.item():.3f}  lr {lr:.2e}  {timing}", flush=True)
         if step % eval_every == 0 or step == args.steps:
             held_loss, held_ppl = perplexity(model, held_ids, args.seq_len)
-            history.append({"step": step, "train_loss": round(loss.item(), 4), "heldout_loss": round(held_loss, 4), "heldout_ppl": round(held_ppl, 2)})
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": round(loss.item(), 4),
+                    "heldout_loss": round(held_loss, 4),
+                    "heldout_ppl": round(held_ppl, 2),
+                }
+            )
             print(f"  held-out loss {held_loss:.3f}  perplexity {held_ppl:.1f}", flush=True)
     info = {
         "parameters": n_params,
         "train_tokens": len(stream),
-        "epochs": round(args.steps * tokens_per_step / len(stream), 2),
+        "epochs": round(epochs, 2),
         "train_seconds": round(time.perf_counter() - start, 1),
         "history": history,
     }
@@ -258,9 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: reloaded checkpoint gives perplexity {ppl:.2f}, trained model gave {trained_ppl:.2f}")
 
     info = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "force")},
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "force")
+        },
         "model": MODEL_SHAPE,
-        "split": {"train_topics": len(train_topics), "heldout_topics": list(held_topics), "heldout_tokens": len(held_ids)},
+        "split": {
+            "train_topics": len(train_topics),
+            "heldout_topics": list(held_topics),
+            "heldout_tokens": len(held_ids),
+        },
         **info,
         "unigram_heldout_ppl": round(unigram, 2),
         "heldout_loss": round(loss, 4),
@@ -279,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    print(f"reloaded from {out}: held-out loss {loss:.3f}, perplexity {ppl:.2f} (unigram {unigram:.1f}); "
-          f"{info['parameters'] / 1e6:.2f}M parameters; {info['total_seconds']:.0f}s in all")
+    print(
+        f"reloaded from {out}: held-out loss {loss:.3f}, perplexity {ppl:.2f} (unigram {unigram:.1f}); "
+        f"{info['parameters'] / 1e6:.2f}M parameters; {info['total_seconds']:.0f}s in all"
+    )
     return 0
 
 

@@ -168,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     mg.set_defaults(func=cmd_merge)
 
+    ex = sub.add_parser(
+        "export",
+        help="export (with an adapter merged) as a HF checkpoint or a GGUF file for llama.cpp",
+        description="--format hf writes a transformers checkpoint folder (transformers, vLLM); --format gguf "
+        "writes one GGUF file (llama.cpp, Ollama) in f16, q8_0 or f32. Quantized phikit checkpoints cannot be "
+        "exported: export the full-precision checkpoint they came from.",
+        epilog=EPILOG,
+    )
+    ex.add_argument("out", type=Path, help="output folder (hf) or file, e.g. phi-2-q8_0.gguf (gguf)")
+    ex.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model folder or Hub id (default: {DEFAULT_MODEL})")
+    ex.add_argument("--adapter", "-a", help="a LoRA adapter folder to merge in first")
+    ex.add_argument("--format", "-f", choices=["hf", "gguf"], default="hf", help="output format (default hf)")
+    ex.add_argument(
+        "--type", dest="gguf_type", choices=["f16", "q8_0", "f32"], default="f16", help="GGUF tensor type (default f16)"
+    )
+    ex.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="hf: dtype of the weights (default: the checkpoint's)"
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.set_defaults(func=cmd_export)
+
     sv = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server with continuous batching",
@@ -539,6 +560,20 @@ def cmd_merge(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = merge_adapter(args.model, args.adapter, args.out, args.dtype, args.overwrite, progress=True)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from phikit.export import export_gguf, export_hf
+
+    start = time.perf_counter()
+    if args.format == "gguf":
+        if args.dtype:
+            raise PhikitError("--dtype is for --format hf; for GGUF choose --type f16, q8_0 or f32")
+        out = export_gguf(args.model, args.out, args.adapter, args.gguf_type, args.overwrite, progress=True)
+    else:
+        out = export_hf(args.model, args.out, args.adapter, args.dtype, args.overwrite, progress=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

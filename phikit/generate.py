@@ -71,7 +71,11 @@ def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.T
         logits = torch.where(seen, penalized, logits)
     if config.temperature == 0:
         return logits
-    logits = logits / config.temperature
+    scaled = logits / config.temperature
+    if not torch.isfinite(scaled.max()):  # a tiny temperature overflowed: shift first (softmax is shift-invariant)
+        shifted = logits - logits.max(dim=-1, keepdim=True).values
+        scaled = torch.where(shifted == 0, shifted, shifted / config.temperature)  # 0/0 would be nan
+    logits = scaled
     if config.top_k > 0:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,6 +83,7 @@ def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.T
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= config.top_p  # keeps the token that crosses top_p
+        drop[..., 0] = False  # and always the most likely one (a top_p that rounds to 0 in fp32)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -118,7 +123,7 @@ def generate_tokens(
     padding_mask = valid if padded else None
     generator = None
     if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+        generator = torch.Generator(device=device).manual_seed(config.seed % 2**64)
     seen = None
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)

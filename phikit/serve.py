@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import secrets
 import threading
@@ -33,6 +34,8 @@ from phikit.generate import GenerationConfig, TextStream, process_logits
 from phikit.model import PhiForCausalLM
 from phikit.templates import Template, get_template
 from phikit.tokenizer import Tokenizer
+
+log = logging.getLogger("phikit.serve")
 
 # ---- the engine ----
 
@@ -109,9 +112,23 @@ class Engine:
                         request = self.waiting.get(timeout=0.05)
                     except queue.Empty:
                         continue
-                    self._start(request)
+                    self._guarded(self._start, request)
                     continue
-                self._decode_step()
+                self._guarded(self._decode_step)
+
+    def _guarded(self, step, *args) -> None:
+        """Run one engine step; an unexpected error fails the requests involved (a 500 to their clients)
+        and frees their rows instead of killing the engine thread and hanging every later request."""
+        try:
+            step(*args)
+        except Exception as e:  # noqa: BLE001 - the engine must outlive any single request
+            log.exception("engine step failed: %s", e)
+            involved = [args[0]] if args else []
+            involved += [r for r in self.slots if r is not None and (not args or r is args[0])]
+            for r in {id(r): r for r in involved}.values():
+                if r.slot >= 0 and self.slots[r.slot] is r:
+                    self.slots[r.slot] = None
+                r.deliver(("done", "error"))
 
     def _admit(self) -> None:
         while None in self.slots:
@@ -119,7 +136,7 @@ class Engine:
                 request = self.waiting.get_nowait()
             except queue.Empty:
                 return
-            self._start(request)
+            self._guarded(self._start, request)
 
     def _start(self, r: Request) -> None:
         if r.cancelled or time.time() > r.deadline:
@@ -128,8 +145,8 @@ class Engine:
         r.slot = self.slots.index(None)
         self.slots[r.slot] = r
         r.stream = TextStream(self.tokenizer, r.stop)
-        if r.config.seed is not None:
-            r.generator = torch.Generator(device=self.model.device).manual_seed(r.config.seed)
+        if r.config.seed is not None:  # any JSON integer, folded into torch's seed range
+            r.generator = torch.Generator(device=self.model.device).manual_seed(r.config.seed % 2**64)
         row = _row_cache(self.cache, r.slot)
         ids = torch.tensor([r.prompt_ids], device=self.model.device)
         logits = self.model(ids, cache=row, start=0, last_only=True)[:, -1].float()
@@ -184,8 +201,8 @@ class Engine:
                 rest = r.stream.finish()
                 if rest:
                     r.deliver(("text", rest))
-            r.deliver(("done", reason))
             self.slots[r.slot] = None
+            r.deliver(("done", reason))
 
 
 def _row_cache(cache, row: int):
@@ -355,11 +372,11 @@ def create_app(
             )
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
         max_tokens = body.max_completion_tokens or body.max_tokens or min(default_max_tokens, context - len(ids))
-        if len(ids) + max_tokens > context:
+        if len(ids) >= context or len(ids) + max_tokens > context:
             raise APIError(
                 400,
                 f"this model's context is {context} tokens; the prompt has {len(ids)} and "
-                f"max_tokens is {max_tokens}; shorten the prompt or lower max_tokens",
+                f"max_tokens is {max(max_tokens, 0)}; shorten the prompt or lower max_tokens",
                 param="max_tokens" if len(ids) < context else "prompt",
                 code="context_length_exceeded",
             )
@@ -402,6 +419,8 @@ def create_app(
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def finish(reason: str) -> str:
+            if reason == "error":
+                raise APIError(500, "generation failed inside the server (see its log)", "server_error")
             if reason == "timeout":
                 raise APIError(504, f"generation did not finish within {timeout:.0f} s", "server_error", code="timeout")
             return reason
@@ -461,6 +480,8 @@ def create_app(
                         continue
                     if value == "timeout":
                         yield pack(APIError(504, "generation timed out", "server_error", code="timeout").body())
+                    elif value == "error":
+                        yield pack(APIError(500, "generation failed inside the server", "server_error").body())
                     else:
                         end = choice(None, value, False) if kind == "chat" else choice("", value, False)
                         yield pack({**base, "choices": [end]})

@@ -16,16 +16,36 @@ ROW_KEYS = {"engine", "precision", "load_s", "prefill_tok_s", "ttft_s", "decode_
 def test_bench_json_schema(tiny, tmp_path, capsys):
     folder, _ = tiny
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", str(folder), "--precisions", "fp32,int8,int4", "--prompt-tokens", "20",
-                 "--new-tokens", "5", "--repeats", "1", "--compare-transformers", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(folder),
+            "--precisions",
+            "fp32,int8,int4",
+            "--prompt-tokens",
+            "20",
+            "--new-tokens",
+            "5",
+            "--repeats",
+            "1",
+            "--compare-transformers",
+            "--json",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     report = json.loads(out.read_text())
     assert {"date", "machine", "settings", "rows"} <= report.keys()
     rows = report["rows"]
-    assert [(r["engine"], r["precision"]) for r in rows] == [("phikit", "fp32"), ("phikit", "int8"),
-                                                            ("phikit", "int4"), ("transformers", "bf16"),
-                                                            ("transformers", "fp32")]
+    assert [(r["engine"], r["precision"]) for r in rows] == [
+        ("phikit", "fp32"),
+        ("phikit", "int8"),
+        ("phikit", "int4"),
+        ("transformers", "bf16"),
+        ("transformers", "fp32"),
+    ]
     for r in rows:
         assert ROW_KEYS <= r.keys(), r
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_memory_gb"] > 0

@@ -86,10 +86,24 @@ def test_help_explains_every_subcommand():
 def test_eval_writes_a_side_by_side_report(tiny, tmp_path, capsys):
     folder, _ = tiny
     suite = tmp_path / "suite.yaml"
-    suite.write_text("template: instruct\nmax_new_tokens: 6\nprompts:\n  - {id: hi, prompt: Say hi}\n"
-                     "  - {id: sum, prompt: Add 2 and 3}\n")
-    code, _, err = run_cli(capsys, "eval", "--model", folder, "--dtype", "fp32", "--suite", suite, "--out",
-                           tmp_path / "out", "--compare", "int8:quantize=int8")
+    suite.write_text(
+        "template: instruct\nmax_new_tokens: 6\nprompts:\n  - {id: hi, prompt: Say hi}\n"
+        "  - {id: sum, prompt: Add 2 and 3}\n"
+    )
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        folder,
+        "--dtype",
+        "fp32",
+        "--suite",
+        suite,
+        "--out",
+        tmp_path / "out",
+        "--compare",
+        "int8:quantize=int8",
+    )
     assert code == 0, err
     report = (tmp_path / "out" / "report.md").read_text()
     assert "int8" in report and "base" in report and "Say hi" in report

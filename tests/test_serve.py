@@ -1,5 +1,6 @@
 """The real server on a loopback port, driven by the official openai client, raw HTTP and a schema fuzzer."""
 
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,9 @@ from phikit.templates import get_template
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+
+
+FUZZ_EXAMPLES = int(os.environ.get("PHIKIT_FUZZ_EXAMPLES", 30))  # raise it to fuzz harder
 
 
 def free_port() -> int:
@@ -136,6 +140,40 @@ def test_sampling_with_a_seed_is_reproducible(server):
     assert a == b
 
 
+@pytest.mark.parametrize(
+    "temperature,top_p,seed", [(5e-324, 1.0, 1), (1e-30, 1e-9, -5), (2.0, 1e-300, 18789068734726466390982656)]
+)
+def test_extreme_sampling_parameters_still_generate(server, temperature, top_p, seed):
+    """Found by the schema fuzz: a denormal temperature overflowed the logits to inf and a huge seed
+    overflowed torch's; either killed the engine thread."""
+    reply = server.client().completions.create(
+        model="tiny", prompt="Hello", max_tokens=5, temperature=temperature, top_p=top_p, seed=seed
+    )
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_an_internal_error_fails_one_request_and_the_server_lives_on(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_batch=2, max_queue=4)
+    with Server(app) as s:
+        engine = app.state.engine
+        real = engine._sample
+        calls = []
+
+        def broken(r, logits):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real(r, logits)
+
+        engine._sample = broken
+        client = s.client()
+        with pytest.raises(openai.InternalServerError):
+            client.with_options(max_retries=0).completions.create(model="tiny", prompt="Hi", max_tokens=4)
+        reply = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        assert engine.active == 0
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client().models.list()] == ["tiny"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
@@ -149,6 +187,7 @@ def test_models_and_health(server):
         ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
         ({"prompt": "hi", "max_tokens": 10**9}, 400, "context"),
         ({"prompt": "word " * 400, "max_tokens": 5}, 400, "context"),
+        ({"prompt": "word " * 400}, 400, "context"),  # no max_tokens: found by the schema fuzz
         ({"prompt": "hi", "n": 2}, 400, "n"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
@@ -226,7 +265,7 @@ def test_schema_fuzzing_finds_no_server_errors(server):
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         def check(case):
             if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
                 case.body["max_tokens"] = min(case.body["max_tokens"], 8)  # keep generations short

@@ -1,0 +1,112 @@
+"""What each quantization costs in quality: held-out perplexity and greedy agreement with bf16.
+
+    python benchmarks/bench_quality.py [--model DIR] [--data FILE] [--variants fp32,bf16,int8,int4-g64,...]
+
+Default model: the small *trained* Phi checkpoint of make_tiny_trained.py (benchmarks/_work/tiny-trained;
+Phi-2's architecture, trained on Python's documentation) and its held-out text (heldout.txt, never trained
+on). Random weights would say little here: they have no structure for quantization to damage.
+
+For each variant (a dtype, or a quantization format with its group size, on CPU): perplexity of the data
+(phikit.evaluate.perplexity: sliding windows of --context tokens, stride half of it), its change relative to
+bf16, and greedy decoding of --tokens tokens from each prompt compared token by token with bf16's (the
+share of tokens before the first divergence, and how many completions are identical).
+Prints a Markdown table and writes benchmarks/results_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, WORK, markdown_table, save_json  # noqa: E402
+
+PROMPTS = [
+    "The for statement is used to",
+    "The try statement specifies exception handlers",
+    "A class definition defines a class object",
+    "The while statement is used for repeated execution",
+    "Assignment statements are used to",
+    "The with statement is used to wrap the execution",
+    "Slicings select a range of items",
+    "The import statement",
+]
+DEFAULT_VARIANTS = "fp32,bf16,int8,int4-g32,int4-g64,int4-g128,nf4-g64"
+
+
+def parse_variant(name: str) -> dict:
+    """'bf16' -> dtype only; 'int4-g64' -> bf16 activations with int4 weights in groups of 64."""
+    fmt, _, group = name.partition("-g")
+    if fmt in ("fp32", "bf16", "fp16"):
+        return {"dtype": fmt}
+    return {"dtype": "bf16", "quantize": fmt, "group_size": int(group or 64)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=WORK / "tiny-trained", help="checkpoint folder")
+    ap.add_argument("--data", type=Path, help="text or JSONL file (default: MODEL/heldout.txt)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated (default {DEFAULT_VARIANTS})")
+    ap.add_argument("--context", type=int, default=256, help="perplexity window (default 256, the training length)")
+    ap.add_argument("--tokens", type=int, default=48, help="greedy tokens per prompt (default 48)")
+    args = ap.parse_args()
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"error: no checkpoint at {args.model}; run benchmarks/make_tiny_trained.py or pass --model")
+    data = args.data or args.model / "heldout.txt"
+
+    import phikit
+    from phikit.evaluate import perplexity, read_text
+
+    results = {}
+    for name in args.variants.split(","):
+        t0 = time.perf_counter()
+        phi = phikit.load(args.model, device="cpu", **parse_variant(name))
+        ids = read_text(data, phi.tokenizer)
+        ppl = perplexity(phi.model, ids, context=args.context)
+        greedy = [phi.generate(p, template="raw", max_new_tokens=args.tokens, temperature=0).token_ids for p in PROMPTS]
+        results[name] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "greedy": greedy}
+        print(f"{name}: perplexity {ppl.perplexity:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    base = results.get("bf16") or next(iter(results.values()))
+    rows = []
+    for name, r in results.items():
+        prefix = same = total = 0
+        for ours, ref in zip(r["greedy"], base["greedy"]):
+            n = 0
+            while n < min(len(ours), len(ref)) and ours[n] == ref[n]:
+                n += 1
+            prefix += n
+            total += len(ref)
+            same += ours == ref
+        r["perplexity_change_vs_bf16"] = r["perplexity"] / base["perplexity"] - 1
+        r["greedy_prefix_agreement"] = prefix / total
+        r["greedy_identical"] = f"{same}/{len(PROMPTS)}"
+        rows.append(
+            {
+                "variant": name,
+                "ppl": f"{r['perplexity']:.3f}",
+                "change": f"{100 * r['perplexity_change_vs_bf16']:+.2f}%",
+                "prefix": f"{100 * r['greedy_prefix_agreement']:.0f}%",
+                "same": r["greedy_identical"],
+            }
+        )
+    columns = [
+        ("variant", "variant"),
+        ("ppl", "held-out perplexity"),
+        ("change", "vs bf16"),
+        ("prefix", "greedy tokens before first divergence from bf16"),
+        ("same", "completions identical to bf16"),
+    ]
+    print(markdown_table(rows, columns))
+    for r in results.values():
+        r.pop("greedy")
+    save_json(
+        HERE / "results_quality.json",
+        {"model": str(args.model), "data": str(data), "context": args.context, "results": results},
+    )
+
+
+if __name__ == "__main__":
+    main()
