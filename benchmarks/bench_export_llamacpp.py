@@ -10,7 +10,8 @@ For each GGUF type this script:
    itself on the checkpoint (fp32), and counts how many of the first N tokens agree.
 
 The default model is the small *trained* Phi checkpoint of make_tiny_trained.py (benchmarks/_work/tiny-trained,
-trained on Python's documentation), so greedy text is not noise; the prompts are from that domain.
+trained on Python's documentation), so greedy text is not noise. The prompts are the first 40 tokens of
+every fifth long paragraph of its held-out text (heldout.txt); for another model, a few fixed sentences.
 llama.cpp is fetched and built as in bench_llamacpp.py (under benchmarks/_work/llamacpp, nothing committed),
 plus the `llama-completion` tool. Prints a Markdown table and writes benchmarks/results_export.json.
 """
@@ -38,6 +39,14 @@ PROMPTS = [
     "The with statement is used to wrap the execution",
 ]
 IGNORED_KEYS = {"general.name", "general.file_type", "general.quantization_version", "general.size_label"}
+
+
+def prompts_for(model: Path, tokenizer) -> list[str]:
+    held = model / "heldout.txt"
+    if not held.is_file():
+        return PROMPTS
+    paragraphs = [p for p in held.read_text().split("\n\n") if len(p) > 200][:40:5]
+    return [tokenizer.decode(tokenizer.encode(p)[:40]) for p in paragraphs]
 
 
 def completion_tool(src: Path, bin_dir: Path) -> Path:
@@ -101,7 +110,7 @@ def compare_files(ours: Path, theirs: Path) -> dict:
 def llama_greedy(tool: Path, gguf_file: Path, prompt: str, n: int, threads: int) -> str:
     cmd = [
         str(tool), "-m", str(gguf_file), "-p", prompt, "-n", str(n), "--temp", "0", "-t", str(threads),
-        "-no-cnv", "--no-display-prompt", "--no-warmup", "-s", "0", "--ignore-eos", "-c", "512",
+        "-no-cnv", "--no-display-prompt", "--no-escape", "--no-warmup", "-s", "0", "--ignore-eos", "-c", "512",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -141,8 +150,9 @@ def main() -> None:
     out_dir = WORK / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     phi = phikit.load(args.model, dtype="fp32", device="cpu")
+    prompts = prompts_for(args.model, phi.tokenizer)
     ours_greedy = {}
-    for prompt in PROMPTS:
+    for prompt in prompts:
         c = phi.generate(prompt, template="raw", max_new_tokens=args.n, temperature=0)
         ours_greedy[prompt] = c
     rows, results = [], []
@@ -154,7 +164,7 @@ def main() -> None:
         theirs = converter_gguf(src, args.model, out_dir / f"{args.model.name}-converter-{gtype}.gguf", gtype)
         cmp = compare_files(ours, theirs)
         agree, total, examples = 0, 0, []
-        for prompt in PROMPTS:
+        for prompt in prompts:
             text = llama_greedy(tool, ours, prompt, args.n, args.threads)
             ids = ours_greedy[prompt].token_ids
             same = agreement(phi.tokenizer, ids, text, args.n)
