@@ -275,7 +275,8 @@ def _summary_meta(s: dict) -> str:
 def _markdown_cell(text: str) -> str:
     """Text safe inside a Markdown table cell: HTML escaped (renderers pass raw HTML through), pipes and
     newlines encoded, leading spaces kept so code stays indented."""
-    lines = html.escape(text, quote=False).replace("|", "&#124;").replace("\r", "").split("\n")
+    # splitlines: every line boundary Python knows (\x0b, \x0c, \x85, \u2028 ...), not only \n
+    lines = html.escape(text, quote=False).replace("|", "&#124;").splitlines() or [""]
     return "<br>".join("&nbsp;" * (len(line) - len(line.lstrip(" "))) + line.lstrip(" ") for line in lines)
 
 

@@ -141,7 +141,7 @@ def test_saved_quantized_checkpoint_reloads_identically(tiny, tmp_path, fmt):
     out = phikit.save_quantized(phi, tmp_path / "q")
     again = phikit.load(out, dtype="bf16", device="cpu")
     assert again.quantization == phi.quantization
-    ids = torch.randint(0, 500, (1, 12))
+    ids = torch.randint(0, min(500, phi.model.config.vocab_size), (1, 12))
     with torch.no_grad():
         assert torch.equal(phi.model(ids), again.model(ids))
     assert phi.generate("Hello", max_new_tokens=10).token_ids == again.generate("Hello", max_new_tokens=10).token_ids
@@ -159,7 +159,7 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tiny, fmt
         if isinstance(module, QuantizedLinear):
             state[f"{name}.weight"] = module.dequantized()
     reference.load_state_dict(state)
-    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(500, hf.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = reference(ids).logits, quant.model(ids)
     # decode-sized inputs run the int4 kernel, which quantizes activations to int8 per group (as
