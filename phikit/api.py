@@ -15,7 +15,6 @@ import torch
 
 from phikit.checkpoint import (
     DEFAULT_MODEL,
-    DTYPES,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -122,16 +121,6 @@ def merge_adapter(
 ) -> Path:
     """Fold a LoRA adapter into its base model and write a transformers checkpoint (config, safetensors
     shards, tokenizer files) in the base checkpoint's dtype unless ``dtype`` says otherwise."""
-    from phikit.lora import merge_lora
+    from phikit.export import export_hf
 
-    folder = resolve_model_path(model)
-    config = PhiConfig.from_json(folder / "config.json")
-    if config.extra.get("quantization_config"):
-        raise PhikitError(f"{folder} is quantized; merge into the full-precision checkpoint it came from")
-    phi = load(folder, dtype="fp32", device="cpu", adapter=adapter, progress=progress)
-    merge_lora(phi.model)
-    target = DTYPES.get(dtype or config.torch_dtype or "float32", torch.float32)
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in phi.model.state_dict().items()}
-    hf = config.to_hf_dict()
-    hf["torch_dtype"] = str(target).removeprefix("torch.")
-    return save_checkpoint(out, state, hf, folder, overwrite=overwrite)
+    return export_hf(model, out, adapter=adapter, dtype=dtype, overwrite=overwrite, progress=progress)

@@ -51,8 +51,7 @@ def export_hf(
 
     ``dtype`` (fp16, bf16, fp32) defaults to the checkpoint's own. Legacy remote-code checkpoints (``phi-msft``)
     come out in transformers' native layout, since the loader renames them. Without an adapter the weights are
-    read in the target dtype directly (no fp32 copy of a 2.7B model); with one, ``api.merge_adapter`` merges in
-    fp32.
+    read in the target dtype directly (no fp32 copy of a 2.7B model); with one, they are merged in fp32.
     """
     if dtype is not None and dtype not in DTYPES:
         raise PhikitError(f"unknown dtype {dtype!r} for export; use one of fp16, bf16, fp32")
@@ -60,16 +59,12 @@ def export_hf(
     out = Path(out)
     if out.exists() and out.resolve() == folder.resolve():
         raise PhikitError(f"{out} is the model folder itself; export into a new folder")
-    if adapter is not None:
-        from phikit.api import merge_adapter
-
-        return merge_adapter(folder, adapter, out, dtype=dtype, overwrite=overwrite, progress=progress)
     if out.exists() and any(out.iterdir()) and not overwrite:  # before loading: fail fast
         raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
-    target = DTYPES[dtype] if dtype else DTYPES.get(config.torch_dtype or "float32", torch.float32)
-    net = load_model(folder, dtype=target, device="cpu", progress=progress)
-    state = net.state_dict()
-    if state["lm_head.weight"] is state["model.embed_tokens.weight"]:
+    target = DTYPES.get(dtype or config.torch_dtype or "float32", torch.float32)
+    net = _load_merged(folder, config, adapter, progress, dtype=None if adapter else target)
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    if state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr():
         del state["lm_head.weight"]  # tied: safetensors refuses shared tensors, transformers re-ties on load
     hf = config.to_hf_dict()
     hf["torch_dtype"] = str(target).removeprefix("torch.")
@@ -223,11 +218,11 @@ def _full_precision_source(model: str | os.PathLike) -> tuple[Path, PhiConfig]:
     return folder, config
 
 
-def _load_merged(folder: Path, config: PhiConfig, adapter, progress: bool) -> PhiForCausalLM:
-    """The model on CPU with the adapter folded in: fp32 when merging, else the dtype it is stored in (exact,
-    and half the memory of fp32 for an fp16/bf16 checkpoint)."""
+def _load_merged(folder: Path, config: PhiConfig, adapter, progress: bool, dtype=None) -> PhiForCausalLM:
+    """The model on CPU with the adapter folded in: fp32 when merging, else ``dtype`` or the dtype it is stored
+    in (exact, and half the memory of fp32 for an fp16/bf16 checkpoint)."""
     if adapter is None:
-        stored = DTYPES.get(config.torch_dtype or "float32", torch.float32)
+        stored = dtype or DTYPES.get(config.torch_dtype or "float32", torch.float32)
         return load_model(folder, dtype=stored, device="cpu", progress=progress)
     from phikit.lora import load_adapter, merge_lora
 
