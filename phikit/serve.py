@@ -123,9 +123,8 @@ class Engine:
             step(*args)
         except Exception as e:  # noqa: BLE001 - the engine must outlive any single request
             log.exception("engine step failed: %s", e)
-            involved = [args[0]] if args else []
-            involved += [r for r in self.slots if r is not None and (not args or r is args[0])]
-            for r in {id(r): r for r in involved}.values():
+            involved = [args[0]] if args else [r for r in self.slots if r is not None]  # one request, or all
+            for r in involved:
                 if r.slot >= 0 and self.slots[r.slot] is r:
                     self.slots[r.slot] = None
                 r.deliver(("done", "error"))
