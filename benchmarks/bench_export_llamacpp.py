@@ -28,23 +28,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llamacpp import LOGS, NICE, build, run, source  # noqa: E402
-from common import HERE, WORK, markdown_table, save_json  # noqa: E402
+from common import DOC_PROMPTS, HERE, WORK, markdown_table, save_json  # noqa: E402
 
-PROMPTS = [
-    "The for statement is used to",
-    "The try statement specifies exception handlers",
-    "A class definition defines a class object",
-    "The while statement is used for repeated execution",
-    "Assignment statements are used to",
-    "The with statement is used to wrap the execution",
-]
 IGNORED_KEYS = {"general.name", "general.file_type", "general.quantization_version", "general.size_label"}
 
 
 def prompts_for(model: Path, tokenizer) -> list[str]:
     held = model / "heldout.txt"
     if not held.is_file():
-        return PROMPTS
+        return DOC_PROMPTS
     paragraphs = [p for p in held.read_text().split("\n\n") if len(p) > 200][:40:5]
     return [tokenizer.decode(tokenizer.encode(p)[:40]) for p in paragraphs]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,36 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import WORK, copy_tokenizer, machine, markdown_table, save_json  # noqa: E402
+from common import WORK, machine, markdown_table, save_json, small_phi  # noqa: E402
 
 DATA = HERE.parent / "recipes" / "data" / "tiny-instructions.jsonl"
 WARMUP = 3
-
-
-def make_model(folder: Path, layers: int, hidden: int) -> Path:
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import PhiConfig, PhiForCausalLM
-
-    torch.manual_seed(0)
-    config = PhiConfig(
-        vocab_size=50304,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 80,
-        partial_rotary_factor=0.4,
-        max_position_embeddings=2048,
-        bos_token_id=50256,
-        eos_token_id=50256,
-    )
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    PhiForCausalLM(config).save_pretrained(tmp)
-    copy_tokenizer(tmp)
-    tmp.rename(folder)
-    return folder
 
 
 def texts() -> list[str]:
@@ -193,7 +166,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results_finetune.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    model = make_model(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
+    model = small_phi(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
     if args.worker:
         print(json.dumps(worker(args.worker, model, args)))
         return

@@ -21,18 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, WORK, markdown_table, save_json  # noqa: E402
+from common import DOC_PROMPTS, HERE, WORK, markdown_table, save_json  # noqa: E402
 
-PROMPTS = [
-    "The for statement is used to",
-    "The try statement specifies exception handlers",
-    "A class definition defines a class object",
-    "The while statement is used for repeated execution",
-    "Assignment statements are used to",
-    "The with statement is used to wrap the execution",
-    "Slicings select a range of items",
-    "The import statement",
-]
 DEFAULT_VARIANTS = "fp32,bf16,int8,int4-g32,int4-g64,int4-g128,nf4-g64"
 
 
@@ -65,7 +55,9 @@ def main() -> None:
         phi = phikit.load(args.model, device="cpu", **parse_variant(name))
         ids = read_text(data, phi.tokenizer)
         ppl = perplexity(phi.model, ids, context=args.context)
-        greedy = [phi.generate(p, template="raw", max_new_tokens=args.tokens, temperature=0).token_ids for p in PROMPTS]
+        greedy = [
+            phi.generate(p, template="raw", max_new_tokens=args.tokens, temperature=0).token_ids for p in DOC_PROMPTS
+        ]
         results[name] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "greedy": greedy}
         print(f"{name}: perplexity {ppl.perplexity:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
@@ -82,7 +74,7 @@ def main() -> None:
             same += ours == ref
         r["perplexity_change_vs_bf16"] = r["perplexity"] / base["perplexity"] - 1
         r["greedy_prefix_agreement"] = prefix / total
-        r["greedy_identical"] = f"{same}/{len(PROMPTS)}"
+        r["greedy_identical"] = f"{same}/{len(DOC_PROMPTS)}"
         rows.append(
             {
                 "variant": name,

@@ -12,7 +12,6 @@ Prints a Markdown table and writes benchmarks/results_serve.json.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,33 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import WORK, copy_tokenizer, machine, markdown_table, save_json  # noqa: E402
-
-
-def make_model(folder: Path, layers: int, hidden: int) -> Path:
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import PhiConfig, PhiForCausalLM
-
-    torch.manual_seed(0)
-    config = PhiConfig(
-        vocab_size=50304,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 80,
-        partial_rotary_factor=0.4,
-        max_position_embeddings=2048,
-        bos_token_id=50256,
-        eos_token_id=50256,
-    )
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    PhiForCausalLM(config).save_pretrained(tmp)
-    copy_tokenizer(tmp)
-    tmp.rename(folder)
-    return folder
+from common import WORK, machine, markdown_table, save_json, small_phi  # noqa: E402
 
 
 def measure(phi, max_batch: int, clients: int, requests: int, max_tokens: int) -> dict:
@@ -92,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     import phikit
 
-    model = make_model(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
+    model = small_phi(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
     phi = phikit.load(model, dtype="bf16", device="cpu")
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:

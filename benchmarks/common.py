@@ -36,6 +36,47 @@ PROMPT = (
 )
 
 
+# Prompts in the style of Python's documentation, what make_tiny_trained.py's model was trained on.
+DOC_PROMPTS = [
+    "The for statement is used to",
+    "The try statement specifies exception handlers",
+    "A class definition defines a class object",
+    "The while statement is used for repeated execution",
+    "Assignment statements are used to",
+    "The with statement is used to wrap the execution",
+    "Slicings select a range of items",
+    "The import statement",
+]
+
+
+def small_phi(folder: Path, layers: int, hidden: int) -> Path:
+    """Write (once) a small Phi-2-shaped checkpoint with random weights (heads of 80, MLP 4x hidden, partial
+    rotary 0.4, GPT-2 vocabulary padded to 50304) for the fine-tuning and serving benchmarks."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(
+        vocab_size=50304,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 80,
+        partial_rotary_factor=0.4,
+        max_position_embeddings=2048,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    PhiForCausalLM(config).save_pretrained(tmp)
+    copy_tokenizer(tmp)
+    tmp.rename(folder)
+    return folder
+
+
 def random_phi2(folder: Path = WORK / "phi2-random", **overrides) -> Path:
     """Write (once) a full-size Phi-2-shaped checkpoint with random weights, saved by transformers in fp16
     as 2 shards like microsoft/phi-2, with the GPT-2 tokenizer files next to it."""
