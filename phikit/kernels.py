@@ -197,15 +197,12 @@ def gemm(
     Returns (M, N) fp32. Needs N % 16 == 0 and K % 64 == 0."""
     m, k = x.shape
     n = weight.shape[0]
-    padded = -(-m // 6) * 6
-    if padded != m:
-        x = torch.cat([x, x.new_zeros(padded - m, k)])
-    y = torch.empty(padded, n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32)
     int4 = kind == "int4"
     library().phikit_gemm(
         GEMM_KINDS[kind],
         x.data_ptr(),
-        padded,
+        m,
         k,
         weight.data_ptr(),
         n,
@@ -216,4 +213,4 @@ def gemm(
         _ptr(bias),
         y.data_ptr(),
     )
-    return y[:m]
+    return y

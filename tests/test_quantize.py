@@ -82,7 +82,7 @@ def test_quantized_linear_matches_dequantized_matmul(weight, backend, fmt, group
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [1, 5, 33, 600])
 def test_dense_linear_matches_torch(backend, dtype, rows):
     torch.manual_seed(1)
     linear = torch.nn.Linear(K, N).to(dtype).requires_grad_(False)
