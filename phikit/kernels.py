@@ -85,6 +85,9 @@ def library() -> ctypes.CDLL | None:
     lib.phikit_gemv_i4.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p]
     lib.phikit_gelu_tanh.argtypes = [p, i64]
     lib.phikit_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, p, p, i64, p, p]
+    lib.phikit_to_bf16.argtypes = [ctypes.c_int, p, i64, p]
+    lib.phikit_quantize_i8.argtypes = [ctypes.c_int, p, i64, i64, p, p]
+    lib.phikit_quantize_i4.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p]
     lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p]
     _lib = lib
     return lib
@@ -214,3 +217,54 @@ def gemm(
         y.data_ptr(),
     )
     return y
+
+
+SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def can_quantize(weight: torch.Tensor, fmt: str, group_size: int) -> bool:
+    """Whether ``quantize`` handles this weight (else use quantize.py's PyTorch quantizers)."""
+    k = weight.shape[-1]
+    return (
+        weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.dtype in SOURCE_DTYPES
+        and (k % 32 == 0 if fmt == "int8" else fmt == "int4" and k % 64 == 0 and k % group_size == 0)
+        and available()
+    )
+
+
+def quantize(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, torch.Tensor]:
+    """int8 / int4 quantization of a CPU weight, equal bit for bit to quantize.py's PyTorch quantizers
+    (same fp32 arithmetic and rounding) in one pass per row; see ``can_quantize``."""
+    w = weight.contiguous()
+    n, k = w.shape
+    dtype = SOURCE_DTYPES[w.dtype]
+    if fmt == "int8":
+        q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+        library().phikit_quantize_i8(dtype, w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr())
+        return {"weight": q, "weight_scale": scale}
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scale = torch.empty(n, k // group_size, dtype=torch.float16)
+    minimum = torch.empty_like(scale)
+    library().phikit_quantize_i4(
+        dtype, w.data_ptr(), n, k, group_size, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr()
+    )
+    return {"weight": packed, "weight_scale": scale, "weight_min": minimum}
+
+
+def to_bf16(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``t.to(torch.bfloat16)`` for a contiguous fp32/fp16 CPU tensor: the same bits (finite values; NaN
+    stays NaN), several times faster than PyTorch's conversion from fp16. ``in_place`` converts an fp16
+    tensor inside its own memory (no new pages to fault in) and returns a bf16 view of it; ``t`` is then
+    garbage. Other inputs: ``t.to``."""
+    if t.device.type != "cpu" or t.dtype not in SOURCE_DTYPES or t.dtype == torch.bfloat16 or not t.is_contiguous():
+        return t.to(torch.bfloat16)
+    if not available():
+        return t.to(torch.bfloat16)
+    if in_place and t.dtype == torch.float16:
+        out = t.view(torch.bfloat16)
+    else:
+        out = torch.empty(t.shape, dtype=torch.bfloat16)
+    library().phikit_to_bf16(SOURCE_DTYPES[t.dtype], t.data_ptr(), t.numel(), out.data_ptr())
+    return out

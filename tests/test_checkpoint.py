@@ -79,6 +79,17 @@ def test_sharded_checkpoint_loads_like_single_file(checkpoint_factory, tiny):
     )
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32])
+def test_bf16_load_has_the_bits_of_transformers_bf16_load(checkpoint_factory, stored):
+    from transformers import PhiForCausalLM as HFPhi
+
+    folder, _ = checkpoint_factory(dtype=stored)
+    ours = load_model(folder, dtype="bf16", device="cpu").state_dict()
+    theirs = HFPhi.from_pretrained(folder, dtype=torch.bfloat16).state_dict()
+    for name, t in theirs.items():
+        assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], t), name
+
+
 def legacy_state_dict(hf, layout: str) -> dict[str, torch.Tensor]:
     """transformers weights renamed to the remote-code layouts of the first Phi releases."""
     sd, n = hf.state_dict(), hf.config.num_hidden_layers

@@ -52,6 +52,21 @@ def test_int8_and_int4_round_trip_within_half_a_step(weight):
         assert (err <= t["weight_scale"] / 2 + 1e-6).all()
 
 
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)])
+def test_kernel_quantizer_gives_the_reference_bits(weight, dtype, fmt, group):
+    w = (weight * torch.linspace(0.1, 3, N)[:, None]).to(dtype)
+    w[0, :64] = 0.5  # constant groups: zero range, the 1e-7 floor of the scale
+    w[1] = 0
+    assert kernels.can_quantize(w, fmt, group or 64)
+    ours = kernels.quantize(w, fmt, group or 64)
+    reference = quantize_int8(w) if fmt == "int8" else quantize_int4(w, group)
+    assert ours.keys() == reference.keys()
+    for name, t in reference.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+
+
 def test_nf4_matches_bitsandbytes(weight):
     bnb = pytest.importorskip("bitsandbytes.functional")
     ours = quantize_nf4(weight)
