@@ -104,10 +104,16 @@ class PhiAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None,
         start: int | torch.Tensor,
         mask: torch.Tensor | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """Attention output (batch, seq, hidden); with ``last_only`` keys and values of every position go to
+        the cache but only the last position is queried (batch, 1, hidden)."""
         b, t, _ = x.shape
         d = self.config.head_dim
-        q = self.q_proj(x).view(b, t, -1, d).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        # the last layer of a prefill: one query (it sees every key: no causal mask), q_proj/dense on one row
+        last_only = last_only and t > 1 and kv is not None and not isinstance(start, torch.Tensor)
+        queries = 1 if last_only else t
+        q = self.q_proj(x[:, -queries:]).view(b, queries, -1, d).transpose(1, 2)  # (batch, heads, seq, head_dim)
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         if self.config.qk_layernorm:
@@ -130,7 +136,7 @@ class PhiAttention(nn.Module):
                 torch.zeros_like(pos),
             )
             return self.dense(y.view(b, 1, -1))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[:, :, -queries:], sin[:, :, -queries:]), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):
             # one new token per row at its own slot (continuous batching; compiled decoding with a (1,)
             # slot): static shapes, whole cache attended under a mask
@@ -146,8 +152,10 @@ class PhiAttention(nn.Module):
             k_cache[:, :, start : start + t] = k
             v_cache[:, :, start : start + t] = v
             k, v = k_cache[:, :, : start + t], v_cache[:, :, : start + t]
-        y = attention(q, k, v, mask, causal=mask is None and t > 1)
-        return self.dense(y.transpose(1, 2).reshape(b, t, -1))
+        if mask is not None:
+            mask = mask[:, :, -queries:]
+        y = attention(q, k, v, mask, causal=mask is None and queries > 1)
+        return self.dense(y.transpose(1, 2).reshape(b, queries, -1))
 
 
 class PhiMLP(nn.Module):
@@ -174,9 +182,14 @@ class PhiDecoderLayer(nn.Module):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.resid_dropout = nn.Dropout(float(config.extra.get("resid_pdrop", 0.0)))
 
-    def forward(self, x, cos, sin, kv, start, mask):
+    def forward(self, x, cos, sin, kv, start, mask, last_only: bool = False):
+        """(batch, seq, hidden), or with ``last_only`` (the last layer of a prefill whose other positions
+        are not read) only the last position, (batch, 1, hidden): llama.cpp skips these rows too."""
         h = self.input_layernorm(x)
-        attn, mlp = self.self_attn(h, cos, sin, kv, start, mask), self.mlp(h)
+        attn = self.self_attn(h, cos, sin, kv, start, mask, last_only)
+        if attn.shape[1] != x.shape[1]:
+            h, x = h[:, -1:], x[:, -1:]
+        mlp = self.mlp(h)
         if self.training:
             attn, mlp = self.resid_dropout(attn), self.resid_dropout(mlp)
         return attn + mlp + x
@@ -199,8 +212,10 @@ class PhiModel(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         padding_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Final hidden states (batch, seq, hidden) for ``input_ids`` (batch, seq).
+        """Final hidden states (batch, seq, hidden) for ``input_ids`` (batch, seq); with ``last_only`` and a
+        cache, those of the last position (batch, 1, hidden), every position's keys/values still cached.
 
         positions: rope positions (batch, seq), default ``start + arange(seq)``.
         cache/start: write this chunk's keys/values at cache slots ``start:start+seq`` and attend to all before.
@@ -222,7 +237,7 @@ class PhiModel(nn.Module):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv, start, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv, start, mask)
+                x = layer(x, cos, sin, kv, start, mask, last_only and i == len(self.layers) - 1)
         return self.final_layernorm(x)
 
 
@@ -264,7 +279,7 @@ class PhiForCausalLM(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position."""
-        h = self.model(input_ids, positions, cache, start, padding_mask)
+        h = self.model(input_ids, positions, cache, start, padding_mask, last_only and not self.training)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

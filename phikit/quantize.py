@@ -7,8 +7,8 @@ Formats (row n of a weight is output feature n; K = in_features):
 4-bit codes are packed two per byte in blocks of 64 (byte i: code i low nibble, code i+32 high nibble), so
 one 32-byte load gives 64 codes in order with one mask and one shift.
 
-Which kernel runs: on CPU the hand-written AVX2 kernels in ``kernels`` (decode: a few activation rows)
-or unpack-to-fp32 + BLAS sgemm (prefill); without them PyTorch's ``_weight_int8pack_mm`` /
+Which kernel runs: on CPU the hand-written AVX2 kernels in ``kernels`` (decode: a few activation rows;
+prefill: a GEMM that unpacks weight panels to fp32 as it goes); without them PyTorch's ``_weight_int8pack_mm`` /
 ``_weight_int4pack_mm_for_cpu``; on CUDA PyTorch's int8/int4 kernels or bitsandbytes (NF4); and a
 plain dequantize + matmul wherever nothing faster applies. Embeddings stay unquantized (a decode step
 reads one row of them); ``lm_head`` is quantized unless the spec says otherwise.

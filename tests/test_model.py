@@ -68,6 +68,29 @@ def test_cached_decode_matches_full_forward(checkpoint_factory, overrides):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"qk_layernorm": True, "num_key_value_heads": 2}])
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(checkpoint_factory, overrides, padded):
+    folder, hf = checkpoint_factory(**overrides)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(12, hf.config.vocab_size)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = not padded  # row 1 left-padded: attention under a mask, not SDPA's causal flag
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    mask = valid if padded else None
+    caches = model.new_cache(2, 16), model.new_cache(2, 16)
+    with torch.no_grad():
+        for cache, last_only in zip(caches, (False, True)):  # a prefill, then a chunk on top of it
+            model(ids[:, :7], positions[:, :7], cache, 0, mask, last_only=last_only)
+            logits = model(ids[:, 7:], positions[:, 7:], cache, 7, mask, last_only=last_only)
+            if not last_only:
+                expected = logits[:, -1:]
+    assert logits.shape[1] == 1
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=1e-6)
+    torch.testing.assert_close(caches[1].v, caches[0].v, rtol=0, atol=1e-6)
+
+
 def test_left_padded_rows_match_unpadded(tiny):
     folder, hf = tiny
     model = load_model(folder, dtype="fp32", device="cpu")
