@@ -524,7 +524,8 @@ static inline __attribute__((always_inline)) void kernel_6x16(int64_t kc, const 
  * Per block of MC rows and KC columns of x: the block is packed once into 6-row panels (both threads share
  * it, from L2/L3), then each thread takes 16-row panels of W, unpacks one to fp32 in L1 and runs the kernel
  * over every row panel. The next C tile is prefetched: without it each kernel call waits on its C tile
- * from L3 (measured ~110 -> ~130-165 GFLOPS on 2 Zen 3 cores, peak ~180-190). */
+ * from L3. Measured on 2 Zen 3 cores against the unpacked, unprefetched version in the same process:
+ * 1.09-1.24x, 160-179 GFLOPS of an FMA peak of 176-192 (benchmarks/RESULTS.md). */
 void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale,
                  const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y) {
     int64_t mc_max = M < MC ? (M + MR - 1) / MR * MR : MC;
