@@ -234,8 +234,8 @@ def convert_legacy(name: str, tensor: torch.Tensor, config: PhiConfig) -> list[t
 def cast(value: torch.Tensor, dtype: torch.dtype, device: torch.device, in_place: bool = False) -> torch.Tensor:
     """``value`` as ``dtype``, converted where it is cheaper: fp16/fp32 -> bf16 on the CPU with the kernel
     (PyTorch's fp16 -> bf16 took a third of loading Phi-2), in the read buffer itself if ``in_place``."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and value.device.type == "cpu":
-        return kernels.to_bf16(value, in_place=in_place)
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return kernels.to_bf16(value, in_place=in_place)  # PyTorch's own conversion for what it does not take
     return value.to(device=device).to(dtype)
 
 

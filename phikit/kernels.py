@@ -258,9 +258,8 @@ def to_bf16(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     stays NaN), several times faster than PyTorch's conversion from fp16. ``in_place`` converts an fp16
     tensor inside its own memory (no new pages to fault in) and returns a bf16 view of it; ``t`` is then
     garbage. Other inputs: ``t.to``."""
-    if t.device.type != "cpu" or t.dtype not in SOURCE_DTYPES or t.dtype == torch.bfloat16 or not t.is_contiguous():
-        return t.to(torch.bfloat16)
-    if not available():
+    convertible = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16) and t.is_contiguous()
+    if not (convertible and available()):
         return t.to(torch.bfloat16)
     if in_place and t.dtype == torch.float16:
         out = t.view(torch.bfloat16)

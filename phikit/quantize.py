@@ -245,7 +245,7 @@ class QuantizedLinear(nn.Module):
                 f"be a multiple of {group_size if fmt == 'int4' else 32}"
             )
         layer = cls(in_features, out_features, fmt, group_size, bias)
-        if fmt in ("int8", "int4") and kernels.can_quantize(weight, fmt, group_size):
+        if kernels.can_quantize(weight, fmt, group_size):
             tensors = kernels.quantize(weight, fmt, group_size)  # same bits, ~20-50x faster on CPU
         else:
             tensors = QUANTIZERS[fmt](weight, group_size) if fmt == "int4" else QUANTIZERS[fmt](weight)

@@ -422,6 +422,7 @@ void phikit_attention_decode(const float *q, const float *k, const float *v, con
 #define NR 16
 #define KC 256
 #define MC 516 /* rows of x per block: a 516 x 256 fp32 block is about one L2 */
+#define PANEL_ROWS(mc, p) ((mc) - (p) * MR < MR ? (int)((mc) - (p) * MR) : MR) /* rows of x in panel p */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 
@@ -490,8 +491,9 @@ static void pack_panel(int kind, const void *w, const float *scale, const uint16
 }
 
 /* C (rows x 16, row stride ldc, rows <= 6) = sum_k Ap[k][i] * Bp[k][j] + (C itself for a later block of k,
- * else the bias row or zero). Ap is a packed panel of 6 rows of x, k-major, zero past the last row. Each block's sum starts from zero and is
- * added to C at the end (a blocked sum: more accurate than accumulating onto C). */
+ * else the bias row or zero). Ap is a packed panel of 6 rows of x, k-major, zero past the last row. Each
+ * block's sum starts from zero and is added to C at the end (a blocked sum: more accurate than accumulating
+ * onto C). */
 static inline __attribute__((always_inline)) void kernel_6x16(int64_t kc, const float *Ap, const float *Bp, float *C,
                                                               int64_t ldc, int rows, const float *bias, int accumulate) {
     __m256 c[MR][2];
@@ -541,7 +543,7 @@ void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, 
                 for (int64_t p = 0; p < panels; p++) { /* Ap[p][k][i] = x[m0 + 6p + i][k0 + k], 0 past row M */
                     const float *src = x + (m0 + p * MR) * K + k0;
                     float *dst = Ap + p * MR * kc;
-                    int rows = mc - p * MR < MR ? (int)(mc - p * MR) : MR;
+                    int rows = PANEL_ROWS(mc, p);
                     for (int64_t k = 0; k < kc; k++)
                         for (int i = 0; i < MR; i++) dst[k * MR + i] = i < rows ? src[i * K + k] : 0.0f;
                 }
@@ -550,10 +552,9 @@ void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, 
                     pack_panel(kind, w, scale, scale16, minimum, G, K, n0, k0, kc, Bp);
                     for (int64_t p = 0; p < panels; p++) {
                         float *C = y + (m0 + p * MR) * N + n0;
-                        int rows = mc - p * MR < MR ? (int)(mc - p * MR) : MR;
                         if (k0 > 0 && p + 2 < panels) /* the next tile (full: only the last one is partial) */
                             for (int i = 0; i < MR; i++) _mm_prefetch((const char *)(C + (MR + i) * N), _MM_HINT_T0);
-                        kernel_6x16(kc, Ap + p * MR * kc, Bp, C, N, rows, bias ? bias + n0 : NULL, k0 > 0);
+                        kernel_6x16(kc, Ap + p * MR * kc, Bp, C, N, PANEL_ROWS(mc, p), bias ? bias + n0 : NULL, k0 > 0);
                     }
                 }
             }
@@ -567,7 +568,8 @@ void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, 
 /* ---- weight quantization while loading: quantize.py's reference quantizers (quantize_int8,
  * quantize_int4), the same fp32 operations in the same order, so the results are equal bit for bit; one
  * pass over each row instead of PyTorch's dozen whole-tensor passes (a 2.7B model: ~25 s -> ~1 s).
- * Source weights are f32, bf16 or f16 (dtype 0, 1, 2); rounding is to nearest even, as torch.round and Tensor.half do. */
+ * Source weights are f32, bf16 or f16 (dtype 0, 1, 2); rounding is to nearest even, as torch.round and
+ * Tensor.half do. */
 static inline __m256 load_any(int dtype, const void *w, int64_t i) {
     return dtype == 0 ? _mm256_loadu_ps((const float *)w + i)
          : dtype == 1 ? load_bf16((const uint16_t *)w + i) : load_f16((const uint16_t *)w + i);
@@ -580,7 +582,8 @@ void phikit_quantize_i8(int dtype, const void *w, int64_t N, int64_t K, int8_t *
     for (int64_t n = 0; n < N; n++) {
         const int64_t row = n * K;
         __m256 amax = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load_any(dtype, w, row + k)));
+        for (int64_t k = 0; k < K; k += 8)
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load_any(dtype, w, row + k)));
         float s = fmaxf(hmax(amax) / 127.0f, 1e-12f);
         scale[n] = s;
         __m256 vs = _mm256_set1_ps(s);
