@@ -204,6 +204,7 @@ class PhiModel(nn.Module):
         self.layers = nn.ModuleList(PhiDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
+        self.decode_plan = kernels.DecodePlan()  # the layers' weights as the C decoding step reads them
 
     def forward(
         self,
@@ -231,6 +232,10 @@ class PhiModel(nn.Module):
             positions = (first + torch.arange(t, device=x.device)).expand(b, t)
         cos, sin = rope_tables(self.config, positions, x.dtype)
         mask = build_mask(t, start, padding_mask, x.device, cache.max_length if cache is not None else 0)
+        if t == 1 and cache is not None and mask is None and not isinstance(start, torch.Tensor) and not self.training:
+            plan = self.decode_plan.get(self.layers) if _fused_decode_ok(x, cache.k) else None
+            if plan is not None:  # every layer in one C call: no per-layer Python (kernels.decode_layers)
+                return self.final_layernorm(kernels.decode_layers(plan, x, self.config, cos, sin, cache, start))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None

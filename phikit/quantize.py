@@ -157,6 +157,17 @@ def _cpu_kernel_ok(x: torch.Tensor, k: int, n: int) -> bool:
     )
 
 
+def _kernel_shapes(module: nn.Module, weight: torch.Tensor) -> bool:
+    """A CPU layer the C decoding step may run: kernel-sized, contiguous, no hooks on it."""
+    return (
+        weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and module.in_features % 64 == 0
+        and module.out_features % 16 == 0
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
+
+
 class _Fp32Bias:
     """fp32 copy of a bias for the C kernels, refreshed when the bias changes."""
 
@@ -207,6 +218,15 @@ class DenseLinear(nn.Linear):
         if not hasattr(self, "_bias32"):
             self._bias32 = _Fp32Bias()
         return _run_cpu(x, kind, self.weight, self._bias32.get(self.bias), self.out_features)
+
+    def kernel_args(self) -> tuple | None:
+        """(kind, weight, scale, minimum, fp32 bias, group size) for the C decoding step, or None."""
+        kind = self._kinds.get(self.weight.dtype)
+        if kind is None or self.weight.requires_grad or not _kernel_shapes(self, self.weight):
+            return None
+        if not hasattr(self, "_bias32"):
+            self._bias32 = _Fp32Bias()
+        return kind, self.weight, None, None, self._bias32.get(self.bias), 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DenseLinear:
@@ -293,6 +313,13 @@ class QuantizedLinear(nn.Module):
                 return y
         weight = self.dequantized().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernel_args(self) -> tuple | None:
+        """(kind, weight, scale, minimum, fp32 bias, group size) for the C decoding step, or None."""
+        if self.format not in ("int8", "int4") or not _kernel_shapes(self, self.weight):
+            return None
+        minimum = getattr(self, "weight_min", None)
+        return self.format, self.weight, self.weight_scale, minimum, self._bias32.get(self.bias), self.group_size
 
     def _torch_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
         """PyTorch's own CPU weight-only kernels, used when ours are unavailable (bf16 activations)."""

@@ -662,3 +662,74 @@ void phikit_to_bf16(int dtype, const void *src, int64_t n, uint16_t *dst) {
         dst[i] = f != f ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
     }
 }
+
+/* ---- a whole decoding step through the decoder layers, one call ----
+ * Per layer: h = LayerNorm(x); attention (q/k/v gemv, rotary, cache write, attention, dense) and MLP (fc1,
+ * gelu, fc2) both read h; x = (attn + mlp) + x, the order model.py adds them in. Doing this in C removes
+ * ~25 PyTorch ops and Python calls per layer (~11 ms of Python per token on Phi-2, the time of ~15% of an
+ * int4 step). The linears are the gemv kernels above, so each dot product is accumulated as in the
+ * layer-by-layer path. */
+typedef struct {
+    int64_t kind, n, k, group;
+    const void *w, *scale, *minimum;
+    const float *bias;
+} Linear;
+
+typedef struct {
+    const float *ln_weight, *ln_bias;
+    Linear q, k, v, dense, fc1, fc2;
+} Layer;
+
+static void linear(const Linear *l, const float *x, int64_t M, float *y) {
+    switch (l->kind) {
+    case KIND_F32: phikit_gemv_f32(x, M, l->k, l->w, l->n, NULL, l->bias, y); break;
+    case KIND_BF16: phikit_gemv_bf16(x, M, l->k, l->w, l->n, NULL, l->bias, y); break;
+    case KIND_F16: phikit_gemv_f16(x, M, l->k, l->w, l->n, NULL, l->bias, y); break;
+    case KIND_I8: phikit_gemv_i8(x, M, l->k, l->w, l->n, l->scale, l->bias, y); break;
+    default: phikit_gemv_i4(x, M, l->k, l->w, l->n, l->group, l->scale, l->minimum, l->bias, y); break;
+    }
+}
+
+/* y = (x - mean) / sqrt(var + eps) * w + b over n values (n % 8 == 0), two passes in fp32 as PyTorch does */
+static void layer_norm(const float *x, int64_t n, const float *w, const float *b, float eps, float *y) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + i));
+    float mean = hsum(s) / (float)n;
+    __m256 vm = _mm256_set1_ps(mean), ss = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm);
+        ss = _mm256_fmadd_ps(d, d, ss);
+    }
+    __m256 rstd = _mm256_set1_ps(1.0f / sqrtf(hsum(ss) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), rstd);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(d, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
+    }
+}
+
+/* x (B, hidden) in place; caches (L, B, KV, S, D); cos/sin (B, R) at each row's position; pos/first as in
+ * phikit_attention_decode. */
+void phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
+                          float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R,
+                          float *k_cache, float *v_cache, int64_t S, const int64_t *pos, const int64_t *first) {
+    int64_t qn = H * D, kvn = KV * D, layer_cache = B * KV * S * D;
+    float *h = malloc(sizeof(float) * (size_t)(B * (hidden + qn + 2 * kvn + qn + 2 * hidden + inter)));
+    float *q = h + B * hidden, *k = q + B * qn, *v = k + B * kvn, *a = v + B * kvn;
+    float *attn = a + B * qn, *mlp = attn + B * hidden, *up = mlp + B * hidden;
+    for (int64_t l = 0; l < L; l++) {
+        const Layer *ly = layers + l;
+        for (int64_t b = 0; b < B; b++)
+            layer_norm(x + b * hidden, hidden, ly->ln_weight, ly->ln_bias, eps, h + b * hidden);
+        linear(&ly->q, h, B, q);
+        linear(&ly->k, h, B, k);
+        linear(&ly->v, h, B, v);
+        phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, k_cache + l * layer_cache,
+                                v_cache + l * layer_cache, S, pos, first, a);
+        linear(&ly->dense, a, B, attn);
+        linear(&ly->fc1, h, B, up);
+        phikit_gelu_tanh(up, B * inter);
+        linear(&ly->fc2, up, B, mlp);
+        for (int64_t i = 0; i < B * hidden; i++) x[i] = (attn[i] + mlp[i]) + x[i];
+    }
+    free(h);
+}
