@@ -24,6 +24,11 @@
 #include <string.h>
 
 #define ROWS 4 /* weight rows processed together when M == 1 */
+/* Software prefetch distance (bytes) in the int8 / int4 gemv: one row at a time is a single stream, which
+ * the hardware prefetchers alone keep ~10-20% below the bandwidth a 4-row bf16 stream reaches; measured
+ * best on Phi-2's shapes (benchmarks/RESULTS.md). bf16's four streams do better without. */
+#define PREFETCH_I8 1024
+#define PREFETCH_I4 2048
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -167,7 +172,10 @@ static inline __attribute__((always_inline)) __m256 dot_i8(const int8_t *w, cons
     __m256 a = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += XB) {
         __m256i s = _mm256_setzero_si256();
-        for (int64_t j = 0; j < XB; j += 32) s = _mm256_add_epi32(s, madd_i8_i16(w + k + j, xq + k + j));
+        for (int64_t j = 0; j < XB; j += 32) {
+            if ((j & 63) == 0) _mm_prefetch((const char *)(w + k + j) + PREFETCH_I8, _MM_HINT_T0);
+            s = _mm256_add_epi32(s, madd_i8_i16(w + k + j, xq + k + j));
+        }
         a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(dx + k / XB), a);
     }
     return a;
@@ -254,6 +262,7 @@ static inline __attribute__((always_inline)) float dot_row_i4(const uint8_t *wr,
     __m256 acc = _mm256_setzero_ps();
     if (G == 32) { /* one 64-block holds two groups */
         for (int64_t b = 0; b < K / 64; b++) {
+            _mm_prefetch((const char *)(wr + b * 32) + PREFETCH_I4, _MM_HINT_T0);
             __m256i v = _mm256_loadu_si256((const __m256i *)(wr + b * 32));
             __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
             __m256i s0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + b * 64)));
@@ -266,7 +275,9 @@ static inline __attribute__((always_inline)) float dot_row_i4(const uint8_t *wr,
         for (g = 0; g < groups; g++) {
             __m256i gsum = _mm256_setzero_si256();
             for (int64_t j = 0; j < G / 64; j++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(wr + g * G / 2 + j * 32));
+                const uint8_t *wb = wr + g * G / 2 + j * 32;
+                _mm_prefetch((const char *)wb + PREFETCH_I4, _MM_HINT_T0); /* every 32 B: measured best */
+                __m256i v = _mm256_loadu_si256((const __m256i *)wb);
                 __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                 const int8_t *x = xq + g * G + j * 64;
                 gsum = _mm256_add_epi16(gsum, _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)));
