@@ -534,38 +534,46 @@ static inline __attribute__((always_inline)) void kernel_6x16(int64_t kc, const 
 }
 
 /* x: M x K fp32, y: M x N. N % 16 == 0, K % 64 == 0.
- * Per block of MC rows and KC columns of x: the block is packed once into 6-row panels (both threads share
- * it, from L2/L3), then each thread takes 16-row panels of W, unpacks one to fp32 in L1 and runs the kernel
- * over every row panel. The next C tile is prefetched: without it each kernel call waits on its C tile
- * from L3. Measured on 2 Zen 3 cores against the unpacked, unprefetched version in the same process:
- * 1.09-1.24x, 160-179 GFLOPS of an FMA peak of 176-192 (benchmarks/RESULTS.md). */
+ * Per block of MC rows of x: the block is packed once, every KC slice of it, into 6-row panels (shared by
+ * both threads, from L2/L3). Each thread then takes blocks of NC output columns, and for each runs every
+ * KC slice in order: 16-row panels of W unpacked to fp32 in L1, the kernel over every row panel. The C
+ * block (MC x NC, 256 KB) stays in L2 across the slices; sweeping all N per slice instead re-read C from
+ * L3 once per slice (21 MB for fc1 at 512 rows). Each C element still adds its slices in k order, so the
+ * result is bit for bit that of the previous loop order; same-process A/B (benchmarks/RESULTS.md): fc1
+ * +9%, the other shapes level. Earlier, packing x into panels and prefetching C tiles gave 1.09-1.24x. */
+#define NC 128
 void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale,
                  const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y) {
     int64_t mc_max = M < MC ? (M + MR - 1) / MR * MR : MC;
-    float *Ap = aligned_alloc(64, (size_t)(mc_max * KC) * sizeof(float));
+    int64_t slices = (K + KC - 1) / KC;
+    float *Ap = aligned_alloc(64, (size_t)(mc_max * slices * KC) * sizeof(float));
 #pragma omp parallel
     {
         float *Bp = aligned_alloc(64, KC * NR * sizeof(float));
         for (int64_t m0 = 0; m0 < M; m0 += MC) {
             int64_t mc = M - m0 < MC ? M - m0 : MC, panels = (mc + MR - 1) / MR;
-            for (int64_t k0 = 0; k0 < K; k0 += KC) {
-                int64_t kc = K - k0 < KC ? K - k0 : KC;
-#pragma omp for schedule(static)
-                for (int64_t p = 0; p < panels; p++) { /* Ap[p][k][i] = x[m0 + 6p + i][k0 + k], 0 past row M */
+#pragma omp for schedule(static) collapse(2)
+            for (int64_t s = 0; s < slices; s++) {
+                for (int64_t p = 0; p < panels; p++) { /* Ap[s][p][k][i] = x[m0 + 6p + i][s KC + k], 0 past row M */
+                    int64_t k0 = s * KC, kc = K - k0 < KC ? K - k0 : KC;
                     const float *src = x + (m0 + p * MR) * K + k0;
-                    float *dst = Ap + p * MR * kc;
+                    float *dst = Ap + s * mc_max * KC + p * MR * kc;
                     int rows = PANEL_ROWS(mc, p);
                     for (int64_t k = 0; k < kc; k++)
                         for (int i = 0; i < MR; i++) dst[k * MR + i] = i < rows ? src[i * K + k] : 0.0f;
                 }
+            }
 #pragma omp for schedule(static)
-                for (int64_t n0 = 0; n0 < N; n0 += NR) {
-                    pack_panel(kind, w, scale, scale16, minimum, G, K, n0, k0, kc, Bp);
-                    for (int64_t p = 0; p < panels; p++) {
-                        float *C = y + (m0 + p * MR) * N + n0;
-                        if (k0 > 0 && p + 2 < panels) /* the next tile (full: only the last one is partial) */
-                            for (int i = 0; i < MR; i++) _mm_prefetch((const char *)(C + (MR + i) * N), _MM_HINT_T0);
-                        kernel_6x16(kc, Ap + p * MR * kc, Bp, C, N, PANEL_ROWS(mc, p), bias ? bias + n0 : NULL, k0 > 0);
+            for (int64_t nb = 0; nb < N; nb += NC) {
+                int64_t n_end = nb + NC < N ? nb + NC : N;
+                for (int64_t s = 0; s < slices; s++) {
+                    int64_t k0 = s * KC, kc = K - k0 < KC ? K - k0 : KC;
+                    const float *A = Ap + s * mc_max * KC;
+                    for (int64_t n0 = nb; n0 < n_end; n0 += NR) {
+                        pack_panel(kind, w, scale, scale16, minimum, G, K, n0, k0, kc, Bp);
+                        for (int64_t p = 0; p < panels; p++)
+                            kernel_6x16(kc, A + p * MR * kc, Bp, y + (m0 + p * MR) * N + n0, N, PANEL_ROWS(mc, p),
+                                        bias ? bias + n0 : NULL, k0 > 0);
                     }
                 }
             }
