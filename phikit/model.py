@@ -80,7 +80,8 @@ def _cpu_inference(x: torch.Tensor) -> bool:
 
 def _fused_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether one decoding step can use the fused CPU kernel (rotary + cache write + attention)."""
-    return _cpu_inference(q) and k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+    d = k_cache.shape[-1]  # the kernel holds a head in at most 16 vectors of 8
+    return _cpu_inference(q) and k_cache.dtype == torch.float32 and k_cache.is_contiguous() and d % 8 == 0 and d <= 128
 
 
 class PhiAttention(nn.Module):

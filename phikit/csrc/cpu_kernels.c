@@ -27,8 +27,12 @@
 /* Software prefetch distance (bytes) in the int8 / int4 gemv: one row at a time is a single stream, which
  * the hardware prefetchers alone keep ~10-20% below the bandwidth a 4-row bf16 stream reaches; measured
  * best on Phi-2's shapes (benchmarks/RESULTS.md). bf16's four streams do better without. */
+#ifndef PREFETCH_I8 /* overridable for benchmarks/bench_decode.py --define */
 #define PREFETCH_I8 1024
+#endif
+#ifndef PREFETCH_I4
 #define PREFETCH_I4 2048
+#endif
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -1,0 +1,187 @@
+"""Decoding on the CPU, piece by piece: how fast the gemv kernels stream weights, and what the one-call
+decoding step (``phikit_decode_layers``) gains over running the layers as modules.
+
+    python benchmarks/bench_decode.py [--precisions bf16,int8,int4] [--rounds 5] [--define NAME=VALUE ...]
+
+1. gemv: one decoding step's worth of weights in Phi-2's shapes (32 layers of q/k/v/dense 2560x2560, fc1
+   10240x2560, fc2 2560x10240; distinct tensors, so nothing is served from cache) through the gemv kernel of
+   each format, reported in GB/s of weights read, next to a large ``tensor.sum()`` measured in the same
+   round (the machine's memory bandwidth at that moment). ``--define`` builds a second copy of the kernels
+   with a C macro changed (e.g. ``PREFETCH_I4=0``) and alternates it with the default, call by call.
+2. step: the full-size random Phi-2 loaded at each precision; decode tok/s (48 tokens after a 16-token
+   prompt) with every layer in one C call, alternated with the module-by-module path (the plan disabled).
+
+Medians over ``--rounds``; prints Markdown tables and writes benchmarks/results_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import machine, markdown_table, random_phi2, save_json  # noqa: E402
+
+from phikit import kernels  # noqa: E402
+
+SHAPES = [(2560, 2560)] * 4 + [(10240, 2560), (2560, 10240)]
+LAYERS = 32
+
+
+def build_variant(defines: list[str]) -> ctypes.CDLL:
+    """The kernel library compiled with extra ``-D`` macros, typed like phikit's own."""
+    out = Path(tempfile.mkdtemp()) / "variant.so"
+    flags = [f"-D{d}" for d in defines]
+    subprocess.run(["cc", *kernels.FLAGS, *flags, "-o", str(out), str(kernels.SOURCE), "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in ("phikit_gemv_bf16", "phikit_gemv_i8"):
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, p]
+    lib.phikit_gemv_i4.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p]
+    return lib
+
+
+def step_weights(kind: str) -> tuple[list, int]:
+    """(n, k, tensors, output) for every linear of a 32-layer step, and their bytes."""
+    torch.manual_seed(0)
+    mats, total = [], 0
+    for _ in range(LAYERS):
+        for n, k in SHAPES:
+            w = torch.randn(n, k) * 0.02
+            t = {"weight": w.bfloat16()} if kind == "bf16" else kernels.quantize(w, kind, 64)
+            total += sum(v.numel() * v.element_size() for v in t.values())
+            mats.append((n, k, t, torch.empty(1, n)))
+    return mats, total
+
+
+def run_step(lib: ctypes.CDLL, kind: str, mats: list, xs: dict) -> float:
+    """Seconds for every gemv of one step through ``lib``."""
+    start = time.perf_counter()
+    for n, k, t, y in mats:
+        x = xs[k].data_ptr()
+        if kind == "int4":
+            s, m = t["weight_scale"].data_ptr(), t["weight_min"].data_ptr()
+            lib.phikit_gemv_i4(x, 1, k, t["weight"].data_ptr(), n, 64, s, m, None, y.data_ptr())
+        elif kind == "int8":
+            lib.phikit_gemv_i8(x, 1, k, t["weight"].data_ptr(), n, t["weight_scale"].data_ptr(), None, y.data_ptr())
+        else:
+            lib.phikit_gemv_bf16(x, 1, k, t["weight"].data_ptr(), n, None, None, y.data_ptr())
+    return time.perf_counter() - start
+
+
+def bench_gemv(precisions: list[str], rounds: int, defines: list[str]) -> list[dict]:
+    libs = {"default": kernels.library()}
+    if defines:
+        libs[" ".join(defines)] = build_variant(defines)
+    xs = {k: torch.randn(1, k) for k in (2560, 10240)}
+    big = torch.ones(2**28)  # 1 GiB
+    rows = []
+    for kind in precisions:
+        mats, total = step_weights(kind)
+        speeds = {name: [] for name in libs}
+        sums = []
+        for _ in range(rounds + 1):
+            for name, lib in libs.items():
+                speeds[name].append(total / run_step(lib, kind, mats, xs) / 1e9)
+            start = time.perf_counter()
+            big.sum()
+            sums.append(big.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        for name, values in speeds.items():
+            rows.append(
+                {
+                    "weights": kind,
+                    "kernels": name,
+                    "gb": total / 1e9,
+                    "gemv_gb_s": statistics.median(values[1:]),
+                    "sum_gb_s": statistics.median(sums[1:]),
+                }
+            )
+            rows[-1]["ratio"] = f"{rows[-1]['gemv_gb_s'] / rows[-1]['sum_gb_s']:.2f}"
+            print(f"gemv {kind} {name}: {rows[-1]['gemv_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
+        del mats
+    return rows
+
+
+def decode_tok_s(model, new_tokens: int = 49) -> float:
+    """Tokens/s of greedy decoding after a 16-token prompt (the first token, from the prefill, excluded)."""
+    from phikit.generate import GenerationConfig, generate_tokens
+
+    stamps = []
+    for _ in generate_tokens(model, [list(range(100, 116))], GenerationConfig(max_new_tokens=new_tokens), 50256):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def bench_step(precisions: list[str], rounds: int) -> list[dict]:
+    from phikit.api import load
+
+    folder = random_phi2()
+    rows = []
+    for precision in precisions:
+        quantize = None if precision == "bf16" else precision
+        model = load(folder, dtype="bf16" if quantize is None else "auto", device="cpu", quantize=quantize).model
+        plan = model.model.decode_plan
+        one_call = plan.get
+
+        speeds = {"one call": [], "module by module": []}
+        for _ in range(rounds):
+            for mode in speeds:
+                plan.get = one_call if mode == "one call" else (lambda layers: None)
+                decode_tok_s(model, 4)  # warm-up
+                speeds[mode].append(decode_tok_s(model))
+        plan.get = one_call
+        base = statistics.median(speeds["module by module"])
+        for mode, values in speeds.items():
+            median = statistics.median(values)
+            row = {"precision": precision, "path": mode, "decode_tok_s": median}
+            rows.append({**row, "ratio": f"{median / base:.2f}x"})
+            print(f"step {precision} {mode}: {median:.2f} tok/s", file=sys.stderr, flush=True)
+        model = plan = None  # free it before the next precision loads
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precisions", default="bf16,int8,int4")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--define", action="append", default=[], help="C macro for a variant of the gemv kernels")
+    ap.add_argument("--skip-step", action="store_true", help="only the gemv part (no checkpoint needed)")
+    ap.add_argument("--out", type=Path, default=HERE / "results_decode.json")
+    args = ap.parse_args()
+    if not kernels.available():
+        raise SystemExit("phikit's CPU kernels are not available on this machine (x86-64 AVX2/FMA/F16C + a C compiler)")
+    precisions = args.precisions.split(",")
+    gemv = bench_gemv(precisions, args.rounds, args.define)
+    step = [] if args.skip_step else bench_step(precisions, args.rounds)
+    print(f"\nMachine: {machine()}; medians of {args.rounds} rounds\n")
+    print(
+        markdown_table(
+            gemv,
+            [
+                ("weights", "weights"),
+                ("kernels", "kernels"),
+                ("gb", "GB per step"),
+                ("gemv_gb_s", "gemv GB/s"),
+                ("sum_gb_s", "tensor.sum() GB/s"),
+                ("ratio", "gemv / sum"),
+            ],
+        )
+    )
+    if step:
+        print()
+        columns = [("precision", "precision"), ("path", "decoder layers"), ("decode_tok_s", "decode tok/s")]
+        print(markdown_table(step, [*columns, ("ratio", "vs module by module")]))
+    save_json(args.out, {"command": " ".join(sys.argv), "gemv": gemv, "step": step})
+
+
+if __name__ == "__main__":
+    main()
