@@ -90,7 +90,7 @@ def library() -> ctypes.CDLL | None:
     lib.phikit_quantize_i4.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p]
     lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p]
     lib.phikit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, ctypes.c_float, i64, i64, i64, p, p, i64]
-    lib.phikit_decode_layers.argtypes += [p, p, i64, p, p]
+    lib.phikit_decode_layers.argtypes += [p, p, i64, i64, p, p]
     _lib = lib
     return lib
 
@@ -375,14 +375,21 @@ class DecodePlan:
         return array
 
 
-def decode_layers(plan: ctypes.Array, x: torch.Tensor, config, cos: torch.Tensor, sin: torch.Tensor, cache, start: int):
+def decode_layers(
+    plan: ctypes.Array, x: torch.Tensor, config, cos: torch.Tensor, sin: torch.Tensor, cache, start: int | torch.Tensor
+) -> torch.Tensor:
     """One decoding step through every decoder layer: x (B, 1, hidden) fp32 -> the last layer's output.
 
-    cos/sin (B, 1, 1, rotary_dim) at each row's position; ``cache`` a KVCache with fp32 contiguous k/v
-    (layers, B, KV, S, D), written at slot ``start``; every earlier slot is attended."""
+    cos/sin (B, 1, 1, rotary_dim) at each row's position; ``cache`` a KVCache (or a view of its first rows)
+    whose k/v are fp32 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
+    in continuous batching); every slot up to it is attended."""
     x = x.contiguous().clone()
     b = x.shape[0]
-    pos, first = torch.full((b,), start, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    if isinstance(start, torch.Tensor):
+        pos = start.to(torch.long).expand(b).contiguous()
+    else:
+        pos = torch.full((b,), start, dtype=torch.long)
+    first = torch.zeros(b, dtype=torch.long)
     cos, sin = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
     library().phikit_decode_layers(
         ctypes.addressof(plan),
@@ -401,6 +408,7 @@ def decode_layers(plan: ctypes.Array, x: torch.Tensor, config, cos: torch.Tensor
         cache.k.data_ptr(),
         cache.v.data_ptr(),
         cache.k.shape[3],
+        cache.k.stride(0),
         pos.data_ptr(),
         first.data_ptr(),
     )

@@ -233,8 +233,9 @@ class PhiModel(nn.Module):
             positions = (first + torch.arange(t, device=x.device)).expand(b, t)
         cos, sin = rope_tables(self.config, positions, x.dtype)
         mask = build_mask(t, start, padding_mask, x.device, cache.max_length if cache is not None else 0)
-        if t == 1 and cache is not None and mask is None and not isinstance(start, torch.Tensor) and not self.training:
-            plan = self.decode_plan.get(self.layers) if _fused_decode_ok(x, cache.k) else None
+        if t == 1 and cache is not None and mask is None and not self.training and not torch.compiler.is_compiling():
+            same_layout = cache.v.stride() == cache.k.stride()  # layers (batch, kv_heads, slots, dim) contiguous
+            plan = self.decode_plan.get(self.layers) if same_layout and _fused_decode_ok(x, cache.k[0]) else None
             if plan is not None:  # every layer in one C call: no per-layer Python (kernels.decode_layers)
                 return self.final_layernorm(kernels.decode_layers(plan, x, self.config, cos, sin, cache, start))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

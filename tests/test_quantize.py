@@ -221,3 +221,33 @@ def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, prec
         decode(True)  # a hooked layer is run as a module
         hook.remove()
         assert len(calls) == 5
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch):
+    """Continuous batching's step (rows at their own cache slots, a view of the first rows of a larger cache)
+    through the C decoding step: the module path's logits, and transformers' for each row's sequence."""
+    from types import SimpleNamespace
+
+    folder, hf = tiny
+    model = phikit.load(folder, dtype="fp32", device="cpu").model
+    plan = model.model.decode_plan
+    ids = torch.randint(0, min(500, hf.config.vocab_size), (2, 12), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([5, 9])
+
+    def step(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(plan, "get", type(plan).get.__get__(plan) if fused else lambda layers: None)
+        cache = model.new_cache(3, 16)
+        rows = lambda a, b: SimpleNamespace(k=cache.k[:, a:b], v=cache.v[:, a:b], max_length=16)  # noqa: E731
+        with torch.no_grad():
+            for row, n in enumerate(lengths.tolist()):
+                model(ids[row : row + 1, :n], cache=rows(row, row + 1), start=0)
+            tokens = ids[[0, 1], lengths][:, None]
+            return model(tokens, positions=lengths[:, None], cache=rows(0, 2), start=lengths)[:, -1]
+
+    fused = step(True)
+    assert plan.array is not None
+    torch.testing.assert_close(fused, step(False), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for row, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(fused[row], hf(ids[row : row + 1, : n + 1]).logits[0, -1], rtol=0, atol=1e-4)

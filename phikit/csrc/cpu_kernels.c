@@ -730,12 +730,14 @@ static void layer_norm(const float *x, int64_t n, const float *w, const float *b
     }
 }
 
-/* x (B, hidden) in place; caches (L, B, KV, S, D); cos/sin (B, R) at each row's position; pos/first as in
+/* x (B, hidden) in place; caches (L, B, KV, S, D), each layer's (B, KV, S, D) contiguous and layer_cache
+ * floats after the previous one's; cos/sin (B, R) at each row's position; pos/first as in
  * phikit_attention_decode. */
 void phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
                           float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R,
-                          float *k_cache, float *v_cache, int64_t S, const int64_t *pos, const int64_t *first) {
-    int64_t qn = H * D, kvn = KV * D, layer_cache = B * KV * S * D;
+                          float *k_cache, float *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos,
+                          const int64_t *first) {
+    int64_t qn = H * D, kvn = KV * D;
     float *h = malloc(sizeof(float) * (size_t)(B * (hidden + qn + 2 * kvn + qn + 2 * hidden + inter)));
     float *q = h + B * hidden, *k = q + B * qn, *v = k + B * kvn, *a = v + B * kvn;
     float *attn = a + B * qn, *mlp = attn + B * hidden, *up = mlp + B * hidden;
