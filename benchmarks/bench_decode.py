@@ -42,12 +42,7 @@ def build_variant(defines: list[str]) -> ctypes.CDLL:
     out = Path(tempfile.mkdtemp()) / "variant.so"
     flags = [f"-D{d}" for d in defines]
     subprocess.run(["cc", *kernels.FLAGS, *flags, "-o", str(out), str(kernels.SOURCE), "-lm"], check=True)
-    lib = ctypes.CDLL(str(out))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name in ("phikit_gemv_bf16", "phikit_gemv_i8"):
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, p]
-    lib.phikit_gemv_i4.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p]
-    return lib
+    return kernels.open_library(out)
 
 
 def step_weights(kind: str) -> tuple[list, int]:

@@ -78,6 +78,12 @@ def library() -> ctypes.CDLL | None:
     path = _compile()
     if path is None:
         return None
+    _lib = open_library(path)
+    return _lib
+
+
+def open_library(path: str | os.PathLike) -> ctypes.CDLL:
+    """A compiled kernel library (this one, or a variant a benchmark built) with its C signatures declared."""
     lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for name in ("phikit_gemv_f32", "phikit_gemv_bf16", "phikit_gemv_f16", "phikit_gemv_i8"):
@@ -91,7 +97,6 @@ def library() -> ctypes.CDLL | None:
     lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p]
     lib.phikit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, ctypes.c_float, i64, i64, i64, p, p, i64]
     lib.phikit_decode_layers.argtypes += [p, p, i64, i64, p, p]
-    _lib = lib
     return lib
 
 
@@ -142,21 +147,33 @@ def gemv(
     return y
 
 
+def step_tables(cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor, batch: int) -> tuple:
+    """The arguments a one-token step's C attention takes: cos/sin (B, R) from the model's (B, 1, 1, R)
+    tables, and per row the cache slot written (``start``: one for all rows, or one per row) and the first
+    slot attended (0)."""
+    if isinstance(start, torch.Tensor):
+        pos = start.to(torch.long).expand(batch).contiguous()
+    else:
+        pos = torch.full((batch,), start, dtype=torch.long)
+    return cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous(), pos, torch.zeros_like(pos)
+
+
 def attention_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     pos: torch.Tensor,
     first: torch.Tensor,
 ) -> torch.Tensor:
     """Rotary embedding, KV-cache write and attention for one new token per row, in one call.
 
-    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; cos/sin (B, R); caches (B, KV, S, D) fp32
-    contiguous; pos/first (B,) int64: write slot and first attended slot. Returns (B, H, D)."""
+    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; caches (B, KV, S, D) fp32 contiguous;
+    cos/sin (B, R), pos/first (B,) int64 as ``step_tables`` gives them: write slot and first attended slot.
+    Returns (B, H, D)."""
     b, h, d = q.shape
     out = torch.empty_like(q)
     library().phikit_attention_decode(
@@ -385,12 +402,7 @@ def decode_layers(
     in continuous batching); every slot up to it is attended."""
     x = x.contiguous().clone()
     b = x.shape[0]
-    if isinstance(start, torch.Tensor):
-        pos = start.to(torch.long).expand(b).contiguous()
-    else:
-        pos = torch.full((b,), start, dtype=torch.long)
-    first = torch.zeros(b, dtype=torch.long)
-    cos, sin = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
+    cos, sin, pos, first = step_tables(cos, sin, start, b)
     library().phikit_decode_layers(
         ctypes.addressof(plan),
         len(plan),

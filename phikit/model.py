@@ -120,22 +120,8 @@ class PhiAttention(nn.Module):
         if self.config.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if kv is not None and t == 1 and mask is None and _fused_decode_ok(q, kv[0]):
-            cos1, sin1 = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
-            if isinstance(start, torch.Tensor):
-                pos = start.to(torch.long).expand(b).contiguous()
-            else:
-                pos = torch.full((b,), start, dtype=torch.long)
-            y = kernels.attention_decode(
-                q[:, :, 0].contiguous(),
-                k[:, :, 0].contiguous(),
-                v[:, :, 0].contiguous(),
-                cos1,
-                sin1,
-                kv[0],
-                kv[1],
-                pos,
-                torch.zeros_like(pos),
-            )
+            q1, k1, v1 = q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous()
+            y = kernels.attention_decode(q1, k1, v1, kv[0], kv[1], *kernels.step_tables(cos, sin, start, b))
             return self.dense(y.view(b, 1, -1))
         q, k = apply_rope(q, cos[:, :, -queries:], sin[:, :, -queries:]), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):

@@ -146,12 +146,16 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
 # ---- the layers ----
 
 
+def _kernel_sized(k: int, n: int) -> bool:
+    """K % 64 == 0 and N % 16 == 0: what the CPU kernels take (all Phi shapes)."""
+    return k % 64 == 0 and n % 16 == 0
+
+
 def _cpu_kernel_ok(x: torch.Tensor, k: int, n: int) -> bool:
-    """Our CPU kernels handle this input: CPU, no autograd, K % 64 == 0 and N % 16 == 0 (all Phi shapes)."""
+    """Our CPU kernels handle this input: CPU, no autograd, kernel-sized."""
     return (
         x.device.type == "cpu"
-        and k % 64 == 0
-        and n % 16 == 0
+        and _kernel_sized(k, n)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and kernels.available()
     )
@@ -162,8 +166,7 @@ def _kernel_shapes(module: nn.Module, weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
         and weight.is_contiguous()
-        and module.in_features % 64 == 0
-        and module.out_features % 16 == 0
+        and _kernel_sized(module.in_features, module.out_features)
         and not (module._forward_hooks or module._forward_pre_hooks)
     )
 
@@ -215,18 +218,19 @@ class DenseLinear(nn.Linear):
             if x.dtype != self.weight.dtype:  # fp32 activations over narrower stored weights
                 return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
             return F.linear(x, self.weight, self.bias)
-        if not hasattr(self, "_bias32"):
-            self._bias32 = _Fp32Bias()
-        return _run_cpu(x, kind, self.weight, self._bias32.get(self.bias), self.out_features)
+        return _run_cpu(x, kind, self.weight, self._fp32_bias(), self.out_features)
 
     def kernel_args(self) -> tuple | None:
         """(kind, weight, scale, minimum, fp32 bias, group size) for the C decoding step, or None."""
         kind = self._kinds.get(self.weight.dtype)
         if kind is None or self.weight.requires_grad or not _kernel_shapes(self, self.weight):
             return None
-        if not hasattr(self, "_bias32"):
+        return kind, self.weight, None, None, self._fp32_bias(), 0
+
+    def _fp32_bias(self) -> torch.Tensor | None:
+        if "_bias32" not in self.__dict__:  # made by from_linear, which runs no __init__
             self._bias32 = _Fp32Bias()
-        return kind, self.weight, None, None, self._bias32.get(self.bias), 0
+        return self._bias32.get(self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DenseLinear:
