@@ -169,7 +169,7 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             ) from None
         for name, info in entries:
             begin, end = info["data_offsets"]
-            buffer = torch.empty(end - begin, dtype=torch.uint8)
+            buffer = kernels.empty_weight((end - begin,), torch.uint8)
             f.seek(data_start + begin)
             if f.readinto(memoryview(buffer.numpy())) != end - begin:
                 raise PhikitError(f"{file}: truncated while reading {name}; re-download it")

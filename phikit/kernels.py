@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -260,16 +261,49 @@ def quantize(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, 
     n, k = w.shape
     dtype = SOURCE_DTYPES[w.dtype]
     if fmt == "int8":
-        q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+        q, scale = empty_weight((n, k), torch.int8), torch.empty(n, dtype=torch.float32)
         library().phikit_quantize_i8(dtype, w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr())
         return {"weight": q, "weight_scale": scale}
-    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    packed = empty_weight((n, k // 2), torch.uint8)
     scale = torch.empty(n, k // group_size, dtype=torch.float16)
     minimum = torch.empty_like(scale)
     library().phikit_quantize_i4(
         dtype, w.data_ptr(), n, k, group_size, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr()
     )
     return {"weight": packed, "weight_scale": scale, "weight_min": minimum}
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+_libc: ctypes.CDLL | None = None
+
+
+def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, for weights: from 2 MB up, placed at a 2 MB boundary
+    with its whole 2 MB pages advised to be transparent huge pages (Linux; must be called before the memory
+    is first written, as the advice applies to pages faulted in afterwards).
+
+    Why: loading faults in every page of the model, and decoding reads every weight once per token. On this
+    project's 2-core VM (benchmarks/RESULTS.md) loading Phi-2 took ~35% less time with huge pages (a
+    2 MB page fault instead of 512 4 KB ones), and a weight-streaming gemv read 0-13% faster (fewer TLB
+    misses, which cost most under virtualisation). The tensor is a view into a storage up to 2 MB longer;
+    the unused part is never touched, so it costs address space, not memory. The tail short of a whole
+    2 MB page keeps 4 KB pages, so no page is rounded up. ``PHIKIT_NO_HUGE_PAGES=1``: plain ``torch.empty``.
+    """
+    global _libc
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE or not sys.platform.startswith("linux") or os.environ.get("PHIKIT_NO_HUGE_PAGES"):
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.madvise(raw.data_ptr() + offset, nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)  # advice only
+    except (OSError, AttributeError):
+        pass
+    return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 
 def to_bf16(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
@@ -283,7 +317,7 @@ def to_bf16(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     if in_place and t.dtype == torch.float16:
         out = t.view(torch.bfloat16)
     else:
-        out = torch.empty(t.shape, dtype=torch.bfloat16)
+        out = empty_weight(t.shape, torch.bfloat16)
     library().phikit_to_bf16(SOURCE_DTYPES[t.dtype], t.data_ptr(), t.numel(), out.data_ptr())
     return out
 

@@ -2,11 +2,13 @@
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from phikit import kernels
 from phikit.checkpoint import load_model, resolve_model_path
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
@@ -196,3 +198,44 @@ def test_unreachable_hub_points_to_model_path(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PhikitError, match="--model PATH"):
         resolve_model_path("microsoft/phi-2")
+
+
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of this process's memory mapping that holds ``address`` (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:
+                begin, end = (int(x, 16) for x in first.split("-"))
+                inside = begin <= address < end
+            elif inside and first == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
+def test_large_weights_are_read_into_huge_page_memory_with_the_same_values(tmp_path):
+    from safetensors.torch import load_file
+
+    from phikit.checkpoint import read_safetensors
+
+    tensors = {"big": torch.randn(1024, 1536), "small": torch.randn(3, 5).half()}  # 6 MB and 30 bytes
+    save_file(tensors, tmp_path / "w.safetensors")
+    read = dict(read_safetensors(tmp_path / "w.safetensors"))
+    for name, t in load_file(tmp_path / "w.safetensors").items():
+        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
+    big = read["big"]
+    assert big.data_ptr() % kernels.HUGE_PAGE == 0 and "hg" in _vm_flags(big.data_ptr())
+    # a view into a longer buffer: saving writes only the tensor's own bytes
+    save_file({"big": big}, tmp_path / "again.safetensors")
+    torch.save(big, tmp_path / "again.pt")
+    assert (tmp_path / "again.safetensors").stat().st_size < big.numel() * 4 + 1024
+    assert torch.equal(load_file(tmp_path / "again.safetensors")["big"], tensors["big"])
+    assert torch.equal(torch.load(tmp_path / "again.pt"), tensors["big"])
+
+
+def test_huge_pages_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("PHIKIT_NO_HUGE_PAGES", "1")
+    t = kernels.empty_weight((1024, 1024), torch.float32)
+    assert t.untyped_storage().nbytes() == t.numel() * 4

@@ -1,5 +1,7 @@
 """Quantized layers against the dequantized-reference matmul; NF4 against bitsandbytes; save/reload."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +253,16 @@ def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch):
     with torch.no_grad():
         for row, n in enumerate(lengths.tolist()):
             torch.testing.assert_close(fused[row], hf(ids[row : row + 1, : n + 1]).logits[0, -1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_kernel_quantizer_bits_on_a_weight_in_huge_page_memory(fmt):
+    torch.manual_seed(0)
+    w = (torch.randn(1024, 4096) * 0.05).to(torch.bfloat16)  # codes of 4 MB (int8) and 2 MB (int4)
+    ours = kernels.quantize(w, fmt, 64)
+    reference = quantize_int8(w) if fmt == "int8" else quantize_int4(w, 64)
+    if sys.platform.startswith("linux"):
+        assert ours["weight"].data_ptr() % kernels.HUGE_PAGE == 0
+    for name, t in reference.items():
+        assert torch.equal(ours[name], t), name
