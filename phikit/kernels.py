@@ -291,7 +291,7 @@ def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     2 MB page keeps 4 KB pages, so no page is rounded up. ``PHIKIT_NO_HUGE_PAGES=1``: plain ``torch.empty``.
     """
     global _libc
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes < HUGE_PAGE or not sys.platform.startswith("linux") or os.environ.get("PHIKIT_NO_HUGE_PAGES"):
         return torch.empty(shape, dtype=dtype)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
