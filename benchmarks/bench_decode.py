@@ -2,14 +2,19 @@
 decoding step (``phikit_decode_layers``) gains over running the layers as modules.
 
     python benchmarks/bench_decode.py [--precisions bf16,int8,int4] [--rounds 5] [--define NAME=VALUE ...]
+                                      [--pages] [--skip-step] [--contexts 16,1024]
 
 1. gemv: one decoding step's worth of weights in Phi-2's shapes (32 layers of q/k/v/dense 2560x2560, fc1
    10240x2560, fc2 2560x10240; distinct tensors, so nothing is served from cache) through the gemv kernel of
    each format, reported in GB/s of weights read, next to a large ``tensor.sum()`` measured in the same
    round (the machine's memory bandwidth at that moment). ``--define`` builds a second copy of the kernels
    with a C macro changed (e.g. ``PREFETCH_I4=0``) and alternates it with the default, call by call.
+   ``--pages`` adds a second copy of the weights on 4 KB pages (``PHIKIT_NO_HUGE_PAGES=1`` while it is
+   made), alternated with phikit's default placement on transparent huge pages.
 2. step: the full-size random Phi-2 loaded at each precision; decode tok/s (48 tokens after a 16-token
    prompt) with every layer in one C call, alternated with the module-by-module path (the plan disabled).
+   ``--contexts 16,1024`` also measures the one-call step after prompts of those lengths: each token
+   then reads the KV cache too (fp32, 20 KB per position and layer).
 
 Medians over ``--rounds``; prints Markdown tables and writes benchmarks/results_decode.json.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import subprocess
 import sys
@@ -45,16 +51,28 @@ def build_variant(defines: list[str]) -> ctypes.CDLL:
     return kernels.open_library(out)
 
 
-def step_weights(kind: str) -> tuple[list, int]:
-    """(n, k, tensors, output) for every linear of a 32-layer step, and their bytes."""
+def step_weights(kind: str, huge_pages: bool = True) -> tuple[list, int]:
+    """(n, k, tensors, output) for every linear of a 32-layer step, and their bytes; the weights placed as
+    phikit places them when loading (``kernels.empty_weight``), or on 4 KB pages."""
     torch.manual_seed(0)
     mats, total = [], 0
-    for _ in range(LAYERS):
-        for n, k in SHAPES:
-            w = torch.randn(n, k) * 0.02
-            t = {"weight": w.bfloat16()} if kind == "bf16" else kernels.quantize(w, kind, 64)
-            total += sum(v.numel() * v.element_size() for v in t.values())
-            mats.append((n, k, t, torch.empty(1, n)))
+    before = os.environ.pop("PHIKIT_NO_HUGE_PAGES", None)
+    if not huge_pages:
+        os.environ["PHIKIT_NO_HUGE_PAGES"] = "1"
+    try:
+        for _ in range(LAYERS):
+            for n, k in SHAPES:
+                w = torch.randn(n, k) * 0.02
+                if kind == "bf16":
+                    t = {"weight": kernels.empty_weight((n, k), torch.bfloat16).copy_(w)}
+                else:
+                    t = kernels.quantize(w, kind, 64)
+                total += sum(v.numel() * v.element_size() for v in t.values())
+                mats.append((n, k, t, torch.empty(1, n)))
+    finally:
+        os.environ.pop("PHIKIT_NO_HUGE_PAGES", None)
+        if before is not None:
+            os.environ["PHIKIT_NO_HUGE_PAGES"] = before
     return mats, total
 
 
@@ -73,20 +91,24 @@ def run_step(lib: ctypes.CDLL, kind: str, mats: list, xs: dict) -> float:
     return time.perf_counter() - start
 
 
-def bench_gemv(precisions: list[str], rounds: int, defines: list[str]) -> list[dict]:
-    libs = {"default": kernels.library()}
-    if defines:
-        libs[" ".join(defines)] = build_variant(defines)
+def bench_gemv(precisions: list[str], rounds: int, defines: list[str], pages: bool = False) -> list[dict]:
+    default = kernels.library()
+    variant = build_variant(defines) if defines else None
     xs = {k: torch.randn(1, k) for k in (2560, 10240)}
     big = torch.ones(2**28)  # 1 GiB
     rows = []
     for kind in precisions:
         mats, total = step_weights(kind)
-        speeds = {name: [] for name in libs}
+        runs = {"default": (default, mats)}  # name -> (kernel library, weights)
+        if variant is not None:
+            runs[" ".join(defines)] = (variant, mats)
+        if pages:
+            runs["default, weights on 4 KB pages"] = (default, step_weights(kind, huge_pages=False)[0])
+        speeds = {name: [] for name in runs}
         sums = []
         for _ in range(rounds + 1):
-            for name, lib in libs.items():
-                speeds[name].append(total / run_step(lib, kind, mats, xs) / 1e9)
+            for name, (lib, weights) in runs.items():
+                speeds[name].append(total / run_step(lib, kind, weights, xs) / 1e9)
             start = time.perf_counter()
             big.sum()
             sums.append(big.numel() * 4 / (time.perf_counter() - start) / 1e9)
@@ -102,21 +124,23 @@ def bench_gemv(precisions: list[str], rounds: int, defines: list[str]) -> list[d
             )
             rows[-1]["ratio"] = f"{rows[-1]['gemv_gb_s'] / rows[-1]['sum_gb_s']:.2f}"
             print(f"gemv {kind} {name}: {rows[-1]['gemv_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
-        del mats
+        del mats, runs
     return rows
 
 
-def decode_tok_s(model, new_tokens: int = 49) -> float:
-    """Tokens/s of greedy decoding after a 16-token prompt (the first token, from the prefill, excluded)."""
+def decode_tok_s(model, new_tokens: int = 49, context: int = 16) -> float:
+    """Tokens/s of greedy decoding after a ``context``-token prompt (the first token, from the prefill,
+    excluded)."""
     from phikit.generate import GenerationConfig, generate_tokens
 
     stamps = []
-    for _ in generate_tokens(model, [list(range(100, 116))], GenerationConfig(max_new_tokens=new_tokens), 50256):
+    prompt = [100 + i % 5000 for i in range(context)]
+    for _ in generate_tokens(model, [prompt], GenerationConfig(max_new_tokens=new_tokens), 50256):
         stamps.append(time.perf_counter())
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def bench_step(precisions: list[str], rounds: int) -> list[dict]:
+def bench_step(precisions: list[str], rounds: int, contexts: list[int]) -> list[dict]:
     from phikit.api import load
 
     folder = random_phi2()
@@ -137,9 +161,17 @@ def bench_step(precisions: list[str], rounds: int) -> list[dict]:
         base = statistics.median(speeds["module by module"])
         for mode, values in speeds.items():
             median = statistics.median(values)
-            row = {"precision": precision, "path": mode, "decode_tok_s": median}
+            row = {"precision": precision, "path": mode, "context": 16, "decode_tok_s": median}
             rows.append({**row, "ratio": f"{median / base:.2f}x"})
             print(f"step {precision} {mode}: {median:.2f} tok/s", file=sys.stderr, flush=True)
+        by_context = {c: [] for c in contexts}
+        for _ in range(rounds):
+            for c in contexts:
+                by_context[c].append(decode_tok_s(model, context=c))
+        for c, values in by_context.items():
+            median = statistics.median(values)
+            rows.append({"precision": precision, "path": "one call", "context": c, "decode_tok_s": median})
+            print(f"step {precision} after {c} tokens: {median:.2f} tok/s", file=sys.stderr, flush=True)
         model = plan = None  # free it before the next precision loads
     return rows
 
@@ -149,14 +181,17 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,int8,int4")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--define", action="append", default=[], help="C macro for a variant of the gemv kernels")
+    ap.add_argument("--pages", action="store_true", help="also the gemv on weights in 4 KB pages")
+    ap.add_argument("--contexts", default="", help="comma-separated prompt lengths for the one-call step")
     ap.add_argument("--skip-step", action="store_true", help="only the gemv part (no checkpoint needed)")
     ap.add_argument("--out", type=Path, default=HERE / "results_decode.json")
     args = ap.parse_args()
     if not kernels.available():
         raise SystemExit("phikit's CPU kernels are not available on this machine (x86-64 AVX2/FMA/F16C + a C compiler)")
     precisions = args.precisions.split(",")
-    gemv = bench_gemv(precisions, args.rounds, args.define)
-    step = [] if args.skip_step else bench_step(precisions, args.rounds)
+    gemv = bench_gemv(precisions, args.rounds, args.define, args.pages)
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    step = [] if args.skip_step else bench_step(precisions, args.rounds, contexts)
     print(f"\nMachine: {machine()}; medians of {args.rounds} rounds\n")
     print(
         markdown_table(
@@ -173,7 +208,8 @@ def main() -> None:
     )
     if step:
         print()
-        columns = [("precision", "precision"), ("path", "decoder layers"), ("decode_tok_s", "decode tok/s")]
+        columns = [("precision", "precision"), ("path", "decoder layers"), ("context", "prompt tokens")]
+        columns.append(("decode_tok_s", "decode tok/s"))
         print(markdown_table(step, [*columns, ("ratio", "vs module by module")]))
     save_json(args.out, {"command": " ".join(sys.argv), "gemv": gemv, "step": step})
 
