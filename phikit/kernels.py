@@ -283,10 +283,10 @@ def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     with its whole 2 MB pages advised to be transparent huge pages (Linux; must be called before the memory
     is first written, as the advice applies to pages faulted in afterwards).
 
-    Why: loading faults in every page of the model, and decoding reads every weight once per token. On this
-    project's 2-core VM (benchmarks/RESULTS.md) loading Phi-2 took ~35% less time with huge pages (a
-    2 MB page fault instead of 512 4 KB ones), and a weight-streaming gemv read 0-13% faster (fewer TLB
-    misses, which cost most under virtualisation). The tensor is a view into a storage up to 2 MB longer;
+    Why: loading faults in every page of the model, one 2 MB fault instead of 512 4 KB ones. On this
+    project's 2-core VM (benchmarks/RESULTS.md) loading Phi-2 in int8/int4 became 1.5-1.8x faster (bf16
+    1.0-1.1x); decoding, which streams every weight per token, read them no faster or slower beyond the
+    VM's noise in a same-process A/B. The tensor is a view into a storage up to 2 MB longer;
     the unused part is never touched, so it costs address space, not memory. The tail short of a whole
     2 MB page keeps 4 KB pages, so no page is rounded up. ``PHIKIT_NO_HUGE_PAGES=1``: plain ``torch.empty``.
     """
@@ -298,7 +298,7 @@ def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     offset = -raw.data_ptr() % HUGE_PAGE
     try:
         if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc = ctypes.CDLL(None)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc.madvise(raw.data_ptr() + offset, nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)  # advice only
     except (OSError, AttributeError):
