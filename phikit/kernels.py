@@ -95,9 +95,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.phikit_to_bf16.argtypes = [ctypes.c_int, p, i64, p]
     lib.phikit_quantize_i8.argtypes = [ctypes.c_int, p, i64, i64, p, p]
     lib.phikit_quantize_i4.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p]
-    lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p]
+    lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p, i64]
     lib.phikit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, ctypes.c_float, i64, i64, i64, p, p, i64]
-    lib.phikit_decode_layers.argtypes += [p, p, i64, i64, p, p]
+    lib.phikit_decode_layers.argtypes += [p, p, i64, i64, p, p, i64]
     return lib
 
 
@@ -172,7 +172,7 @@ def attention_decode(
 ) -> torch.Tensor:
     """Rotary embedding, KV-cache write and attention for one new token per row, in one call.
 
-    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; caches (B, KV, S, D) fp32 contiguous;
+    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; caches (B, KV, S, D) fp32 or fp16, contiguous;
     cos/sin (B, R), pos/first (B,) int64 as ``step_tables`` gives them: write slot and first attended slot.
     Returns (B, H, D)."""
     b, h, d = q.shape
@@ -194,6 +194,7 @@ def attention_decode(
         pos.data_ptr(),
         first.data_ptr(),
         out.data_ptr(),
+        int(k_cache.dtype == torch.float16),
     )
     return out
 
@@ -432,7 +433,7 @@ def decode_layers(
     """One decoding step through every decoder layer: x (B, 1, hidden) fp32 -> the last layer's output.
 
     cos/sin (B, 1, 1, rotary_dim) at each row's position; ``cache`` a KVCache (or a view of its first rows)
-    whose k/v are fp32 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
+    whose k/v are fp32 or fp16 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
     in continuous batching); every slot up to it is attended."""
     x = x.contiguous().clone()
     b = x.shape[0]
@@ -457,5 +458,6 @@ def decode_layers(
         cache.k.stride(0),
         pos.data_ptr(),
         first.data_ptr(),
+        int(cache.k.dtype == torch.float16),
     )
     return x

@@ -81,7 +81,8 @@ def _cpu_inference(x: torch.Tensor) -> bool:
 def _fused_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether one decoding step can use the fused CPU kernel (rotary + cache write + attention)."""
     d = k_cache.shape[-1]  # the kernel holds a head in at most 16 vectors of 8
-    return _cpu_inference(q) and k_cache.dtype == torch.float32 and k_cache.is_contiguous() and d % 8 == 0 and d <= 128
+    cache_ok = k_cache.dtype in (torch.float32, torch.float16) and k_cache.is_contiguous()
+    return _cpu_inference(q) and cache_ok and d % 8 == 0 and d <= 128
 
 
 class PhiAttention(nn.Module):
@@ -132,13 +133,13 @@ class PhiAttention(nn.Module):
             kv[1][rows, :, slots] = v[:, :, 0]
             if mask is None:
                 mask = torch.arange(kv[0].shape[2], device=x.device) <= slots.view(-1, 1, 1, 1)
-            y = attention(q, kv[0], kv[1], mask, causal=False)
+            y = attention(q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask, causal=False)
             return self.dense(y.transpose(1, 2).reshape(b, t, -1))
         if kv is not None:
             k_cache, v_cache = kv
             k_cache[:, :, start : start + t] = k
             v_cache[:, :, start : start + t] = v
-            k, v = k_cache[:, :, : start + t], v_cache[:, :, : start + t]
+            k, v = k_cache[:, :, : start + t].to(q.dtype), v_cache[:, :, : start + t].to(q.dtype)
         if mask is not None:
             mask = mask[:, :, -queries:]
         y = attention(q, k, v, mask, causal=mask is None and queries > 1)
@@ -261,6 +262,7 @@ class PhiForCausalLM(nn.Module):
         self.config = config
         self.model = PhiModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype (see quantize.prepare_for_cpu)
 
     def forward(
         self,
@@ -278,8 +280,8 @@ class PhiForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty KV cache of this model's dtype and device."""
-        return KVCache(self.config, batch_size, max_length, self.dtype, self.device)
+        """An empty KV cache on this model's device, of ``kv_cache_dtype`` or else the model's dtype."""
+        return KVCache(self.config, batch_size, max_length, self.kv_cache_dtype or self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:

@@ -371,14 +371,23 @@ def prepare_for_cpu(model: nn.Module) -> nn.Module:
     """CPU inference layout: linear layers run through the kernels (DenseLinear, same parameters) and
     activations are fp32 whatever the stored weights are: LayerNorms become fp32 (a few KB), so
     embeddings, the KV cache and every element-wise op follow. AVX2 CPUs have no bf16 arithmetic, so
-    bf16 activations only add conversions; weights keep their stored dtype."""
+    bf16 activations only add conversions; weights keep their stored dtype.
+
+    The KV cache of a model whose linear weights are narrower than fp32 (bf16, fp16, int8, int4) is fp16,
+    as llama.cpp's is, when the CPU kernels run: long contexts read half the bytes per token (measured
+    after a 1024-token prompt: benchmarks/RESULTS.md). fp32 models keep an fp32 cache (exact parity)."""
     for name in linear_names(model):
         module = model.get_submodule(name)
         if type(module) is nn.Linear:
             _set_module(model, name, DenseLinear.from_linear(module))
+    narrow = False
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.float()
+        elif isinstance(module, (DenseLinear, QuantizedLinear)):
+            narrow = narrow or module.weight.dtype != torch.float32
+    if narrow and kernels.available() and hasattr(model, "kv_cache_dtype"):
+        model.kv_cache_dtype = torch.float16
     return model
 
 

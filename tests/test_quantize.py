@@ -226,13 +226,16 @@ def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, prec
 
 
 @pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
-def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch, quantize):
     """Continuous batching's step (rows at their own cache slots, a view of the first rows of a larger cache)
-    through the C decoding step: the module path's logits, and transformers' for each row's sequence."""
+    through the C decoding step: the module path's logits, and (fp32) transformers' for each row's sequence.
+    int8: an fp16 KV cache, read by both paths."""
     from types import SimpleNamespace
 
     folder, hf = tiny
-    model = phikit.load(folder, dtype="fp32", device="cpu").model
+    model = phikit.load(folder, dtype="fp32", device="cpu", quantize=quantize).model
+    assert model.kv_cache_dtype == (torch.float16 if quantize else None)
     plan = model.model.decode_plan
     ids = torch.randint(0, min(500, hf.config.vocab_size), (2, 12), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([5, 9])
@@ -249,7 +252,9 @@ def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch):
 
     fused = step(True)
     assert plan.array is not None
-    torch.testing.assert_close(fused, step(False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused, step(False), rtol=0, atol=1e-3 if quantize else 1e-5)
+    if quantize:
+        return
     with torch.no_grad():
         for row, n in enumerate(lengths.tolist()):
             torch.testing.assert_close(fused[row], hf(ids[row : row + 1, : n + 1]).logits[0, -1], rtol=0, atol=1e-4)
@@ -266,3 +271,37 @@ def test_kernel_quantizer_bits_on_a_weight_in_huge_page_memory(fmt):
         assert ours["weight"].data_ptr() % kernels.HUGE_PAGE == 0
     for name, t in reference.items():
         assert torch.equal(ours[name], t), name
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("precision", ["bf16", "int4"])
+def test_narrow_weights_get_an_fp16_kv_cache_that_decodes_like_an_fp32_one(tiny, precision):
+    """bf16/int4 weights on the CPU: an fp16 KV cache (half the bytes per token of a long context) gives the
+    logits of an fp32 cache within fp16's rounding (bf16: the same greedy tokens); fp32 weights keep fp32."""
+    from phikit.generate import GenerationConfig, generate_tokens
+
+    folder, hf = tiny
+    assert phikit.load(folder, dtype="fp32", device="cpu").model.new_cache(1, 4).k.dtype == torch.float32
+    quantize = precision if precision == "int4" else None
+    model = phikit.load(folder, dtype="bf16" if quantize is None else "fp32", device="cpu", quantize=quantize).model
+    assert model.new_cache(1, 4).k.dtype == torch.float16
+    ids = torch.randint(0, min(500, hf.config.vocab_size), (2, 24), generator=torch.Generator().manual_seed(2))
+
+    def run(cache_dtype) -> tuple[torch.Tensor, list]:
+        model.kv_cache_dtype = cache_dtype
+        cache = model.new_cache(2, 32)
+        with torch.no_grad():
+            logits = [model(ids[:, :16], cache=cache, start=0)]
+            logits += [model(ids[:, t : t + 1], cache=cache, start=t) for t in range(16, 24)]
+        config = GenerationConfig(max_new_tokens=12)
+        tokens = [step.tolist() for step in generate_tokens(model, [ids[0].tolist()], config, 50256)]
+        return torch.cat(logits, dim=1), tokens
+
+    half, half_tokens = run(torch.float16)
+    full, full_tokens = run(None)
+    if precision == "int4":  # its kernels round activations to 8 bits per group: fp16's rounding becomes
+        # whole steps there, enough to flip near-tied tokens of this random model
+        assert ((half - full).norm() / full.norm()).item() < 2e-2
+    else:
+        assert ((half - full).norm() / full.norm()).item() < 2e-3
+        assert half_tokens == full_tokens

@@ -371,19 +371,38 @@ static void rope(float *x, const float *cos, const float *sin, int64_t R) {
     }
 }
 
+/* One cache row of D values: fp32, or fp16 (cache_f16) as llama.cpp keeps its KV cache: half the bytes a
+ * long context reads per token, at fp16's 11-bit precision (ample for keys and values of unit-scale
+ * activations; the scores and the softmax stay fp32). */
+static inline __m256 load_kv(const void *c, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i)))
+               : _mm256_loadu_ps((const float *)c + i);
+}
+
+static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f16) {
+    for (int64_t j = 0; j < D; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        if (f16)
+            _mm_storeu_si128((__m128i *)((uint16_t *)c + i + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        else
+            _mm256_storeu_ps((float *)c + i + j, v);
+    }
+}
+
 void phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin,
-                             int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, float *k_cache,
-                             float *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out) {
+                             int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache,
+                             void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out,
+                             int64_t cache_f16) {
+    const int f16 = cache_f16 != 0;
     /* write the rotated keys and the values first, so every head sees them */
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < KV; h++) {
-            float *kd = k_cache + ((b * KV + h) * S + pos[b]) * D;
-            float *vd = v_cache + ((b * KV + h) * S + pos[b]) * D;
-            for (int64_t i = 0; i < D; i++) {
-                kd[i] = k[(b * KV + h) * D + i];
-                vd[i] = v[(b * KV + h) * D + i];
-            }
-            rope(kd, cos + b * R, sin + b * R, R);
+            float kr[D];
+            for (int64_t i = 0; i < D; i++) kr[i] = k[(b * KV + h) * D + i];
+            rope(kr, cos + b * R, sin + b * R, R);
+            int64_t slot = ((b * KV + h) * S + pos[b]) * D;
+            store_kv(k_cache, slot, kr, D, f16);
+            store_kv(v_cache, slot, v + (b * KV + h) * D, D, f16);
         }
     }
     float scale = 1.0f / sqrtf((float)D);
@@ -392,8 +411,7 @@ void phikit_attention_decode(const float *q, const float *k, const float *v, con
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
             int64_t kvh = h / (H / KV), n = pos[b] + 1 - first[b];
-            const float *kc = k_cache + ((b * KV + kvh) * S + first[b]) * D;
-            const float *vc = v_cache + ((b * KV + kvh) * S + first[b]) * D;
+            int64_t base = ((b * KV + kvh) * S + first[b]) * D; /* element index of the first attended row */
             float qh[D], scores[n + 8];
             for (int64_t i = 0; i < D; i++) qh[i] = q[(b * H + h) * D + i] * scale;
             rope(qh, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
@@ -401,7 +419,7 @@ void phikit_attention_decode(const float *q, const float *k, const float *v, con
             for (int64_t j = 0; j < n; j++) {
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t i = 0; i < nv; i++)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), _mm256_loadu_ps(kc + j * D + 8 * i), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), load_kv(k_cache, base + j * D + 8 * i, f16), acc);
                 scores[j] = hsum(acc);
             }
             float m = -INFINITY;
@@ -419,7 +437,7 @@ void phikit_attention_decode(const float *q, const float *k, const float *v, con
             for (int64_t i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
             for (int64_t j = 0; j < n; j++) {
                 __m256 p = _mm256_set1_ps(scores[j] * inv);
-                for (int64_t i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + j * D + 8 * i), o[i]);
+                for (int64_t i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, load_kv(v_cache, base + j * D + 8 * i, f16), o[i]);
             }
             for (int64_t i = 0; i < nv; i++) _mm256_storeu_ps(out + (b * H + h) * D + 8 * i, o[i]);
         }
@@ -731,12 +749,13 @@ static void layer_norm(const float *x, int64_t n, const float *w, const float *b
 }
 
 /* x (B, hidden) in place; caches (L, B, KV, S, D), each layer's (B, KV, S, D) contiguous and layer_cache
- * floats after the previous one's; cos/sin (B, R) at each row's position; pos/first as in
- * phikit_attention_decode. */
+ * values after the previous one's (fp32, or fp16 with cache_f16); cos/sin (B, R) at each row's position;
+ * pos/first as in phikit_attention_decode. */
 void phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
                           float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R,
-                          float *k_cache, float *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos,
-                          const int64_t *first) {
+                          void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos,
+                          const int64_t *first, int64_t cache_f16) {
+    int64_t layer_bytes = layer_cache * (cache_f16 ? 2 : 4);
     int64_t qn = H * D, kvn = KV * D;
     float *h = malloc(sizeof(float) * (size_t)(B * (hidden + qn + 2 * kvn + qn + 2 * hidden + inter)));
     float *q = h + B * hidden, *k = q + B * qn, *v = k + B * kvn, *a = v + B * kvn;
@@ -748,8 +767,8 @@ void phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, i
         linear(&ly->q, h, B, q);
         linear(&ly->k, h, B, k);
         linear(&ly->v, h, B, v);
-        phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, k_cache + l * layer_cache,
-                                v_cache + l * layer_cache, S, pos, first, a);
+        phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, (char *)k_cache + l * layer_bytes,
+                                (char *)v_cache + l * layer_bytes, S, pos, first, a, cache_f16);
         linear(&ly->dense, a, B, attn);
         linear(&ly->fc1, h, B, up);
         phikit_gelu_tanh(up, B * inter);
