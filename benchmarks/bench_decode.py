@@ -13,8 +13,9 @@ decoding step (``phikit_decode_layers``) gains over running the layers as module
    made), alternated with phikit's default placement on transparent huge pages.
 2. step: the full-size random Phi-2 loaded at each precision; decode tok/s (48 tokens after a 16-token
    prompt) with every layer in one C call, alternated with the module-by-module path (the plan disabled).
-   ``--contexts 16,1024`` also measures the one-call step after prompts of those lengths: each token
-   then reads the KV cache too (fp32, 20 KB per position and layer).
+   ``--contexts 16,1024`` also measures the one-call step after prompts of those lengths, where each token
+   also reads the KV cache (20 KB per position and layer in fp32), with phikit's fp16 cache and an fp32 one
+   alternated.
 
 Medians over ``--rounds``; prints Markdown tables and writes benchmarks/results_decode.json.
 """
@@ -164,14 +165,18 @@ def bench_step(precisions: list[str], rounds: int, contexts: list[int]) -> list[
             row = {"precision": precision, "path": mode, "context": 16, "decode_tok_s": median}
             rows.append({**row, "ratio": f"{median / base:.2f}x"})
             print(f"step {precision} {mode}: {median:.2f} tok/s", file=sys.stderr, flush=True)
-        by_context = {c: [] for c in contexts}
+        cache_dtypes = {"fp16 cache": torch.float16, "fp32 cache": None} if model.kv_cache_dtype else {"": None}
+        by_context = {(c, name): [] for c in contexts for name in cache_dtypes}
         for _ in range(rounds):
-            for c in contexts:
-                by_context[c].append(decode_tok_s(model, context=c))
-        for c, values in by_context.items():
+            for c, name in by_context:
+                model.kv_cache_dtype = cache_dtypes[name]
+                by_context[c, name].append(decode_tok_s(model, context=c))
+        model.kv_cache_dtype = next(iter(cache_dtypes.values()))
+        for (c, name), values in by_context.items():
             median = statistics.median(values)
-            rows.append({"precision": precision, "path": "one call", "context": c, "decode_tok_s": median})
-            print(f"step {precision} after {c} tokens: {median:.2f} tok/s", file=sys.stderr, flush=True)
+            path = f"one call, {name}" if name else "one call"
+            rows.append({"precision": precision, "path": path, "context": c, "decode_tok_s": median})
+            print(f"step {precision} after {c} tokens, {path}: {median:.2f} tok/s", file=sys.stderr, flush=True)
         model = plan = None  # free it before the next precision loads
     return rows
 
