@@ -279,9 +279,9 @@ class PhiForCausalLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """An empty KV cache on this model's device, of ``kv_cache_dtype`` or else the model's dtype."""
-        return KVCache(self.config, batch_size, max_length, self.kv_cache_dtype or self.dtype, self.device)
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device, of ``dtype``, else ``kv_cache_dtype``, else the model's."""
+        return KVCache(self.config, batch_size, max_length, dtype or self.kv_cache_dtype or self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:
