@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from phikit import backends
 from phikit.checkpoint import (
     DEFAULT_MODEL,
     load_model,
@@ -26,14 +27,7 @@ from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
 from phikit.lora import load_adapter
 from phikit.model import PhiForCausalLM
-from phikit.quantize import (
-    QuantSpec,
-    bnb_available,
-    bnb_nf4_hook,
-    prepare_for_cpu,
-    prepare_shells,
-    quantizing_hook,
-)
+from phikit.quantize import QuantSpec, bnb_available, bnb_nf4_hook, prepare_shells, quantizing_hook
 from phikit.templates import Template
 from phikit.tokenizer import Tokenizer
 
@@ -89,12 +83,11 @@ def load(
         if spec.format == "nf4" and target.type == "cuda" and bnb_available():
             hook = bnb_nf4_hook(target, resolve_dtype(dtype, target))  # QLoRA's own 4-bit layers
         else:
-            hook = quantizing_hook(spec, target)
+            hook = quantizing_hook(spec, target, backends.quantizer(target))
         net = load_model(folder, dtype, target, on_tensor=hook, progress=progress)
     else:
         net = load_model(folder, dtype, target, progress=progress)
-    if target.type == "cpu":
-        prepare_for_cpu(net)
+    net = backends.install(net)  # the device's modules and kernels, chosen once
     if adapter is not None:
         load_adapter(net, adapter)
         net.requires_grad_(False)

@@ -83,7 +83,12 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         cache = model.new_cache(1, len(ids) + 1)
         t = time.perf_counter()
         with torch.inference_mode():
-            model(torch.tensor([ids], device=model.device), cache=cache, last_only=True)
+            model(
+                torch.tensor([ids], device=model.device),
+                torch.arange(len(ids), device=model.device),
+                cache,
+                last_only=True,
+            )
         sync()
         return time.perf_counter() - t
 

@@ -110,7 +110,8 @@ def generate_tokens(
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + config.max_new_tokens
     compiled = getattr(model, "compiled_decode", None)
-    if compiled is not None:  # round the cache up so a compiled step is reused across lengths
+    if compiled is not None or getattr(model, "use_graphs", False):
+        # round the cache up so a compiled step (or a captured CUDA graph) is reused across lengths
         total = min(-(-total // 256) * 256, max(total, model.config.max_position_embeddings))
     ids = torch.full((batch, longest), pad_id, dtype=torch.long)
     valid = torch.ones(batch, total, dtype=torch.bool)  # False at left padding
@@ -134,8 +135,10 @@ def generate_tokens(
     # they keep a cache of the model's dtype. (The C attention's first-slot argument could serve left
     # padding instead; not done.)
     cache = model.new_cache(batch, total, model.dtype if padded else None)
-    logits = model(ids, positions, cache, 0, padding_mask, last_only=True)[:, -1].float()
+    slots = torch.arange(longest, device=device)
+    logits = model(ids, slots, cache, positions, padding_mask, last_only=True)[:, -1].float()
     next_position = positions[:, -1:] + 1
+    slot = slots[-1:] + 1  # on the device, advanced in place: no host-to-device copy per step
     for step in range(config.max_new_tokens):
         token = sample_next(logits, config, seen, generator)
         yield token
@@ -144,12 +147,12 @@ def generate_tokens(
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         if compiled is None:
-            logits = model(token[:, None], next_position, cache, longest + step, padding_mask)
-        else:
-            slot = torch.tensor([longest + step], device=device)
-            logits = compiled(token[:, None], next_position, cache, slot, padding_mask if padded else None)
+            logits = model(token[:, None], slot, cache, next_position, padding_mask)
+        else:  # a slot per row: the static-shape step
+            logits = compiled(token[:, None], slot.expand(batch, 1), cache, next_position, padding_mask)
         logits = logits[:, -1].float()
-        next_position = next_position + 1
+        next_position += 1
+        slot += 1
 
 
 def compile_decode(model: PhiForCausalLM, mode: str | None = None, backend: str = "inductor") -> PhiForCausalLM:
@@ -197,15 +200,17 @@ class DraftModel:
     def propose(self, seq: list[int], k: int) -> list[int]:
         if k <= 0:
             return []
-        new = torch.tensor([seq[self.pos :]], device=self.model.device)
-        logits = self.model(new, cache=self.cache, start=self.pos, last_only=True)[0, -1]
+        device = self.model.device
+        new = torch.tensor([seq[self.pos :]], device=device)
+        slots = torch.arange(self.pos, len(seq), device=device)
+        logits = self.model(new, slots, self.cache, last_only=True)[0, -1]
         self.pos = len(seq)
         drafts = []
         for i in range(k):
             drafts.append(int(logits.argmax()))
             if i + 1 < k:
-                token = torch.tensor([[drafts[-1]]], device=self.model.device)
-                logits = self.model(token, cache=self.cache, start=self.pos + i)[0, -1]
+                token = torch.tensor([[drafts[-1]]], device=device)
+                logits = self.model(token, torch.tensor([self.pos + i], device=device), self.cache)[0, -1]
         return drafts
 
 
@@ -222,15 +227,18 @@ def speculative_tokens(
     stats = stats if stats is not None else SpeculativeStats()
     context = model.config.max_position_embeddings
     cache = model.new_cache(1, len(prompt) + config.max_new_tokens + config.draft_tokens + 1)
-    logits = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True)[0, -1]
+    device = model.device
+    slots = torch.arange(len(prompt), device=device)
+    logits = model(torch.tensor([prompt], device=device), slots, cache, last_only=True)[0, -1]
     seq = list(prompt) + [int(logits.argmax())]
     produced, pos = 1, len(prompt)  # pos: cache slot of seq[-1], not yet written
     yield torch.tensor(seq[-1:])
     while produced < config.max_new_tokens:
         room = min(config.draft_tokens, config.max_new_tokens - produced - 1, context - pos - 1)
         drafts = proposer.propose(seq, room) if room > 0 else []
-        inputs = torch.tensor([[seq[-1], *drafts]], device=model.device)
-        predicted = model(inputs, cache=cache, start=pos)[0].argmax(dim=-1).tolist()
+        inputs = torch.tensor([[seq[-1], *drafts]], device=device)
+        slots = torch.arange(pos, pos + inputs.shape[1], device=device)
+        predicted = model(inputs, slots, cache)[0].argmax(dim=-1).tolist()
         n = 0
         while n < len(drafts) and drafts[n] == predicted[n]:
             n += 1

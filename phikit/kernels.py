@@ -336,95 +336,17 @@ class _Layer(ctypes.Structure):
     _fields_ = [("ln_weight", ctypes.c_void_p), ("ln_bias", ctypes.c_void_p)] + [(n, _Linear) for n in PROJECTIONS]
 
 
-class DecodePlan:
-    """The decoder layers as the C decoding step sees them (``phikit_decode_layers``): a ctypes array of
-    pointers to every layer's LayerNorm and linear weights.
-
-    A layer qualifies when its six linears offer ``kernel_args()`` (DenseLinear, QuantizedLinear int8/int4;
-    not LoRA wrappers), its LayerNorm is fp32, the MLP is gelu_new and nothing hooks it. Built once; each
-    step only checks that the same modules hold the same tensors at the same addresses, with no new hooks
-    and unchanged biases (the kernels read fp32 copies of them): ~0.1 ms for Phi-2 where rebuilding takes
-    ~2.5 ms. Anything else changed rebuilds it.
-    """
-
-    def __init__(self):
-        self.array = None
-        self.layers = None
-        self.owned: list[tuple[dict, str, object]] = []  # (module dict, name, what must still be there)
-        self.addresses: list[tuple[torch.Tensor, int]] = []
-        self.versions: list[tuple[torch.Tensor, int]] = []
-        self.hooks: list[dict] = []  # every watched module's hook dicts, which must stay empty
-        self.keep: list[torch.Tensor] = []  # the tensors the array points into
-
-    def __getstate__(self) -> dict:  # pointers do not survive a copy or a pickle: start empty
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def _valid(self, layers) -> bool:
-        return (
-            self.layers is layers
-            and all(d.get(name) is obj for d, name, obj in self.owned)
-            and all(t.data_ptr() == address for t, address in self.addresses)
-            and all(t._version == version for t, version in self.versions)
-            and not any(self.hooks)
-        )
-
-    def _watch(self, module, children: tuple[str, ...]) -> None:
-        self.owned += [(module._modules, name, module._modules.get(name)) for name in children]
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is not None:
-                    self.owned.append((store, name, t))
-                    self.addresses.append((t, t.data_ptr()))
-                    if not t.is_inference() and name == "bias":
-                        self.versions.append((t, t._version))
-        self.hooks += [module._forward_hooks, module._forward_pre_hooks]
-
-    @staticmethod
-    def _layer_args(layer) -> list | None:
-        attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
-        if attn.config.qk_layernorm or mlp.approximate != "tanh":
-            return None
-        if norm.weight is None or norm.weight.dtype != torch.float32 or norm.bias is None:
-            return None
-        args = [(norm.weight, norm.bias)]
-        for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2):
-            get = getattr(module, "kernel_args", None)
-            linear = get() if get is not None else None
-            if linear is None:
-                return None
-            args.append(linear)
-        return args
-
-    def get(self, layers) -> ctypes.Array | None:
-        """The array for ``layers`` (a ModuleList of PhiDecoderLayer), or None if one does not qualify."""
-        if self._valid(layers):
-            return self.array
-        self.__init__()
-        self._watch(layers, tuple(layers._modules))
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self._watch(layer, ("self_attn", "mlp", "input_layernorm"))
-            self._watch(attn, ("q_proj", "k_proj", "v_proj", "dense"))
-            self._watch(mlp, ("fc1", "fc2"))
-            for module in (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2):
-                self._watch(module, ())
-        plan = [self._layer_args(layer) for layer in layers]
-        if any(a is None for a in plan) or any(self.hooks):
-            self.layers = layers  # checked again only when something changes
-            return None
-        array = (_Layer * len(plan))()
-        for entry, (norm, *linears) in zip(array, plan, strict=True):
-            entry.ln_weight, entry.ln_bias = norm[0].data_ptr(), norm[1].data_ptr()
-            for name, (kind, weight, scale, minimum, bias, group) in zip(PROJECTIONS, linears, strict=True):
-                k = weight.shape[1] * (2 if kind == "int4" else 1)
-                fields = (GEMM_KINDS[kind], weight.shape[0], k, group, weight.data_ptr(), _ptr(scale), _ptr(minimum))
-                setattr(entry, name, _Linear(*fields, _ptr(bias)))
-        self.keep = [t for a in plan for group in a for t in group if isinstance(t, torch.Tensor)]  # alive
-        self.array, self.layers = array, layers
-        return array
+def plan_array(plan: list[list]) -> ctypes.Array:
+    """The ctypes array ``phikit_decode_layers`` reads: per layer, the LayerNorm's (weight, bias) and six
+    linears as (kind, weight, scale, minimum, fp32 bias, group size), q k v dense fc1 fc2."""
+    array = (_Layer * len(plan))()
+    for entry, (norm, *linears) in zip(array, plan, strict=True):
+        entry.ln_weight, entry.ln_bias = norm[0].data_ptr(), norm[1].data_ptr()
+        for name, (kind, weight, scale, minimum, bias, group) in zip(PROJECTIONS, linears, strict=True):
+            k = weight.shape[1] * (2 if kind == "int4" else 1)
+            fields = (GEMM_KINDS[kind], weight.shape[0], k, group, weight.data_ptr(), _ptr(scale), _ptr(minimum))
+            setattr(entry, name, _Linear(*fields, _ptr(bias)))
+    return array
 
 
 def decode_layers(

@@ -1,9 +1,10 @@
-"""Native PyTorch Phi (Phi-1, Phi-1.5, Phi-2) in reading order: cache -> attention -> MLP -> block -> model.
+"""Native PyTorch Phi (Phi-1, Phi-1.5, Phi-2) in reading order: cache -> rope -> attention -> MLP -> block -> model.
 
 Module and parameter names are those of transformers' ``PhiForCausalLM`` (``model.layers.N.self_attn.q_proj``,
-``model.final_layernorm``, ``lm_head``) so HF state dicts and PEFT adapters map 1:1. Written by hand rather
-than wrapping transformers so that decoding has a preallocated KV cache, no per-token Python bookkeeping
-and plain modules that quantization and LoRA can swap in place.
+``model.final_layernorm``, ``lm_head``) so HF state dicts and PEFT adapters map 1:1. A plain model with one
+calling convention, ``forward(input_ids, input_pos, cache, ...)``, and no device branches: device-specific
+speed (CPU kernels, CUDA graphs, quantized matmuls) lives in ``phikit.backends``, which swaps in its own
+modules at load time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from phikit import kernels
 from phikit.config import PhiConfig
 
 
@@ -56,36 +56,16 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention; q (batch, heads, seq, dim), k/v (batch, kv_heads, keys, dim).
 
-    Phi-2's attention scores overflow fp16. On CUDA, SDPA's fused kernels accumulate scores and softmax
-    in fp32; on CPU the fp16 path may materialise fp16 scores, so there we compute in fp32. One query
-    token on CPU (decoding) takes three plain ops, several times faster there than SDPA's CPU kernels.
-    """
-    if q.dtype == torch.float16 and q.device.type == "cpu":
-        out = attention(q.float(), k.float(), v.float(), mask, causal)
-        return out.to(torch.float16)
-    if q.shape[2] == 1 and q.device.type == "cpu" and q.shape[1] == k.shape[1]:
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (batch, heads, 1, keys)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
+    Phi-2's attention scores overflow fp16; SDPA's fused kernels (CUDA flash / memory-efficient, and the
+    CPU flash kernel) keep scores and softmax in fp32, so fp16 inputs are safe (tested)."""
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
-def _cpu_inference(x: torch.Tensor) -> bool:
-    """fp32 on CPU without autograd, with the CPU kernels available: the kernels' domain."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernels.available()
-
-
-def _fused_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether one decoding step can use the fused CPU kernel (rotary + cache write + attention)."""
-    d = k_cache.shape[-1]  # the kernel holds a head in at most 16 vectors of 8
-    cache_ok = k_cache.dtype in (torch.float32, torch.float16) and k_cache.is_contiguous()
-    return _cpu_inference(q) and cache_ok and d % 8 == 0 and d <= 128
-
-
 class PhiAttention(nn.Module):
+    sdpa = staticmethod(attention)  # a backend may swap in its own (the CPU one for single queries)
+
     def __init__(self, config: PhiConfig):
         super().__init__()
         self.config = config
@@ -98,51 +78,42 @@ class PhiAttention(nn.Module):
             self.q_layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
             self.k_layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int | torch.Tensor,
-        mask: torch.Tensor | None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Attention output (batch, seq, hidden); with ``last_only`` keys and values of every position go to
-        the cache but only the last position is queried (batch, 1, hidden)."""
+    def forward(self, x, cos, sin, kv, slots, mask, last_only: bool = False) -> torch.Tensor:
+        """Attention output (batch, seq, hidden).
+
+        kv: this layer's (k_cache, v_cache) or None. slots: where this chunk's keys/values go, an int (a
+        chunk at ``slots:slots+seq``, attending to every slot before its end) or a (batch,) tensor (one new
+        token per row at its own slot, attending over the whole cache under ``mask``: static shapes, as
+        continuous batching and CUDA graphs need). ``last_only``: every position is cached but only the
+        last is queried, (batch, 1, hidden)."""
         b, t, _ = x.shape
         d = self.config.head_dim
-        # the last layer of a prefill: one query (it sees every key: no causal mask), q_proj/dense on one row
-        last_only = last_only and t > 1 and kv is not None and not isinstance(start, torch.Tensor)
+        per_row = isinstance(slots, torch.Tensor)
+        last_only = last_only and t > 1 and kv is not None and not per_row  # one query sees every key
         queries = 1 if last_only else t
         q = self.q_proj(x[:, -queries:]).view(b, queries, -1, d).transpose(1, 2)  # (batch, heads, seq, head_dim)
         k = self.k_proj(x).view(b, t, -1, d).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, d).transpose(1, 2)
         if self.config.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        if kv is not None and t == 1 and mask is None and _fused_decode_ok(q, kv[0]):
-            q1, k1, v1 = q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous()
-            y = kernels.attention_decode(q1, k1, v1, kv[0], kv[1], *kernels.step_tables(cos, sin, start, b))
-            return self.dense(y.view(b, 1, -1))
         q, k = apply_rope(q, cos[:, :, -queries:], sin[:, :, -queries:]), apply_rope(k, cos, sin)
-        if isinstance(start, torch.Tensor):
-            # one new token per row at its own slot (continuous batching; compiled decoding with a (1,)
-            # slot): static shapes, whole cache attended under a mask
-            rows, slots = torch.arange(b, device=x.device), start.expand(b)
-            kv[0][rows, :, slots] = k[:, :, 0]
-            kv[1][rows, :, slots] = v[:, :, 0]
-            if mask is None:
-                mask = torch.arange(kv[0].shape[2], device=x.device) <= slots.view(-1, 1, 1, 1)
-            y = attention(q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask, causal=False)
-            return self.dense(y.transpose(1, 2).reshape(b, t, -1))
         if kv is not None:
             k_cache, v_cache = kv
-            k_cache[:, :, start : start + t] = k
-            v_cache[:, :, start : start + t] = v
-            k, v = k_cache[:, :, : start + t].to(q.dtype), v_cache[:, :, : start + t].to(q.dtype)
+            if per_row:
+                rows = torch.arange(b, device=x.device)
+                k_cache[rows, :, slots] = k[:, :, 0].to(k_cache.dtype)
+                v_cache[rows, :, slots] = v[:, :, 0].to(v_cache.dtype)
+                k, v = k_cache, v_cache
+                if mask is None:  # each row sees the slots up to its own
+                    mask = torch.arange(k_cache.shape[2], device=x.device) <= slots.view(-1, 1, 1, 1)
+            else:
+                k_cache[:, :, slots : slots + t] = k
+                v_cache[:, :, slots : slots + t] = v
+                k, v = k_cache[:, :, : slots + t], v_cache[:, :, : slots + t]
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a narrower cache (fp16 on CPU) is widened to compute
         if mask is not None:
             mask = mask[:, :, -queries:]
-        y = attention(q, k, v, mask, causal=mask is None and queries > 1)
+        y = self.sdpa(q, k, v, mask, causal=mask is None and queries > 1)
         return self.dense(y.transpose(1, 2).reshape(b, queries, -1))
 
 
@@ -154,10 +125,7 @@ class PhiMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.approximate == "tanh" and _cpu_inference(h) and h.is_contiguous():
-            return self.fc2(kernels.gelu_tanh_(h))  # in place, ~4x faster than torch's on CPU
-        return self.fc2(F.gelu(h, approximate=self.approximate))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class PhiDecoderLayer(nn.Module):
@@ -170,11 +138,11 @@ class PhiDecoderLayer(nn.Module):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.resid_dropout = nn.Dropout(float(config.extra.get("resid_pdrop", 0.0)))
 
-    def forward(self, x, cos, sin, kv, start, mask, last_only: bool = False):
+    def forward(self, x, cos, sin, kv, slots, mask, last_only: bool = False):
         """(batch, seq, hidden), or with ``last_only`` (the last layer of a prefill whose other positions
         are not read) only the last position, (batch, 1, hidden): llama.cpp skips these rows too."""
         h = self.input_layernorm(x)
-        attn = self.self_attn(h, cos, sin, kv, start, mask, last_only)
+        attn = self.self_attn(h, cos, sin, kv, slots, mask, last_only)
         if attn.shape[1] != x.shape[1]:
             h, x = h[:, -1:], x[:, -1:]
         mlp = self.mlp(h)
@@ -192,46 +160,49 @@ class PhiModel(nn.Module):
         self.layers = nn.ModuleList(PhiDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
-        self.decode_plan = kernels.DecodePlan()  # the layers' weights as the C decoding step reads them
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        positions: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Final hidden states (batch, seq, hidden) for ``input_ids`` (batch, seq); with ``last_only`` and a
         cache, those of the last position (batch, 1, hidden), every position's keys/values still cached.
 
-        positions: rope positions (batch, seq), default ``start + arange(seq)``.
-        cache/start: write this chunk's keys/values at cache slots ``start:start+seq`` and attend to all before.
-        padding_mask: (batch, >= start+seq) bool, False at left-padding slots, which no query attends to.
+        input_pos: cache slots, (seq,) consecutive slots shared by every row (default ``arange(seq)``), or
+            (batch, 1): one new token per row at its own slot (continuous batching, CUDA graphs).
+        positions: rope positions (batch, seq); default ``input_pos``. Left-padded rows count from their
+            first real token.
+        padding_mask: (batch, >= slots in use) bool, False at left-padding slots, which no query attends to.
         """
         b, t = input_ids.shape
+        if input_pos is None:
+            input_pos = torch.arange(t, device=input_ids.device)
+        per_row = input_pos.dim() == 2
+        if positions is None:
+            positions = input_pos if per_row else input_pos.expand(b, t)
+        slots = None
+        if cache is not None:  # a Python int for a chunk: one host sync per forward, none per layer
+            slots = input_pos[:, 0] if per_row else int(input_pos[0])
         # embeddings may be stored narrower than the compute dtype (bf16 table, fp32 activations on CPU)
         x = self.embed_tokens(input_ids).to(self.final_layernorm.weight.dtype)
         if self.training:
             x = self.embed_dropout(x)
-        if positions is None:
-            first = start.view(-1, 1) if isinstance(start, torch.Tensor) else start
-            positions = (first + torch.arange(t, device=x.device)).expand(b, t)
         cos, sin = rope_tables(self.config, positions, x.dtype)
-        mask = build_mask(t, start, padding_mask, x.device, cache.max_length if cache is not None else 0)
-        if t == 1 and cache is not None and mask is None and not self.training and not torch.compiler.is_compiling():
-            same_layout = cache.v.stride() == cache.k.stride()  # layers (batch, kv_heads, slots, dim) contiguous
-            plan = self.decode_plan.get(self.layers) if same_layout and _fused_decode_ok(x, cache.k[0]) else None
-            if plan is not None:  # every layer in one C call: no per-layer Python (kernels.decode_layers)
-                return self.final_layernorm(kernels.decode_layers(plan, x, self.config, cos, sin, cache, start))
+        mask = build_mask(
+            t, 0 if slots is None else slots, padding_mask, x.device, cache.max_length if cache is not None else 0
+        )
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv, start, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv, slots, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv, start, mask, last_only and i == len(self.layers) - 1)
+                x = layer(x, cos, sin, kv, slots, mask, last_only and i == len(self.layers) - 1)
         return self.final_layernorm(x)
 
 
@@ -241,11 +212,11 @@ def build_mask(
     """Boolean attention mask (batch|1, 1, seq, keys), or None where SDPA's own causal flag suffices.
 
     Each query also sees itself, so a left-padding row never has every key masked (that gives NaN in SDPA).
-    A tensor ``start`` (compiled decoding) masks over the whole cache, so shapes never change.
+    A tensor ``start`` (a slot per row) masks over the whole cache, so shapes never change.
     """
     static = isinstance(start, torch.Tensor)
     if padding_mask is None and (static or t == 1 or start == 0):
-        return None  # one new token sees every cached key; a fresh prompt is plain causal
+        return None  # one new token sees every cached key (per row: attention masks by slot); a fresh prompt is causal
     keys = torch.arange(cache_length if static else start + t, device=device)
     first = start.view(-1, 1) if static else start
     queries = first + torch.arange(t, device=device)  # (seq,) or, per row, (batch, seq)
@@ -262,19 +233,20 @@ class PhiForCausalLM(nn.Module):
         self.config = config
         self.model = PhiModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
-        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype (see quantize.prepare_for_cpu)
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype (a backend may narrow it)
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        positions: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position."""
-        h = self.model(input_ids, positions, cache, start, padding_mask, last_only and not self.training)
+        """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position.
+        Arguments as ``PhiModel.forward``."""
+        h = self.model(input_ids, input_pos, cache, positions, padding_mask, last_only and not self.training)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

@@ -7,11 +7,12 @@ Formats (row n of a weight is output feature n; K = in_features):
 4-bit codes are packed two per byte in blocks of 64 (byte i: code i low nibble, code i+32 high nibble), so
 one 32-byte load gives 64 codes in order with one mask and one shift.
 
-Which kernel runs: on CPU the hand-written AVX2 kernels in ``kernels`` (decode: a few activation rows;
-prefill: a GEMM that unpacks weight panels to fp32 as it goes); without them PyTorch's ``_weight_int8pack_mm`` /
-``_weight_int4pack_mm_for_cpu``; on CUDA PyTorch's int8/int4 kernels or bitsandbytes (NF4); and a
-plain dequantize + matmul wherever nothing faster applies. Embeddings stay unquantized (a decode step
-reads one row of them); ``lm_head`` is quantized unless the spec says otherwise.
+Which kernel runs is the backends' business (``phikit.backends.KERNELS``, one table keyed by format and
+device, bound to each layer at load time): on CPU phikit's AVX2 kernels or PyTorch's own CPU ops, on CUDA
+PyTorch's int4/int8 kernels or bitsandbytes. Without a kernel (or under autograd, where a kernel may
+decline) the weight is dequantized and multiplied: the reference every kernel is tested against.
+Embeddings stay unquantized (a decode step reads one row of them); ``lm_head`` is quantized unless the
+spec says otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phikit import kernels
 from phikit.errors import PhikitError
 
 FORMATS = ("int8", "int4", "nf4")
@@ -124,6 +124,13 @@ def quantize_nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def int4_scales_and_zeros(scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """Our int4 groups (w = q * scale + minimum) in the form of PyTorch's int4 kernels (CPU and CUDA
+    tinygemm), w = (q - 8) * scale + zero: a (groups, N, 2) bf16 table with zero = minimum + 8 * scale."""
+    zero = minimum.float() + 8 * scale.float()
+    return torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 def dequantize(fmt: str, t: dict[str, torch.Tensor], group_size: int = 64) -> torch.Tensor:
     """The fp32 weight (N, K) that quantized tensors ``t`` stand for."""
     if fmt == "int8":
@@ -143,104 +150,21 @@ def dequantize(fmt: str, t: dict[str, torch.Tensor], group_size: int = 64) -> to
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
 
 
-# ---- the layers ----
+# ---- the layer ----
 
 
-def _kernel_sized(k: int, n: int) -> bool:
-    """K % 64 == 0 and N % 16 == 0: what the CPU kernels take (all Phi shapes)."""
-    return k % 64 == 0 and n % 16 == 0
-
-
-def _cpu_kernel_ok(x: torch.Tensor, k: int, n: int) -> bool:
-    """Our CPU kernels handle this input: CPU, no autograd, kernel-sized."""
-    return (
-        x.device.type == "cpu"
-        and _kernel_sized(k, n)
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and kernels.available()
-    )
-
-
-def _kernel_shapes(module: nn.Module, weight: torch.Tensor) -> bool:
-    """A CPU layer the C decoding step may run: kernel-sized, contiguous, no hooks on it."""
-    return (
-        weight.device.type == "cpu"
-        and weight.is_contiguous()
-        and _kernel_sized(module.in_features, module.out_features)
-        and not (module._forward_hooks or module._forward_pre_hooks)
-    )
-
-
-class _Fp32Bias:
-    """fp32 copy of a bias for the C kernels, refreshed when the bias changes."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def get(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if bias is None:
-            return None
-        key = (bias.data_ptr(), bias._version, bias.dtype)
-        if key != self.key:
-            self.key, self.value = key, bias.detach().float().contiguous()
-        return self.value
-
-
-def _run_cpu(
-    x: torch.Tensor,
-    kind: str,
-    weight: torch.Tensor,
-    bias32: torch.Tensor | None,
-    out_features: int,
-    scale=None,
-    minimum=None,
-    group_size: int = 0,
-) -> torch.Tensor:
-    """Decode-sized inputs through the gemv kernels, longer ones (prefill) through the GEMM; output in x's dtype."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
-    run = kernels.gemv if x2.shape[0] <= kernels.MAX_ROWS else kernels.gemm
-    y = run(x2, kind, weight, scale, minimum, bias32, group_size)
-    return y.to(x.dtype).reshape(*lead, out_features)
-
-
-class DenseLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and names) that runs bf16/fp16/fp32 weights through the CPU kernels
-    when it can; PyTorch's bf16 GEMM on AVX2 CPUs is several times slower than unpacking to fp32."""
-
-    _kinds = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = self._kinds.get(self.weight.dtype)
-        if kind is None or not _cpu_kernel_ok(x, self.in_features, self.out_features) or self.weight.requires_grad:
-            if x.dtype != self.weight.dtype:  # fp32 activations over narrower stored weights
-                return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-            return F.linear(x, self.weight, self.bias)
-        return _run_cpu(x, kind, self.weight, self._fp32_bias(), self.out_features)
-
-    def kernel_args(self) -> tuple | None:
-        """(kind, weight, scale, minimum, fp32 bias, group size) for the C decoding step, or None."""
-        kind = self._kinds.get(self.weight.dtype)
-        if kind is None or self.weight.requires_grad or not _kernel_shapes(self, self.weight):
-            return None
-        return kind, self.weight, None, None, self._fp32_bias(), 0
-
-    def _fp32_bias(self) -> torch.Tensor | None:
-        if "_bias32" not in self.__dict__:  # made by from_linear, which runs no __init__
-            self._bias32 = _Fp32Bias()
-        return self._bias32.get(self.bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> DenseLinear:
-        new = cls.__new__(cls)
-        new.__dict__.update(linear.__dict__)  # same Parameters, hooks and attributes
-        return new
+def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, torch.Tensor]:
+    """The quantized tensors of ``weight`` in ``fmt``, computed in fp32 by the reference quantizers."""
+    return quantize_int4(weight, group_size) if fmt == "int4" else QUANTIZERS[fmt](weight)
 
 
 class QuantizedLinear(nn.Module):
-    """A frozen linear layer with a quantized weight (buffers ``weight``, ``weight_scale`` ...) and a bias."""
+    """A frozen linear layer with a quantized weight (buffers ``weight``, ``weight_scale`` ...) and a bias.
+
+    ``kernel(layer, x)``: the backend's matmul for this format and device, bound at load time; it may keep
+    its own layout of the weight in ``packed`` and may decline (return None, e.g. under autograd), and then
+    the weight is dequantized and multiplied (the reference).
+    """
 
     def __init__(
         self, in_features: int, out_features: int, fmt: str, group_size: int = 64, bias: torch.Tensor | None = None
@@ -249,8 +173,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.format, self.group_size = fmt, group_size
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._bias32 = _Fp32Bias()
-        self._device_pack: tuple | None = None
+        self.kernel = None
+        self.packed = None
 
     @classmethod
     def from_weight(
@@ -260,8 +184,10 @@ class QuantizedLinear(nn.Module):
         fmt: str,
         group_size: int = 64,
         device: torch.device | str = "cpu",
+        quantizer=quantize_weight,
     ) -> QuantizedLinear:
-        """Quantize ``weight`` (computed in fp32 on its own device, stored on ``device``)."""
+        """Quantize ``weight`` on its own device with ``quantizer`` (the reference, or a backend's faster one
+        giving the same bits) and store the result on ``device``."""
         out_features, in_features = weight.shape
         if in_features % (group_size if fmt == "int4" else 32) or (fmt == "nf4" and weight.numel() % NF4_BLOCK):
             raise PhikitError(
@@ -269,11 +195,7 @@ class QuantizedLinear(nn.Module):
                 f"be a multiple of {group_size if fmt == 'int4' else 32}"
             )
         layer = cls(in_features, out_features, fmt, group_size, bias)
-        if kernels.can_quantize(weight, fmt, group_size):
-            tensors = kernels.quantize(weight, fmt, group_size)  # same bits, ~20-50x faster on CPU
-        else:
-            tensors = QUANTIZERS[fmt](weight, group_size) if fmt == "int4" else QUANTIZERS[fmt](weight)
-        for name, t in tensors.items():
+        for name, t in quantizer(weight, fmt, group_size).items():
             layer.register_buffer(name, t.to(device).contiguous())
         if layer.bias is not None:
             layer.bias.data = layer.bias.data.to(device)
@@ -299,60 +221,17 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.format, self.tensors(), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format in ("int8", "int4") and _cpu_kernel_ok(x, self.in_features, self.out_features):
-            minimum = getattr(self, "weight_min", None)
-            return _run_cpu(
-                x,
-                self.format,
-                self.weight,
-                self._bias32.get(self.bias),
-                self.out_features,
-                self.weight_scale,
-                minimum,
-                self.group_size,
-            )
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-            y = self._torch_cpu(x)
+        if self.kernel is not None:
+            y = self.kernel(self, x)
             if y is not None:
                 return y
         weight = self.dequantized().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
-    def kernel_args(self) -> tuple | None:
-        """(kind, weight, scale, minimum, fp32 bias, group size) for the C decoding step, or None."""
-        if self.format not in ("int8", "int4") or not _kernel_shapes(self, self.weight):
-            return None
-        minimum = getattr(self, "weight_min", None)
-        return self.format, self.weight, self.weight_scale, minimum, self._bias32.get(self.bias), self.group_size
-
-    def _torch_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """PyTorch's own CPU weight-only kernels, used when ours are unavailable (bf16 activations)."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        try:
-            if self.format == "int8":
-                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(torch.bfloat16))
-            elif self.format == "int4":
-                if self._device_pack is None:
-                    q = unpack_nibbles(self.weight).to(torch.int32)
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-                    scale, low = self.weight_scale.float(), self.weight_min.float()
-                    zero = low + 8 * scale  # their form: (q - 8) * scale + zero
-                    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-                    self._device_pack = (packed, sz.to(torch.bfloat16))
-                packed, sz = self._device_pack
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-            else:
-                return None
-        except (RuntimeError, AttributeError):
-            return None
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
-
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.format == "int4" else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{group}"
+        kernel = f", kernel={self.kernel.__name__}" if self.kernel is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{group}{kernel}"
 
 
 # ---- applying quantization to a model ----
@@ -367,31 +246,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def prepare_for_cpu(model: nn.Module) -> nn.Module:
-    """CPU inference layout: linear layers run through the kernels (DenseLinear, same parameters) and
-    activations are fp32 whatever the stored weights are: LayerNorms become fp32 (a few KB), so
-    embeddings, the KV cache and every element-wise op follow. AVX2 CPUs have no bf16 arithmetic, so
-    bf16 activations only add conversions; weights keep their stored dtype.
-
-    The KV cache of a model whose linear weights are narrower than fp32 (bf16, fp16, int8, int4) is fp16,
-    as llama.cpp's is, when the CPU kernels run: long contexts read half the bytes per token (measured
-    after a 1024-token prompt: benchmarks/RESULTS.md). fp32 models keep an fp32 cache (exact parity)."""
-    for name in linear_names(model):
-        module = model.get_submodule(name)
-        if type(module) is nn.Linear:
-            _set_module(model, name, DenseLinear.from_linear(module))
-    narrow = False
-    for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
-            module.float()
-        elif isinstance(module, (DenseLinear, QuantizedLinear)):
-            narrow = narrow or module.weight.dtype != torch.float32
-    if narrow and kernels.available() and hasattr(model, "kv_cache_dtype"):
-        model.kv_cache_dtype = torch.float16
-    return model
-
-
-def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+def quantize_model(model: nn.Module, spec: QuantSpec, quantizer=quantize_weight) -> nn.Module:
     """Quantize the targeted linear layers of a loaded model in place, one layer at a time."""
     for name in linear_names(model):
         if spec.targets(name):
@@ -402,6 +257,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
                 spec.format,
                 spec.group_size,
                 linear.weight.device,
+                quantizer,
             )
             _set_module(model, name, layer)
             del linear
@@ -422,9 +278,9 @@ def prepare_shells(model: nn.Module, spec: QuantSpec) -> None:
             )
 
 
-def quantizing_hook(spec: QuantSpec, device: torch.device):
-    """An ``on_tensor`` hook for ``load_model``: quantize each targeted weight as it is read, so a
-    full-precision copy of the model never exists; biases are kept until their weight arrives."""
+def quantizing_hook(spec: QuantSpec, device: torch.device, quantizer=quantize_weight):
+    """An ``on_tensor`` hook for ``load_model``: quantize each targeted weight as it is read (with
+    ``quantizer``), so a full-precision copy of the model never exists; biases wait for their weight."""
     pending_bias: dict[str, torch.Tensor] = {}
     pending_weight: dict[str, torch.Tensor] = {}
 
@@ -432,7 +288,12 @@ def quantizing_hook(spec: QuantSpec, device: torch.device):
         weight = pending_weight.pop(module_name)
         bias = pending_bias.pop(module_name, None)
         layer = QuantizedLinear.from_weight(
-            weight.to(device), None if bias is None else bias.to(device), spec.format, spec.group_size, device
+            weight.to(device),
+            None if bias is None else bias.to(device),
+            spec.format,
+            spec.group_size,
+            device,
+            quantizer,
         )
         _set_module(model, module_name, layer)
 

@@ -147,8 +147,10 @@ class Engine:
         if r.config.seed is not None:  # any JSON integer, folded into torch's seed range
             r.generator = torch.Generator(device=self.model.device).manual_seed(r.config.seed % 2**64)
         row = _row_cache(self.cache, r.slot)
-        ids = torch.tensor([r.prompt_ids], device=self.model.device)
-        logits = self.model(ids, cache=row, start=0, last_only=True)[:, -1].float()
+        device = self.model.device
+        ids = torch.tensor([r.prompt_ids], device=device)
+        slots = torch.arange(len(r.prompt_ids), device=device)
+        logits = self.model(ids, slots, row, last_only=True)[:, -1].float()
         r.position = len(r.prompt_ids)
         self._emit(r, self._sample(r, logits))
 
@@ -161,9 +163,8 @@ class Engine:
                 tokens[i, 0], positions[i] = r.last_token, r.position
         device = self.model.device
         view = _first_rows(self.cache, rows)
-        logits = self.model(
-            tokens.to(device), positions=positions[:, None].to(device), cache=view, start=positions.to(device)
-        )[:, -1].float()
+        slots = positions[:, None].to(device)  # a slot per row: each row's newest position
+        logits = self.model(tokens.to(device), slots, view)[:, -1].float()
         self.steps += 1
         for i, r in enumerate(self.slots[:rows]):
             if r is not None:

@@ -61,10 +61,10 @@ def test_cached_decode_matches_full_forward(checkpoint_factory, overrides):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2, 32)
-        pieces = [model(ids[:, :8], cache=cache, start=0)]  # prefill
-        pieces.append(model(ids[:, 8:13], cache=cache, start=8))  # a chunk on top of a cache
+        pieces = [model(ids[:, :8], torch.arange(8), cache)]  # prefill
+        pieces.append(model(ids[:, 8:13], torch.arange(8, 13), cache))  # a chunk on top of a cache
         for t in range(13, 20):  # one token at a time
-            pieces.append(model(ids[:, t : t + 1], cache=cache, start=t))
+            pieces.append(model(ids[:, t : t + 1], torch.tensor([t]), cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
 
@@ -81,8 +81,8 @@ def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(checkpoint_f
     caches = model.new_cache(2, 16), model.new_cache(2, 16)
     with torch.no_grad():
         for cache, last_only in zip(caches, (False, True)):  # a prefill, then a chunk on top of it
-            model(ids[:, :7], positions[:, :7], cache, 0, mask, last_only=last_only)
-            logits = model(ids[:, 7:], positions[:, 7:], cache, 7, mask, last_only=last_only)
+            model(ids[:, :7], torch.arange(7), cache, positions[:, :7], mask, last_only=last_only)
+            logits = model(ids[:, 7:], torch.arange(7, 12), cache, positions[:, 7:], mask, last_only=last_only)
             if not last_only:
                 expected = logits[:, -1:]
     assert logits.shape[1] == 1

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 import phikit
 from phikit import kernels
+from phikit.backends import bind_kernel
+from phikit.backends.cpu import DenseLinear
 from phikit.errors import PhikitError
 from phikit.quantize import (
-    DenseLinear,
     QuantizedLinear,
     QuantSpec,
     dequantize,
@@ -85,7 +86,7 @@ def test_nf4_matches_bitsandbytes(weight):
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
 def test_quantized_linear_matches_dequantized_matmul(weight, backend, fmt, group, rows):
     bias = torch.randn(N)
-    layer = QuantizedLinear.from_weight(weight, bias, fmt, group or 64)
+    layer = bind_kernel(QuantizedLinear.from_weight(weight, bias, fmt, group or 64))
     x = torch.randn(2, rows, K)
     expected = F.linear(x, layer.dequantized(), bias)
     with torch.no_grad():
@@ -203,8 +204,8 @@ def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, prec
         monkeypatch.setattr(plan, "get", type(plan).get.__get__(plan) if fused else lambda layers: None)
         cache = model.new_cache(2, 16)
         with torch.no_grad():
-            logits = [model(ids[:, :8], cache=cache, start=0)]
-            logits += [model(ids[:, t : t + 1], cache=cache, start=t) for t in range(8, 12)]
+            logits = [model(ids[:, :8], torch.arange(8), cache)]
+            logits += [model(ids[:, t : t + 1], torch.tensor([t]), cache) for t in range(8, 12)]
         return torch.cat(logits, dim=1)
 
     fused = decode(True)
@@ -246,9 +247,9 @@ def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch, quantize):
         rows = lambda a, b: SimpleNamespace(k=cache.k[:, a:b], v=cache.v[:, a:b], max_length=16)  # noqa: E731
         with torch.no_grad():
             for row, n in enumerate(lengths.tolist()):
-                model(ids[row : row + 1, :n], cache=rows(row, row + 1), start=0)
+                model(ids[row : row + 1, :n], torch.arange(n), rows(row, row + 1))
             tokens = ids[[0, 1], lengths][:, None]
-            return model(tokens, positions=lengths[:, None], cache=rows(0, 2), start=lengths)[:, -1]
+            return model(tokens, lengths[:, None], rows(0, 2))[:, -1]
 
     fused = step(True)
     assert plan.array is not None
@@ -291,8 +292,8 @@ def test_narrow_weights_get_an_fp16_kv_cache_that_decodes_like_an_fp32_one(tiny,
         model.kv_cache_dtype = cache_dtype
         cache = model.new_cache(2, 32)
         with torch.no_grad():
-            logits = [model(ids[:, :16], cache=cache, start=0)]
-            logits += [model(ids[:, t : t + 1], cache=cache, start=t) for t in range(16, 24)]
+            logits = [model(ids[:, :16], torch.arange(16), cache)]
+            logits += [model(ids[:, t : t + 1], torch.tensor([t]), cache) for t in range(16, 24)]
         config = GenerationConfig(max_new_tokens=12)
         tokens = [step.tolist() for step in generate_tokens(model, [ids[0].tolist()], config, 50256)]
         return torch.cat(logits, dim=1), tokens

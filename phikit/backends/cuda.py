@@ -1,0 +1,306 @@
+"""The CUDA backend (NVIDIA; AMD ROCm through the same ``torch.cuda`` API): kernels that others maintain,
+and decoding steps replayed from CUDA graphs.
+
+- fp16/bf16: the plain model as is: cuBLAS matmuls and SDPA's flash / memory-efficient attention, whose
+  fp32 accumulators keep Phi-2's scores from overflowing fp16.
+- int4: PyTorch's tinygemm (``_weight_int4pack_mm``, Ampere and newer, bf16 activations); int8:
+  PyTorch's ``_weight_int8pack_mm``; NF4: bitsandbytes (``matmul_4bit``, whose gemv serves batch 1).
+  Where tinygemm or the int8 op do not run (T4 is sm75; ROCm) bitsandbytes' 4-bit / 8-bit kernels do.
+  The weight is never dequantized whole per call. ``kernel_names(model)`` says which ran.
+- Decoding: batch-1 decoding is bound by launching ~1000 small kernels per token, not by the GPU. A
+  one-token step (a slot per row, static shapes, a preallocated cache) is captured once per cache and
+  batch as a CUDA graph and replayed, as gpt-fast does with ``mode="reduce-overhead"``; the decoder
+  layer of that step is first compiled by ``torch.compile`` (one layer's code, reused by all 32: seconds,
+  not minutes) so its element-wise ops fuse. Prefill stays eager: it is never recompiled per length.
+  ``PHIKIT_CUDA_GRAPHS=0`` / ``PHIKIT_CUDA_COMPILE=0`` turn either off.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from phikit.model import PhiDecoderLayer, PhiForCausalLM
+from phikit.quantize import QuantizedLinear, int4_scales_and_zeros, unpack_nibbles
+
+MAX_GRAPHS = 8  # captured decoding steps kept (the server's batch sizes, a generate call's cache)
+
+
+@dataclass
+class Packed:
+    """A kernel's own layout of a layer's weight, made once at load time; ``name`` says which kernel."""
+
+    name: str
+    tensors: tuple
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _flat(x: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, k).to(dtype).contiguous()
+
+
+def _add_bias(y: torch.Tensor, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def tinygemm_supported(device: torch.device) -> bool:
+    """PyTorch's int4 CUDA kernel needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _inner_k_tiles(k: int) -> int | None:
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+
+
+def _bnb_4bit(layer: QuantizedLinear, why: str) -> Packed:
+    """bitsandbytes NF4 (double quantization, blocks of 64) made from the layer's dequantized weight."""
+    import bitsandbytes.functional as bnbf
+
+    weight = layer.dequantized().to(torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return Packed(f"bitsandbytes matmul_4bit nf4{why}", (packed, state))
+
+
+def _run_bnb_4bit(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    packed, state = layer.packed.tensors
+    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    y = bnb.matmul_4bit(x.to(dtype), packed.t(), quant_state=state)
+    return _add_bias(y, layer, x)
+
+
+_high_nibble_first: list[bool] = []  # tinygemm's nibble order, checked once per process against the reference
+
+
+def _matches_reference(layer: QuantizedLinear, run) -> bool:
+    """Whether ``run`` (bf16 activations -> outputs) gives x @ dequantized.T within bf16's rounding."""
+    probe = torch.randn(4, layer.in_features, device=layer.weight.device, dtype=torch.bfloat16)
+    expected = probe.float() @ layer.dequantized().t()
+    return ((run(probe).float() - expected).norm() / expected.norm()).item() < 5e-2
+
+
+def prepare_int4(layer: QuantizedLinear) -> Packed:
+    """tinygemm's layout: the codes as uint8 (N, K/2), two columns per byte, through
+    ``_convert_weight_to_int4pack``; scales and zeros in bf16 as ``int4_scales_and_zeros`` (tinygemm
+    rounds our fp16 scales to bf16). The nibble order is checked against the dequantized reference on
+    the first layer, so a kernel that changes its convention is caught at load, not in the output."""
+    tiles = _inner_k_tiles(layer.in_features)
+    if tinygemm_supported(layer.weight.device) and tiles is not None and layer.out_features % 8 == 0:
+        q = unpack_nibbles(layer.weight)
+        scales = int4_scales_and_zeros(layer.weight_scale, layer.weight_min)
+        for high_first in _high_nibble_first[:1] or [True, False]:
+            first, second = (q[:, ::2], q[:, 1::2]) if high_first else (q[:, 1::2], q[:, ::2])
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack(((first << 4) | second).to(torch.uint8), tiles)
+                run = functools.partial(torch.ops.aten._weight_int4pack_mm, qB=packed, qGroupSize=layer.group_size)
+                if _high_nibble_first or _matches_reference(layer, lambda x, run=run: run(x, qScaleAndZeros=scales)):
+                    _high_nibble_first[:] = [high_first]
+                    return Packed("torch _weight_int4pack_mm (tinygemm)", (packed, scales))
+            except (RuntimeError, NotImplementedError):
+                break
+    return _bnb_4bit(layer, " (int4 re-quantized: tinygemm needs an sm80+ NVIDIA GPU)")
+
+
+def int4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+    if _needs_grad(x):
+        return None
+    if layer.packed.name.startswith("bitsandbytes"):
+        return _run_bnb_4bit(layer, x)
+    packed, scales = layer.packed.tensors
+    y = torch.ops.aten._weight_int4pack_mm(
+        _flat(x, layer.in_features, torch.bfloat16), packed, layer.group_size, scales
+    )
+    return _add_bias(y, layer, x)
+
+
+def prepare_int8(layer: QuantizedLinear) -> Packed:
+    """PyTorch's ``_weight_int8pack_mm`` where it runs on this GPU and gives the reference's answer (tried
+    once on the layer), else bitsandbytes' int8 matmul: our per-row int8 codes are its ``CB`` and
+    127 * scale its ``SCB`` (activations quantized to int8 per row, as LLM.int8 without outliers)."""
+    scales = {dtype: layer.weight_scale.to(dtype) for dtype in (torch.bfloat16, torch.float16)}
+    try:
+        probe = torch.randn(2, layer.in_features, device=layer.weight.device, dtype=torch.bfloat16)
+        got = torch.ops.aten._weight_int8pack_mm(probe, layer.weight, scales[torch.bfloat16]).float()
+        expected = probe.float() @ layer.dequantized().t()
+        if ((got - expected).norm() / expected.norm()).item() < 1e-2:
+            return Packed("torch _weight_int8pack_mm", (scales,))
+    except (RuntimeError, NotImplementedError):
+        pass
+    return Packed("bitsandbytes int8_linear_matmul", (layer.weight_scale.float() * 127,))
+
+
+def int8_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+    if _needs_grad(x):
+        return None
+    dtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
+    x2 = _flat(x, layer.in_features, dtype)
+    if layer.packed.name.startswith("bitsandbytes"):
+        import bitsandbytes.functional as bnbf
+
+        codes, row_stats, _ = bnbf.int8_vectorwise_quant(x2)
+        acc = bnbf.int8_linear_matmul(codes, layer.weight)
+        return _add_bias(bnbf.int8_mm_dequant(acc, row_stats, layer.packed.tensors[0]), layer, x)
+    y = torch.ops.aten._weight_int8pack_mm(x2, layer.weight, layer.packed.tensors[0][dtype])
+    return _add_bias(y, layer, x)
+
+
+def prepare_nf4(layer: QuantizedLinear) -> Packed:
+    """A phikit-quantized NF4 checkpoint on CUDA: re-packed once for bitsandbytes (its double quantization
+    of the block maxima differs from ours; loading from full precision quantizes with bitsandbytes
+    directly, as QLoRA does)."""
+    return _bnb_4bit(layer, "")
+
+
+def nf4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+    return _run_bnb_4bit(layer, x)  # bitsandbytes' MatMul4Bit has a backward: QLoRA-style use works
+
+
+# ---- decoding through CUDA graphs ----
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_compiled_layer = None
+
+
+def _compiled_layer_forward():
+    """``PhiDecoderLayer.forward`` compiled once for one-token steps (a slot per row): the 32 layers share it."""
+    global _compiled_layer
+    if _compiled_layer is None:
+        _compiled_layer = torch.compile(PhiDecoderLayer.forward, dynamic=False)
+    return _compiled_layer
+
+
+class CudaDecoderLayer(PhiDecoderLayer):
+    """A decoder layer whose one-token steps (a slot per row) run compiled when ``compiled`` is set."""
+
+    compiled = False
+
+    def forward(self, x, cos, sin, kv, slots, mask, last_only: bool = False):
+        if self.compiled and x.shape[1] == 1 and isinstance(slots, torch.Tensor) and not torch.is_grad_enabled():
+            return _compiled_layer_forward()(self, x, cos, sin, kv, slots, mask, last_only)
+        return super().forward(x, cos, sin, kv, slots, mask, last_only)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor | None]
+    logits: torch.Tensor
+
+
+class CudaPhiForCausalLM(PhiForCausalLM):
+    """PhiForCausalLM whose one-token steps replay CUDA graphs: one per cache and batch size, captured on
+    first use (a slot per row over the whole cache, so shapes never change). Anything else, and any
+    step under autograd, in training or while compiling, runs the plain model."""
+
+    def _graph_key(self, input_ids, input_pos, cache, positions, padding_mask):
+        if (
+            cache is None
+            or input_pos is None
+            or input_ids.shape[1] != 1
+            or self.training
+            or torch.is_grad_enabled()
+            or not input_ids.is_cuda
+            or torch.compiler.is_compiling()
+            or torch.cuda.is_current_stream_capturing()
+            or not getattr(self, "use_graphs", False)
+        ):
+            return None
+        structure = tuple(map(id, self.modules()))  # modules swapped (an adapter, a merge) -> capture anew
+        layout = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape, cache.k.stride(), cache.k.dtype)
+        mask = None if padding_mask is None else (padding_mask.shape, padding_mask.dtype)
+        return (*layout, input_ids.shape[0], mask, hash(structure))
+
+    def forward(self, input_ids, input_pos=None, cache=None, positions=None, padding_mask=None, last_only=False):
+        key = self._graph_key(input_ids, input_pos, cache, positions, padding_mask)
+        if key is None:
+            return super().forward(input_ids, input_pos, cache, positions, padding_mask, last_only)
+        b = input_ids.shape[0]
+        graphs = self.__dict__.setdefault("graphs", collections.OrderedDict())
+        entry = graphs.get(key)
+        inputs = entry.inputs if entry is not None else self._static_inputs(b, padding_mask)
+        slots = input_pos.view(-1, 1).expand(b, 1)
+        inputs["ids"].copy_(input_ids)
+        inputs["slots"].copy_(slots)
+        inputs["positions"].copy_(slots if positions is None else positions.view(-1, 1).expand(b, 1))
+        if padding_mask is not None:
+            inputs["padding"].copy_(padding_mask)
+        if entry is None:
+            entry = graphs[key] = self._capture(inputs, cache)
+            while len(graphs) > MAX_GRAPHS:
+                graphs.popitem(last=False)
+        graphs.move_to_end(key)
+        entry.graph.replay()
+        return entry.logits.clone()
+
+    @staticmethod
+    def _static_inputs(b: int, padding_mask: torch.Tensor | None) -> dict:
+        device = padding_mask.device if padding_mask is not None else torch.device("cuda", torch.cuda.current_device())
+        zeros = lambda: torch.zeros(b, 1, dtype=torch.long, device=device)  # noqa: E731
+        padding = None if padding_mask is None else torch.ones_like(padding_mask)
+        return {"ids": zeros(), "slots": zeros(), "positions": zeros(), "padding": padding}
+
+    def _step(self, inputs: dict, cache) -> torch.Tensor:
+        return super().forward(inputs["ids"], inputs["slots"], cache, inputs["positions"], inputs["padding"])
+
+    def _capture(self, inputs: dict, cache) -> _Graph:
+        """Warm up (the real step, twice: it rewrites the same cache slot with the same values; compiles the
+        layer on first use) on a side stream, then capture. A compile that fails turns compiling off."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                try:
+                    self._step(inputs, cache)
+                except Exception as e:  # noqa: BLE001 - a compiler error must not stop decoding
+                    if not any(getattr(m, "compiled", False) for m in self.modules()):
+                        raise
+                    print(f"phikit: torch.compile failed ({type(e).__name__}); decoding uncompiled", file=sys.stderr)
+                    set_compiled_layers(self, False)
+                    self._step(inputs, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            logits = self._step(inputs, cache)
+        return _Graph(graph, inputs, logits)
+
+
+def set_compiled_layers(model: nn.Module, on: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, CudaDecoderLayer):
+            module.compiled = on
+    if hasattr(model, "graphs"):
+        model.graphs.clear()
+
+
+PREPARE = {"int4": prepare_int4, "int8": prepare_int8, "nf4": prepare_nf4}
+
+
+def install(model: PhiForCausalLM) -> PhiForCausalLM:
+    """Pack quantized weights for their kernels and make decoding steps replay CUDA graphs (in place)."""
+    compile_layers = _env_on("PHIKIT_CUDA_COMPILE")
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.weight.is_cuda:
+            module.packed = PREPARE[module.format](module)
+        elif type(module) is PhiDecoderLayer:
+            module.__class__ = CudaDecoderLayer
+            module.compiled = compile_layers
+    if type(model) is PhiForCausalLM:
+        model.__class__ = CudaPhiForCausalLM
+    model.use_graphs = _env_on("PHIKIT_CUDA_GRAPHS")
+    return model
