@@ -91,6 +91,10 @@ def _matches_reference(layer: QuantizedLinear, run) -> bool:
     return ((run(probe).float() - expected).norm() / expected.norm()).item() < 5e-2
 
 
+def _int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales)
+
+
 def prepare_int4(layer: QuantizedLinear) -> Packed:
     """tinygemm's layout: the codes as uint8 (N, K/2), two columns per byte, through
     ``_convert_weight_to_int4pack``; scales and zeros in bf16 as ``int4_scales_and_zeros`` (tinygemm
@@ -104,8 +108,8 @@ def prepare_int4(layer: QuantizedLinear) -> Packed:
             first, second = (q[:, ::2], q[:, 1::2]) if high_first else (q[:, 1::2], q[:, ::2])
             try:
                 packed = torch.ops.aten._convert_weight_to_int4pack(((first << 4) | second).to(torch.uint8), tiles)
-                run = functools.partial(torch.ops.aten._weight_int4pack_mm, qB=packed, qGroupSize=layer.group_size)
-                if _high_nibble_first or _matches_reference(layer, lambda x, run=run: run(x, qScaleAndZeros=scales)):
+                run = functools.partial(_int4pack_mm, packed=packed, group_size=layer.group_size, scales=scales)
+                if _high_nibble_first or _matches_reference(layer, run):
                     _high_nibble_first[:] = [high_first]
                     return Packed("torch _weight_int4pack_mm (tinygemm)", (packed, scales))
             except (RuntimeError, NotImplementedError):
@@ -119,9 +123,7 @@ def int4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
     if layer.packed.name.startswith("bitsandbytes"):
         return _run_bnb_4bit(layer, x)
     packed, scales = layer.packed.tensors
-    y = torch.ops.aten._weight_int4pack_mm(
-        _flat(x, layer.in_features, torch.bfloat16), packed, layer.group_size, scales
-    )
+    y = _int4pack_mm(_flat(x, layer.in_features, torch.bfloat16), packed, layer.group_size, scales)
     return _add_bias(y, layer, x)
 
 
