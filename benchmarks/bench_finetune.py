@@ -1,12 +1,16 @@
 """LoRA fine-tuning speed and memory: phikit vs transformers + peft + trl SFTTrainer, same model, data, run.
 
     python benchmarks/bench_finetune.py [--steps 30] [--seq-len 256] [--batch-size 4] [--layers 4 --hidden 640]
+    python benchmarks/bench_finetune.py --gpu [--steps 20] [--data guanaco.jsonl]     # QLoRA on a GPU
 
-A small Phi-shaped model (random weights, made by transformers) is trained with the same LoRA (r=16,
+CPU: a small Phi-shaped model (random weights, made by transformers) is trained with the same LoRA (r=16,
 alpha=16, q/k/v/dense), the same packed sequences of the guanaco-style text in recipes/data, the same
-batch, learning rate and number of optimizer steps, fp32 on CPU. Each engine runs in its own process
-so its peak RSS is its own; tokens/s counts the tokens of the timed steps (after 3 warm-up steps).
-Prints a Markdown table and writes benchmarks/results_finetune.json.
+batch, learning rate and number of optimizer steps, fp32. ``--gpu``: the reference QLoRA recipe's settings
+on a full-size random Phi-2 (NF4 double-quantized base through bitsandbytes, bf16 compute, LoRA r16 a16
+dropout 0.05 on q/k/v/dense, packing to 1024 tokens, batch 1, paged 8-bit AdamW, gradient checkpointing)
+on real guanaco rows (../shared/data/guanaco-1k, or --data). Each engine runs in its own process so its
+peak memory is its own (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU); tokens/s counts the
+tokens of the timed steps (after 3 warm-up steps). Prints a Markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import WORK, machine, markdown_table, save_json, small_phi  # noqa: E402
+from common import WORK, machine, markdown_table, random_phi2, save_json, small_phi  # noqa: E402
 
 DATA = HERE.parent / "recipes" / "data" / "tiny-instructions.jsonl"
+GUANACO = HERE.parent.parent / "shared" / "data" / "guanaco-1k" / "train.jsonl"
 WARMUP = 3
 
 
-def texts() -> list[str]:
-    rows = [json.loads(line)["text"] for line in DATA.read_text().splitlines() if line.strip()]
-    return rows * 40  # enough packed sequences for the steps
+def texts(args=None) -> list[str]:
+    data = Path(args.data) if args is not None and args.data else DATA
+    rows = [json.loads(line)["text"] for line in data.read_text().splitlines() if line.strip()]
+    return rows * (40 if data == DATA else 1)  # enough packed sequences for the steps
 
 
 def run_phikit(model: Path, args) -> dict:
@@ -38,15 +44,15 @@ def run_phikit(model: Path, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "d.jsonl"
-        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts()))
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(args)))
+        gpu = dict(quantize="nf4", dtype="bf16", device="cuda", optimizer="paged_adamw_8bit")
         config = TrainConfig(
             model=str(model),
             output_dir=f"{tmp}/out",
             data=str(data),
             data_format="text",
             template="guanaco",
-            dtype="fp32",
-            device="cpu",
+            **(gpu if args.gpu else dict(dtype="fp32", device="cpu")),
             seq_len=args.seq_len,
             packing=True,
             batch_size=args.batch_size,
@@ -57,7 +63,7 @@ def run_phikit(model: Path, args) -> dict:
             lora_r=16,
             lora_alpha=16,
             lora_dropout=0.05,
-            gradient_checkpointing=False,
+            gradient_checkpointing=args.gpu,
             save_every=10**9,
             eval_every=10**9,
         )
@@ -77,7 +83,20 @@ def run_trl(model: Path, args) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model)
     tok.pad_token = tok.eos_token
-    net = PhiForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if args.gpu:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        net = PhiForCausalLM.from_pretrained(
+            model, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": 0}
+        )
+    else:
+        net = PhiForCausalLM.from_pretrained(model, dtype=torch.float32)
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -96,17 +115,22 @@ def run_trl(model: Path, args) -> dict:
             max_length=args.seq_len,
             logging_steps=1,
             report_to="none",
-            use_cpu=True,
+            use_cpu=not args.gpu,
             save_strategy="no",
             dataset_text_field="text",
-            bf16=False,
+            bf16=args.gpu,
             fp16=False,
             dataloader_num_workers=0,
+            **(
+                dict(optim="paged_adamw_8bit", gradient_checkpointing=True, packing_strategy="wrapped")
+                if args.gpu
+                else {}
+            ),
         )
         trainer = SFTTrainer(
             model=net,
             args=config,
-            train_dataset=Dataset.from_dict({"text": texts()}),
+            train_dataset=Dataset.from_dict({"text": texts(args)}),
             processing_class=tok,
             callbacks=[Clock()],
             peft_config=LoraConfig(
@@ -151,6 +175,7 @@ def worker(engine: str, model: Path, args) -> dict:
         "tokens_per_s": tokens / seconds,
         "s_per_step": seconds / args.steps,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        **({"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9} if args.gpu else {}),
         "first_loss": result["losses"][0],
         "last_loss": result["losses"][-1],
     }
@@ -163,10 +188,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=640)
-    ap.add_argument("--out", type=Path, default=HERE / "results_finetune.json")
+    ap.add_argument("--gpu", action="store_true", help="QLoRA on a GPU, full-size random Phi-2, seq-len 1024")
+    ap.add_argument("--data", help="a JSONL of {text} rows (--gpu default: ../shared/data/guanaco-1k)")
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    model = small_phi(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
+    if args.gpu:
+        if "--seq-len" not in sys.argv:
+            args.seq_len = 1024
+        if "--batch-size" not in sys.argv:
+            args.batch_size = 1
+        args.data = args.data or str(GUANACO)
+        model = random_phi2(device="cuda")
+    else:
+        model = small_phi(WORK / f"phi-l{args.layers}-h{args.hidden}", args.layers, args.hidden)
+    args.out = args.out or HERE / ("results_finetune_gpu.json" if args.gpu else "results_finetune.json")
     if args.worker:
         print(json.dumps(worker(args.worker, model, args)))
         return
@@ -188,6 +224,7 @@ def main() -> None:
             str(args.layers),
             "--hidden",
             str(args.hidden),
+            *(["--gpu", "--data", args.data] if args.gpu else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -195,8 +232,13 @@ def main() -> None:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     rows[0]["speedup"] = f"{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x"
     rows[1]["engine"] = "transformers+peft+trl SFTTrainer"
+    what = (
+        "full-size random Phi-2, QLoRA (NF4 base, bf16, paged 8-bit AdamW, gradient checkpointing)"
+        if args.gpu
+        else f"Phi {args.layers} layers x {args.hidden}, fp32 CPU"
+    )
     print(
-        f"\nMachine: {machine()}\nPhi {args.layers} layers x {args.hidden}, LoRA r=16 on q/k/v/dense, fp32 CPU, "
+        f"\nMachine: {machine()}\n{what}, LoRA r=16 on q/k/v/dense, "
         f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps\n"
     )
     print(
@@ -207,6 +249,7 @@ def main() -> None:
                 ("tokens_per_s", "tokens/s"),
                 ("s_per_step", "s/step"),
                 ("peak_rss_gb", "peak RSS GB"),
+                *([("peak_gpu_memory_gb", "peak GPU GB")] if args.gpu else []),
                 ("first_loss", "first loss"),
                 ("last_loss", "last loss"),
                 ("speedup", "speed-up"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = Path(os.environ.get("PHIKIT_BENCH_WORK", HERE / "_work"))
-SHARED_TOKENIZER = HERE.parent.parent / "shared" / "data" / "gpt2-bpe"
+SHARED_TOKENIZER = Path(os.environ.get("PHIKIT_BENCH_TOKENIZER", HERE.parent.parent / "shared" / "data" / "gpt2-bpe"))
 
 PHI2_SHAPE = dict(
     vocab_size=51200,
@@ -77,9 +77,10 @@ def small_phi(folder: Path, layers: int, hidden: int) -> Path:
     return folder
 
 
-def random_phi2(folder: Path = WORK / "phi2-random", **overrides) -> Path:
+def random_phi2(folder: Path = WORK / "phi2-random", device: str = "cpu", **overrides) -> Path:
     """Write (once) a full-size Phi-2-shaped checkpoint with random weights, saved by transformers in fp16
-    as 2 shards like microsoft/phi-2, with the GPT-2 tokenizer files next to it."""
+    as 2 shards like microsoft/phi-2, with the tokenizer files next to it (initialised on ``device``:
+    a GPU does it in seconds)."""
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -88,7 +89,7 @@ def random_phi2(folder: Path = WORK / "phi2-random", **overrides) -> Path:
     print(f"creating a random full-size Phi-2 checkpoint in {folder} (once) ...", file=sys.stderr)
     torch.manual_seed(0)
     config = PhiConfig(**{**PHI2_SHAPE, **overrides})
-    with torch.device("cpu"):
+    with torch.device(device):
         model = PhiForCausalLM._from_config(config, dtype=torch.float16)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,7 +103,7 @@ def copy_tokenizer(folder: Path) -> None:
     if not SHARED_TOKENIZER.is_dir():
         raise SystemExit(f"need the GPT-2 tokenizer at {SHARED_TOKENIZER}")
     for f in SHARED_TOKENIZER.iterdir():
-        if f.name != "PROVENANCE.md":
+        if f.is_file() and f.name != "PROVENANCE.md":
             shutil.copyfile(f, folder / f.name)
 
 

@@ -5,6 +5,9 @@ Each precision runs in its own process so its peak memory is its own. Timings ar
 token is prefill plus the first sampled token; decode speed is over ``new_tokens`` forced tokens (EOS
 ignored) after a short 16-token context, as llama-bench's tg test starts from an empty one.
 ``--compare-transformers`` runs transformers ``generate`` on the same checkpoint in the same way.
+On a GPU each row also gives the memory allocated once loaded (``torch.cuda.memory_allocated``), the peak
+while loading, the peak while generating (``peak_memory_gb``, ``torch.cuda.max_memory_allocated`` after a
+reset), the GPU's name and, for phikit, the kernels that ran its linear layers.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
     import torch
 
     from phikit.api import load
+    from phikit.backends import kernel_names
     from phikit.generate import GenerationConfig, generate_tokens, peak_memory_bytes
 
     quantize = precision if precision in QUANTIZED else None
@@ -77,6 +81,7 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
     phi = load(s.model, dtype=dtype, device=s.device, quantize=quantize, group_size=s.group_size)
     load_s = time.perf_counter() - start
     model, ids = phi.model, prompt_ids(phi.tokenizer, s.prompt_tokens)
+    loaded = _loaded_memory(model.device)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
     def prefill() -> float:
@@ -99,13 +104,15 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         return time.perf_counter() - t
 
     def decode() -> float:
-        """seconds per token after the first, from a 16-token context"""
+        """seconds per token from a 16-token context, after the first two (the prefill's token, and the
+        step that may capture a CUDA graph for a new cache)"""
         config = GenerationConfig(max_new_tokens=s.new_tokens)
         stamps = []
         for _ in generate_tokens(model, [ids[:16]], config, phi.tokenizer.pad_id):
             sync()
             stamps.append(time.perf_counter())
-        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        first = 1 if len(stamps) > 2 else 0
+        return (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
 
     prefill()
     for _ in generate_tokens(model, [ids[:16]], GenerationConfig(max_new_tokens=8), phi.tokenizer.pad_id):
@@ -121,6 +128,8 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         "ttft_s": ttft_s,
         "decode_tok_s": 1 / decode_s,
         "peak_memory_gb": peak_memory_bytes(model.device) / 1e9,
+        **loaded,
+        "kernels": kernel_names(model),
     }
     if s.perplexity_data:
         from phikit.evaluate import perplexity, read_text
@@ -153,11 +162,14 @@ def measure_transformers(s: BenchSettings, precision: str) -> dict:
         )
     elif precision not in dtypes:
         raise PhikitError(f"transformers has no built-in {precision} path to compare with")
+    if precision == "nf4" and device.type == "cuda":
+        kwargs["device_map"] = {"": device}
     start = time.perf_counter()
     model = PhiForCausalLM.from_pretrained(folder, **kwargs).eval()
-    if precision != "nf4":
+    if "device_map" not in kwargs:
         model.to(device)
     load_s = time.perf_counter() - start
+    loaded = _loaded_memory(device)
     ids = torch.tensor([prompt_ids(Tokenizer(folder), s.prompt_tokens)], device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -188,7 +200,25 @@ def measure_transformers(s: BenchSettings, precision: str) -> dict:
         "ttft_s": first,
         "decode_tok_s": (s.new_tokens - 1) / (full - one),
         "peak_memory_gb": peak_memory_bytes(device) / 1e9,
+        **loaded,
     }
+
+
+def _loaded_memory(device) -> dict:
+    """On CUDA: memory allocated once loaded and the peak while loading (GB); the peak counter restarts so
+    that ``peak_memory_gb`` is the peak while generating. Nothing on CPU (peak RSS covers it)."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    row = {
+        "loaded_memory_gb": torch.cuda.memory_allocated(device) / 1e9,
+        "load_peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+        "gpu": torch.cuda.get_device_name(device),
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return row
 
 
 def run_one(s: BenchSettings, engine: str, precision: str) -> dict:
@@ -204,30 +234,32 @@ def run_one(s: BenchSettings, engine: str, precision: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_bench(s: BenchSettings, progress: bool = True) -> dict:
-    """All requested measurements; returns the JSON-ready report (settings, machine, rows)."""
+def run_bench(s: BenchSettings, progress: bool = True, on_row=None) -> dict:
+    """All requested measurements; returns the JSON-ready report (settings, machine, rows).
+    ``on_row(report)`` is called with the report so far after each measurement."""
     from tqdm.auto import tqdm
 
     jobs = [("phikit", p) for p in s.precisions]
     if s.compare_transformers:
         jobs += [("transformers", p) for p in dict.fromkeys(["bf16", *s.precisions]) if p in (*DENSE, "nf4")]
-    rows = []
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "settings": asdict(s), "rows": []}
     bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for engine, precision in bar:
         bar.set_postfix_str(f"{engine} {precision}")
-        rows.append(run_one(s, engine, precision))
-    base = next(
-        (
-            r["decode_tok_s"]
-            for r in rows
-            if r["engine"] == "transformers" and r["precision"] == "bf16" and "error" not in r
-        ),
-        None,
-    )
+        report["rows"].append(run_one(s, engine, precision))
+        _compare(report["rows"])
+        if on_row is not None:
+            on_row(report)
+    return report
+
+
+def _compare(rows: list[dict]) -> None:
+    """Each row's decode speed relative to transformers bf16's, once that is measured."""
+    reference = [r for r in rows if r["engine"] == "transformers" and r["precision"] == "bf16" and "error" not in r]
+    base = reference[0]["decode_tok_s"] if reference else None
     for r in rows:
         if base and "decode_tok_s" in r:
             r["decode_vs_transformers_bf16"] = r["decode_tok_s"] / base
-    return {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "settings": asdict(s), "rows": rows}
 
 
 def markdown(report: dict) -> str:
@@ -238,6 +270,7 @@ def markdown(report: dict) -> str:
         ("prefill_tok_s", "prefill tok/s"),
         ("ttft_s", "first token s"),
         ("decode_tok_s", "decode tok/s"),
+        ("loaded_memory_gb", "loaded GB"),
         ("peak_memory_gb", "peak mem GB"),
         ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
         ("perplexity", "perplexity"),

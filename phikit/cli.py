@@ -461,16 +461,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.perplexity_data,
         args.threads,
     )
-    report = run_bench(settings)
+    from phikit.checkpoint import atomic_write
+
+    def save(report: dict) -> None:  # after every row: an interrupted run keeps what it measured
+        if args.json:
+            atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+
+    report = run_bench(settings, on_row=save)
     print(
         f"{report['machine']}\nmodel {args.model}, batch 1, prompt {args.prompt_tokens} tokens, "
         f"{args.new_tokens} new tokens\n"
     )
     print(markdown(report))
-    if args.json:
-        from phikit.checkpoint import atomic_write
-
-        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    save(report)
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:

@@ -145,7 +145,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     if not targets:
         raise PhikitError(f"no module matches LoRA targets {config.target_modules}")
     for name in targets:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout))
+        lora = LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout)
+        _set_module(model, name, lora.train(model.training))  # a model in eval mode gets no dropout
     model.lora_config = config
     return model
 

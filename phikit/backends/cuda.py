@@ -56,7 +56,7 @@ def _add_bias(y: torch.Tensor, layer: nn.Module, x: torch.Tensor) -> torch.Tenso
 
 def tinygemm_supported(device: torch.device) -> bool:
     """PyTorch's int4 CUDA kernel needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _inner_k_tiles(k: int) -> int | None:
@@ -198,9 +198,24 @@ class CudaDecoderLayer(PhiDecoderLayer):
         return super().forward(x, cos, sin, kv, slots, mask, last_only)
 
 
+def capture_cuda_graph(step) -> tuple:
+    """``step`` (a function of no arguments returning a tensor) warmed up on a side stream, as CUDA graph
+    capture needs, then captured: returns (replay, the output tensor that each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph.replay, out
+
+
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    replay: object
     inputs: dict[str, torch.Tensor | None]
     logits: torch.Tensor
 
@@ -210,20 +225,23 @@ class CudaPhiForCausalLM(PhiForCausalLM):
     first use (a slot per row over the whole cache, so shapes never change). Anything else, and any
     step under autograd, in training or while compiling, runs the plain model."""
 
+    graph_device = "cuda"
+    capture = staticmethod(capture_cuda_graph)  # the tests' CPU twin replays the step eagerly
+
     def _graph_key(self, input_ids, input_pos, cache, positions, padding_mask):
         if (
             cache is None
             or input_pos is None
             or input_ids.shape[1] != 1
+            or input_ids.device.type != self.graph_device
             or self.training
             or torch.is_grad_enabled()
-            or not input_ids.is_cuda
             or torch.compiler.is_compiling()
-            or torch.cuda.is_current_stream_capturing()
             or not getattr(self, "use_graphs", False)
+            or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return None
-        structure = tuple(map(id, self.modules()))  # modules swapped (an adapter, a merge) -> capture anew
+        structure = tuple(map(id, self.modules()))  # modules swapped (an adapter, a merge): capture anew
         layout = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape, cache.k.stride(), cache.k.dtype)
         mask = None if padding_mask is None else (padding_mask.shape, padding_mask.dtype)
         return (*layout, input_ids.shape[0], mask, hash(structure))
@@ -235,7 +253,7 @@ class CudaPhiForCausalLM(PhiForCausalLM):
         b = input_ids.shape[0]
         graphs = self.__dict__.setdefault("graphs", collections.OrderedDict())
         entry = graphs.get(key)
-        inputs = entry.inputs if entry is not None else self._static_inputs(b, padding_mask)
+        inputs = entry.inputs if entry is not None else _static_inputs(input_ids, padding_mask)
         slots = input_pos.view(-1, 1).expand(b, 1)
         inputs["ids"].copy_(input_ids)
         inputs["slots"].copy_(slots)
@@ -247,39 +265,34 @@ class CudaPhiForCausalLM(PhiForCausalLM):
             while len(graphs) > MAX_GRAPHS:
                 graphs.popitem(last=False)
         graphs.move_to_end(key)
-        entry.graph.replay()
+        entry.replay()
         return entry.logits.clone()
-
-    @staticmethod
-    def _static_inputs(b: int, padding_mask: torch.Tensor | None) -> dict:
-        device = padding_mask.device if padding_mask is not None else torch.device("cuda", torch.cuda.current_device())
-        zeros = lambda: torch.zeros(b, 1, dtype=torch.long, device=device)  # noqa: E731
-        padding = None if padding_mask is None else torch.ones_like(padding_mask)
-        return {"ids": zeros(), "slots": zeros(), "positions": zeros(), "padding": padding}
 
     def _step(self, inputs: dict, cache) -> torch.Tensor:
         return super().forward(inputs["ids"], inputs["slots"], cache, inputs["positions"], inputs["padding"])
 
     def _capture(self, inputs: dict, cache) -> _Graph:
-        """Warm up (the real step, twice: it rewrites the same cache slot with the same values; compiles the
-        layer on first use) on a side stream, then capture. A compile that fails turns compiling off."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):
-                try:
-                    self._step(inputs, cache)
-                except Exception as e:  # noqa: BLE001 - a compiler error must not stop decoding
-                    if not any(getattr(m, "compiled", False) for m in self.modules()):
-                        raise
-                    print(f"phikit: torch.compile failed ({type(e).__name__}); decoding uncompiled", file=sys.stderr)
-                    set_compiled_layers(self, False)
-                    self._step(inputs, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            logits = self._step(inputs, cache)
-        return _Graph(graph, inputs, logits)
+        """Capture the step for these static inputs. The step is first run once as is (the real step: the
+        warm-ups and the replay rewrite its cache slot with the same values), which compiles the layer on
+        first use; a compile that fails turns compiling off, with one line on stderr."""
+        step = functools.partial(self._step, inputs, cache)
+        with torch.inference_mode():
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - a compiler error must not stop decoding
+                if not any(getattr(m, "compiled", False) for m in self.modules()):
+                    raise
+                print(f"phikit: torch.compile failed ({type(e).__name__}: {e}); decoding uncompiled", file=sys.stderr)
+                set_compiled_layers(self, False)
+                step()
+            replay, logits = self.capture(step)
+        return _Graph(replay, inputs, logits)
+
+
+def _static_inputs(input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -> dict:
+    zeros = lambda: torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)  # noqa: E731
+    padding = None if padding_mask is None else torch.ones_like(padding_mask)
+    return {"ids": zeros(), "slots": zeros(), "positions": zeros(), "padding": padding}
 
 
 def set_compiled_layers(model: nn.Module, on: bool) -> None:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Download, where pip works, the wheels benchmarks/gpu_check.sh installs on an offline GPU machine whose
+# Python (3.12, manylinux x86_64) already has torch, transformers, peft, accelerate, safetensors, tokenizers,
+# huggingface_hub, numpy, pyyaml, tqdm and pytest: into .whl/ (git-ignored; about 52 MB).
+#   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]     # default 3.12
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYV=${1:-3.12}
+WHEELS=(
+  bitsandbytes==0.50.2 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5
+  annotated-types==0.8.0 typing-inspection==0.4.5 uvicorn==0.54.0 opentelemetry-api==1.45.2
+  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0 trl==1.14.2
+  openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 sniffio==1.3.1
+  hypothesis==6.170.17 sortedcontainers==2.4.0
+)
+platforms=()
+for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
+  platforms+=(--platform "${p}_x86_64")
+done
+python3 -m pip download --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
+  "${platforms[@]}" -d .whl "${WHEELS[@]}"
+du -sh .whl

@@ -1,0 +1,178 @@
+"""The backends' seams on the CPU: the CUDA backend's graph-replayed decoding and its kernel-table entries run
+here on CPU twins (an eager stand-in for graph capture, the same PyTorch / bitsandbytes ops on CPU tensors),
+so everything but the CUDA kernels themselves is tested without a GPU; tests/test_gpu.py runs the rest."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import phikit
+from phikit import backends
+from phikit.backends import cuda
+from phikit.checkpoint import load_model
+from phikit.generate import GenerationConfig, generate_tokens
+from phikit.model import PhiDecoderLayer, PhiForCausalLM
+from phikit.quantize import QuantizedLinear
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+
+
+def eager_capture(step):
+    """CPU twin of ``cuda.capture_cuda_graph``: 'replay' re-runs the step into the same output tensor."""
+    out = step()
+    return (lambda: out.copy_(step())), out
+
+
+def graphed(model: PhiForCausalLM, compiled: bool = False) -> PhiForCausalLM:
+    cuda.install(model)
+    model.graph_device, model.capture = "cpu", eager_capture
+    cuda.set_compiled_layers(model, compiled)
+    return model
+
+
+def greedy(model, prompts, n=10) -> list[list[int]]:
+    steps = generate_tokens(model, prompts, GenerationConfig(max_new_tokens=n), pad_id=0)
+    return torch.stack(list(steps), dim=1).tolist()
+
+
+def test_model_and_quantize_import_no_backend():
+    import ast
+    from pathlib import Path
+
+    for name in ("model.py", "quantize.py"):
+        tree = ast.parse((Path(phikit.__file__).parent / name).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m and ("backends" in m or "kernels" in m or "ctypes" in m)], name
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graph_replayed_decoding_equals_the_plain_model(tiny, monkeypatch, compiled):
+    """Batched (left-padded) and single-row greedy decoding through captured steps, with the decoder layer
+    compiled (aot_eager: dynamo and functionalisation of the in-place cache writes) or not."""
+    if compiled:
+        compiled_layer = torch.compile(PhiDecoderLayer.forward, backend="aot_eager", dynamic=False)
+        monkeypatch.setattr(cuda, "_compiled_layer", compiled_layer)
+    folder, _ = tiny
+    plain = load_model(folder, dtype="fp32", device="cpu")
+    model = graphed(load_model(folder, dtype="fp32", device="cpu"), compiled)
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        assert greedy(model, prompts) == greedy(plain, prompts)
+    assert len(model.graphs) == 2  # one per cache layout and batch
+    greedy(model, PROMPTS[:1])  # same cache size again: the allocator may reuse the address, or capture anew
+    assert 2 <= len(model.graphs) <= cuda.MAX_GRAPHS
+
+
+def test_graph_replayed_steps_with_a_slot_per_row_match_the_plain_model(tiny):
+    """Continuous batching's step: rows at their own slots of a larger cache's first rows."""
+    from types import SimpleNamespace
+
+    folder, _ = tiny
+    plain = load_model(folder, dtype="fp32", device="cpu")
+    model = graphed(load_model(folder, dtype="fp32", device="cpu"))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([5, 9])
+
+    def step(net) -> torch.Tensor:
+        cache = net.new_cache(3, 16)
+        rows = lambda a, b: SimpleNamespace(k=cache.k[:, a:b], v=cache.v[:, a:b], max_length=16)  # noqa: E731
+        with torch.inference_mode():
+            for row, n in enumerate(lengths.tolist()):
+                net(ids[row : row + 1, :n], torch.arange(n), rows(row, row + 1))
+            out = [net(ids[[0, 1], lengths + i][:, None], (lengths + i)[:, None], rows(0, 2)) for i in range(3)]
+        return torch.cat(out, dim=1)
+
+    torch.testing.assert_close(step(model), step(plain), rtol=0, atol=1e-5)
+    assert len(model.graphs) == 1
+
+
+def test_graphs_are_not_used_under_autograd_or_in_training(tiny):
+    folder, _ = tiny
+    model = graphed(load_model(folder, dtype="fp32", device="cpu"))
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[5, 6]]), torch.arange(2), cache)
+    model(torch.tensor([[7]]), torch.tensor([2]), cache)  # grad enabled: the plain step
+    assert not model.__dict__.get("graphs")
+    with torch.inference_mode():
+        model(torch.tensor([[7]]), torch.tensor([2]), cache)
+    assert len(model.graphs) == 1
+
+
+def test_a_swapped_module_is_captured_anew(tiny):
+    folder, _ = tiny
+    model = graphed(load_model(folder, dtype="fp32", device="cpu"))
+    before = greedy(model, PROMPTS[:1])
+    with torch.no_grad():
+        fc2 = model.model.layers[0].mlp.fc2
+        replacement = torch.nn.Linear(fc2.in_features, fc2.out_features)
+        replacement.weight.copy_(fc2.weight * 3)
+        replacement.bias.copy_(fc2.bias)
+        model.model.layers[0].mlp.fc2 = replacement
+    after = greedy(model, PROMPTS[:1])
+    plain = load_model(folder, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        plain.model.layers[0].mlp.fc2.weight.mul_(3)
+    assert after == greedy(plain, PROMPTS[:1]) and after != before
+
+
+# ---- the CUDA kernel table's entries on CPU tensors ----
+
+N, K = 64, 256
+
+
+def _layer(fmt: str) -> QuantizedLinear:
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_weight(torch.randn(N, K) * 0.05, torch.randn(N) * 0.1, fmt, 64)
+    return layer
+
+
+def _relative_error(layer: QuantizedLinear, x: torch.Tensor) -> float:
+    expected = F.linear(x.float(), layer.dequantized(), layer.bias)
+    with torch.inference_mode():
+        got = layer(x).float()
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_cuda_int8_entry_on_cpu_tensors(rows):
+    layer = _layer("int8")
+    layer.packed = cuda.prepare_int8(layer)
+    layer.kernel = cuda.int8_linear
+    assert layer.packed.name == "torch _weight_int8pack_mm"
+    assert _relative_error(layer, torch.randn(2, rows, K, dtype=torch.bfloat16)) < 1e-2
+
+
+def test_cuda_int8_entry_falls_back_to_bitsandbytes(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    layer = _layer("int8")
+
+    def missing(*args):
+        raise NotImplementedError("not on this device")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
+        layer.packed = cuda.prepare_int8(layer)
+    layer.kernel = cuda.int8_linear
+    assert layer.packed.name.startswith("bitsandbytes")
+    assert _relative_error(layer, torch.randn(3, K, dtype=torch.bfloat16)) < 2e-2  # activations to int8 per row
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_cuda_4bit_entries_through_bitsandbytes_on_cpu_tensors(fmt):
+    """Without tinygemm (a CPU tensor here, a T4 or ROCm there) int4 goes to bitsandbytes' 4-bit kernels,
+    as phikit-quantized NF4 does: re-quantized once, so within 4-bit rounding of the reference."""
+    pytest.importorskip("bitsandbytes")
+    layer = _layer(fmt)
+    layer.packed = cuda.PREPARE[fmt](layer)
+    layer.kernel = backends.KERNELS[(fmt, "cuda")]
+    assert layer.packed.name.startswith("bitsandbytes matmul_4bit nf4")
+    assert _relative_error(layer, torch.randn(1, 1, K, dtype=torch.bfloat16)) < 0.15
+    x = torch.randn(4, K, requires_grad=True)
+    layer(x).sum().backward()  # int4's entry declines under autograd (the reference runs); nf4 has a backward
+    assert x.grad is not None
+
+
+def test_kernel_names_say_what_runs(tiny):
+    folder, _ = tiny
+    assert backends.kernel_names(phikit.load(folder, device="cpu", quantize="int8").model) == ["int8: cpu.int8_linear"]
+    assert backends.kernel_names(phikit.load(folder, dtype="bf16", device="cpu").model)[0].startswith("bfloat16: ")
