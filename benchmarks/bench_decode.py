@@ -48,7 +48,7 @@ def build_variant(defines: list[str]) -> ctypes.CDLL:
     """The kernel library compiled with extra ``-D`` macros, typed like phikit's own."""
     out = Path(tempfile.mkdtemp()) / "variant.so"
     flags = [f"-D{d}" for d in defines]
-    subprocess.run(["cc", *kernels.FLAGS, *flags, "-o", str(out), str(kernels.SOURCE), "-lm"], check=True)
+    subprocess.run(["cc", *kernels.compile_flags(), *flags, "-o", str(out), str(kernels.SOURCE), "-lm"], check=True)
     return kernels.open_library(out)
 
 

@@ -4,8 +4,19 @@ A plain C library rather than a torch C++ extension: it compiles in about a seco
 headers or ninja, and the call overhead (~1 us) is small next to a matrix-vector product. The library
 links the same ``libgomp.so.1`` that torch loaded, so both share one OpenMP thread pool.
 
-Everything here is optional: without an x86-64 AVX2/FMA/F16C CPU or a C compiler (or with
-``PHIKIT_NO_KERNELS=1``) ``available()`` is False and callers use PyTorch ops instead.
+Builds: one per instruction set, with explicit flags, never ``-march=native``: ``avx2`` (AVX2 + FMA + F16C,
+the baseline) and ``avx512`` (plus AVX-512 F/BW/VL/DQ, and BF16/VNNI where the CPU has them), the widest
+the CPU's flags allow picked at run time (``PHIKIT_CPU_ISA=avx2`` forces the baseline). A build is keyed
+by the source, the compiler's version and the flags, and cached in ``$PHIKIT_CACHE/kernels`` (default
+``~/.cache/phikit/kernels``) only where that folder and the library are the current user's and writable by
+no one else; otherwise the library is built in a private temporary folder and loaded from there.
+
+Every call goes through a wrapper that checks each tensor's device, dtype, shape and contiguity (and the
+cache slots' range) before any pointer reaches C: a mistake is a ValueError, never a read past a buffer.
+
+Everything here is optional: without an x86-64 AVX2/FMA/F16C CPU or a working C compiler (``CC`` may
+hold a command with arguments, e.g. ``ccache gcc``), or with ``PHIKIT_NO_KERNELS=1``, ``available()`` is
+False, callers use PyTorch ops instead, and phikit says why once on stderr.
 """
 
 from __future__ import annotations
@@ -14,73 +25,206 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
-import warnings
+import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+ISA_FLAGS = {
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+}
+ISA_CPU_FLAGS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}
+EXTRA_AVX512 = {"avx512_bf16": "-mavx512bf16", "avx512_vnni": "-mavx512vnni"}  # added where the CPU has them
 MAX_ROWS = 16  # gemv kernels up to this many activation rows (beats the GEMM there); more use the GEMM
+COMPILE_TIMEOUT_S = 300
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_why_not: str | None = None
 
 
-def _cpu_supported() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
     except OSError:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+        pass
+    return set()
+
+
+def isa() -> str | None:
+    """The widest build this CPU runs (``avx512`` or ``avx2``), or None for no build at all."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    flags = cpu_flags()
+    if not flags:  # no /proc/cpuinfo: ask PyTorch
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
+    levels = [level for level in ("avx2", "avx512") if all(f in flags for f in ISA_CPU_FLAGS[level])]
+    if "avx2" not in levels:
+        return None
+    forced = os.environ.get("PHIKIT_CPU_ISA", "").strip().lower()
+    if forced in ISA_FLAGS and forced in levels:
+        return forced
+    return levels[-1]
+
+
+def compile_flags(level: str | None = None) -> list[str]:
+    """The compiler flags of the ``level`` build (default: this CPU's)."""
+    level = level or isa() or "avx2"
+    flags = [*BASE_FLAGS, *ISA_FLAGS[level]]
+    if level == "avx512":
+        present = cpu_flags()
+        flags += [flag for name, flag in EXTRA_AVX512.items() if name in present]
+    return flags
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PHIKIT_CACHE", Path.home() / ".cache" / "phikit")) / "kernels"
 
 
-def _compile() -> Path | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.node()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
-    os.close(fd)
-    result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class _Unavailable(Exception):
+    """Why the kernels cannot be used here (one line)."""
+
+
+def _compiler() -> list[str]:
+    """The C compiler command (``CC`` split like a shell would, else cc or gcc) and that it runs."""
+    if os.environ.get("CC", "").strip():
+        try:
+            command = shlex.split(os.environ["CC"])
+        except ValueError as e:
+            raise _Unavailable(f"CC={os.environ['CC']!r} is not a valid command ({e})") from None
+    else:
+        found = shutil.which("cc") or shutil.which("gcc")
+        if found is None:
+            raise _Unavailable("no C compiler (install gcc, or set CC)")
+        command = [found]
+    return command
+
+
+def _compiler_version(command: list[str]) -> str:
+    try:
+        result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _Unavailable(f"the C compiler {' '.join(command)!r} does not run ({e})") from None
     if result.returncode != 0:
-        Path(tmp).unlink(missing_ok=True)
-        warnings.warn(
-            f"phikit: could not compile CPU kernels, using PyTorch ops:\n{result.stderr[-1000:]}", stacklevel=3
+        raise _Unavailable(f"the C compiler {' '.join(command)!r} does not run (exit {result.returncode})")
+    return result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
+
+
+def _private(path: Path, directory: bool) -> bool:
+    """Owned by this user, of the expected kind, not a link, and writable by no one else."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    kind_ok = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    return kind_ok and info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _build(command: list[str], flags: list[str], out: Path) -> None:
+    try:
+        result = subprocess.run(
+            [*command, *flags, "-o", str(out), str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
         )
-        return None
-    os.replace(tmp, target)  # atomic: concurrent processes never load a half-written library
-    return target
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _Unavailable(f"could not run the C compiler ({e})") from None
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise _Unavailable(f"could not compile the CPU kernels ({last[:300]})")
+
+
+def _remove_stale_parts(cache: Path) -> None:
+    """Half-written libraries of processes killed while publishing one (older than ten minutes)."""
+    for part in cache.glob(".part-*"):
+        try:
+            if time.time() - part.lstat().st_mtime > 600 and _private(part, directory=False):
+                part.unlink()
+        except OSError:
+            pass
+
+
+def _publish(built: Path, target: Path) -> None:
+    """Copy a built library into the cache (atomically, mode 0600); silently skipped where it cannot be."""
+    cache = target.parent
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private(cache, directory=True):
+            return
+        _remove_stale_parts(cache)
+        fd, part = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".so")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(built.read_bytes())
+            os.replace(part, target)
+        except OSError:
+            Path(part).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _load() -> ctypes.CDLL:
+    level = isa()
+    if level is None:
+        raise _Unavailable(f"this CPU ({platform.machine()}) has no AVX2/FMA/F16C")
+    command = _compiler()
+    flags = compile_flags(level)
+    identity = "\0".join([*command, _compiler_version(command), *flags])
+    key = hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{level}-{key}.so"
+    if _private(target.parent, directory=True) and _private(target, directory=False):
+        try:
+            return open_library(target)
+        except (OSError, AttributeError):  # 0 bytes, corrupt, or an older build: replace it
+            target.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="phikit-kernels-") as tmp:  # 0700, removed whatever happens
+        built = Path(tmp) / target.name
+        _build(command, flags, built)
+        try:
+            lib = open_library(built)  # the mapping outlives the file
+        except (OSError, AttributeError) as e:
+            raise _Unavailable(f"the compiled CPU kernels do not load ({e})") from None
+        _publish(built, target)
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be used."""
-    global _lib, _tried
+    """The compiled kernel library, or None where it cannot be used (and then, once, the reason on stderr)."""
+    global _lib, _tried, _why_not
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("PHIKIT_NO_KERNELS") or not _cpu_supported():
+    if _env_true("PHIKIT_NO_KERNELS"):
+        _why_not = "PHIKIT_NO_KERNELS is set"
         return None
-    path = _compile()
-    if path is None:
-        return None
-    _lib = open_library(path)
+    try:
+        _lib = _load()
+    except _Unavailable as e:
+        _why_not = str(e)
+        print(f"phikit: CPU kernels unavailable: {e}; using PyTorch's CPU ops (slower)", file=sys.stderr)
     return _lib
+
+
+def unavailable_reason() -> str | None:
+    """Why ``library()`` is None (after it was asked), else None."""
+    return _why_not
 
 
 def open_library(path: str | os.PathLike) -> ctypes.CDLL:
@@ -105,6 +249,69 @@ def available() -> bool:
     return library() is not None
 
 
+# ---- checks before any pointer reaches C ----
+
+
+def check(what: str, t: torch.Tensor | None, dtypes, shape: tuple | None = None, optional: bool = False) -> None:
+    """``t`` is a contiguous CPU tensor of one of ``dtypes`` (a dtype or a tuple) and, if given, ``shape``;
+    else a ValueError naming ``what``."""
+    if t is None and optional:
+        return
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    problem = None
+    if not isinstance(t, torch.Tensor):
+        problem = f"got {type(t).__name__}"
+    elif t.device.type != "cpu":
+        problem = f"on {t.device}"
+    elif t.dtype not in dtypes:
+        problem = f"dtype {t.dtype}"
+    elif shape is not None and tuple(t.shape) != tuple(shape):
+        problem = f"shape {tuple(t.shape)}"
+    elif not t.is_contiguous():
+        problem = "not contiguous"
+    if problem:
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"phikit CPU kernel: {what} must be a contiguous CPU {names} tensor of shape {shape}: {problem}"
+        )
+
+
+WEIGHT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "int8": torch.int8}
+
+
+def check_linear(what: str, kind: str, weight, scale, minimum, bias, group_size: int) -> tuple[int, int]:
+    """A linear layer's tensors as the kernels read them; returns (N, K). Shapes as ``gemv`` documents."""
+    if kind not in (*WEIGHT_DTYPES, "int4"):
+        raise ValueError(f"phikit CPU kernel: unknown weight kind {kind!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"phikit CPU kernel: {what} weight must be a 2-D tensor")
+    n, k = weight.shape[0], weight.shape[1] * (2 if kind == "int4" else 1)
+    if k % 64 or n % 16:
+        raise ValueError(f"phikit CPU kernel: {what} needs in_features % 64 == 0 and out_features % 16 == 0")
+    check(
+        f"{what} weight",
+        weight,
+        torch.uint8 if kind == "int4" else WEIGHT_DTYPES[kind],
+        (n, k // 2 if kind == "int4" else k),
+    )
+    check(f"{what} bias", bias, torch.float32, (n,), optional=True)
+    if kind == "int8":
+        check(f"{what} scale", scale, torch.float32, (n,))
+    elif kind == "int4":
+        if group_size not in (32, 64, 128, 256) or k % group_size:
+            raise ValueError(f"phikit CPU kernel: {what} int4 group size {group_size} does not divide {k}")
+        check(f"{what} scale", scale, torch.float16, (n, k // group_size))
+        check(f"{what} minimum", minimum, torch.float16, (n, k // group_size))
+    return n, k
+
+
+def _check_slots(pos: torch.Tensor, first: torch.Tensor, batch: int, slots: int) -> None:
+    check("slots", pos, torch.int64, (batch,))
+    check("first slots", first, torch.int64, (batch,))
+    if batch and not (bool((first >= 0).all()) and bool((first <= pos).all()) and bool((pos < slots).all())):
+        raise ValueError(f"phikit CPU kernel: cache slots {pos.tolist()} outside 0..{slots - 1}")
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -118,11 +325,15 @@ def gemv(
     bias: torch.Tensor | None = None,
     group_size: int = 0,
 ) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for x (M, K) fp32 contiguous with M <= MAX_ROWS, W in format ``kind``
-    (f32, bf16, f16, int8, int4); scale/minimum/bias are fp32. Returns (M, N) fp32."""
+    """y = x @ W.T (+ bias) for x (M, K) fp32 with M <= MAX_ROWS and W (N, K) in format ``kind``: f32, bf16,
+    f16, int8 (+ fp32 scale (N,)) or int4 (uint8 (N, K/2) + fp16 scale and minimum (N, K/group)); bias fp32
+    (N,). Returns (M, N) fp32. Needs K % 64 == 0 and N % 16 == 0."""
     lib = library()
-    m, k = x.shape
-    n = weight.shape[0]
+    n, k = check_linear("gemv", kind, weight, scale, minimum, bias, group_size)
+    m = x.shape[0] if x.dim() == 2 else -1
+    check("gemv input", x, torch.float32, (m, k))
+    if not 0 < m <= MAX_ROWS:
+        raise ValueError(f"phikit CPU kernel: gemv takes 1 to {MAX_ROWS} rows, got {m}")
     y = torch.empty(m, n, dtype=torch.float32)
     if kind == "int4":
         lib.phikit_gemv_i4(
@@ -175,7 +386,18 @@ def attention_decode(
     q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; caches (B, KV, S, D) fp32 or fp16, contiguous;
     cos/sin (B, R), pos/first (B,) int64 as ``step_tables`` gives them: write slot and first attended slot.
     Returns (B, H, D)."""
-    b, h, d = q.shape
+    b, h, d = q.shape if q.dim() == 3 else (0, 0, 0)
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    check("q", q, torch.float32, (b, h, d))
+    check("k", k, torch.float32, (b, kv_heads, d))
+    check("v", v, torch.float32, (b, kv_heads, d))
+    check("k cache", k_cache, (torch.float32, torch.float16), (b, kv_heads, slots, d))
+    check("v cache", v_cache, k_cache.dtype, (b, kv_heads, slots, d))
+    check("cos", cos, torch.float32, (b, cos.shape[-1]))
+    check("sin", sin, torch.float32, tuple(cos.shape))
+    if d % 8 or d > 128 or h % kv_heads or cos.shape[-1] > d or cos.shape[-1] % 2:
+        raise ValueError(f"phikit CPU kernel: attention needs head_dim % 8 == 0 and <= 128, got {d}")
+    _check_slots(pos, first, b, slots)
     out = torch.empty_like(q)
     library().phikit_attention_decode(
         q.data_ptr(),
@@ -201,6 +423,7 @@ def attention_decode(
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """In-place gelu (tanh form) of a contiguous fp32 tensor; returns it."""
+    check("gelu input", x, torch.float32, tuple(x.shape))
     library().phikit_gelu_tanh(x.data_ptr(), x.numel())
     return x
 
@@ -219,8 +442,9 @@ def gemm(
 ) -> torch.Tensor:
     """y = x @ W.T (+ bias) for many rows of x (prefill): x (M, K) fp32 contiguous, W as in ``gemv``.
     Returns (M, N) fp32. Needs N % 16 == 0 and K % 64 == 0."""
-    m, k = x.shape
-    n = weight.shape[0]
+    n, k = check_linear("gemm", kind, weight, scale, minimum, bias, group_size)
+    m = x.shape[0] if x.dim() == 2 else -1
+    check("gemm input", x, torch.float32, (m, k))
     y = torch.empty(m, n, dtype=torch.float32)
     int4 = kind == "int4"
     library().phikit_gemm(
@@ -258,6 +482,8 @@ def can_quantize(weight: torch.Tensor, fmt: str, group_size: int) -> bool:
 def quantize(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, torch.Tensor]:
     """int8 / int4 quantization of a CPU weight, equal bit for bit to quantize.py's PyTorch quantizers
     (same fp32 arithmetic and rounding) in one pass per row; see ``can_quantize``."""
+    if not can_quantize(weight, fmt, group_size):
+        raise ValueError(f"phikit CPU kernel: cannot quantize a {tuple(weight.shape)} {weight.dtype} weight to {fmt}")
     w = weight.contiguous()
     n, k = w.shape
     dtype = SOURCE_DTYPES[w.dtype]
@@ -293,7 +519,7 @@ def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """
     global _libc
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    if nbytes < HUGE_PAGE or not sys.platform.startswith("linux") or os.environ.get("PHIKIT_NO_HUGE_PAGES"):
+    if nbytes < HUGE_PAGE or not sys.platform.startswith("linux") or _env_true("PHIKIT_NO_HUGE_PAGES"):
         return torch.empty(shape, dtype=dtype)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     offset = -raw.data_ptr() % HUGE_PAGE
@@ -340,11 +566,14 @@ def plan_array(plan: list[list]) -> ctypes.Array:
     """The ctypes array ``phikit_decode_layers`` reads: per layer, the LayerNorm's (weight, bias) and six
     linears as (kind, weight, scale, minimum, fp32 bias, group size), q k v dense fc1 fc2."""
     array = (_Layer * len(plan))()
-    for entry, (norm, *linears) in zip(array, plan, strict=True):
+    for i, (entry, (norm, *linears)) in enumerate(zip(array, plan, strict=True)):
+        hidden = norm[0].numel()
+        check(f"layer {i} LayerNorm weight", norm[0], torch.float32, (hidden,))
+        check(f"layer {i} LayerNorm bias", norm[1], torch.float32, (hidden,))
         entry.ln_weight, entry.ln_bias = norm[0].data_ptr(), norm[1].data_ptr()
         for name, (kind, weight, scale, minimum, bias, group) in zip(PROJECTIONS, linears, strict=True):
-            k = weight.shape[1] * (2 if kind == "int4" else 1)
-            fields = (GEMM_KINDS[kind], weight.shape[0], k, group, weight.data_ptr(), _ptr(scale), _ptr(minimum))
+            n, k = check_linear(f"layer {i} {name}", kind, weight, scale, minimum, bias, group)
+            fields = (GEMM_KINDS[kind], n, k, group, weight.data_ptr(), _ptr(scale), _ptr(minimum))
             setattr(entry, name, _Linear(*fields, _ptr(bias)))
     return array
 
@@ -358,8 +587,22 @@ def decode_layers(
     whose k/v are fp32 or fp16 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
     in continuous batching); every slot up to it is attended."""
     x = x.contiguous().clone()
-    b = x.shape[0]
+    b, hidden = x.shape[0], config.hidden_size
     cos, sin, pos, first = step_tables(cos, sin, start, b)
+    check("hidden states", x, torch.float32, (b, 1, hidden))
+    check("cos", cos, torch.float32, (b, cos.shape[-1]))
+    check("sin", sin, torch.float32, tuple(cos.shape))
+    layers, kv, d = len(plan), config.num_key_value_heads, config.head_dim
+    slots = cache.k.shape[3]
+    for name, t in (("k cache", cache.k), ("v cache", cache.v)):
+        layer_ok = t.dim() == 5 and t[0].is_contiguous() and t.stride() == cache.k.stride()
+        if not layer_ok or tuple(t.shape) != (layers, b, kv, slots, d) or t.dtype not in (torch.float32, torch.float16):
+            raise ValueError(
+                f"phikit CPU kernel: {name} must be fp32/fp16 ({layers}, {b}, {kv}, S, {d}), each layer contiguous"
+            )
+    if cache.v.dtype != cache.k.dtype or d % 8 or d > 128 or cos.shape[-1] > d:
+        raise ValueError("phikit CPU kernel: decode step needs head_dim % 8 == 0 and <= 128 and one cache dtype")
+    _check_slots(pos, first, b, slots)
     library().phikit_decode_layers(
         ctypes.addressof(plan),
         len(plan),

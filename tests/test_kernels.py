@@ -1,0 +1,161 @@
+"""The C kernel library: checked calls, per-ISA builds, and a trustworthy cache that falls back cleanly."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phikit import kernels
+from phikit.quantize import quantize_int4, quantize_int8
+
+REPO = Path(__file__).resolve().parents[1]
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+
+
+def probe(tmp_path, **env) -> subprocess.CompletedProcess:
+    """A fresh Python that asks for the library with ``env`` (PHIKIT_CACHE in tmp_path unless given)."""
+    full = {**os.environ, "PHIKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    full.pop("PHIKIT_NO_KERNELS", None)
+    full.pop("CC", None)
+    full.update(env)
+    code = "from phikit import kernels; print(kernels.available())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+def notices(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("phikit:")]
+
+
+@needs_kernels
+def test_calls_with_wrong_tensors_are_refused_before_c():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    t4, t8 = quantize_int4(w, 64), quantize_int8(w)
+    x = torch.randn(1, 128)
+    kernels.gemv(x, "int4", t4["weight"], t4["weight_scale"], t4["weight_min"], None, 64)  # fine
+    bad = [
+        ("int4", t4["weight"], t4["weight_scale"].view(torch.uint8), t4["weight_min"], 64),  # a uint8 scale
+        ("int4", t4["weight"], t4["weight_scale"][:, :1], t4["weight_min"], 64),  # too few groups
+        ("int4", t4["weight"], t4["weight_scale"], t4["weight_min"], 48),  # a group size that does not divide
+        ("int8", t8["weight"], None, None, 0),  # no scale
+        ("int8", t8["weight"].float(), t8["weight_scale"], None, 0),  # not int8 codes
+        ("bf16", w.t(), None, None, 0),  # transposed: not contiguous, wrong shape
+    ]
+    for kind, weight, scale, minimum, group in bad:
+        with pytest.raises(ValueError, match="phikit CPU kernel"):
+            kernels.gemv(x, kind, weight, scale, minimum, None, group)
+    with pytest.raises(ValueError, match="input"):
+        kernels.gemv(torch.randn(1, 64), "f32", w)  # K mismatch
+    with pytest.raises(ValueError, match="rows"):
+        kernels.gemv(torch.randn(kernels.MAX_ROWS + 1, 128), "f32", w)
+
+
+@needs_kernels
+def test_attention_slots_outside_the_cache_are_refused():
+    q, k = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    cache = torch.zeros(1, 2, 8, 16)
+    cos, sin = torch.ones(1, 8), torch.zeros(1, 8)
+    ok = torch.tensor([3]), torch.tensor([0])
+    kernels.attention_decode(q, k, k.clone(), cache, cache.clone(), cos, sin, *ok)
+    for pos in (8, -1):
+        with pytest.raises(ValueError, match="slots"):
+            kernels.attention_decode(q, k, k.clone(), cache, cache.clone(), cos, sin, torch.tensor([pos]), ok[1])
+
+
+def test_builds_use_explicit_isa_flags():
+    assert "-march=native" not in kernels.compile_flags("avx2")
+    assert {"-mavx2", "-mfma", "-mf16c"} <= set(kernels.compile_flags("avx2"))
+    assert "-mavx512f" in kernels.compile_flags("avx512") and "-mavx512f" not in kernels.compile_flags("avx2")
+    if kernels.available():
+        assert kernels.isa() in ("avx2", "avx512")
+
+
+@needs_kernels
+def test_the_baseline_build_is_chosen_when_forced(tmp_path):
+    result = probe(tmp_path, PHIKIT_CPU_ISA="avx2")
+    assert result.stdout.strip() == "True"
+    assert [p.name.split("-")[1] for p in (tmp_path / "cache" / "kernels").glob("*.so")] == ["avx2"]
+
+
+@needs_kernels
+def test_cache_is_private_and_a_planted_library_is_refused(tmp_path):
+    assert probe(tmp_path).stdout.strip() == "True"
+    folder = tmp_path / "cache" / "kernels"
+    [library] = list(folder.glob("*.so"))
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and not library.stat().st_mode & 0o022
+    planted = b"not a library, and writable by everyone"
+    library.write_bytes(planted)
+    library.chmod(0o666)
+    result = probe(tmp_path)
+    assert result.stdout.strip() == "True" and not notices(result)
+    assert library.read_bytes() != planted and not library.stat().st_mode & 0o022  # rebuilt in its place
+    folder.chmod(0o777)  # a folder others can write to: its libraries are not used, nothing is written there
+    library.write_bytes(b"")
+    library.chmod(0o600)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert probe(tmp_path).stdout.strip() == "True"
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+@needs_kernels
+def test_an_empty_or_corrupt_cached_library_is_rebuilt(tmp_path):
+    probe(tmp_path)
+    [library] = list((tmp_path / "cache" / "kernels").glob("*.so"))
+    for content in (b"", b"\x7fELF garbage"):
+        library.write_bytes(content)
+        result = probe(tmp_path)
+        assert result.stdout.strip() == "True" and not notices(result)
+        assert library.stat().st_size > 1000
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "env,available",
+    [
+        ({"CC": "gcc -w"}, True),  # a compiler command with arguments
+        ({"PHIKIT_NO_KERNELS": "0"}, True),
+        ({"PHIKIT_NO_KERNELS": "1"}, False),
+        ({"CC": "/nonexistent/cc"}, False),
+        ({"CC": "gcc '-w"}, False),  # not a valid command line
+    ],
+)
+def test_compiler_settings(tmp_path, env, available):
+    result = probe(tmp_path, **env)
+    assert result.returncode == 0 and result.stdout.strip() == str(available)
+    assert len(notices(result)) == (0 if available or env.get("PHIKIT_NO_KERNELS") else 1)
+
+
+@needs_kernels
+def test_a_library_of_another_user_is_refused(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    probe(tmp_path)
+    [library] = list((tmp_path / "cache" / "kernels").glob("*.so"))
+    library.write_bytes(b"planted")
+    os.chown(library, 12345, -1)
+    assert probe(tmp_path).stdout.strip() == "True"
+    assert library.stat().st_uid == os.getuid() and library.read_bytes() != b"planted"
+
+
+@needs_kernels
+def test_unwritable_cache_and_a_killed_compiler_fall_back_cleanly(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = probe(tmp_path, PHIKIT_CACHE=str(blocker / "cache"))  # cannot be created, even by root
+    assert result.stdout.strip() == "True" and not notices(result)
+    killer = tmp_path / "cc"
+    killer.write_text(
+        "#!/bin/sh\nprev=\n"
+        'for a in "$@"; do [ "$a" = --version ] && { echo fake 1.0; exit 0; }; '
+        '[ "$prev" = -o ] && touch "$a"; prev=$a; done\nkill -9 $$\n'
+    )
+    killer.chmod(0o755)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    result = probe(tmp_path, CC=str(killer), TMPDIR=str(tmpdir))
+    assert result.returncode == 0 and result.stdout.strip() == "False" and len(notices(result)) == 1
+    assert list(tmpdir.iterdir()) == [] and not list((tmp_path / "cache").rglob("*.so"))
