@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Download, where pip works, the wheels benchmarks/gpu_check.sh installs on an offline GPU machine whose
 # Python (3.12, manylinux x86_64) already has torch, transformers, peft, accelerate, safetensors, tokenizers,
-# huggingface_hub, numpy, pyyaml, tqdm and pytest: into .whl/ (git-ignored; about 52 MB).
+# huggingface_hub, numpy, pyyaml, tqdm and pytest: into .whl/ (git-ignored; about 52 MB). Also copies Phi-2's
+# tokenizer and 300 guanaco rows from ../shared/data into .device/ (git-ignored, 4 MB), for a GPU machine
+# that has no ../shared beside the repo.
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]     # default 3.12
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +21,12 @@ for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux20
 done
 python3 -m pip download --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
   "${platforms[@]}" -d .whl "${WHEELS[@]}"
-du -sh .whl
+SHARED=../shared/data
+if [ -d "$SHARED/phi2-tokenizer" ]; then
+  mkdir -p .device/phi2-tokenizer
+  for f in tokenizer.json tokenizer_config.json special_tokens_map.json added_tokens.json; do
+    cp "$SHARED/phi2-tokenizer/$f" .device/phi2-tokenizer/
+  done
+  head -300 "$SHARED/guanaco-1k/train.jsonl" >.device/guanaco.jsonl
+fi
+du -sh .whl .device 2>/dev/null
