@@ -16,13 +16,14 @@ import torch
 from phikit import backends
 from phikit.checkpoint import (
     DEFAULT_MODEL,
+    QUANTIZED_WEIGHTS,
     load_model,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
     save_checkpoint,
 )
-from phikit.config import PhiConfig
+from phikit.config import QUANTIZED_ARCHITECTURE, QUANTIZED_TYPE, PhiConfig
 from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
 from phikit.lora import load_adapter
@@ -95,13 +96,19 @@ def load(
 
 
 def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a quantized model as a checkpoint folder that ``load`` reads without re-quantizing."""
+    """Write a quantized model as a checkpoint folder that ``load`` reads without re-quantizing.
+
+    The folder is marked so that other tools refuse it loudly instead of reading int8/int4 codes as
+    weights: ``model_type`` ``phikit_quantized_phi`` (architecture ``PhikitQuantizedPhiForCausalLM``)
+    and weights in ``phikit-quantized.safetensors`` rather than ``model.safetensors``."""
     if phi.quantization is None:
         raise PhikitError("the model is not quantized; load it with quantize=... first")
     config = PhiConfig.from_json(phi.path / "config.json").to_hf_dict()
     config["quantization_config"] = phi.quantization.to_config()
     config["torch_dtype"] = str(phi.model.dtype).removeprefix("torch.")
-    return save_checkpoint(out, phi.model.state_dict(), config, phi.path, overwrite=overwrite)
+    config["model_type"], config["architectures"] = QUANTIZED_TYPE, [QUANTIZED_ARCHITECTURE]  # others refuse it
+    state = phi.model.state_dict()
+    return save_checkpoint(out, state, config, phi.path, overwrite=overwrite, weights_name=QUANTIZED_WEIGHTS)
 
 
 def merge_adapter(

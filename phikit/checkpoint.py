@@ -42,6 +42,8 @@ DTYPES = {
 }
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# weights of `phikit quantize` folders: not model.safetensors, which transformers would read as a plain Phi
+QUANTIZED_WEIGHTS = "phikit-quantized.safetensors"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -100,7 +102,11 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
 
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder, in shard order; missing shards are an error naming them."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in (
+        f"{QUANTIZED_WEIGHTS}.index.json",
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ):
         index = folder / index_name
         if index.is_file():
             try:
@@ -114,7 +120,7 @@ def weight_files(folder: Path) -> list[Path]:
                     f"{index} lists shard(s) that are missing: {', '.join(missing)}; re-download the checkpoint"
                 )
             return files
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (QUANTIZED_WEIGHTS, "model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return [folder / name]
     files = sorted(folder.glob("*.safetensors"))
@@ -358,10 +364,12 @@ def save_checkpoint(
     tokenizer_folder: Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
+    weights_name: str = "model.safetensors",
 ) -> Path:
-    """Write a transformers-style checkpoint folder: config.json, safetensors (sharded with an index
-    past ``max_shard_bytes``) and the tokenizer files. Everything is written into a temporary folder
-    that is renamed into place at the end, so an interrupted save never leaves a half-written checkpoint."""
+    """Write a transformers-style checkpoint folder: config.json, safetensors (``weights_name``, sharded
+    with an index past ``max_shard_bytes``) and the tokenizer files. Everything is written into a temporary
+    folder that is renamed into place at the end, so an interrupted save never leaves a half-written
+    checkpoint."""
     import shutil
 
     from safetensors.torch import save_file
@@ -381,10 +389,11 @@ def save_checkpoint(
                 size = 0
             shards[-1][name] = tensor.detach().to("cpu").contiguous()
             size += nbytes
+        stem = weights_name.removesuffix(".safetensors")
         names = (
-            ["model.safetensors"]
+            [weights_name]
             if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         weight_map = {}
         for file, shard in zip(names, shards):
@@ -393,7 +402,7 @@ def save_checkpoint(
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in state_dict.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_folder is not None:
             for name in (

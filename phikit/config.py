@@ -14,6 +14,10 @@ from phikit.errors import PhikitError
 # "phi-msft" and "mixformer-sequential" are the older remote-code releases of the same weights.
 NATIVE_TYPES = ("phi",)
 LEGACY_TYPES = ("phi-msft", "mixformer-sequential")
+# A checkpoint written by `phikit quantize`: a type (and architecture) no other tool knows, so that
+# transformers, vLLM or llama.cpp refuse it instead of reading quantized codes as weights.
+QUANTIZED_TYPE = "phikit_quantized_phi"
+QUANTIZED_ARCHITECTURE = "PhikitQuantizedPhiForCausalLM"
 
 
 @dataclass
@@ -63,7 +67,7 @@ class PhiConfig:
         model_type = raw.get("model_type")
         if model_type in LEGACY_TYPES:
             return cls._from_legacy(raw, source)
-        if model_type not in NATIVE_TYPES:
+        if model_type not in (*NATIVE_TYPES, QUANTIZED_TYPE):
             raise PhikitError(
                 f"{source}: model_type {model_type!r} is not a Phi model; phikit runs model_type "
                 f"'phi' (Phi-1, Phi-1.5, Phi-2) and the legacy {', '.join(LEGACY_TYPES)}"

@@ -131,3 +131,29 @@ def test_adapter_errors(tiny, tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(PhikitError, match="has shape"):
         load_adapter(load_model(folder, dtype="fp32", device="cpu"), tmp_path / "peft")
+
+
+def test_an_adapter_with_dropout_is_deterministic_at_inference_and_equals_peft(tiny, tmp_path):
+    """PEFT-made adapter with lora_dropout 0.05 (the guanaco recipe's): phikit's inference (load with an
+    adapter, generate) has no dropout, so it equals PEFT in eval mode and repeats itself exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    folder, hf = tiny
+    base = type(hf)(hf.config).eval()
+    base.load_state_dict(hf.state_dict())
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS[:4], task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    torch.manual_seed(7)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "peft")
+    reference = peft_model(hf, tmp_path / "peft")
+    phi = phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / "peft")
+    ids = ids_for(hf)
+    with torch.no_grad():
+        first, second = phi.model(ids), phi.model(ids)
+        torch.testing.assert_close(first, reference(ids).logits, rtol=0, atol=1e-4)
+    assert torch.equal(first, second)
+    outputs = {tuple(phi.generate("Hello world", max_new_tokens=12).token_ids) for _ in range(3)}
+    assert len(outputs) == 1

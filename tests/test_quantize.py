@@ -165,6 +165,12 @@ def test_saved_quantized_checkpoint_reloads_identically(tiny, tmp_path, fmt):
     assert phi.generate("Hello", max_new_tokens=10).token_ids == again.generate("Hello", max_new_tokens=10).token_ids
     with pytest.raises(PhikitError, match="already exists"):
         phikit.save_quantized(phi, out)
+    from transformers import AutoModelForCausalLM, PhiForCausalLM
+
+    with pytest.raises(ValueError, match="phikit_quantized_phi"):  # other tools refuse, loudly
+        AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(OSError):
+        PhiForCausalLM.from_pretrained(out)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
