@@ -205,9 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
     sv.add_argument("--model-name", help="model id reported and accepted by the API (default: from --model)")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 503 (default 64)")
+    sv.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting when every slot is taken; more get 503 (default 64)"
+    )
     sv.add_argument("--timeout", type=float, default=600, help="seconds a request may take (default 600)")
     sv.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none (default 256)")
+    sv.add_argument("--max-body-mb", type=float, default=4, help="largest request body in MB; more get 413 (default 4)")
     sv.set_defaults(func=cmd_serve)
 
     ch = sub.add_parser(
@@ -585,8 +588,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from phikit.templates import get_template
 
     get_template(args.template)
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise PhikitError("--max-batch and --max-queue must be at least 1")
+    check_serve_args(args)  # a mistake costs seconds, not a model load
     phi = load(
         args.model,
         dtype=args.dtype,
@@ -607,6 +609,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.timeout,
         args.api_key,
         args.max_tokens,
+        int(args.max_body_mb * 2**20),
     )
     cache = app.state.engine.cache
     gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
@@ -615,6 +618,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
         file=sys.stderr,
     )
     serve(app, args.host, args.port)
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """``phikit serve``'s flags, checked before the model loads; the port must be free to bind."""
+    import math
+    import socket
+
+    if not 1 <= args.port <= 65535:
+        raise PhikitError(f"--port {args.port}: choose a port between 1 and 65535")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise PhikitError("--max-batch must be at least 1 and --max-queue at least 0")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise PhikitError(f"--timeout {args.timeout}: give a positive number of seconds")
+    if args.max_tokens < 1:
+        raise PhikitError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        raise PhikitError(f"--max-body-mb {args.max_body_mb}: give a positive size")
+    if args.api_key is not None and not args.api_key.strip():
+        raise PhikitError("--api-key is empty; give a non-empty key, or leave --api-key out to serve without one")
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise PhikitError(f"--host {args.host}: cannot be resolved ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise PhikitError(f"cannot serve on {args.host}:{args.port}: {e.strerror}; choose another --port") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

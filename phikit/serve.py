@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from phikit.errors import PhikitError
 from phikit.generate import GenerationConfig, TextStream, process_logits
 from phikit.model import PhiForCausalLM
 from phikit.templates import Template, get_template
@@ -52,6 +53,7 @@ class Request:
     deadline: float
     generator: torch.Generator | None = None
     cancelled: bool = False
+    counted: bool = False  # counts against the engine's capacity until it finishes or is cancelled
     slot: int = -1
     position: int = 0  # cache slot of the newest token, not yet written
     last_token: int = 0
@@ -75,11 +77,15 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.context = max_batch, context or model.config.max_position_embeddings
         self.cache = model.new_cache(max_batch, self.context)
-        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.outstanding = 0  # requests queued or in a slot: at most max_batch + max_queue
+        self.lock = threading.Lock()
         self.slots: list[Request | None] = [None] * max_batch
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="phikit-engine", daemon=True)
         self.steps = 0
+        self.started = 0  # requests that got a slot
 
     def start(self) -> Engine:
         self.thread.start()
@@ -90,12 +96,31 @@ class Engine:
         self.thread.join(timeout=10)
 
     def submit(self, request: Request) -> bool:
-        """Queue a request; False when the queue is full."""
-        try:
-            self.waiting.put_nowait(request)
-        except queue.Full:
-            return False
+        """Queue a request; False when every slot is taken and ``max_queue`` requests already wait (a
+        request counts against the queue only when no slot is free for it)."""
+        with self.lock:
+            if self.outstanding >= self.max_batch + self.max_queue:
+                return False
+            self.outstanding += 1
+            request.counted = True
+        self.waiting.put_nowait(request)
         return True
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: stop counting the request now; the engine drops it unstarted, or frees
+        its slot at the next step."""
+        request.cancelled = True
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        with self.lock:
+            if request.counted:
+                request.counted = False
+                self.outstanding -= 1
+
+    def _done(self, request: Request, reason: str) -> None:
+        self._release(request)
+        request.deliver(("done", reason))
 
     @property
     def active(self) -> int:
@@ -127,7 +152,7 @@ class Engine:
             for r in involved:
                 if r.slot >= 0 and self.slots[r.slot] is r:
                     self.slots[r.slot] = None
-                r.deliver(("done", "error"))
+                self._done(r, "error")
 
     def _admit(self) -> None:
         while None in self.slots:
@@ -139,10 +164,11 @@ class Engine:
 
     def _start(self, r: Request) -> None:
         if r.cancelled or time.time() > r.deadline:
-            r.deliver(("done", "timeout" if not r.cancelled else "cancelled"))
+            self._done(r, "timeout" if not r.cancelled else "cancelled")
             return
         r.slot = self.slots.index(None)
         self.slots[r.slot] = r
+        self.started += 1
         r.stream = TextStream(self.tokenizer, r.stop)
         if r.config.seed is not None:  # any JSON integer, folded into torch's seed range
             r.generator = torch.Generator(device=self.model.device).manual_seed(r.config.seed % 2**64)
@@ -202,7 +228,7 @@ class Engine:
                 if rest:
                     r.deliver(("text", rest))
             self.slots[r.slot] = None
-            r.deliver(("done", reason))
+            self._done(r, reason)
 
 
 def _row_cache(cache, row: int):
@@ -229,12 +255,87 @@ class APIError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` gets 413, one that stalls for more than
+    ``timeout`` seconds between chunks gets 408 (a slow upload cannot hold a connection forever); both
+    as OpenAI-shaped errors. Raised from the body read itself; the app's HTTPException handler answers."""
+
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    def _too_large(self) -> APIError:
+        size = f"{self.max_bytes / 2**20:g} MB"
+        return APIError(413, f"request body larger than {size} (phikit serve --max-body-mb)", code="too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large().response()(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.timeout)
+            except asyncio.TimeoutError:
+                raise _BodyError(APIError(408, f"request body not received within {self.timeout:g} s")) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyError(self._too_large())
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class APIKeyCheck:
+    """ASGI middleware: /v1 requests need ``Authorization: Bearer KEY`` (the scheme in any case). Plain ASGI
+    rather than FastAPI's http middleware, under which a route cannot see its client disconnect."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").strip()
+            scheme, _, given = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.key):
+                error = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _BodyError(HTTPException):
+    """Raised from the body read; an HTTPException so that FastAPI's body parsing passes it on."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
+def _check_text(text: str, param: str) -> None:
+    """Text must encode as UTF-8: a lone surrogate ("\\ud800") is the client's mistake, a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("unicode_escape").decode()
+        message = f"{param} contains an unpaired surrogate ({bad}), which is not valid Unicode"
+        raise APIError(400, message, param=param) from None
 
 
 class _Common(BaseModel):
@@ -307,11 +408,17 @@ def create_app(
     timeout: float = 600.0,
     api_key: str | None = None,
     default_max_tokens: int = 256,
+    max_body_bytes: int = 4 * 2**20,
+    body_timeout: float = 30.0,
 ):
-    """The FastAPI app; its engine starts with the app and stops with it."""
+    """The FastAPI app; its engine starts with the app and stops with it. Request bodies are limited to
+    ``max_body_bytes`` (413) and must arrive without a pause of ``body_timeout`` seconds (408)."""
 
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    if api_key is not None and not api_key.strip():
+        raise PhikitError("the API key is empty; give a non-empty key, or none to serve without one")
     chat_template = get_template(template)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     context = engine.context
@@ -329,10 +436,21 @@ def create_app(
         description="OpenAI-compatible completions and chat completions for Phi models",
     )
     app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout)
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        """The framework's own errors (404, 405, body limits) in OpenAI's shape too."""
+        if isinstance(exc, _BodyError):
+            return exc.error.response()
+        messages = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = messages.get(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, message, kind, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
@@ -343,16 +461,8 @@ def create_app(
         message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
-    @app.middleware("http")
-    async def check_key(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(
-                    APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key").body(),
-                    status_code=401,
-                )
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyCheck, key=api_key)
 
     @app.get("/health")
     async def health():
@@ -370,7 +480,11 @@ def create_app(
                 param="model",
                 code="model_not_found",
             )
-        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        _check_text(prompt, "prompt" if kind == "completion" else "messages")
+        for stop_text in [body.stop] if isinstance(body.stop, str) else body.stop or []:
+            _check_text(stop_text, "stop")
+        # tokenizing a long prompt takes a while: off the event loop, so other clients are not held up
+        ids = await asyncio.to_thread(tokenizer.encode, prompt) or [tokenizer.eos_id]
         max_tokens = body.max_completion_tokens or body.max_tokens or min(default_max_tokens, context - len(ids))
         if len(ids) >= context or len(ids) + max_tokens > context:
             raise APIError(
@@ -399,7 +513,11 @@ def create_app(
         )
         if not engine.submit(job):
             raise APIError(
-                503, "the server is busy (request queue full); retry later", "server_error", code="overloaded"
+                503,
+                "the server is busy (every slot taken and the queue full); retry later",
+                "server_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
             )
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         created = int(time.time())
@@ -427,22 +545,25 @@ def create_app(
 
         if not body.stream:
             parts = []
+            next_check = loop.time()
             try:
                 while True:
                     try:
-                        event, value = await asyncio.wait_for(events.get(), timeout=1.0)
+                        event, value = await asyncio.wait_for(events.get(), timeout=0.25)
                     except asyncio.TimeoutError:
+                        event = value = None
+                    if loop.time() >= next_check:  # queued or generating: a client that left frees its place
+                        next_check = loop.time() + 0.25
                         if await request.is_disconnected():
-                            job.cancelled = True
-                            raise APIError(499, "client closed the request") from None
-                        continue
+                            engine.cancel(job)
+                            raise APIError(499, "client closed the request")
                     if event == "text":
                         parts.append(value)
-                    else:
+                    elif event == "done":
                         reason = finish(value)
                         break
             except asyncio.CancelledError:
-                job.cancelled = True
+                engine.cancel(job)
                 raise
             return {
                 "id": rid,
@@ -490,7 +611,7 @@ def create_app(
                     yield "data: [DONE]\n\n"
                     return
             finally:
-                job.cancelled = True  # no-op when finished; frees the slot when the client went away
+                engine.cancel(job)  # no-op when finished; frees the slot when the client went away
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 

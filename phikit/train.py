@@ -196,7 +196,9 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(
     out: Path, step: int, model, optimizer, scheduler, scaler, cursor: dict, config: TrainConfig, limit: int
 ) -> Path:
-    """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed."""
+    """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed.
+    ``trainer_state.pt`` holds only tensors and plain values, so resuming reads it with
+    ``torch.load(weights_only=True)``: a file planted in a checkpoint folder cannot run code."""
     from phikit.lora import save_adapter
 
     final = out / f"checkpoint-{step}"
@@ -226,6 +228,20 @@ def save_checkpoint(
     return final
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer state, unpickled with ``weights_only=True`` (tensors and plain values only)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PhikitError(
+            f"{path}: refusing to resume from it: it is corrupt or holds more than tensors and plain values "
+            f"({reason}); remove that checkpoint folder to resume from an earlier one"
+        ) from None
+
+
 def checkpoints(out: Path) -> list[Path]:
     found = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
@@ -234,11 +250,24 @@ def checkpoints(out: Path) -> list[Path]:
 class MetricsLog:
     """metrics.jsonl, plus TensorBoard when it is installed."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+        """A fresh run starts a new file; a resumed one keeps the lines up to its checkpoint's step, so
+        every step appears once (the killed run may have logged steps past its last checkpoint)."""
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.tb = None
         if enabled:
+            kept = []
+            if resume_step is not None and self.path.is_file():
+                for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+            from phikit.checkpoint import atomic_write
+
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -352,7 +381,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
 
     step, cursor = 0, {"epoch": 0, "batch": 0}
     if config.resume:
-        state = torch.load(existing[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = read_trainer_state(existing[-1] / "trainer_state.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
@@ -362,7 +391,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    log = MetricsLog(out, main_process)
+    log = MetricsLog(out, main_process, step if config.resume else None)
     if main_process and skipped:
         print(f"skipped {skipped} malformed row(s) of {config.data}")
     bar = tqdm(

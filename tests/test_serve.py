@@ -1,5 +1,6 @@
 """The real server on a loopback port, driven by the official openai client, raw HTTP and a schema fuzzer."""
 
+import json
 import os
 import socket
 import threading
@@ -287,3 +288,191 @@ def test_terminal_chat_keeps_history_and_resets(phi):
     )
     assert [u for u, _ in history] == ["Fresh start"]
     assert "(conversation reset)" in out.getvalue() and out.getvalue().count("phi> ") == 3
+
+
+# ---- hardening: bad input, load, disconnects ----
+
+
+def openai_error(response: httpx.Response) -> dict:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error
+
+
+def test_a_body_too_large_gets_413_and_a_stalled_body_408(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_body_bytes=64 * 1024, body_timeout=0.5)
+    with Server(app) as s:
+        big = {"prompt": "x" * 100_000, "max_tokens": 1}
+        r = httpx.post(f"{s.url}/v1/completions", json=big)
+        assert r.status_code == 413 and "larger than" in openai_error(r)["message"]
+
+        def chunks():  # no content-length: the limit is counted while reading
+            for _ in range(20):
+                yield b"x" * 8192
+
+        r = httpx.post(f"{s.url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        with socket.create_connection(("127.0.0.1", s.port)) as raw:
+            raw.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"prompt": '
+            )
+            raw.settimeout(10)
+            reply = b""
+            while b'"error"' not in reply and (chunk := raw.recv(4096)):
+                reply += chunk
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 408") and '"error"' in reply
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_body_bytes=16 * 2**20)
+    with Server(app) as s:
+        text = "Hello world, this is a long prompt. " * 150_000  # ~5 MB: seconds of tokenizing
+        worker = threading.Thread(
+            target=lambda: httpx.post(f"{s.url}/v1/completions", json={"prompt": text}, timeout=120)
+        )
+        worker.start()
+        time.sleep(0.5)
+        slowest = 0.0
+        while worker.is_alive():
+            started = time.perf_counter()
+            assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.perf_counter() - started)
+            time.sleep(0.05)
+        worker.join()
+        assert slowest < 1.0
+
+
+@pytest.mark.parametrize("field", ["prompt", "chat", "stop"])
+def test_a_lone_surrogate_is_a_400(server, field):
+    payload = {
+        "prompt": {"prompt": "bad \ud800 text", "max_tokens": 2},
+        "chat": {"messages": [{"role": "user", "content": "bad \udfff"}], "max_tokens": 2},
+        "stop": {"prompt": "fine", "stop": ["\ud800"], "max_tokens": 2},
+    }[field]
+    path = "/v1/chat/completions" if field == "chat" else "/v1/completions"
+    body = json.dumps(payload)  # json escapes the surrogate as \ud800, as a client would send it
+    r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in openai_error(r)["message"]
+
+
+def test_requests_wait_for_slots_before_counting_against_the_queue(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_batch=8, max_queue=1)
+    with Server(app) as s:
+        body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(
+                pool.map(lambda _: httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).status_code, range(8))
+            )
+        assert codes == [200] * 8
+    app = create_app(phi.model, phi.tokenizer, "tiny")  # the defaults: 8 slots + 64 waiting
+    with Server(app) as s:
+        body = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        with ThreadPoolExecutor(72) as pool:
+            codes = list(
+                pool.map(lambda _: httpx.post(f"{s.url}/v1/completions", json=body, timeout=120).status_code, range(72))
+            )
+        assert codes == [200] * 72
+
+
+def test_a_full_server_says_when_to_retry(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_batch=1, max_queue=0)
+    real = app.state.engine._sample
+    app.state.engine._sample = lambda *args: time.sleep(0.01) or real(*args)
+    with Server(app) as s:
+        long = threading.Thread(
+            target=lambda: httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 200}, timeout=60)
+        )
+        long.start()
+        deadline = time.time() + 10
+        while app.state.engine.active == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and openai_error(r)["code"] == "overloaded"
+        long.join()
+
+
+def test_clients_that_leave_free_their_slot_and_their_place_in_the_queue(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_batch=1, max_queue=8)
+    engine = app.state.engine
+    real = engine._sample
+    engine._sample = lambda *args: time.sleep(0.02) or real(*args)  # 200 tokens take 4 s
+    with Server(app) as s:
+        body = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "stop": ["@@@"]}
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up while generating
+            httpx.post(f"{s.url}/v1/completions", json=body, timeout=0.5)
+        deadline = time.time() + 3
+        while (engine.active or engine.outstanding) and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.active == 0 and engine.outstanding == 0
+        # one request generating; three more queued behind it whose clients leave
+        long = threading.Thread(target=lambda: httpx.post(f"{s.url}/v1/completions", json=body, timeout=60))
+        long.start()
+        while engine.active == 0:
+            time.sleep(0.01)
+        started = engine.started
+
+        def leave(_):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{s.url}/v1/completions", json=body, timeout=0.3)
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(leave, range(3)))
+        deadline = time.time() + 3
+        while engine.outstanding > 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.outstanding == 1  # only the generating one counts
+        long.join()
+        time.sleep(0.3)
+        assert engine.started == started  # the ones that left were never started
+
+
+def test_framework_errors_are_openai_shaped(server):
+    r = httpx.get(f"{server.url}/v1/nope")
+    assert r.status_code == 404 and "no such endpoint" in openai_error(r)["message"]
+    r = httpx.get(f"{server.url}/v1/completions")
+    assert r.status_code == 405 and openai_error(r)["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": 5})
+    assert r.status_code == 400 and openai_error(r)["param"].startswith("prompt")
+
+
+def test_api_key_rules(phi):
+    from phikit.errors import PhikitError
+
+    with pytest.raises(PhikitError, match="empty"):
+        create_app(phi.model, phi.tokenizer, "tiny", api_key="")
+    app = create_app(phi.model, phi.tokenizer, "tiny", api_key="sekrit")
+    with Server(app) as s:
+        for header, status in (("bearer sekrit", 200), ("BEARER sekrit", 200), ("Basic sekrit", 401), ("sekrit", 401)):
+            assert httpx.get(f"{s.url}/v1/models", headers={"Authorization": header}).status_code == status
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--port", "70000"], "between 1 and 65535"),
+        (["--timeout", "0"], "--timeout"),
+        (["--timeout", "nan"], "--timeout"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--api-key", ""], "--api-key is empty"),
+    ],
+)
+def test_serve_flags_are_checked_before_the_model_loads(flags, fragment, capsys):
+    from phikit.cli import main
+
+    started = time.perf_counter()
+    assert main(["serve", "--model", "/nonexistent/model", *flags]) == 2
+    assert fragment in capsys.readouterr().err and time.perf_counter() - started < 5
+
+
+def test_serving_on_a_port_in_use_fails_before_loading(capsys):
+    from phikit.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent/model", "--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err

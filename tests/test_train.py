@@ -93,6 +93,35 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == list(range(1, settings["max_steps"] + 1))  # each step once, in order
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused(tiny, tmp_path):
+    folder, _ = tiny
+    out = tmp_path / "run"
+    finetune(recipe(folder, out, max_steps=4, save_every=2, eval_every=1000), progress=False)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    newest = checkpoints(out)[-1]
+    torch.save({"step": 2, "payload": Exploit()}, newest / "trainer_state.pt")
+    (out / "adapter").rename(tmp_path / "old-adapter")
+    with pytest.raises(PhikitError, match="refusing to resume"):
+        finetune(recipe(folder, out, max_steps=4, save_every=2, eval_every=1000, resume=True), progress=False)
+    assert not marker.exists()
+
+
+def test_a_fresh_run_starts_a_new_metrics_file(tiny, tmp_path):
+    folder, _ = tiny
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n')
+    finetune(recipe(folder, out, max_steps=3, eval_every=1000, save_every=1000), progress=False)
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
 
 
 def test_two_processes_under_torchrun(tiny, tmp_path):
