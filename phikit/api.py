@@ -45,6 +45,16 @@ class Phi:
     defaults: GenerationConfig = field(default_factory=GenerationConfig)
     draft: PhiForCausalLM | None = None  # a smaller model for speculative decoding (same tokenizer)
 
+    @property
+    def precision(self) -> str:
+        """What the linear layers hold: the quantized format, else their weights' dtype (not the
+        LayerNorms', which the CPU backend keeps in fp32)."""
+        if self.quantization is not None:
+            return self.quantization.format
+        linear = self.model.model.layers[0].mlp.fc1
+        linear = getattr(linear, "base_layer", linear)  # under a LoRA adapter
+        return str(linear.weight.dtype).removeprefix("torch.")
+
     def generate(
         self, prompts: str | list[str], template: Template | str | None = None, **overrides
     ) -> Completion | list[Completion]:
@@ -71,6 +81,12 @@ def load(
     start = time.perf_counter()
     folder = resolve_model_path(model)
     config = PhiConfig.from_json(folder / "config.json")
+    tokenizer = Tokenizer(folder)  # before the weights: a mismatch costs no load
+    if tokenizer.vocab_size > config.vocab_size:
+        raise PhikitError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+            f"{config.vocab_size}; ids past it have no embedding (a tokenizer of another model?)"
+        )
     target = resolve_device(device)
     spec = QuantSpec(quantize, group_size) if isinstance(quantize, str) else quantize
     saved = config.extra.get("quantization_config")
@@ -92,7 +108,7 @@ def load(
     if adapter is not None:
         load_adapter(net, adapter)
         net.requires_grad_(False)
-    return Phi(net, Tokenizer(folder), folder, spec, time.perf_counter() - start)
+    return Phi(net, tokenizer, folder, spec, time.perf_counter() - start)
 
 
 def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -108,7 +124,9 @@ def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) ->
     config["torch_dtype"] = str(phi.model.dtype).removeprefix("torch.")
     config["model_type"], config["architectures"] = QUANTIZED_TYPE, [QUANTIZED_ARCHITECTURE]  # others refuse it
     state = phi.model.state_dict()
-    return save_checkpoint(out, state, config, phi.path, overwrite=overwrite, weights_name=QUANTIZED_WEIGHTS)
+    return save_checkpoint(
+        out, state, config, phi.path, overwrite=overwrite, weights_name=QUANTIZED_WEIGHTS, source=phi.path
+    )
 
 
 def merge_adapter(

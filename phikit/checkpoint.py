@@ -14,6 +14,8 @@ import platform
 import re
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,11 +88,10 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise PhikitError(f"{text}: no such model folder, and not a Hub id of the form owner/name")
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+        print(f"phikit: fetching {text} from the Hugging Face Hub (cached after the first time) ...", file=sys.stderr)
+        folder = _hub_download(text, revision, HUB_PATTERNS)
         if not any(folder.glob("*.safetensors")):  # older repos ship only pytorch_model.bin
-            folder = Path(snapshot_download(text, revision=revision, allow_patterns=[*HUB_PATTERNS, "*.bin"]))
+            folder = _hub_download(text, revision, [*HUB_PATTERNS, "*.bin"])
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean "not reachable/found"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PhikitError(
@@ -98,6 +99,41 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
             "download it where the Hub is reachable and pass --model PATH to its folder"
         ) from None
     return folder
+
+
+def _hub_download(repo: str, revision: str | None, patterns: list[str]) -> Path:
+    """``snapshot_download`` that gives up when nothing happens for PHIKIT_HUB_TIMEOUT seconds (default
+    60): huggingface_hub makes its first request with no timeout, so a server that accepts a connection and
+    never answers hung phikit silently. Progress is the repo's cache folder growing (finished or partial
+    files); the download runs in a worker thread, which is left behind if it hangs."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        patience = float(os.environ.get("PHIKIT_HUB_TIMEOUT", "60"))
+    except ValueError:
+        raise PhikitError(f"PHIKIT_HUB_TIMEOUT={os.environ['PHIKIT_HUB_TIMEOUT']!r} is not a number") from None
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["folder"] = snapshot_download(repo, revision=revision, allow_patterns=patterns)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = e
+
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    worker = threading.Thread(target=work, name="phikit-hub-download", daemon=True)
+    worker.start()
+    seen, changed = None, time.monotonic()
+    while worker.is_alive():
+        worker.join(timeout=0.5)
+        size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else 0
+        if size != seen:
+            seen, changed = size, time.monotonic()
+        elif time.monotonic() - changed > patience:
+            raise RuntimeError(f"no progress for {patience:g} s (PHIKIT_HUB_TIMEOUT)")
+    if "error" in result:
+        raise result["error"]
+    return Path(result["folder"])
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -286,19 +322,31 @@ def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -
     if prepare is not None:
         prepare(model)
     expected = {name: t.shape for name, t in model.state_dict().items()}
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {name: t.dtype for name, t in model.named_buffers()}
     seen: set[str] = set()
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, tensor, owned in iter_tensors(weight_files(folder)):
         pairs = convert_legacy(name, tensor, config) if config.legacy_layout else [(name, tensor)]
         for key, value in pairs:
             if key not in expected:
-                continue  # rotary buffers and the like: not parameters of ours
+                if key.endswith((".weight", ".bias")):  # rotary buffers and the like are fine to skip
+                    raise PhikitError(
+                        f"{folder}: tensor {key} has no place in the model config.json describes "
+                        f"({config.num_hidden_layers} layers); config and weights do not match"
+                    )
+                continue
             if value.shape != expected[key]:
                 raise PhikitError(
                     f"{folder}: tensor {key} has shape {tuple(value.shape)} but config.json "
                     f"implies {tuple(expected[key])}; config and weights do not match"
                 )
+            if key in buffers and value.dtype != buffers[key]:
+                raise PhikitError(
+                    f"{folder}: tensor {key} is {value.dtype}, the quantized format stores it as "
+                    f"{buffers[key]}; the checkpoint is corrupt or of another format"
+                )
+            if key not in buffers and not value.is_floating_point():
+                raise PhikitError(f"{folder}: tensor {key} is {value.dtype}, not a floating-point weight")
             if on_tensor is None or not on_tensor(key, value, model, dtype):
                 if key not in buffers and value.is_floating_point():
                     value = cast(value, dtype, device, in_place=owned and value is tensor)
@@ -344,17 +392,51 @@ def _unfragmented_heap():
             libc.malloc_trim(0)
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def user_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the mode a plain open/mkdir would give it
+    under the user's umask (0644/0755 under umask 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file.
+    The file gets the user's umask, as a plain write would."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """``out`` may be written: new or empty, or ``overwrite``; never a file, never the source folder or one
+    that contains it (replacing it would delete the source)."""
+    if out.exists() and not out.is_dir():
+        raise PhikitError(f"{out} is a file; give a folder to write the checkpoint into")
+    if source is not None:
+        target, origin = out.resolve(), Path(source).resolve()
+        if target == origin or target in origin.parents:
+            raise PhikitError(f"{out} is or contains the source model {source}; writing there would delete it")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
 
 
 def save_checkpoint(
@@ -365,20 +447,22 @@ def save_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
     weights_name: str = "model.safetensors",
+    source: Path | None = None,
 ) -> Path:
     """Write a transformers-style checkpoint folder: config.json, safetensors (``weights_name``, sharded
     with an index past ``max_shard_bytes``) and the tokenizer files. Everything is written into a temporary
     folder that is renamed into place at the end, so an interrupted save never leaves a half-written
-    checkpoint."""
+    checkpoint. ``source`` (the model folder being converted) may not be ``out`` or inside it: overwriting
+    would delete it."""
     import shutil
 
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
+    check_output_folder(out, overwrite, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    user_mode(tmp, directory=True)
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -416,6 +500,8 @@ def save_checkpoint(
             ):
                 if (tokenizer_folder / name).is_file():
                     shutil.copyfile(tokenizer_folder / name, tmp / name)
+        for written in tmp.iterdir():  # safetensors writes 0600: give every file the user's umask
+            user_mode(written)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

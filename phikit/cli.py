@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from phikit import __version__
 from phikit.checkpoint import DEFAULT_MODEL
 from phikit.errors import PhikitError
 
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(and Phi-1/Phi-1.5) on one GPU or a CPU.",
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"phikit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser(
@@ -312,7 +316,11 @@ def read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt (one per non-empty line) or .jsonl ({"prompt": ...} per line) file."""
     if not path.is_file():
         raise PhikitError(f"{path}: prompt file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise PhikitError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
     prompts = []
@@ -353,9 +361,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise PhikitError("give a prompt, '-' to read it from stdin, or --file PROMPTS")
     if args.file is not None and args.prompt is not None:
         raise PhikitError("give either a prompt or --file, not both")
-    prompts = read_prompts(args.file) if args.file else [sys.stdin.read() if args.prompt == "-" else args.prompt]
+    if args.file:
+        prompts = read_prompts(args.file)
+    elif args.prompt == "-":
+        try:
+            prompts = [sys.stdin.buffer.read().decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise PhikitError(f"the prompt read from stdin is not valid UTF-8 (byte {e.start})") from None
+    else:
+        prompts = [args.prompt]
     if not prompts:
         raise PhikitError(f"{args.file}: no prompts in the file")
+    for prompt in prompts:  # invalid UTF-8 on the command line arrives as lone surrogates
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PhikitError("the prompt is not valid UTF-8; pass UTF-8 text (or a UTF-8 file with --file)") from None
     config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
     config.validate()
     template = get_template(args.template)  # fail on a bad template before the slow load
@@ -376,12 +397,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compile:
         compile_decode(phi.model, mode="reduce-overhead" if phi.model.device.type == "cuda" else None)
     if not args.quiet:
-        quant = f", {phi.quantization.format}" if phi.quantization else ""
-        print(
-            f"loaded {args.model} ({str(phi.model.dtype).removeprefix('torch.')}{quant}, {phi.model.device}) "
-            f"in {phi.load_seconds:.1f} s",
-            file=sys.stderr,
-        )
+        print(f"loaded {args.model} ({phi.precision}, {phi.model.device}) in {phi.load_seconds:.1f} s", file=sys.stderr)
     start = time.perf_counter()
     stats = SpeculativeStats()
 
@@ -431,10 +447,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from phikit.api import load, save_quantized
+    from phikit.checkpoint import check_output_folder
     from phikit.quantize import QuantSpec
 
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise PhikitError(f"{args.out} already exists and is not empty; choose a new folder or pass --overwrite")
+    local = Path(str(args.model)).expanduser()
+    check_output_folder(args.out, args.overwrite, local if local.is_dir() else None)  # before the slow load
     spec = QuantSpec(args.to, args.group_size, lm_head=not args.keep_lm_head)
     start = time.perf_counter()
     phi = load(args.model, dtype=args.dtype, device=args.device, quantize=spec, progress=True)
@@ -450,6 +467,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     unknown = [p for p in precisions if p not in ("fp32", "bf16", "fp16", "int8", "int4", "nf4")]
     if unknown or not precisions:
         raise PhikitError(f"unknown precision(s) {', '.join(unknown)}; choose from fp32, bf16, fp16, int8, int4, nf4")
+    if args.new_tokens < 1 or args.prompt_tokens < 1 or args.repeats < 1:
+        raise PhikitError("--new-tokens, --prompt-tokens and --repeats must be at least 1")
     if args.perplexity_data and not Path(args.perplexity_data).is_file():
         raise PhikitError(f"{args.perplexity_data}: data file not found")
     settings = BenchSettings(
@@ -497,7 +516,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "model": str(args.model),
-                "precision": args.quantize or str(phi.model.dtype).removeprefix("torch."),
+                "precision": phi.precision,
                 "perplexity": result.perplexity,
                 "nll": result.nll,
                 "tokens": result.tokens,
@@ -683,6 +702,8 @@ def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
             raise PhikitError(
                 f"--compare {spec!r}: unknown or empty key {key!r} (model, adapter, quantize, dtype, group_size)"
             )
+        if key == "group_size" and value not in ("32", "64", "128", "256"):
+            raise PhikitError(f"--compare {spec!r}: group_size must be 32, 64, 128 or 256, got {value!r}")
         options[key] = int(value) if key == "group_size" else (None if value == "none" else value)
     return label, options
 
@@ -754,12 +775,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
+        sys.stdout.flush()
     except PhikitError as e:
         print(f"phikit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nphikit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `phikit generate ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"phikit: error: the disk is full{where}; free some space and run again", file=sys.stderr)
+        return 2
     return 0
 
 

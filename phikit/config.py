@@ -73,9 +73,10 @@ class PhiConfig:
                 f"'phi' (Phi-1, Phi-1.5, Phi-2) and the legacy {', '.join(LEGACY_TYPES)}"
             )
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if raw.get(k) is None]
+        missing = [k for k in required if k not in raw]
         if missing:
             raise PhikitError(f"{source}: missing required key(s) {', '.join(missing)}")
+        heads = _int(raw, "num_attention_heads", source)
         rope = dict(raw.get("rope_parameters") or {})
         scaling = raw.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type")) or scaling.get("rope_type", scaling.get("type"))
@@ -85,17 +86,17 @@ class PhiConfig:
         theta = rope.get("rope_theta", raw.get("rope_theta"))
         known = {f for f in cls.__dataclass_fields__}
         cfg = cls(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
-            num_attention_heads=int(raw["num_attention_heads"]),
-            num_key_value_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            vocab_size=_int(raw, "vocab_size", source),
+            hidden_size=_int(raw, "hidden_size", source),
+            intermediate_size=_int(raw, "intermediate_size", source),
+            num_hidden_layers=_int(raw, "num_hidden_layers", source),
+            num_attention_heads=heads,
+            num_key_value_heads=_int(raw, "num_key_value_heads", source, default=heads),
+            max_position_embeddings=_int(raw, "max_position_embeddings", source, default=2048),
             # transformers' PhiConfig defaults partial_rotary_factor to 0.5 when absent.
-            partial_rotary_factor=float(0.5 if partial is None else partial),
-            rope_theta=float(10000.0 if theta is None else theta),
-            layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
+            partial_rotary_factor=_float({"partial_rotary_factor": partial}, "partial_rotary_factor", source, 0.5),
+            rope_theta=_float({"rope_theta": theta}, "rope_theta", source, 10000.0, positive=True),
+            layer_norm_eps=_float(raw, "layer_norm_eps", source, 1e-5, positive=True),
             hidden_act=raw.get("hidden_act", "gelu_new"),
             qk_layernorm=bool(raw.get("qk_layernorm", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -112,25 +113,25 @@ class PhiConfig:
     def _from_legacy(cls, raw: dict[str, Any], source: str) -> PhiConfig:
         """The remote-code config of the first Phi releases (``phi-msft`` / ``mixformer-sequential``)."""
         required = ("n_embd", "n_layer", "n_head")
-        missing = [k for k in required if raw.get(k) is None]
+        missing = [k for k in required if k not in raw]
         if missing:
             raise PhikitError(f"{source}: legacy Phi config lacks key(s) {', '.join(missing)}")
-        hidden, heads = int(raw["n_embd"]), int(raw["n_head"])
-        head_dim = hidden // heads
+        hidden, heads = _int(raw, "n_embd", source), _int(raw, "n_head", source)
+        head_dim = max(hidden // heads, 1)
         # The remote code pads the vocabulary up to a multiple of pad_vocab_size_multiple.
-        multiple = int(raw.get("pad_vocab_size_multiple", 64))
-        vocab = int(math.ceil(int(raw.get("vocab_size", 50304)) / multiple) * multiple)
+        multiple = _int(raw, "pad_vocab_size_multiple", source, default=64)
+        vocab = int(math.ceil(_int(raw, "vocab_size", source, default=50304) / multiple) * multiple)
         cfg = cls(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(raw.get("n_inner") or 4 * hidden),
-            num_hidden_layers=int(raw["n_layer"]),
+            intermediate_size=_int(raw, "n_inner", source, default=4 * hidden),
+            num_hidden_layers=_int(raw, "n_layer", source),
             num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("n_head_kv") or heads),
-            max_position_embeddings=int(raw.get("n_positions", 2048)),
-            partial_rotary_factor=int(raw.get("rotary_dim") or 32) / head_dim,
-            rope_theta=float(raw.get("rotary_base", 10000.0)),
-            layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+            num_key_value_heads=_int(raw, "n_head_kv", source, default=heads),
+            max_position_embeddings=_int(raw, "n_positions", source, default=2048),
+            partial_rotary_factor=_int(raw, "rotary_dim", source, default=32) / head_dim,
+            rope_theta=_float(raw, "rotary_base", source, 10000.0, positive=True),
+            layer_norm_eps=_float(raw, "layer_norm_epsilon", source, 1e-5, positive=True),
             hidden_act=raw.get("activation_function", "gelu_new"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             bos_token_id=raw.get("bos_token_id", 50256),
@@ -208,6 +209,34 @@ class PhiConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "extra"}
+
+
+def _int(raw: dict[str, Any], key: str, source: str, default: int | None = None, minimum: int = 1) -> int:
+    """``raw[key]`` as an integer >= ``minimum`` (``default`` when absent or null, if there is one)."""
+    value = raw.get(key)
+    if value is None:
+        if default is None:
+            raise PhikitError(f"{source}: {key} is null; it must be an integer >= {minimum}")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PhikitError(f"{source}: {key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise PhikitError(f"{source}: {key} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(raw: dict[str, Any], key: str, source: str, default: float, positive: bool = False) -> float:
+    """``raw[key]`` as a finite number (``default`` when absent or null), positive if asked."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PhikitError(f"{source}: {key} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise PhikitError(f"{source}: {key} must be positive, got {value}")
+    return float(value)
 
 
 def _first(value: Any) -> Any:

@@ -40,8 +40,13 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
     if path.suffix == ".jsonl" or (path.exists() and path.suffix not in (".json", ".parquet")):
         if not path.is_file():
             raise PhikitError(f"{path}: data file not found")
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{number}", {"__error__": f"not valid UTF-8 (byte {e.start})"}
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -58,6 +63,8 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise PhikitError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise PhikitError(f"{path}: not valid UTF-8 (byte {e.start})") from None
         if isinstance(rows, dict):
             rows = rows.get("data", rows.get(split))
         if not isinstance(rows, list):
@@ -87,12 +94,29 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
         yield f"{source}[{split}]:{i}", row
 
 
+def _check_unicode(value) -> None:
+    """Every string in a row must be valid Unicode: JSON can spell a lone surrogate ("\\ud800")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = value[e.start : e.end].encode("unicode_escape").decode()
+            raise ValueError(f"contains an unpaired surrogate ({bad})") from None
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
+
+
 def render(row: dict, fmt: str, template: Template) -> list[tuple[str, bool]]:
     """A row as text segments, each flagged True when it is the model's reply (trained on)."""
     if not isinstance(row, dict):
         raise ValueError("expected a JSON object")
     if "__error__" in row:
         raise ValueError(row["__error__"])
+    _check_unicode(row)
     if fmt == "text":
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():

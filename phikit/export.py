@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from phikit.checkpoint import DTYPES, atomic_write, load_model, resolve_model_path, save_checkpoint
+from phikit.checkpoint import (
+    DTYPES,
+    atomic_write,
+    check_output_folder,
+    load_model,
+    resolve_model_path,
+    save_checkpoint,
+)
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
 from phikit.model import PhiForCausalLM
@@ -57,10 +64,7 @@ def export_hf(
         raise PhikitError(f"unknown dtype {dtype!r} for export; use one of fp16, bf16, fp32")
     folder, config = _full_precision_source(model)
     out = Path(out)
-    if out.exists() and out.resolve() == folder.resolve():
-        raise PhikitError(f"{out} is the model folder itself; export into a new folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:  # before loading: fail fast
-        raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
+    check_output_folder(out, overwrite, folder)  # before loading: fail fast
     target = DTYPES.get(dtype or config.torch_dtype or "float32", torch.float32)
     net = _load_merged(folder, config, adapter, progress, dtype=None if adapter else target)
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in net.state_dict().items()}
@@ -68,7 +72,7 @@ def export_hf(
         del state["lm_head.weight"]  # tied: safetensors refuses shared tensors, transformers re-ties on load
     hf = config.to_hf_dict()
     hf["torch_dtype"] = str(target).removeprefix("torch.")
-    return save_checkpoint(out, state, hf, folder, overwrite=overwrite)
+    return save_checkpoint(out, state, hf, folder, overwrite=overwrite, source=folder)
 
 
 def export_gguf(

@@ -7,6 +7,7 @@ span tokens) live in ``TextStream`` so the HTTP server can reuse them.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -39,14 +40,14 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise PhikitError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise PhikitError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise PhikitError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise PhikitError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise PhikitError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise PhikitError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise PhikitError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:
             raise PhikitError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 1 <= self.draft_tokens <= 7:

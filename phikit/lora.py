@@ -83,8 +83,9 @@ class LoRAConfig:
     def from_peft(cls, raw: dict, source: str = "adapter_config.json") -> LoRAConfig:
         if raw.get("peft_type", "LORA") != "LORA":
             raise PhikitError(f"{source}: peft_type {raw.get('peft_type')!r} is not LoRA")
-        unsupported = [k for k in ("use_dora", "use_rslora") if raw.get(k)]
+        unsupported = [k for k in ("use_dora", "use_rslora", "lora_bias") if raw.get(k)]
         unsupported += [k for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if raw.get(k)]
+        unsupported += [k for k in ("modules_to_save", "exclude_modules") if raw.get(k)]
         if raw.get("bias", "none") != "none":
             unsupported.append(f"bias={raw['bias']}")
         if unsupported:
@@ -134,14 +135,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Wrap every targeted linear layer in a LoRALinear; freeze everything but the adapters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [
-        name
-        for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in config.target_modules
-        and hasattr(m, "in_features")
-        and not isinstance(m, LoRALinear)
-        and ".base_layer" not in name
-    ]
+    targets = _targets(model, config)
     if not targets:
         raise PhikitError(f"no module matches LoRA targets {config.target_modules}")
     for name in targets:
@@ -219,27 +213,64 @@ def _split_legacy(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{layer}.self_attn.{p}_proj.lora_B.weight": b for p, b in zip("qkv", value.chunk(3, dim=0))}
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Inject the adapter's layers into ``model`` and load its weights (frozen base, trainable adapter)."""
-    config, weights = read_adapter(folder)
-    inject_lora(model, config)
-    params = dict(model.named_parameters())
-    expected = {n for n in params if ".lora_" in n}
-    missing = sorted(expected - set(weights))
-    unknown = sorted(set(weights) - expected)
+def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The linear layers an adapter of ``config`` wraps (not ones wrapped already)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in config.target_modules
+        and hasattr(m, "in_features")
+        and not isinstance(m, LoRALinear)
+        and ".base_layer" not in name
+    ]
+
+
+def _check_fits(model, config: LoRAConfig, weights: dict, base: dict, folder) -> None:
+    """Every adapter tensor has its target layer, of the right shape and rank ``config.r``, and every target
+    has its tensors: checked before any adapter memory is allocated."""
+    modules = dict(model.named_modules())
+    targets = _targets(model, config)
+    expected = {f"{t}.{part}.weight" for t in targets for part in ("lora_A", "lora_B")}
+    missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unknown:
-        example = (missing or unknown)[0]
         raise PhikitError(
             f"{folder}: adapter does not fit this model ({len(missing)} missing, {len(unknown)} "
-            f"unexpected tensors, e.g. {example})"
+            f"unexpected tensors, e.g. {(missing or unknown)[0]})"
         )
+    for name, value in weights.items():
+        module_name, part, _ = name.rsplit(".", 2)
+        module = modules[module_name]
+        want = (config.r, module.in_features) if part == "lora_A" else (module.out_features, config.r)
+        if tuple(value.shape) != want:
+            raise PhikitError(
+                f"{folder}: {name} has shape {tuple(value.shape)}, this model and the adapter's r={config.r} "
+                f"need {want}; the adapter was made for another model or its config does not match"
+            )
+    for name, value in base.items():
+        module_name, leaf = name.rsplit(".base_layer.", 1)
+        current = getattr(modules.get(module_name), leaf, None)
+        if module_name not in targets or not isinstance(current, torch.Tensor) or not current.is_floating_point():
+            raise PhikitError(f"{folder}: {name} replaces a layer that is not a full-precision target here")
+        if current.shape != value.shape:
+            raise PhikitError(f"{folder}: {name} has shape {tuple(value.shape)}, the model's is {tuple(current.shape)}")
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Inject the adapter's layers into ``model`` and load its weights (frozen base, trainable adapter).
+    PEFT saves the whole base layer with an ``lm_head`` target (``...lm_head.base_layer.weight``): those
+    tensors replace the layer's weights, as PEFT loads them."""
+    config, weights = read_adapter(folder)
+    base = {k: weights.pop(k) for k in list(weights) if ".base_layer." in k}
+    _check_fits(model, config, weights, base, folder)
+    inject_lora(model, config)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            if params[name].shape != value.shape:
-                raise PhikitError(
-                    f"{folder}: {name} has shape {tuple(value.shape)}, the model needs {tuple(params[name].shape)}"
-                )
             params[name].copy_(value)
+        for name, value in base.items():
+            module_name, leaf = name.rsplit(".base_layer.", 1)
+            target = getattr(model.get_submodule(module_name).base_layer, leaf)
+            target.copy_(value.to(target.dtype))
     return model
 
 

@@ -91,15 +91,36 @@ class TrainConfig:
             raise PhikitError(
                 f"{path or 'overrides'}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}"
             )
+        for name, value in raw.items():  # YAML reads 1e-4 as a string: numbers given as text are numbers
+            kind = str(names[name].type)
+            if isinstance(value, str) and ("float" in kind or kind.startswith("int")):
+                try:
+                    raw[name] = float(value) if "float" in kind else int(value)
+                except ValueError:
+                    raise PhikitError(f"{path or 'overrides'}: {name} must be a number, got {value!r}") from None
         config = cls(**raw)
         config.validate(str(path or "config"))
         return config
 
     def validate(self, source: str) -> None:
+        finite = all(
+            isinstance(v, (int, float)) and math.isfinite(v)
+            for v in (self.lr, self.weight_decay, self.max_grad_norm, self.epochs, self.lora_alpha, self.eval_fraction)
+        )
         checks = [
+            (finite, "lr, weight_decay, max_grad_norm, epochs, lora_alpha and eval_fraction must be finite numbers"),
             (self.seq_len >= 8, "seq_len must be at least 8"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
             (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1 (or empty: from epochs)"),
+            (self.save_every >= 1 and self.eval_every >= 1, "save_every and eval_every must be at least 1"),
+            (self.log_every >= 1 and self.warmup_steps >= 0, "log_every must be >= 1 and warmup_steps >= 0"),
+            (self.save_total_limit >= 0, "save_total_limit must be >= 0 (0: keep every checkpoint)"),
+            (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+            (self.lora_r >= 1 and self.lora_alpha > 0, "lora_r must be >= 1 and lora_alpha > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (not Path(self.output_dir).is_file(), f"output_dir {self.output_dir} is a file, not a folder"),
             (self.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
             (
                 self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"),
@@ -199,10 +220,12 @@ def save_checkpoint(
     """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed.
     ``trainer_state.pt`` holds only tensors and plain values, so resuming reads it with
     ``torch.load(weights_only=True)``: a file planted in a checkpoint folder cannot run code."""
+    from phikit.checkpoint import user_mode
     from phikit.lora import save_adapter
 
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-"))
+    user_mode(tmp, directory=True)
     try:
         save_adapter(model, tmp, base_model=config.model)
         torch.save(

@@ -239,3 +239,111 @@ def test_huge_pages_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("PHIKIT_NO_HUGE_PAGES", "1")
     t = kernels.empty_weight((1024, 1024), torch.float32)
     assert t.untyped_storage().nbytes() == t.numel() * 4
+
+
+def _rewrite(folder, change):
+    """Apply ``change(state)`` to a checkpoint folder's model.safetensors."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _copy(folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(checkpoint_factory, tmp_path):
+    folder, _ = checkpoint_factory(num_hidden_layers=3)
+    fewer = _copy(folder, tmp_path)
+    config = json.loads((fewer / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (fewer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PhikitError, match=r"model\.layers\.2\..* has no place"):
+        load_model(fewer, dtype="fp32", device="cpu")
+    ints = _copy(folder, tmp_path / "b")
+    _rewrite(ints, lambda s: s.update({"model.layers.0.mlp.fc1.weight": s["model.layers.0.mlp.fc1.weight"].int()}))
+    with pytest.raises(PhikitError, match=r"fc1\.weight is torch\.int32, not a floating-point weight"):
+        load_model(ints, dtype="fp32", device="cpu")
+
+
+def test_quantized_buffers_of_the_wrong_dtype_are_refused_before_any_kernel(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    import phikit
+    from phikit.checkpoint import QUANTIZED_WEIGHTS
+
+    folder, _ = tiny
+    out = phikit.save_quantized(phikit.load(folder, dtype="fp32", device="cpu", quantize="int4"), tmp_path / "q")
+    state = load_file(out / QUANTIZED_WEIGHTS)
+    state["model.layers.0.self_attn.q_proj.weight_scale"] = state[
+        "model.layers.0.self_attn.q_proj.weight_scale"
+    ].float()
+    save_file(state, out / QUANTIZED_WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(PhikitError, match=r"q_proj\.weight_scale is torch\.float32"):
+        phikit.load(out, device="cpu")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny, tmp_path):
+    import phikit
+
+    folder, _ = tiny
+    small = _copy(folder, tmp_path)
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 16
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PhikitError, match="the tokenizer has .* tokens but config.json's vocab_size is 16"):
+        phikit.load(small, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("num_attention_heads", 0),
+        ("vocab_size", -1),
+        ("num_hidden_layers", "two"),
+        ("hidden_size", None),
+        ("intermediate_size", 1.5),
+        ("layer_norm_eps", "tiny"),
+        ("rope_theta", -1),
+        ("max_position_embeddings", True),
+    ],
+)
+def test_bad_config_values_name_the_key(tmp_path, key, value):
+    raw = {**PUBLISHED_PHI2_CONFIG, key: value}
+    with pytest.raises(PhikitError, match=key):
+        PhiConfig.from_dict(raw)
+
+
+def test_a_hub_that_never_answers_is_given_up(tmp_path):
+    """A server that accepts connections and never answers (the download used to hang silently)."""
+    import os
+    import socket
+    import subprocess
+    import threading
+    import time
+    from pathlib import Path
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PHIKIT_HUB_TIMEOUT": "2",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    code = "from phikit.cli import main; raise SystemExit(main(['generate', '--model', 'owner/model', 'hi']))"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and time.perf_counter() - started < 30
+    assert "fetching owner/model from the Hugging Face Hub" in result.stderr
+    assert "no progress for 2 s" in result.stderr
+    server.close()

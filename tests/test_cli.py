@@ -114,3 +114,125 @@ def test_eval_writes_a_side_by_side_report(tiny, tmp_path, capsys):
 def test_eval_compare_spec_errors(capsys):
     code, _, err = run_cli(capsys, "eval", "--compare", "broken")
     assert code == 2 and "LABEL:key=value" in err
+
+
+# ---- values and files a user can get wrong ----
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["generate", "--temperature", "nan", "hi"], "temperature"),
+        (["generate", "--temperature", "inf", "hi"], "temperature"),
+        (["generate", "--repetition-penalty", "nan", "hi"], "repetition_penalty"),
+        (["bench", "--new-tokens", "0"], "--new-tokens"),
+        (["eval", "--compare", "x:group_size=abc"], "group_size"),
+    ],
+)
+def test_bad_values_are_one_line_errors(capsys, args, fragment):
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        (["--max_steps", "-1"], "max_steps"),
+        (["--save_every", "0"], "save_every"),
+        (["--eval_every", "0"], "eval_every"),
+        (["--weight_decay", "nan"], "finite"),
+        (["--epochs", "inf"], "finite"),
+    ],
+)
+def test_bad_recipe_values_are_one_line_errors(capsys, override, fragment):
+    code, _, err = run_cli(capsys, "finetune", "--config", REPO_ROOT / "recipes/tiny-cpu.yaml", *override)
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_an_output_dir_that_is_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "f").write_text("")
+    code, _, err = run_cli(
+        capsys, "finetune", "--config", REPO_ROOT / "recipes/tiny-cpu.yaml", "--output_dir", tmp_path / "f"
+    )
+    assert code == 2 and "is a file" in err
+
+
+def test_invalid_utf8_prompts_are_refused(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"fine\nbad \xff\n")
+    code, _, err = run_cli(capsys, "generate", "-m", folder, "--file", bad)
+    assert code == 2 and "p.txt:2: not valid UTF-8" in err
+    code, _, err = run_cli(capsys, "generate", "-m", folder, "bad \udcff argv")  # how Python passes bad argv bytes
+    assert code == 2 and "not valid UTF-8" in err
+
+
+def test_a_closed_pipe_ends_quietly(tiny, tmp_path):
+    folder, _ = tiny
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\n" * 40)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phikit", "generate", "-m", str(folder), "-q", "-n", "4", "--file", str(prompts)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # like `| head -1`
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+def test_a_full_disk_says_so(monkeypatch, capsys):
+    import errno
+
+    import phikit.cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+
+    monkeypatch.setattr(phikit.cli, "cmd_bench", full)
+    code, _, err = run_cli(capsys, "bench")
+    assert code == 2 and "the disk is full writing /out/model.safetensors" in err
+
+
+def test_writing_over_the_source_is_refused(tiny, tmp_path, capsys):
+    import shutil
+
+    folder, _ = tiny
+    source = tmp_path / "models" / "tiny"
+    shutil.copytree(folder, source)
+    code, _, err = run_cli(capsys, "quantize", "-m", source, "--to", "int8", "--overwrite", source)
+    assert code == 2 and "is or contains the source model" in err
+    for command in (["export"], ["merge", "--adapter", tmp_path]):
+        code, _, err = run_cli(capsys, *command, "-m", source, "--overwrite", tmp_path / "models")
+        assert code == 2 and "is or contains the source model" in err
+    assert (source / "config.json").is_file()
+
+
+def test_files_written_get_the_users_umask(tiny, tmp_path, capsys):
+    import os
+    import stat
+
+    folder, _ = tiny
+    old = os.umask(0o022)
+    try:
+        assert run_cli(capsys, "quantize", "-m", folder, "--to", "int8", tmp_path / "q")[0] == 0
+        assert run_cli(capsys, "export", "-m", folder, "--format", "gguf", tmp_path / "m.gguf")[0] == 0
+        assert run_cli(capsys, "export", "-m", folder, tmp_path / "hf")[0] == 0
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "q", tmp_path / "hf", tmp_path / "m.gguf", *(tmp_path / "q").iterdir()]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_version_and_reported_precision(tiny, capsys):
+    folder, _ = tiny
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("phikit ")
+    code, _, err = run_cli(capsys, "generate", "-m", folder, "--dtype", "bf16", "-n", "2", "Hello")
+    assert code == 0 and "(bfloat16, cpu)" in err

@@ -122,3 +122,20 @@ def test_epoch_order_is_reproducible_and_ranks_split_it(tok, tmp_path):
     assert [e.ids for b in a for e in b] == [e.ids for b in epoch_batches(examples, 2, seed=1, epoch=3) for e in b]
     r0, r1 = epoch_batches(examples, 2, 1, 3, rank=0, world=2), epoch_batches(examples, 2, 1, 3, rank=1, world=2)
     assert len(r0) == len(r1) == 2 and r0 + r1 != a[:4]
+
+
+def test_invalid_utf8_and_lone_surrogates_name_file_and_line(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "lone \\ud800 surrogate"}\n{"text": "ok"}\n'
+    )
+    with pytest.raises(PhikitError, match=r"d\.jsonl:2: not valid UTF-8"):
+        load_examples(str(path), tok, "text", "raw")
+    path.write_bytes(b'{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n')
+    with pytest.raises(PhikitError, match=r"d\.jsonl:2: contains an unpaired surrogate"):
+        load_examples(str(path), tok, "text", "raw")
+    path.write_bytes(
+        b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "lone \\ud800 surrogate"}\n{"text": "ok"}\n'
+    )
+    examples, skipped = load_examples(str(path), tok, "text", "raw", skip_bad_rows=True)
+    assert (len(examples), skipped) == (2, 2)

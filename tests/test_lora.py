@@ -157,3 +157,32 @@ def test_an_adapter_with_dropout_is_deterministic_at_inference_and_equals_peft(t
     assert torch.equal(first, second)
     outputs = {tuple(phi.generate("Hello world", max_new_tokens=12).token_ids) for _ in range(3)}
     assert len(outputs) == 1
+
+
+def test_adapters_that_do_not_fit_or_use_unsupported_options_are_refused(tiny, tmp_path):
+    folder, hf = tiny
+    peft_model(hf, r=4).save_pretrained(tmp_path / "a")
+    config_path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "r": 8}))
+    model = load_model(folder, dtype="fp32", device="cpu")
+    with pytest.raises(PhikitError, match=r"lora_A\.weight has shape \(4, 64\).*r=8"):
+        load_adapter(model, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # refused before anything was added
+    for option, value in (("modules_to_save", ["lm_head"]), ("lora_bias", True), ("exclude_modules", ["fc1"])):
+        config_path.write_text(json.dumps({**config, option: value}))
+        with pytest.raises(PhikitError, match=option):
+            load_adapter(load_model(folder, dtype="fp32", device="cpu"), tmp_path / "a")
+    config_path.write_text(json.dumps({**config, "target_modules": ["embed_tokens"]}))
+    with pytest.raises(PhikitError, match="embed_tokens"):
+        load_adapter(load_model(folder, dtype="fp32", device="cpu"), tmp_path / "a")
+
+
+def test_an_lm_head_adapter_equals_peft(tiny, tmp_path):
+    folder, hf = tiny
+    peft_model(hf, targets=["q_proj", "lm_head"]).save_pretrained(tmp_path / "head")
+    reference = peft_model(hf, tmp_path / "head")
+    ours = phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / "head").model
+    ids = ids_for(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=0, atol=1e-4)
