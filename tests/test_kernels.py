@@ -159,3 +159,13 @@ def test_unwritable_cache_and_a_killed_compiler_fall_back_cleanly(tmp_path):
     result = probe(tmp_path, CC=str(killer), TMPDIR=str(tmpdir))
     assert result.returncode == 0 and result.stdout.strip() == "False" and len(notices(result)) == 1
     assert list(tmpdir.iterdir()) == [] and not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_a_cpu_without_avx2_falls_back_and_says_so_once(monkeypatch, capsys):
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.delenv("PHIKIT_NO_KERNELS", raising=False)
+    assert kernels.library() is None and kernels.library() is None
+    err = capsys.readouterr().err
+    assert err.count("phikit: CPU kernels unavailable") == 1 and "aarch64" in err
