@@ -26,9 +26,30 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import machine, markdown_table, random_phi2, save_json  # noqa: E402
 
+from phikit import kernels  # noqa: E402
 from phikit.bench import BenchSettings, run_one  # noqa: E402
 
 PAIRS = [("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")]
+# bytes of weights a decoding step reads (Phi-2's linear layers and lm_head: 2.648e9 weights; int8 adds a
+# per-row scale, int4 (group 64) an fp16 scale and minimum per group: 4.5 bits)
+LINEAR_WEIGHTS = 32 * (4 * 2560 * 2560 + 2 * 2560 * 10240) + 51200 * 2560
+WEIGHT_BYTES = {"bf16": 2.0 * LINEAR_WEIGHTS, "int8": 1.0 * LINEAR_WEIGHTS, "int4": 4.5 / 8 * LINEAR_WEIGHTS}
+
+
+def sum_bandwidth() -> float:
+    """GB/s of ``tensor.sum()`` over 2 GB of fp32 (median of 5), the bandwidth decoding can reach."""
+    import time
+
+    import torch
+
+    t = torch.ones(2**29)
+    t.sum()
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - started)
+    return t.numel() * 4 / statistics.median(times) / 1e9
 
 
 def llama(model: Path, gguf_type: str, prompt: int, new: int) -> dict:
@@ -71,7 +92,10 @@ def main() -> None:
     pairs = [p for p in PAIRS if p[0] in args.pairs.split(",")]
     settings = BenchSettings(str(model), [], prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=1)
     samples: dict[tuple[str, str], list[dict]] = {}
+    bandwidth: list[float] = []
     for r in range(args.rounds):
+        bandwidth.append(sum_bandwidth())
+        print(f"round {r + 1}/{args.rounds}: tensor.sum {bandwidth[-1]:.1f} GB/s", file=sys.stderr, flush=True)
         for precision, gguf_type in pairs:
             print(f"round {r + 1}/{args.rounds}: phikit {precision}", file=sys.stderr, flush=True)
             row = run_one(settings, "phikit", precision)
@@ -82,12 +106,14 @@ def main() -> None:
             samples.setdefault(("llama.cpp", gguf_type), []).append(
                 llama(model, gguf_type, args.prompt_tokens, args.new_tokens)
             )
-    base = None
-    if not args.no_transformers:
-        print("transformers bf16", file=sys.stderr, flush=True)
-        row = run_one(settings, "transformers", "bf16")
-        samples[("transformers", "bf16")] = [row]
-        base = row.get("decode_tok_s")
+        if not args.no_transformers:
+            print(f"round {r + 1}/{args.rounds}: transformers bf16", file=sys.stderr, flush=True)
+            row = run_one(settings, "transformers", "bf16")
+            if "error" in row:
+                raise SystemExit(f"transformers bf16 failed: {row['error']}")
+            samples.setdefault(("transformers", "bf16"), []).append(row)
+    base = statistics.median(x["decode_tok_s"] for x in samples.get(("transformers", "bf16"), [{"decode_tok_s": 0}]))
+    gbs = statistics.median(bandwidth)
     rows = []
     for (engine, precision), runs in samples.items():
         row = {
@@ -100,15 +126,21 @@ def main() -> None:
         if engine != "llama.cpp":
             row["peak_memory_gb"] = max(x["peak_memory_gb"] for x in runs)
             row["load_s"] = statistics.median(x["load_s"] for x in runs)
+        if engine == "phikit":
+            limit = gbs * 1e9 / WEIGHT_BYTES[precision]
+            row["decode_of_bandwidth_limit"] = f"{row['decode_tok_s'] / limit:.0%}"
+            row["prefill_paths"] = runs[-1].get("prefill_paths", {})
         if base:
             row["decode_vs_transformers_bf16"] = f"{row['decode_tok_s'] / base:.2f}x"
         rows.append(row)
     order = {"phikit": 0, "llama.cpp": 1, "transformers": 2}
     rank = {p: i for i, pair in enumerate(PAIRS) for p in pair}
     rows.sort(key=lambda r: (rank.get(r["precision"], 9), order[r["engine"]]))
+    isa = " ".join(sorted(f for f in kernels.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
     print(
-        f"\nMachine: {machine()}\nModel: {model}; prefill {args.prompt_tokens} tokens, decode {args.new_tokens} "
-        f"tokens, batch 1; medians of {args.rounds} interleaved rounds\n"
+        f"\nMachine: {machine()}\nCPU flags: {isa}\nModel: {model}; prefill {args.prompt_tokens} tokens, decode "
+        f"{args.new_tokens} tokens, batch 1; medians of {args.rounds} interleaved rounds; tensor.sum bandwidth "
+        f"{gbs:.1f} GB/s (rounds: {', '.join(f'{b:.1f}' for b in bandwidth)})\n"
     )
     columns = [
         ("engine", "engine"),
@@ -116,16 +148,23 @@ def main() -> None:
         ("prefill_tok_s", "prefill tok/s"),
         ("decode_tok_s", "decode tok/s"),
         ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
+        ("decode_of_bandwidth_limit", "decode / bandwidth limit"),
         ("peak_memory_gb", "peak mem GB"),
         ("load_s", "load s"),
     ]
     print(markdown_table(rows, columns))
+    for row in rows:
+        if row.get("prefill_paths"):
+            chosen = ", ".join(f"{k.split(':')[1]} {v}" for k, v in row["prefill_paths"].items())
+            print(f"\nphikit {row['precision']} prefill paths (autotune): {chosen}")
     save_json(
         args.out,
         {
             "command": " ".join(sys.argv),
             "model": str(model),
             "rows": rows,
+            "cpu_flags": isa,
+            "sum_bandwidth_gb_s": bandwidth,
             "samples": {f"{e} {p}": v for (e, p), v in samples.items()},
         },
     )

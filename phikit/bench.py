@@ -131,6 +131,10 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         **loaded,
         "kernels": kernel_names(model),
     }
+    if model.device.type == "cpu":
+        from phikit.backends import autotune
+
+        row["prefill_paths"] = {k: v["path"] for k, v in autotune.decisions().items()}
     if s.perplexity_data:
         from phikit.evaluate import perplexity, read_text
 

@@ -240,6 +240,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.phikit_quantize_i8.argtypes = [ctypes.c_int, p, i64, i64, p, p]
     lib.phikit_quantize_i4.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p]
     lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p, i64]
+    lib.phikit_dequant_bf16.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, i64, i64, p]
+    lib.phikit_gemv_bf16_dp.argtypes = [p, i64, i64, p, i64, p, p]
+    lib.phikit_features.restype = i64
     lib.phikit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, ctypes.c_float, i64, i64, i64, p, p, i64]
     lib.phikit_decode_layers.argtypes += [p, p, i64, i64, p, p, i64]
     return lib
@@ -247,6 +250,29 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
 
 def available() -> bool:
     return library() is not None
+
+
+FEATURE_BF16_DP = 1  # the library has phikit_gemv_bf16_dp (an AVX-512 BF16 build)
+
+
+def has(feature: int) -> bool:
+    """Whether the loaded library was built with an optional kernel (``FEATURE_*``)."""
+    return available() and bool(library().phikit_features() & feature)
+
+
+def gemv_bf16_dp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = bf16(x) @ W.T (+ bias) for bf16 W (N, K) with AVX-512 BF16 dot products: x (M, K) fp32,
+    M <= MAX_ROWS, is rounded to bf16 first. Only where ``has(FEATURE_BF16_DP)``. Returns (M, N) fp32."""
+    if not has(FEATURE_BF16_DP):
+        raise ValueError("phikit CPU kernel: this library has no AVX-512 BF16 kernels")
+    n, k = check_linear("gemv_bf16_dp", "bf16", weight, None, None, bias, 0)
+    m = x.shape[0] if x.dim() == 2 else -1
+    check("gemv input", x, torch.float32, (m, k))
+    if not 0 < m <= MAX_ROWS:
+        raise ValueError(f"phikit CPU kernel: gemv takes 1 to {MAX_ROWS} rows, got {m}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    library().phikit_gemv_bf16_dp(x.data_ptr(), m, k, weight.data_ptr(), n, _ptr(bias), y.data_ptr())
+    return y
 
 
 # ---- checks before any pointer reaches C ----
@@ -429,6 +455,7 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 
 
 GEMM_KINDS = {"f32": 0, "bf16": 1, "f16": 2, "int8": 3, "int4": 4}
+PLAN_KINDS = {**GEMM_KINDS, "bf16_dp": 5}  # the decoding step's linears: bf16 also through gemv_bf16_dp
 
 
 def gemm(
@@ -462,6 +489,42 @@ def gemm(
         y.data_ptr(),
     )
     return y
+
+
+def dequant_bf16(
+    kind: str,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    minimum: torch.Tensor | None,
+    group_size: int,
+    first: int,
+    last: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows ``first:last`` of a weight in format ``kind`` (as ``gemv`` takes it) as a bf16 (rows, K) tensor,
+    written into ``out`` when given (contiguous, at least that big)."""
+    n, k = check_linear("dequant", kind, weight, scale, minimum, None, group_size)
+    if not 0 <= first <= last <= n:
+        raise ValueError(f"phikit CPU kernel: rows {first}:{last} outside 0:{n}")
+    rows = last - first
+    if out is None:
+        out = torch.empty(rows, k, dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < rows * k or out.device.type != "cpu":
+        raise ValueError("phikit CPU kernel: dequant output must be a contiguous CPU bf16 tensor large enough")
+    int4 = kind == "int4"
+    library().phikit_dequant_bf16(
+        GEMM_KINDS[kind],
+        weight.data_ptr(),
+        None if int4 else _ptr(scale),
+        _ptr(scale) if int4 else None,
+        _ptr(minimum),
+        group_size,
+        k,
+        first,
+        last,
+        out.data_ptr(),
+    )
+    return out.view(-1)[: rows * k].view(rows, k)
 
 
 SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -572,8 +635,11 @@ def plan_array(plan: list[list]) -> ctypes.Array:
         check(f"layer {i} LayerNorm bias", norm[1], torch.float32, (hidden,))
         entry.ln_weight, entry.ln_bias = norm[0].data_ptr(), norm[1].data_ptr()
         for name, (kind, weight, scale, minimum, bias, group) in zip(PROJECTIONS, linears, strict=True):
-            n, k = check_linear(f"layer {i} {name}", kind, weight, scale, minimum, bias, group)
-            fields = (GEMM_KINDS[kind], n, k, group, weight.data_ptr(), _ptr(scale), _ptr(minimum))
+            if kind == "bf16_dp" and not has(FEATURE_BF16_DP):
+                raise ValueError("phikit CPU kernel: this library has no AVX-512 BF16 kernels")
+            format_kind = "bf16" if kind == "bf16_dp" else kind
+            n, k = check_linear(f"layer {i} {name}", format_kind, weight, scale, minimum, bias, group)
+            fields = (PLAN_KINDS[kind], n, k, group, weight.data_ptr(), _ptr(scale), _ptr(minimum))
             setattr(entry, name, _Linear(*fields, _ptr(bias)))
     return array
 

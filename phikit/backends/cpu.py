@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phikit import kernels
+from phikit.backends import autotune
 from phikit.model import PhiAttention, PhiForCausalLM, PhiMLP, PhiModel, rope_tables
 from phikit.quantize import QuantizedLinear, int4_scales_and_zeros, quantize_weight, unpack_nibbles
 
@@ -81,13 +82,20 @@ def _fp32_bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def _run(x, kind, weight, bias32, out_features, scale=None, minimum=None, group_size=0) -> torch.Tensor:
-    """Decode-sized inputs through the gemv kernels, longer ones (prefill) through the GEMM; output in x's dtype."""
+    """Decode-sized inputs through the gemv kernels, longer ones (prefill) through the path the autotune
+    chose for this format and shape (``autotune``); output in x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    run = kernels.gemv if x2.shape[0] <= kernels.MAX_ROWS else kernels.gemm
-    y = run(x2, kind, weight, scale, minimum, bias32, group_size)
+    if x2.shape[0] <= kernels.MAX_ROWS:
+        if kind == "bf16" and autotune.choose_decode(kind, out_features, x2.shape[1]) == "bf16_dp":
+            y = kernels.gemv_bf16_dp(x2, weight, bias32)
+        else:
+            y = kernels.gemv(x2, kind, weight, scale, minimum, bias32, group_size)
+    else:  # prefill: the path measured fastest on this machine for this format and shape
+        path = autotune.choose(kind, out_features, x2.shape[1], group_size)
+        y = autotune.run(path, x2, kind, weight, scale, minimum, bias32, group_size)
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
@@ -246,6 +254,8 @@ def kernel_args(module: nn.Module) -> tuple | None:
         kind = DenseLinear.KINDS.get(module.weight.dtype)
         if kind is None or module.weight.requires_grad or not _kernel_weight(module, module.weight):
             return None
+        if kind == "bf16" and autotune.choose_decode(kind, module.out_features, module.in_features) == "bf16_dp":
+            kind = "bf16_dp"
         return kind, module.weight, None, None, _fp32_bias(module), 0
     if isinstance(module, QuantizedLinear) and module.format in ("int8", "int4"):
         if not _kernel_weight(module, module.weight):

@@ -1,0 +1,200 @@
+"""Prefill paths on the CPU, chosen by measurement on the machine where phikit runs.
+
+Which matrix product is fastest for a prompt depends on the CPU far more than on anything phikit can
+know beforehand: on an AVX2 CPU phikit's own GEMM (fp32 FMAs, weights unpacked as it goes) leads; where
+the CPU has bf16 dot products (AVX-512 BF16, AMX), PyTorch's bf16 matmul (oneDNN) was measured 2.6x
+faster. So for each weight format and shape, the first prefill times every candidate on a 128-row block
+of random activations and keeps the fastest; decisions are cached per CPU model, flags, thread count,
+PyTorch and kernel-library version in ``$PHIKIT_CACHE/autotune-<key>.json``.
+
+Candidates (``PATHS``): ``phikit_gemm`` (the C GEMM, fp32 activations, any format); ``torch_f32`` (fp32
+weights: PyTorch's sgemm); ``torch_bf16`` (bf16 weights: activations rounded to bf16, PyTorch's bf16
+matmul, the numerics of transformers in bf16); ``dequant_bf16`` (fp16/int8/int4: panels of weight rows
+unpacked to bf16 by a C kernel, a few MB at a time so they stay in cache, through PyTorch's bf16 matmul).
+Paths that round activations to bf16 are candidates only for weights narrower than fp32.
+``PHIKIT_PREFILL_PATH=<name>`` forces one path where it applies; ``PHIKIT_AUTOTUNE=0`` keeps phikit_gemm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from phikit import kernels
+
+PATHS = {
+    "f32": ("phikit_gemm", "torch_f32"),
+    "bf16": ("phikit_gemm", "torch_bf16"),
+    "f16": ("phikit_gemm", "dequant_bf16"),
+    "int8": ("phikit_gemm", "dequant_bf16"),
+    "int4": ("phikit_gemm", "dequant_bf16"),
+}
+ROWS = 128  # activation rows of the timing runs: a short prompt
+PANEL_BYTES = 4 << 20  # bf16 weight rows per panel of dequant_bf16: about one L2/L3 slice
+
+_chosen: dict[str, str] = {}
+_timings: dict[str, dict[str, float]] = {}
+_lock = threading.Lock()
+
+
+def _machine_key() -> str:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = " ".join(sorted(kernels.cpu_flags()))
+    source = hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest()[:12]
+    text = "|".join([cpu, flags, str(torch.get_num_threads()), torch.__version__, source, kernels.isa() or "none"])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_file() -> Path:
+    return kernels.cache_dir().parent / f"autotune-{_machine_key()}.json"
+
+
+def _load() -> None:
+    try:
+        saved = json.loads(_cache_file().read_text())
+        known = {*sum(PATHS.values(), ()), "phikit_gemv", "bf16_dp"}
+        _chosen.update({k: v["path"] for k, v in saved.items() if v.get("path") in known})
+        _timings.update({k: v.get("seconds", {}) for k, v in saved.items()})
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+
+
+def _save() -> None:
+    from phikit.checkpoint import atomic_write
+
+    data = {k: {"path": path, "seconds": _timings.get(k, {})} for k, path in _chosen.items()}
+    try:
+        atomic_write(_cache_file(), lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    except OSError:
+        pass  # a read-only cache: measure again next time
+
+
+def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, group_size: int) -> torch.Tensor:
+    """y = x @ W.T + bias for x (M, K) fp32 through ``path``; (M, N) fp32."""
+    if path == "phikit_gemm":
+        return kernels.gemm(x, kind, weight, scale, minimum, bias32, group_size)
+    if path == "torch_f32":
+        y = x @ weight.t()
+    elif path == "torch_bf16":
+        y = (x.to(torch.bfloat16) @ weight.t()).float()
+    else:  # dequant_bf16
+        xb = x.to(torch.bfloat16)
+        n, k = weight.shape[0], x.shape[1]
+        block = max(64, PANEL_BYTES // (2 * k) // 64 * 64)
+        panel = torch.empty(min(block, n) * k, dtype=torch.bfloat16)
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for first in range(0, n, block):
+            last = min(first + block, n)
+            rows = kernels.dequant_bf16(kind, weight, scale, minimum, group_size, first, last, out=panel)
+            y[:, first:last] = xb @ rows.t()
+    if bias32 is not None:
+        y += bias32
+    return y
+
+
+def _sample_weight(kind: str, n: int, k: int, group_size: int) -> tuple:
+    """Random weights of this format and shape, as ``run`` takes them."""
+    w = torch.randn(n, k) * 0.02
+    if kind in ("int8", "int4"):
+        t = kernels.quantize(w.contiguous(), kind, group_size or 64)
+        return t["weight"], t["weight_scale"], t.get("weight_min"), group_size or 64
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[kind]
+    return w.to(dtype).contiguous(), None, None, 0
+
+
+def _measure(kind: str, n: int, k: int, group_size: int) -> dict[str, float]:
+    weight, scale, minimum, group = _sample_weight(kind, n, k, group_size)
+    x = torch.randn(ROWS, k)
+    seconds = {}
+    for path in PATHS[kind]:
+        run(path, x, kind, weight, scale, minimum, None, group)  # warm-up
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            run(path, x, kind, weight, scale, minimum, None, group)
+            times.append(time.perf_counter() - started)
+        seconds[path] = statistics.median(times)
+    return seconds
+
+
+def choose(kind: str, n: int, k: int, group_size: int = 0) -> str:
+    """The prefill path for a weight of ``kind`` and shape (n, k): forced, cached, or measured now."""
+    forced = os.environ.get("PHIKIT_PREFILL_PATH", "").strip()
+    if forced in PATHS[kind]:
+        return forced
+    if os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "phikit_gemm"
+    key = f"{kind}:{n}x{k}:g{group_size}:t{torch.get_num_threads()}"
+    with _lock:
+        if not _chosen:
+            _load()
+        if key not in _chosen:
+            _timings[key] = _measure(kind, n, k, group_size)
+            _chosen[key] = min(_timings[key], key=_timings[key].get)
+            _save()
+        return _chosen[key]
+
+
+def decode_paths(kind: str) -> tuple[str, ...]:
+    """Candidates for a decoding step's matrix-vector products of ``kind``: phikit's gemv (AVX2 FMAs, fp32
+    activations) and, for bf16 weights where the library has AVX-512 BF16, ``bf16_dp`` (activations
+    rounded to bf16, vdpbf16ps: a third of the instructions per weight)."""
+    if kind == "bf16" and kernels.has(kernels.FEATURE_BF16_DP):
+        return ("phikit_gemv", "bf16_dp")
+    return ("phikit_gemv",)
+
+
+def _measure_decode(kind: str, n: int, k: int) -> dict[str, float]:
+    weight = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, k)
+    runs = {"phikit_gemv": lambda: kernels.gemv(x, "bf16", weight), "bf16_dp": lambda: kernels.gemv_bf16_dp(x, weight)}
+    seconds = {}
+    for path in decode_paths(kind):
+        runs[path]()
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            runs[path]()
+            times.append(time.perf_counter() - started)
+        seconds[path] = statistics.median(times)
+    return seconds
+
+
+def choose_decode(kind: str, n: int, k: int) -> str:
+    """The matrix-vector product for decoding through a ``kind`` weight of shape (n, k): forced
+    (``PHIKIT_DECODE_PATH``), cached, or measured now; phikit_gemv where there is no other candidate."""
+    paths = decode_paths(kind)
+    forced = os.environ.get("PHIKIT_DECODE_PATH", "").strip()
+    if forced in paths:
+        return forced
+    if len(paths) == 1 or os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "phikit_gemv"
+    key = f"decode-{kind}:{n}x{k}:t{torch.get_num_threads()}"
+    with _lock:
+        if not _chosen:
+            _load()
+        if key not in _chosen:
+            _timings[key] = _measure_decode(kind, n, k)
+            _chosen[key] = min(_timings[key], key=_timings[key].get)
+            _save()
+        return _chosen[key]
+
+
+def decisions() -> dict[str, dict]:
+    """Every decision so far: {"int4:10240x2560:g64:t2": {"path": ..., "seconds": {path: s}}} (for benchmarks)."""
+    return {k: {"path": path, "seconds": _timings.get(k, {})} for k, path in _chosen.items()}

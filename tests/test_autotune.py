@@ -1,0 +1,129 @@
+"""Prefill paths on the CPU: each against the dequantized reference, and the choice among them by timing."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phikit import kernels
+from phikit.backends import autotune
+from phikit.quantize import dequantize, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+N, K = 192, 256
+
+
+def weights(kind: str):
+    torch.manual_seed(0)
+    w = torch.randn(N, K) * 0.05
+    if kind == "int8":
+        t = quantize_int8(w)
+        return (t["weight"], t["weight_scale"], None, 0), dequantize("int8", t)
+    if kind == "int4":
+        t = quantize_int4(w, 64)
+        return (t["weight"], t["weight_scale"], t["weight_min"], 64), dequantize("int4", t, 64)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[kind]
+    return (w.to(dtype), None, None, 0), w.to(dtype).float()
+
+
+@pytest.mark.parametrize("kind,path", [(k, p) for k, paths in autotune.PATHS.items() for p in paths])
+def test_every_prefill_path_matches_the_reference(kind, path, monkeypatch):
+    monkeypatch.setattr(autotune, "PANEL_BYTES", 64 * K * 2)  # several panels even for this small weight
+    (weight, scale, minimum, group), dense = weights(kind)
+    x, bias = torch.randn(40, K), torch.randn(N)
+    got = autotune.run(path, x, kind, weight, scale, minimum, bias, group)
+    expected = F.linear(x, dense, bias)
+    # paths through bf16 round the activations (and int8/int4/fp16 panels) to bf16: ~0.3% of the output
+    limit = 1e-5 if path in ("phikit_gemm", "torch_f32") else 1e-2
+    assert ((got - expected).norm() / expected.norm()).item() < limit
+
+
+def test_the_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+    monkeypatch.delenv("PHIKIT_PREFILL_PATH", raising=False)
+    monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setattr(autotune, "_timings", {})
+    path = autotune.choose("int8", N, K)
+    assert path in autotune.PATHS["int8"]
+    [saved] = list(tmp_path.glob("autotune-*.json"))
+    entry = next(iter(json.loads(saved.read_text()).values()))
+    assert entry["path"] == path and set(entry["seconds"]) == set(autotune.PATHS["int8"])
+    assert path == min(entry["seconds"], key=entry["seconds"].get)
+
+    def measured(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(autotune, "_measure", measured)
+    monkeypatch.setattr(autotune, "_chosen", {})  # a new process: read from the cache file
+    assert autotune.choose("int8", N, K) == path
+    assert next(iter(autotune.decisions().values()))["path"] == path
+
+
+def test_forcing_and_switching_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setattr(autotune, "_timings", {})
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+    monkeypatch.setenv("PHIKIT_PREFILL_PATH", "dequant_bf16")
+    assert autotune.choose("int4", N, K, 64) == "dequant_bf16"
+    assert autotune.choose("f32", N, K) in autotune.PATHS["f32"]  # not a path of fp32 weights: measured
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "0")
+    monkeypatch.delenv("PHIKIT_PREFILL_PATH")
+    assert autotune.choose("bf16", N, K) == "phikit_gemm"
+
+
+needs_bf16_dp = pytest.mark.skipif(
+    not kernels.has(kernels.FEATURE_BF16_DP), reason="this CPU (or build) has no AVX-512 BF16"
+)
+
+
+@needs_bf16_dp
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bf16_dot_product_gemv_matches_the_reference(rows):
+    torch.manual_seed(0)
+    w, x, bias = (torch.randn(N, K) * 0.05).bfloat16(), torch.randn(rows, K), torch.randn(N)
+    got = kernels.gemv_bf16_dp(x, w, bias)
+    exact = x.bfloat16().float() @ w.float().t() + bias  # the same products, fp32 sums
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16_dp
+def test_decoding_with_bf16_dot_products_matches_the_fp32_activation_path(tiny, monkeypatch):
+    """The decode choice for bf16 weights, forced to bf16_dp: the one-call step and the module path agree,
+    and stay within bf16 rounding of phikit's default (fp32 activations)."""
+    import phikit
+
+    folder, _ = tiny
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def decode(path: str, fused: bool) -> torch.Tensor:
+        monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+        monkeypatch.setenv("PHIKIT_DECODE_PATH", path)
+        model = phikit.load(folder, dtype="bf16", device="cpu").model
+        if not fused:
+            monkeypatch.setattr(model.model.decode_plan, "get", lambda layers: None)
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            model(ids[:, :6], torch.arange(6), cache)
+            return torch.cat([model(ids[:, t : t + 1], torch.tensor([t]), cache) for t in range(6, 10)], dim=1)
+
+    dp = decode("bf16_dp", True)
+    torch.testing.assert_close(dp, decode("bf16_dp", False), rtol=0, atol=1e-3)
+    reference = decode("phikit_gemv", True)
+    assert ((dp - reference).norm() / reference.norm()).item() < 1e-2
+
+
+def test_the_decode_choice_is_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+    monkeypatch.delenv("PHIKIT_DECODE_PATH", raising=False)
+    monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setattr(autotune, "_timings", {})
+    assert autotune.choose_decode("int8", N, K) == "phikit_gemv"  # a single candidate: nothing to measure
+    path = autotune.choose_decode("bf16", N, K)
+    assert path in autotune.decode_paths("bf16")
+    if len(autotune.decode_paths("bf16")) > 1:
+        [entry] = [v for k, v in autotune.decisions().items() if k.startswith("decode-bf16")]
+        assert set(entry["seconds"]) == {"phikit_gemv", "bf16_dp"}
