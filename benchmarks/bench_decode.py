@@ -9,7 +9,7 @@ decoding step (``phikit_decode_layers``) gains over running the layers as module
    each format, reported in GB/s of weights read, next to a large ``tensor.sum()`` measured in the same
    round (the machine's memory bandwidth at that moment). ``--define`` builds a second copy of the kernels
    with a C macro changed (e.g. ``PREFETCH_I4=0``) and alternates it with the default, call by call.
-   ``--pages`` adds a second copy of the weights on 4 KB pages (``PHIKIT_NO_HUGE_PAGES=1`` while it is
+   ``--pages`` adds a second copy of the weights on 4 KB pages (``PHIKIT_HUGE_PAGES`` unset while it is
    made), alternated with phikit's default placement on transparent huge pages.
 2. step: the full-size random Phi-2 loaded at each precision; decode tok/s (48 tokens after a 16-token
    prompt) with every layer in one C call, alternated with the module-by-module path (the plan disabled).
@@ -57,9 +57,9 @@ def step_weights(kind: str, huge_pages: bool = True) -> tuple[list, int]:
     phikit places them when loading (``kernels.empty_weight``), or on 4 KB pages."""
     torch.manual_seed(0)
     mats, total = [], 0
-    before = os.environ.pop("PHIKIT_NO_HUGE_PAGES", None)
-    if not huge_pages:
-        os.environ["PHIKIT_NO_HUGE_PAGES"] = "1"
+    before = os.environ.pop("PHIKIT_HUGE_PAGES", None)
+    if huge_pages:
+        os.environ["PHIKIT_HUGE_PAGES"] = "1"
     try:
         for _ in range(LAYERS):
             for n, k in SHAPES:
@@ -71,9 +71,9 @@ def step_weights(kind: str, huge_pages: bool = True) -> tuple[list, int]:
                 total += sum(v.numel() * v.element_size() for v in t.values())
                 mats.append((n, k, t, torch.empty(1, n)))
     finally:
-        os.environ.pop("PHIKIT_NO_HUGE_PAGES", None)
+        os.environ.pop("PHIKIT_HUGE_PAGES", None)
         if before is not None:
-            os.environ["PHIKIT_NO_HUGE_PAGES"] = before
+            os.environ["PHIKIT_HUGE_PAGES"] = before
     return mats, total
 
 

@@ -202,7 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(sv)
     add_quantize_args(sv)
-    sv.add_argument("--adapter", "-a", metavar="DIR", help="a LoRA adapter folder, used unmerged")
+    sv.add_argument(
+        "--adapter",
+        "-a",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a LoRA adapter: DIR applies it to every request; NAME=DIR (repeatable) serves it as model NAME "
+        "next to the base, several adapters decoding in one batch",
+    )
     sv.add_argument("--template", "-t", default="guanaco", help="how chat messages are rendered (default guanaco)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -215,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=float, default=600, help="seconds a request may take (default 600)")
     sv.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none (default 256)")
     sv.add_argument("--max-body-mb", type=float, default=4, help="largest request body in MB; more get 413 (default 4)")
+    sv.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=512,
+        help="memory for reusing the keys/values of prompt prefixes already seen (0: off; default 512)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     ch = sub.add_parser(
@@ -608,13 +622,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     get_template(args.template)
     check_serve_args(args)  # a mistake costs seconds, not a model load
+    named = dict(a.split("=", 1) for a in args.adapter if "=" in a)
+    plain = [a for a in args.adapter if "=" not in a]
+    if len(plain) > 1:
+        raise PhikitError("give one --adapter DIR for every request, or name them: --adapter NAME=DIR ...")
+    for name, folder in named.items():
+        if not Path(folder, "adapter_config.json").is_file():
+            raise PhikitError(f"--adapter {name}={folder}: no adapter_config.json in {folder}")
     phi = load(
         args.model,
         dtype=args.dtype,
         device=args.device,
         quantize=args.quantize,
         group_size=args.group_size,
-        adapter=args.adapter,
+        adapter=plain[0] if plain else None,
         progress=True,
     )
     name = args.model_name or Path(str(args.model)).name
@@ -629,6 +650,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.api_key,
         args.max_tokens,
         int(args.max_body_mb * 2**20),
+        adapters=named or None,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     cache = app.state.engine.cache
     gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
@@ -654,6 +677,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise PhikitError(f"--max-tokens {args.max_tokens}: must be at least 1")
     if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
         raise PhikitError(f"--max-body-mb {args.max_body_mb}: give a positive size")
+    if not (math.isfinite(args.prefix_cache_mb) and args.prefix_cache_mb >= 0):
+        raise PhikitError(f"--prefix-cache-mb {args.prefix_cache_mb}: give a size >= 0")
     if args.api_key is not None and not args.api_key.strip():
         raise PhikitError("--api-key is empty; give a non-empty key, or leave --api-key out to serve without one")
     try:

@@ -568,31 +568,41 @@ MADV_HUGEPAGE = 14
 _libc: ctypes.CDLL | None = None
 
 
-def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, for weights: from 2 MB up, placed at a 2 MB boundary
-    with its whole 2 MB pages advised to be transparent huge pages (Linux; must be called before the memory
-    is first written, as the advice applies to pages faulted in afterwards).
-
-    Why: loading faults in every page of the model, one 2 MB fault instead of 512 4 KB ones. On this
-    project's 2-core VM (benchmarks/RESULTS.md) loading Phi-2 in int8/int4 became 1.5-1.8x faster (bf16
-    1.0-1.1x); decoding, which streams every weight per token, read them no faster or slower beyond the
-    VM's noise in a same-process A/B. The tensor is a view into a storage up to 2 MB longer;
-    the unused part is never touched, so it costs address space, not memory. The tail short of a whole
-    2 MB page keeps 4 KB pages, so no page is rounded up. ``PHIKIT_NO_HUGE_PAGES=1``: plain ``torch.empty``.
-    """
+def _advise_huge(address: int, nbytes: int) -> None:
     global _libc
-    nbytes = torch.Size(shape).numel() * dtype.itemsize
-    if nbytes < HUGE_PAGE or not sys.platform.startswith("linux") or _env_true("PHIKIT_NO_HUGE_PAGES"):
-        return torch.empty(shape, dtype=dtype)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-    offset = -raw.data_ptr() % HUGE_PAGE
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.madvise(raw.data_ptr() + offset, nbytes // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)  # advice only
+        _libc.madvise(address, nbytes, MADV_HUGEPAGE)  # advice only
     except (OSError, AttributeError):
         pass
+
+
+def huge_pages_wanted() -> bool:
+    """Whether weights go on transparent huge pages: only with ``PHIKIT_HUGE_PAGES=1``. Measured on two
+    2-core VMs, they helped on one (int8/int4 loading 1.5-1.8x faster, reads one at a time) and hurt on
+    the other (bf16 loading 10-12 s with them, 4.6-6.3 s without, two reads in flight; int8 6-7 s vs
+    5.4 s; int4 level: benchmarks/RESULTS.md), and a quick fill test there predicted the opposite of the
+    real load, so phikit does not guess: off unless asked for."""
+    return sys.platform.startswith("linux") and _env_true("PHIKIT_HUGE_PAGES")
+
+
+def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, for weights: from 2 MB up and where transparent huge
+    pages are wanted (``huge_pages_wanted``), placed at a 2 MB boundary with its whole 2 MB pages
+    advised to be huge pages (Linux; before the memory is first written, as the advice applies to pages
+    faulted in afterwards): loading faults in every page of the model, one 2 MB fault instead of 512 4 KB
+    ones. Decoding, which streams every weight per token, read them no faster or slower beyond the noise
+    in a same-process A/B. The tensor is a view into a storage up to 2 MB longer; the unused part is never
+    touched, so it costs address space, not memory. The tail short of a whole 2 MB page keeps 4 KB pages.
+    """
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if nbytes < HUGE_PAGE or not huge_pages_wanted():
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    _advise_huge(raw.data_ptr() + offset, nbytes // HUGE_PAGE * HUGE_PAGE)
     return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 

@@ -215,11 +215,12 @@ def _vm_flags(address: int) -> list[str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
-def test_large_weights_are_read_into_huge_page_memory_with_the_same_values(tmp_path):
+def test_large_weights_are_read_into_huge_page_memory_with_the_same_values(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from phikit.checkpoint import read_safetensors
 
+    monkeypatch.setenv("PHIKIT_HUGE_PAGES", "1")
     tensors = {"big": torch.randn(1024, 1536), "small": torch.randn(3, 5).half()}  # 6 MB and 30 bytes
     save_file(tensors, tmp_path / "w.safetensors")
     read = dict(read_safetensors(tmp_path / "w.safetensors"))
@@ -235,8 +236,8 @@ def test_large_weights_are_read_into_huge_page_memory_with_the_same_values(tmp_p
     assert torch.equal(torch.load(tmp_path / "again.pt"), tensors["big"])
 
 
-def test_huge_pages_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("PHIKIT_NO_HUGE_PAGES", "1")
+def test_huge_pages_are_opt_in(monkeypatch):
+    monkeypatch.delenv("PHIKIT_HUGE_PAGES", raising=False)
     t = kernels.empty_weight((1024, 1024), torch.float32)
     assert t.untyped_storage().nbytes() == t.numel() * 4
 

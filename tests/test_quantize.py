@@ -269,7 +269,8 @@ def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch, quantize):
 
 @pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_kernel_quantizer_bits_on_a_weight_in_huge_page_memory(fmt):
+def test_kernel_quantizer_bits_on_a_weight_in_huge_page_memory(fmt, monkeypatch):
+    monkeypatch.setenv("PHIKIT_HUGE_PAGES", "1")
     torch.manual_seed(0)
     w = (torch.randn(1024, 4096) * 0.05).to(torch.bfloat16)  # codes of 4 MB (int8) and 2 MB (int4)
     ours = kernels.quantize(w, fmt, 64)

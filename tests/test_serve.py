@@ -189,10 +189,10 @@ def test_models_and_health(server):
         ({"prompt": "hi", "max_tokens": 10**9}, 400, "context"),
         ({"prompt": "word " * 400, "max_tokens": 5}, 400, "context"),
         ({"prompt": "word " * 400}, 400, "context"),  # no max_tokens: found by the schema fuzz
-        ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "n": 99}, 400, "n"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({"prompt": ["a", "b"]}, 400, "prompt"),
+        ({"prompt": []}, 400, "prompt"),
         ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({}, 400, "prompt"),
     ],
@@ -268,8 +268,14 @@ def test_schema_fuzzing_finds_no_server_errors(server):
         @given(case=operation.as_strategy())
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         def check(case):
-            if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
-                case.body["max_tokens"] = min(case.body["max_tokens"], 8)  # keep generations short
+            body = case.body if isinstance(case.body, dict) else {}
+            if isinstance(body.get("max_tokens"), int):
+                body["max_tokens"] = min(body["max_tokens"], 8)  # keep generations short
+            for key in ("n", "best_of"):  # and few of them
+                if isinstance(body.get(key), int):
+                    body[key] = min(body[key], 2)
+            if isinstance(body.get("prompt"), list):
+                body["prompt"] = body["prompt"][:2]
             response = case.call()
             if response.status_code >= 500:
                 failures.append((case.path, case.body, response.status_code, response.text[:300]))

@@ -1,0 +1,169 @@
+"""The OpenAI-shaped request bodies and errors of ``phikit serve``.
+
+Fields that cannot change the output (``store``, ``metadata``, ``user``, ``service_tier``,
+``parallel_tool_calls``, a ``response_format`` of type text, empty ``tools``, and any optional field sent
+as null) are accepted and ignored, as SDKs and proxies send them; fields that would change behaviour and
+are not supported get a 400 naming the field. Unknown fields are rejected (a typo should not pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from phikit.templates import Template
+
+MAX_CHOICES = 16  # n (and best_of) per prompt
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def unsupported(param: str, what: str) -> APIError:
+    return APIError(400, f"{param}: {what} is not supported by this server", param=param, code="unsupported")
+
+
+def check_text(text: str, param: str) -> None:
+    """Text must encode as UTF-8: a lone surrogate ("\\ud800") is the client's mistake, a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("unicode_escape").decode()
+        message = f"{param} contains an unpaired surrogate ({bad}), which is not valid Unicode"
+        raise APIError(400, message, param=param) from None
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}`` (no constraint), ``{"type": "json_object"}`` or ``{"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class _Common(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    # accepted and ignored: they do not change what is generated
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def check_unsupported(self) -> None:
+        if self.tools or self.functions:
+            raise unsupported("tools" if self.tools else "functions", "tool calling")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise unsupported("tool_choice", "tool calling")
+        if self.function_call not in (None, "none", "auto"):
+            raise unsupported("function_call", "function calling")
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.suffix:
+            raise unsupported("suffix", "insertion (suffix)")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        """The message's text: a string, or its text parts joined; other parts are a 400."""
+        if self.content is None:
+            raise APIError(400, f"messages[{index}].content is missing", param=f"messages.{index}.content")
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise unsupported(f"messages.{index}.content.{j}", f"a content part of type {part.type!r}")
+            texts.append(part.text)
+        return "".join(texts)
+
+
+class ChatBody(_Common):
+    messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+def render_messages(messages: list[Message], template: Template) -> str:
+    """Chat turns through the prompt template: system (and developer) text joins the next user turn; the
+    conversation must end with a user message."""
+    turns: list[tuple[str, str]] = []
+    pending_user: str | None = None
+    system = ""
+    for i, m in enumerate(messages):
+        text = m.text(i)
+        if m.role in ("system", "developer"):
+            system += text.strip() + "\n"
+        elif m.role == "user":
+            if pending_user is not None:
+                raise APIError(400, "two user messages in a row; put them in one message", param="messages")
+            pending_user, system = system + text, ""
+        else:
+            if pending_user is None:
+                raise APIError(400, "an assistant message must follow a user message", param="messages")
+            turns.append((pending_user, text))
+            pending_user = None
+    if pending_user is None:
+        raise APIError(400, "the last message must be from the user", param="messages")
+    return template.render_chat(turns, pending_user)

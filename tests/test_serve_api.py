@@ -1,0 +1,409 @@
+"""OpenAI's API in full against references: echo/logprobs against transformers' log-softmax, every prompt
+form, n and best_of, penalties and logit bias, harmless fields, structured output validated by jsonschema,
+several adapters in one batch against PEFT-made adapters loaded alone, the prefix cache against a cold
+run, and /metrics."""
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import phikit
+from phikit.serve import create_app
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from test_serve import Server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phi(tiny):
+    return phikit.load(tiny[0], dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(phi):
+    with Server(create_app(phi.model, phi.tokenizer, "tiny", "guanaco", max_batch=8, max_queue=32)) as s:
+        yield s
+
+
+def post(server, path: str, **body) -> dict:
+    r = httpx.post(f"{server.url}{path}", json={"model": "tiny", **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def reference_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """transformers' log-probability of each token given the ones before it (the first has none)."""
+    with torch.no_grad():
+        logp = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_echo_logprobs_score_the_prompt_as_transformers_does(server, phi, tiny):
+    _, hf = tiny
+    ids = phi.tokenizer.encode("The lighthouse keeper climbed the stairs")
+    out = post(server, "/v1/completions", prompt=ids, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == phi.tokenizer.decode(ids) and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), reference_logprobs(hf, ids), rtol=0, atol=1e-4)
+    assert all(
+        len(top) <= 2 and max(top.values()) >= lp["token_logprobs"][i + 1] - 1e-6
+        for i, top in enumerate(lp["top_logprobs"][1:])
+    )
+    assert lp["text_offset"] == [len(phi.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+
+
+def test_generated_tokens_carry_their_logprobs(server, phi, tiny):
+    _, hf = tiny
+    prompt = "Hello world"
+    ids = phi.tokenizer.encode(prompt)
+    out = post(server, "/v1/completions", prompt=prompt, max_tokens=6, logprobs=3, temperature=0, echo=True)
+    lp = out["choices"][0]["logprobs"]
+    generated = phi.generate(prompt, max_new_tokens=6).token_ids
+    assert len(lp["tokens"]) == len(ids) + len(generated)
+    full = reference_logprobs(hf, ids + generated)
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]), full, rtol=0, atol=1e-4)
+    for token_lp, top in zip(lp["token_logprobs"][len(ids) :], lp["top_logprobs"][len(ids) :]):
+        assert abs(max(top.values()) - token_lp) < 1e-6  # greedy: the chosen token is the most likely
+
+
+def test_every_prompt_form_gives_one_choice_per_prompt_in_order(server, phi):
+    prompts = ["Hello world", "def add(a, b):", "Paris is"]
+    expected = [phi.generate(p, max_new_tokens=8).text for p in prompts]
+    ids = [phi.tokenizer.encode(p) for p in prompts]
+    for form in (prompts, ids):
+        out = post(server, "/v1/completions", prompt=form, max_tokens=8, temperature=0)
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in out["choices"]] == expected
+    single = post(server, "/v1/completions", prompt=ids[1], max_tokens=8, temperature=0)
+    assert single["choices"][0]["text"] == expected[1]
+
+
+def test_n_and_best_of(server):
+    out = post(server, "/v1/completions", prompt="Hello", max_tokens=8, n=3, temperature=1.0, seed=4)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2] and len({c["text"] for c in out["choices"]}) > 1
+    again = post(server, "/v1/completions", prompt="Hello", max_tokens=8, n=3, temperature=1.0, seed=4)
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in out["choices"]]  # seeded: reproducible
+    best = post(
+        server, "/v1/completions", prompt="Hello", max_tokens=8, n=1, best_of=3, temperature=1.0, seed=4, logprobs=0
+    )
+    scores = [
+        sum(c["logprobs"]["token_logprobs"])
+        for c in post(
+            server, "/v1/completions", prompt="Hello", max_tokens=8, n=3, temperature=1.0, seed=4, logprobs=0
+        )["choices"]
+    ]
+    assert abs(sum(best["choices"][0]["logprobs"]["token_logprobs"]) - max(scores)) < 1e-4
+    chat = post(server, "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=4)
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+
+
+def test_logit_bias_and_penalties(server, phi):
+    token = phi.tokenizer.encode(" lighthouse")[0]
+    out = post(server, "/v1/completions", prompt="Hello", max_tokens=4, temperature=0, logit_bias={str(token): 100})
+    assert out["choices"][0]["text"] == phi.tokenizer.decode([token] * 4)
+    plain = post(server, "/v1/completions", prompt="one one one one", max_tokens=16, temperature=0)["choices"][0][
+        "text"
+    ]
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        penalized = post(
+            server, "/v1/completions", prompt="one one one one", max_tokens=16, temperature=0, **{penalty: 2.0}
+        )
+        tokens = phi.tokenizer.encode(penalized["choices"][0]["text"])
+        assert penalized["choices"][0]["text"] != plain or len(set(tokens)) == len(tokens)
+
+
+HARMLESS = {
+    "store": False,
+    "metadata": {},
+    "user": "someone",
+    "service_tier": "auto",
+    "parallel_tool_calls": True,
+    "logit_bias": None,
+    "top_p": None,
+    "temperature": None,
+    "response_format": {"type": "text"},
+    "tools": [],
+    "stream_options": None,
+}
+
+
+@pytest.mark.parametrize("field,value", list(HARMLESS.items()))
+def test_harmless_fields_are_accepted(server, field, value):
+    post(server, "/v1/chat/completions", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **{field: value})
+    if field not in ("parallel_tool_calls", "tools"):
+        post(server, "/v1/completions", prompt="Hi", max_tokens=2, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]},
+            "tools",
+        ),
+        ("/v1/completions", {"prompt": "Hi", "suffix": "end"}, "suffix"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content.0",
+        ),
+        ("/v1/completions", {"prompt": "Hi", "best_of": 1, "n": 2}, "best_of"),
+        ("/v1/completions", {"prompt": "Hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": [999999999]}, "prompt"),
+    ],
+)
+def test_unsupported_or_wrong_fields_are_400s_that_name_them(server, path, body, param):
+    r = httpx.post(f"{server.url}{path}", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "less than or equal" not in r.json()["error"]["message"]
+
+
+def test_chat_logprobs_content_parts_and_developer_role(server, phi):
+    from phikit.templates import get_template
+
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a joke"}]},
+    ]
+    out = post(
+        server, "/v1/chat/completions", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    prompt = get_template("guanaco").render_chat([], "Be brief.\nTell me a joke")
+    expected = phi.generate(prompt, max_new_tokens=6, stop=get_template("guanaco").stop)
+    choice = out["choices"][0]
+    assert choice["message"]["content"] == expected.text
+    content = choice["logprobs"]["content"]
+    assert len(content) == len(expected.token_ids) and all(len(c["top_logprobs"]) == 2 for c in content)
+    client = server.client()
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True)
+    assert reply.choices[0].logprobs.content[0].logprob == content[0]["logprob"]
+    legacy = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, logprobs=2, echo=True)
+    assert legacy.choices[0].logprobs.token_logprobs[0] is None
+
+
+def test_streamed_logprobs_and_several_prompts(server, phi):
+    client = server.client()
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=["Hello", "Paris is"], max_tokens=5, temperature=0, stream=True, logprobs=1
+        )
+    )
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert [texts[0], texts[1]] == [phi.generate(p, max_new_tokens=5).text for p in ("Hello", "Paris is")]
+
+
+def _closed(schema):
+    """additionalProperties false on every object (as OpenAI's strict mode asks): a random model would
+    otherwise invent extra keys forever."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object":
+            schema = {**schema, "additionalProperties": False}
+        return {k: _closed(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+TEXT = {"type": "string", "maxLength": 12}
+SCHEMAS = [
+    _closed(s)
+    for s in [
+        {"type": "object", "properties": {"name": TEXT}, "required": ["name"]},
+        {
+            "type": "object",
+            "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}},
+            "required": ["age"],
+        },
+        {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+        {
+            "type": "object",
+            "properties": {"tags": {"type": "array", "items": TEXT, "maxItems": 3}},
+            "required": ["tags"],
+        },
+        {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "score": {"type": "integer", "minimum": 0, "maximum": 10}},
+            "required": ["ok", "score"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "user": {
+                    "type": "object",
+                    "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9999}, "email": TEXT},
+                    "required": ["id"],
+                }
+            },
+            "required": ["user"],
+        },
+        {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 1, "maxItems": 4},
+        {
+            "type": "object",
+            "properties": {
+                "kind": {"const": "point"},
+                "x": {"type": "integer", "minimum": -99, "maximum": 99},
+                "y": {"type": "integer", "minimum": -99, "maximum": 99},
+            },
+            "required": ["kind", "x", "y"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "items": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"sku": TEXT, "qty": {"type": "integer", "minimum": 1, "maximum": 99}},
+                        "required": ["sku", "qty"],
+                    },
+                    "maxItems": 2,
+                }
+            },
+            "required": ["items"],
+        },
+        {
+            "type": "object",
+            "properties": {"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}},
+            "required": ["date"],
+        },
+    ]
+]
+
+
+def test_structured_output_follows_every_schema_under_concurrency(server):
+    jsonschema = pytest.importorskip("jsonschema")
+
+    def ask(i: int):
+        schema = SCHEMAS[i % len(SCHEMAS)]
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+        if i % 2:
+            out = post(
+                server,
+                "/v1/chat/completions",
+                messages=[{"role": "user", "content": "Give JSON"}],
+                max_tokens=120,
+                temperature=0.8,
+                seed=i,
+                response_format=fmt,
+            )
+            text = out["choices"][0]["message"]["content"]
+        else:
+            text = post(
+                server, "/v1/completions", prompt="JSON:", max_tokens=120, temperature=0.8, seed=i, response_format=fmt
+            )["choices"][0]["text"]
+        return schema, text
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, range(2 * len(SCHEMAS))))
+    for schema, text in results:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            raise AssertionError(f"not JSON: {text!r} for {schema}") from None
+        jsonschema.validate(document, schema)
+    plain = post(
+        server, "/v1/completions", prompt="JSON:", max_tokens=60, temperature=0, response_format={"type": "json_object"}
+    )["choices"][0]
+    assert plain["text"].startswith("{")  # a random model may write one long key: complete only if it stopped
+    if plain["finish_reason"] == "stop":
+        assert isinstance(json.loads(plain["text"]), dict)
+
+
+def test_several_adapters_decode_in_one_batch_as_each_does_alone(tiny, tmp_path):
+    from test_lora import peft_model
+
+    folder, hf = tiny
+    for name, seed in (("a", 5), ("b", 6)):
+        torch.manual_seed(seed)
+        model = peft_model(hf, r=4 if name == "a" else 8)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.3)
+        model.save_pretrained(tmp_path / name)
+    base = phikit.load(folder, dtype="fp32", device="cpu")
+    app = create_app(
+        base.model, base.tokenizer, "tiny", adapters={"a": tmp_path / "a", "b": tmp_path / "b"}, max_batch=8
+    )
+    prompts = ["Hello world", "The lighthouse", "def add(a, b):", "Paris is"]
+    expected = {
+        name: [
+            phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / name if name != "tiny" else None)
+            .generate(p, max_new_tokens=10)
+            .text
+            for p in prompts
+        ]
+        for name in ("tiny", "a", "b")
+    }
+    assert expected["a"] != expected["tiny"] and expected["b"] != expected["a"]
+    with Server(app) as s:
+        assert {m["id"] for m in httpx.get(f"{s.url}/v1/models").json()["data"]} == {"tiny", "a", "b"}
+        jobs = [(name, i) for i in range(len(prompts)) for name in ("tiny", "a", "b")]
+        barrier = threading.Barrier(8)
+
+        def ask(job):
+            name, i = job
+            if jobs.index(job) < 8:
+                barrier.wait()
+            return httpx.post(
+                f"{s.url}/v1/completions",
+                json={"model": name, "prompt": prompts[i], "max_tokens": 10, "temperature": 0},
+                timeout=120,
+            ).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, jobs))
+    assert got == [expected[name][i] for name, i in jobs]
+
+
+def test_a_shared_prefix_is_reused_with_the_cold_output(phi):
+    prefix = "You are a helpful assistant who answers in one short sentence. " * 3
+    questions = ["Hello world", "The lighthouse keeper", "def add(a, b):"]
+    cold = [phi.generate(prefix + q, max_new_tokens=12).text for q in questions]
+    app = create_app(phi.model, phi.tokenizer, "tiny", prefix_cache_mb=64)
+    engine = app.state.engine
+    with Server(app) as s:
+        got = [
+            post(s, "/v1/completions", prompt=prefix + q, max_tokens=12, temperature=0)["choices"][0]["text"]
+            for q in questions
+        ]
+    assert got == cold
+    assert engine.prefix_cache.hits >= 2
+
+
+def test_metrics_in_prometheus_format(server):
+    post(server, "/v1/completions", prompt="Hello", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        "phikit_requests_total",
+        "phikit_generation_tokens_total",
+        "phikit_prompt_tokens_total",
+        "phikit_queued_requests",
+        "phikit_time_to_first_token_seconds_bucket",
+    ):
+        assert name in text, name
+
+
+def test_langchain_batches_prompts_and_chats(server, phi):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="none", model="tiny", max_tokens=6, temperature=0, max_retries=0
+    )
+    prompts = ["Hello world", "Paris is", "def add(a, b):"]
+    assert llm.batch(prompts) == [phi.generate(p, max_new_tokens=6).text for p in prompts]
+    chat = langchain_openai.ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key="none", model="tiny", max_tokens=6, temperature=0, max_retries=0
+    )
+    replies = chat.batch(["Hi", "Tell me a joke"])
+    assert len(replies) == 2 and all(isinstance(r.content, str) for r in replies)
