@@ -53,13 +53,15 @@ def byte_vocabulary(tokenizer_json: dict) -> dict[int, bytes]:
 
 
 def walk(allowed, advance, steps: int, seed: int) -> list[float]:
-    """Seconds per mask over a random constrained walk."""
+    """Seconds per mask over a random constrained walk. ``allowed()`` returns the (vocab,) bool mask the
+    server applies to the logits: that is what is timed, not the choice of the next token."""
     rng = random.Random(seed)
     times = []
     for _ in range(steps):
         started = time.perf_counter()
-        tokens = allowed()
+        mask = allowed()
         times.append(time.perf_counter() - started)
+        tokens = mask.nonzero()[:, 0].tolist()
         if not tokens:
             break
         if not advance(rng.choice(tokens)):
@@ -67,28 +69,26 @@ def walk(allowed, advance, steps: int, seed: int) -> list[float]:
     return times
 
 
-def bench_llguidance(tokenizer_json: str, eos: int, vocab: int, steps: int) -> dict:
-    import llguidance
-    import torch
+def bench_llguidance(folder: Path, vocab: int, steps: int) -> dict:
+    """Through phikit's own structured-output code (what the server runs per request)."""
+    from phikit.serve.structured import Grammar, _ll_tokenizer, compile_schema
+    from phikit.tokenizer import Tokenizer
 
+    tokenizer = Tokenizer(folder)
     started = time.perf_counter()
-    tok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab, eos_token=eos)
+    _ll_tokenizer(tokenizer, vocab)
     setup = time.perf_counter() - started
-    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
     builds, masks = [], []
     for i, schema in enumerate(schemas()):
         started = time.perf_counter()
-        matcher = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema)))
+        grammar = Grammar(compile_schema(schema, tokenizer, vocab), tokenizer, vocab)
         builds.append(time.perf_counter() - started)
 
-        def allowed(matcher=matcher):
-            raw = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
-            return ((raw[:, None] & bits) != 0).flatten()[:vocab].nonzero()[:, 0].tolist()
+        def advance(token, grammar=grammar):
+            grammar.accept(token)
+            return not grammar.finished()
 
-        def advance(token, matcher=matcher):
-            return matcher.consume_token(token) and not matcher.is_stopped()
-
-        masks += walk(allowed, advance, steps, i)
+        masks += walk(grammar.allowed, advance, steps, i)
     return {
         "engine": "llguidance",
         "setup_s": setup,
@@ -98,8 +98,9 @@ def bench_llguidance(tokenizer_json: str, eos: int, vocab: int, steps: int) -> d
     }
 
 
-def bench_outlines(vocab_bytes: dict[int, bytes], eos: int, steps: int, max_schemas: int) -> dict:
+def bench_outlines(vocab_bytes: dict[int, bytes], eos: int, vocab: int, steps: int, max_schemas: int) -> dict:
     import outlines_core
+    import torch
 
     started = time.perf_counter()
     by_bytes: dict[bytes, list[int]] = {}
@@ -119,7 +120,12 @@ def bench_outlines(vocab_bytes: dict[int, bytes], eos: int, steps: int, max_sche
             guide.advance(token)
             return not guide.is_finished()
 
-        masks += walk(lambda guide=guide: list(guide.get_tokens()), advance, steps, i)
+        def allowed(guide=guide):
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[torch.tensor(guide.get_tokens(), dtype=torch.long)] = True
+            return mask
+
+        masks += walk(allowed, advance, steps, i)
     return {
         "engine": "outlines-core",
         "setup_s": setup,
@@ -142,9 +148,9 @@ def main() -> None:
     raw = json.loads(text)
     eos = next(t["id"] for t in raw["added_tokens"] if t["content"] == "<|endoftext|>")
     vocab = 51200
-    rows = [bench_llguidance(text, eos, vocab, args.steps)]
+    rows = [bench_llguidance(args.tokenizer, vocab, args.steps)]
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    rows.append(bench_outlines(byte_vocabulary(raw), eos, args.steps, args.outlines_schemas))
+    rows.append(bench_outlines(byte_vocabulary(raw), eos, vocab, args.steps, args.outlines_schemas))
     print(f"\nMachine: {machine()}\nTokenizer: {args.tokenizer} ({len(raw['model']['vocab'])} + added tokens)\n")
     columns = [
         ("engine", "engine"),

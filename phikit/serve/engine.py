@@ -143,6 +143,10 @@ class Engine:
         self.on_token = None  # callable(request) after each generated token (metrics)
 
     def start(self) -> Engine:
+        """Start the engine's thread (again, after ``stop``: an app may be served more than once)."""
+        if self.thread.ident is not None:
+            self.stopped.clear()
+            self.thread = threading.Thread(target=self._run, name="phikit-engine", daemon=True)
         self.thread.start()
         return self
 
