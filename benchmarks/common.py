@@ -13,7 +13,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = Path(os.environ.get("PHIKIT_BENCH_WORK", HERE / "_work"))
-SHARED_TOKENIZER = Path(os.environ.get("PHIKIT_BENCH_TOKENIZER", HERE.parent.parent / "shared" / "data" / "gpt2-bpe"))
+# Phi-2's own tokenizer: GPT-2's BPE plus 38 whitespace-run tokens, 50,295 in all
+SHARED_TOKENIZER = Path(
+    os.environ.get("PHIKIT_BENCH_TOKENIZER", HERE.parent.parent / "shared" / "data" / "phi2-tokenizer")
+)
 
 PHI2_SHAPE = dict(
     vocab_size=51200,
@@ -51,8 +54,9 @@ DOC_PROMPTS = [
 
 def small_phi(folder: Path, layers: int, hidden: int) -> Path:
     """Write (once) a small Phi-2-shaped checkpoint with random weights (heads of 80, MLP 4x hidden, partial
-    rotary 0.4, GPT-2 vocabulary padded to 50304) for the fine-tuning and serving benchmarks."""
+    rotary 0.4, Phi-2's 50,295-token vocabulary padded to 50304) for the fine-tuning and serving benchmarks."""
     if (folder / "config.json").is_file():
+        refresh_tokenizer(folder)
         return folder
     import torch
     from transformers import PhiConfig, PhiForCausalLM
@@ -82,6 +86,7 @@ def random_phi2(folder: Path = WORK / "phi2-random", device: str = "cpu", **over
     as 2 shards like microsoft/phi-2, with the tokenizer files next to it (initialised on ``device``:
     a GPU does it in seconds)."""
     if (folder / "config.json").is_file():
+        refresh_tokenizer(folder)
         return folder
     import torch
     from transformers import PhiConfig, PhiForCausalLM
@@ -100,11 +105,24 @@ def random_phi2(folder: Path = WORK / "phi2-random", device: str = "cpu", **over
 
 
 def copy_tokenizer(folder: Path) -> None:
+    """Put the shared tokenizer's files (not its ``reference/`` folder) into the checkpoint ``folder``."""
     if not SHARED_TOKENIZER.is_dir():
-        raise SystemExit(f"need the GPT-2 tokenizer at {SHARED_TOKENIZER}")
+        raise SystemExit(f"need Phi-2's tokenizer at {SHARED_TOKENIZER} (set PHIKIT_BENCH_TOKENIZER to its folder)")
     for f in SHARED_TOKENIZER.iterdir():
-        if f.is_file() and f.name != "PROVENANCE.md":
-            shutil.copyfile(f, folder / f.name)
+        if not f.is_file() or f.name == "PROVENANCE.md":
+            continue
+        target = folder / f.name
+        if not target.is_file() or target.read_bytes() != f.read_bytes():
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copyfile(f, tmp)
+            tmp.replace(target)
+
+
+def refresh_tokenizer(folder: Path) -> None:
+    """Bring a checkpoint written by an earlier run up to date with the shared tokenizer (those written before
+    Phi-2's tokenizer was shared carry GPT-2's 50,257 tokens); without the shared one, keep what is there."""
+    if SHARED_TOKENIZER.is_dir():
+        copy_tokenizer(folder)
 
 
 def machine() -> str:

@@ -90,21 +90,36 @@ class StreamDecoder:
 
 
 def _from_vocab_merges(folder: Path):
-    """A byte-level BPE tokenizer equal to GPT-2's ``tokenizer.json``, from the slow-tokenizer files."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    """The byte-level BPE tokenizer that ``tokenizer.json`` holds, built from the slow-tokenizer files.
+
+    Added tokens get the flags transformers gives the entries of ``added_tokens.json``: ``<|endoftext|>`` (Phi's
+    bos/eos/unk) special and not normalized, the rest (Phi-2's runs of 2-31 spaces and 2-9 tabs) normal and
+    normalized, as in microsoft/phi-2's own ``tokenizer.json``. The ``tokenizers`` library matches added tokens
+    before the pre-tokenizer, so a run of spaces is one token there and never reaches BPE.
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    bpe = models.BPE.from_file(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), continuing_subword_prefix="", end_of_word_suffix=""
+    )
     tok = HFTokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
-    added: dict[str, int] = {}
-    if (folder / "added_tokens.json").is_file():
-        added = json.loads((folder / "added_tokens.json").read_text())
-    vocab = json.loads((folder / "vocab.json").read_text())
-    specials = [EOS_TEXT] if EOS_TEXT in vocab else []
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    normal = [t for t, _ in sorted(added.items(), key=lambda kv: kv[1]) if t not in specials]
-    if normal:
-        tok.add_tokens([AddedToken(t, normalized=False) for t in normal])
+    added_file = folder / "added_tokens.json"
+    added: dict[str, int] = json.loads(added_file.read_text(encoding="utf-8")) if added_file.is_file() else {}
+    if EOS_TEXT in tok.get_vocab() and EOS_TEXT not in added:
+        added[EOS_TEXT] = tok.token_to_id(EOS_TEXT)
+    # tokenizers gives a new added token the next free id, so add them in id order and check that they got theirs
+    for text, token_id in sorted(added.items(), key=lambda kv: kv[1]):
+        if text == EOS_TEXT:
+            tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        else:
+            tok.add_tokens([AddedToken(text, special=False, normalized=True)])
+        if tok.token_to_id(text) != token_id:
+            raise PhikitError(
+                f"{added_file}: token {text!r} has id {token_id}, but vocab.json and the tokens before it "
+                f"give it {tok.token_to_id(text)}; added token ids must follow vocab.json without gaps"
+            )
     return tok

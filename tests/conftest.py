@@ -1,7 +1,8 @@
 """Fixtures: tiny random Phi checkpoints written by transformers itself, and a real tokenizer.
 
-The tokenizer is GPT-2's full-size BPE from ``../shared/data/gpt2-bpe`` (Phi-2's vocabulary for ids
-0-50256) when that folder exists, else a tiny byte-level BPE trained here.
+The tokenizer is Phi-2's own (GPT-2's BPE plus 38 whitespace-run tokens, 50,295 in all) from
+``../shared/data/phi2-tokenizer`` when that folder exists (``PHIKIT_SHARED_DATA`` names another data folder),
+else a tiny byte-level BPE trained here, so the suite passes in a fresh clone without ``../shared``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = Path(os.environ.get("PHIKIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "gpt2-bpe"
+SHARED_TOKENIZER = Path(os.environ.get("PHIKIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "phi2-tokenizer"
 
 TINY = dict(
     hidden_size=64,
@@ -64,12 +65,21 @@ def _tiny_tokenizer(folder: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def phi2_tokenizer_dir() -> Path:
+    """The shared Phi-2 tokenizer folder itself (with ``reference/``); skips the test where it is absent."""
+    if not SHARED_TOKENIZER.is_dir():
+        pytest.skip(f"Phi-2's tokenizer is not at {SHARED_TOKENIZER} (set PHIKIT_SHARED_DATA to its data folder)")
+    return SHARED_TOKENIZER
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A folder with tokenizer.json (+ vocab.json/merges.txt where real) and tokenizer_config.json."""
+    """A folder with tokenizer.json (+ vocab.json/merges.txt/added_tokens.json where real) and
+    tokenizer_config.json, its files only: checkpoints copy all of them."""
     folder = tmp_path_factory.mktemp("tokenizer")
     if SHARED_TOKENIZER.is_dir():
         for f in SHARED_TOKENIZER.iterdir():
-            if f.name != "PROVENANCE.md":
+            if f.is_file() and f.name != "PROVENANCE.md":
                 shutil.copyfile(f, folder / f.name)
     else:
         _tiny_tokenizer(folder)
