@@ -57,6 +57,8 @@ def test_the_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(autotune, "_measure", measured)
     monkeypatch.setattr(autotune, "_chosen", {})  # a new process: read from the cache file
+    monkeypatch.setattr(autotune, "_used", set())
+    assert autotune.decisions() == {}  # cached decisions this process did not use are not reported
     assert autotune.choose("int8", N, K) == path
     assert next(iter(autotune.decisions().values()))["path"] == path
 

@@ -42,6 +42,7 @@ PANEL_BYTES = 4 << 20  # bf16 weight rows per panel of dequant_bf16: about one L
 
 _chosen: dict[str, str] = {}
 _timings: dict[str, dict[str, float]] = {}
+_used: set[str] = set()  # keys asked for in this process (the cache file may hold other shapes)
 _lock = threading.Lock()
 
 
@@ -141,6 +142,7 @@ def choose(kind: str, n: int, k: int, group_size: int = 0) -> str:
         return "phikit_gemm"
     key = f"{kind}:{n}x{k}:g{group_size}:t{torch.get_num_threads()}"
     with _lock:
+        _used.add(key)
         if not _chosen:
             _load()
         if key not in _chosen:
@@ -186,6 +188,7 @@ def choose_decode(kind: str, n: int, k: int) -> str:
         return "phikit_gemv"
     key = f"decode-{kind}:{n}x{k}:t{torch.get_num_threads()}"
     with _lock:
+        _used.add(key)
         if not _chosen:
             _load()
         if key not in _chosen:
@@ -196,5 +199,6 @@ def choose_decode(kind: str, n: int, k: int) -> str:
 
 
 def decisions() -> dict[str, dict]:
-    """Every decision so far: {"int4:10240x2560:g64:t2": {"path": ..., "seconds": {path: s}}} (for benchmarks)."""
-    return {k: {"path": path, "seconds": _timings.get(k, {})} for k, path in _chosen.items()}
+    """The decisions this process used: {"int4:10240x2560:g64:t2": {"path": ..., "seconds": {path: s}}}
+    (for benchmarks; measured now or read from the cache)."""
+    return {k: {"path": path, "seconds": _timings.get(k, {})} for k, path in _chosen.items() if k in _used}
