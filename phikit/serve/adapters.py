@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from phikit.errors import PhikitError
-from phikit.lora import _check_fits, read_adapter
+from phikit.lora import _check_fits, _is_lora, read_adapter
 
 
 class AdapterSet:
@@ -62,14 +62,20 @@ class MultiLoRALinear(nn.Module):
 
 def load_adapters(model: nn.Module, named: dict[str, str | Path], max_rows: int) -> AdapterSet:
     """Read every adapter (PEFT's format or ours), check it fits the model, and wrap each layer any of
-    them targets in a MultiLoRALinear. An adapter that does not target a layer contributes zero columns."""
+    them targets in a MultiLoRALinear. An adapter that does not target a layer contributes zero columns.
+    Adapters that replace whole layers (``modules_to_save``, PEFT's saved base layer) are refused: one model
+    serves every row; each can be served alone (``--adapter DIR``)."""
     configs, weights = {}, {}
     for name, folder in named.items():
-        config, tensors = read_adapter(folder)
-        base = [k for k in tensors if ".base_layer." in k]
-        if base:
-            raise PhikitError(f"{folder}: replaces base layer weights ({base[0]}); serve it alone with --adapter DIR")
-        _check_fits(model, config, tensors, {}, folder)
+        config, tensors = read_adapter(folder, model.config)
+        _check_fits(model, config, tensors, folder)  # first, so a tensor that fits no layer is named as such
+        whole = [k for k in tensors if not _is_lora(k)]
+        if whole:
+            what = "a saved base layer" if ".base_layer." in whole[0] else "modules_to_save"
+            raise PhikitError(
+                f"{folder}: replaces whole weights ({what}: {whole[0]}), which the rows of one batch cannot "
+                "differ in; serve it alone with --adapter DIR"
+            )
         configs[name], weights[name] = config, tensors
     names = list(named)
     ranks = [configs[n].r for n in names]
