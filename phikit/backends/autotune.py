@@ -3,14 +3,15 @@
 Which matrix product is fastest for a prompt depends on the CPU far more than on anything phikit can
 know beforehand: on an AVX2 CPU phikit's own GEMM (fp32 FMAs, weights unpacked as it goes) leads; where
 the CPU has bf16 dot products (AVX-512 BF16, AMX), PyTorch's bf16 matmul (oneDNN) was measured 2.6x
-faster. So for each weight format and shape, the first prefill times every candidate on a 128-row block
-of random activations and keeps the fastest; decisions are cached per CPU model, flags, thread count,
-PyTorch and kernel-library version in ``$PHIKIT_CACHE/autotune-<key>.json``.
+faster. So for each weight format, shape and prompt-length bucket (up to 64 rows; longer), the first
+prefill times every candidate on random activations (32 or 128 rows) and keeps the fastest; decisions
+are cached per CPU model, flags, thread count, PyTorch and kernel-library version in
+``$PHIKIT_CACHE/autotune-<key>.json``.
 
 Candidates (``PATHS``): ``phikit_gemm`` (the C GEMM, fp32 activations, any format); ``torch_f32`` (fp32
 weights: PyTorch's sgemm); ``torch_bf16`` (bf16 weights: activations rounded to bf16, PyTorch's bf16
 matmul, the numerics of transformers in bf16); ``dequant_bf16`` (fp16/int8/int4: panels of weight rows
-unpacked to bf16 by a C kernel, a few MB at a time so they stay in cache, through PyTorch's bf16 matmul).
+unpacked to bf16 by a C kernel, up to 64 MB at a time, through PyTorch's bf16 matmul).
 Paths that round activations to bf16 are candidates only for weights narrower than fp32.
 ``PHIKIT_PREFILL_PATH=<name>`` forces one path where it applies; ``PHIKIT_AUTOTUNE=0`` keeps phikit_gemm.
 """
@@ -37,12 +38,20 @@ PATHS = {
     "int8": ("phikit_gemm", "dequant_bf16"),
     "int4": ("phikit_gemm", "dequant_bf16"),
 }
-ROWS = 128  # activation rows of the timing runs: a short prompt
-PANEL_BYTES = 4 << 20  # bf16 weight rows per panel of dequant_bf16: about one L2/L3 slice
+# Prompt lengths are bucketed: a 20-token prompt and a 500-token one can want different paths (unpacking a
+# whole weight pays off only over enough rows). Each bucket is timed at its representative row count.
+BUCKETS = ((64, 32), (None, 128))  # (most rows in the bucket or None, rows of the timing runs)
+ROWS = 128  # rows of the timing runs of the last bucket (kept for callers that time one size)
+# bf16 weight rows per panel of dequant_bf16. Measured on a 2-core AVX-512 EPYC (512 x 2560 x 10240):
+# 4 MB panels took 0.38-0.43 s against 0.25-0.26 s for one panel of the whole weight (52 MB), as each
+# oneDNN call re-packs the activations and synchronizes its threads; so one panel up to 64 MB, in a
+# buffer reused by every call of the thread (no fresh pages per call).
+PANEL_BYTES = 64 << 20
 
 _chosen: dict[str, str] = {}
 _timings: dict[str, dict[str, float]] = {}
 _used: set[str] = set()  # keys asked for in this process (the cache file may hold other shapes)
+_scratch = threading.local()  # .panel: this thread's bf16 buffer for dequant_bf16
 _lock = threading.Lock()
 
 
@@ -97,7 +106,7 @@ def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, g
         xb = x.to(torch.bfloat16)
         n, k = weight.shape[0], x.shape[1]
         block = max(64, PANEL_BYTES // (2 * k) // 64 * 64)
-        panel = torch.empty(min(block, n) * k, dtype=torch.bfloat16)
+        panel = _panel(min(block, n) * k)
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
         for first in range(0, n, block):
             last = min(first + block, n)
@@ -106,6 +115,22 @@ def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, g
     if bias32 is not None:
         y += bias32
     return y
+
+
+def _panel(numel: int) -> torch.Tensor:
+    """This thread's scratch buffer of at least ``numel`` bf16 elements (grown, never shrunk)."""
+    panel = getattr(_scratch, "panel", None)
+    if panel is None or panel.numel() < numel:
+        panel = _scratch.panel = torch.empty(numel, dtype=torch.bfloat16)
+    return panel
+
+
+def bucket(rows: int) -> tuple[str, int]:
+    """(key part, rows to time) of the prompt-length bucket ``rows`` activation rows fall in."""
+    for most, timed in BUCKETS:
+        if most is None or rows <= most:
+            return (f"r{most}" if most else "rlong"), timed
+    raise AssertionError("the last bucket takes every length")
 
 
 def _sample_weight(kind: str, n: int, k: int, group_size: int) -> tuple:
@@ -118,9 +143,9 @@ def _sample_weight(kind: str, n: int, k: int, group_size: int) -> tuple:
     return w.to(dtype).contiguous(), None, None, 0
 
 
-def _measure(kind: str, n: int, k: int, group_size: int) -> dict[str, float]:
+def _measure(kind: str, n: int, k: int, group_size: int, rows: int = ROWS) -> dict[str, float]:
     weight, scale, minimum, group = _sample_weight(kind, n, k, group_size)
-    x = torch.randn(ROWS, k)
+    x = torch.randn(rows, k)
     seconds = {}
     for path in PATHS[kind]:
         run(path, x, kind, weight, scale, minimum, None, group)  # warm-up
@@ -133,20 +158,22 @@ def _measure(kind: str, n: int, k: int, group_size: int) -> dict[str, float]:
     return seconds
 
 
-def choose(kind: str, n: int, k: int, group_size: int = 0) -> str:
-    """The prefill path for a weight of ``kind`` and shape (n, k): forced, cached, or measured now."""
+def choose(kind: str, n: int, k: int, group_size: int = 0, rows: int = ROWS) -> str:
+    """The prefill path for ``rows`` activation rows through a weight of ``kind`` and shape (n, k): forced,
+    cached for its length bucket, or measured now."""
     forced = os.environ.get("PHIKIT_PREFILL_PATH", "").strip()
     if forced in PATHS[kind]:
         return forced
     if os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
         return "phikit_gemm"
-    key = f"{kind}:{n}x{k}:g{group_size}:t{torch.get_num_threads()}"
+    length, timed = bucket(rows)
+    key = f"{kind}:{n}x{k}:g{group_size}:{length}:t{torch.get_num_threads()}"
     with _lock:
         _used.add(key)
         if not _chosen:
             _load()
         if key not in _chosen:
-            _timings[key] = _measure(kind, n, k, group_size)
+            _timings[key] = _measure(kind, n, k, group_size, timed)
             _chosen[key] = min(_timings[key], key=_timings[key].get)
             _save()
         return _chosen[key]

@@ -94,7 +94,7 @@ def _run(x, kind, weight, bias32, out_features, scale=None, minimum=None, group_
         else:
             y = kernels.gemv(x2, kind, weight, scale, minimum, bias32, group_size)
     else:  # prefill: the path measured fastest on this machine for this format and shape
-        path = autotune.choose(kind, out_features, x2.shape[1], group_size)
+        path = autotune.choose(kind, out_features, x2.shape[1], group_size, x2.shape[0])
         y = autotune.run(path, x2, kind, weight, scale, minimum, bias32, group_size)
     return y.to(x.dtype).reshape(*lead, out_features)
 
