@@ -1,5 +1,6 @@
 """The phikit command line: output on stdout, statistics on stderr, one-line errors."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -188,12 +189,12 @@ def test_a_closed_pipe_ends_quietly(tiny, tmp_path):
 def test_a_full_disk_says_so(monkeypatch, capsys):
     import errno
 
-    import phikit.cli
+    import phikit.cli.bench
 
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
 
-    monkeypatch.setattr(phikit.cli, "cmd_bench", full)
+    monkeypatch.setattr(phikit.cli.bench, "run", full)
     code, _, err = run_cli(capsys, "bench")
     assert code == 2 and "the disk is full writing /out/model.safetensors" in err
 
@@ -236,3 +237,25 @@ def test_version_and_reported_precision(tiny, capsys):
     assert done.value.code == 0 and capsys.readouterr().out.startswith("phikit ")
     code, _, err = run_cli(capsys, "generate", "-m", folder, "--dtype", "bf16", "-n", "2", "Hello")
     assert code == 0 and "(bfloat16, cpu)" in err
+
+
+def test_every_subcommand_is_a_module_with_the_shared_model_flags():
+    import importlib
+
+    from phikit.cli import COMMANDS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)
+    for command, module in COMMANDS.items():
+        mod = importlib.import_module(f"phikit.cli.{module}")
+        assert callable(mod.add_parser) and callable(mod.run)
+        flags = {o: a for a in sub.choices[command]._actions for o in a.option_strings}
+        if "--quantize" in flags:  # commands that load a model for inference: one definition of the flags
+            reference = {o: a for a in sub.choices["generate"]._actions for o in a.option_strings}
+            for flag in ("--model", "--dtype", "--device", "--quantize", "--group-size"):
+                assert (flags[flag].default, flags[flag].help, flags[flag].choices) == (
+                    reference[flag].default,
+                    reference[flag].help,
+                    reference[flag].choices,
+                ), (command, flag)

@@ -181,7 +181,7 @@ def test_diverging_loss_stops_with_a_clear_error(tiny, tmp_path):
 
 
 def test_cli_overrides_are_typed(tmp_path):
-    from phikit.cli import parse_overrides
+    from phikit.cli.finetune import parse_overrides
 
     assert parse_overrides(
         [

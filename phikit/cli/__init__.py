@@ -1,0 +1,78 @@
+"""The ``phikit`` command: a small dispatcher. Each subcommand is a module here with ``add_parser(sub)`` (its
+flags and help) and ``run(args)``, which checks the arguments and calls library functions a user could
+call from Python too; the flags several commands share, and loading a model from them, live in
+``phikit.cli.common``."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import os
+import sys
+
+from phikit import __version__
+from phikit.cli.common import EPILOG
+from phikit.errors import PhikitError
+
+# subcommand -> module, in the order --help lists them
+COMMANDS = {
+    "generate": "generate",
+    "quantize": "quantize",
+    "finetune": "finetune",
+    "merge": "merge",
+    "export": "export",
+    "serve": "serve",
+    "chat": "chat",
+    "eval": "evaluate",
+    "bench": "bench",
+    "perplexity": "perplexity",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phikit",
+        description="Run, quantize, benchmark, fine-tune, evaluate and serve Microsoft Phi-2 "
+        "(and Phi-1/Phi-1.5) on one GPU or a CPU.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"phikit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(f"phikit.cli.{module}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "finetune":
+        parser.parse_args(argv)  # reports the unknown arguments the usual way
+    args.overrides = extra
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+        sys.stdout.flush()
+    except PhikitError as e:
+        print(f"phikit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nphikit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `phikit generate ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"phikit: error: the disk is full{where}; free some space and run again", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

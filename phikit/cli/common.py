@@ -1,0 +1,101 @@
+"""Flags several subcommands share, and loading a model from them: defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+from phikit.checkpoint import DEFAULT_MODEL
+
+EPILOG = "Models: a local folder (config.json + *.safetensors) or a Hugging Face Hub id such as microsoft/phi-2."
+
+
+def add_model_args(
+    p: argparse.ArgumentParser, quantize: bool = True, adapter: str | None = None, device: bool = True
+) -> None:
+    """The model flags: --model, --dtype, --device, and where the command takes them --quantize and
+    --group-size (``quantize``) and --adapter (``adapter``: its help text)."""
+    add_model_arg(p)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="weight/compute dtype (default auto: bf16, or fp16 on GPUs without bf16)",
+    )
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: GPU if present)")
+    if quantize:
+        p.add_argument(
+            "--quantize",
+            choices=["int8", "int4", "nf4"],
+            help="quantize linear layers while loading: int8 (per channel), int4 (per group), nf4 "
+            "(QLoRA's 4-bit; bitsandbytes on CUDA); a checkpoint from 'phikit quantize' needs none",
+        )
+        add_group_size_arg(p)
+    if adapter:
+        p.add_argument("--adapter", "-a", metavar="DIR", help=adapter)
+
+
+def add_model_arg(p: argparse.ArgumentParser, what: str = "model") -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"{what} folder or Hub id (default: {DEFAULT_MODEL})")
+
+
+def add_group_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-size", type=int, default=64, choices=[32, 64, 128, 256], help="int4 group size (default 64)"
+    )
+
+
+def load_model(args: argparse.Namespace, progress: bool = True, **changes):
+    """``phikit.load`` from the model flags (``changes`` override them: model, adapter, quantize, ...)."""
+    from phikit.api import load
+
+    options = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": getattr(args, "device", "auto"),
+        "quantize": getattr(args, "quantize", None),
+        "group_size": getattr(args, "group_size", 64),
+        "adapter": getattr(args, "adapter", None),
+    }
+    options.update(changes)
+    return load(options.pop("model"), progress=progress, **options)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--template",
+        "-t",
+        default="raw",
+        help="prompt template: raw, instruct ('Instruct: {prompt}\\nOutput:'), guanaco "
+        "('### Human: {prompt}### Assistant:') or your own string with {prompt} (default raw)",
+    )
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when TEXT appears (repeatable); the template's turn markers always stop",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="speculative decoding with drafts copied from earlier text (greedy only; same output)",
+    )
+    p.add_argument(
+        "--draft-model",
+        metavar="M",
+        help="speculative decoding with a smaller model sharing the tokenizer, e.g. microsoft/phi-1_5 "
+        "for Phi-2 (greedy only; same output)",
+    )
+    p.add_argument("--draft-tokens", type=int, default=5, help="tokens drafted per speculative step (1-7, default 5)")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the last tokens of a prompt too long for the context instead of failing",
+    )

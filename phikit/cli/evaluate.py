@@ -1,0 +1,109 @@
+"""``phikit eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from phikit.cli.common import add_model_args, load_model
+from phikit.errors import PhikitError
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="run a prompt suite side by side, or lm-evaluation-harness tasks",
+        description="Suite mode runs the prompts of --suite (default: the reference tutorials' ten "
+        "prompts) on the model and on each --compare variant, one model loaded at a "
+        "time, and writes a side-by-side report.md and report.html to --out. "
+        "With --lm-eval it runs lm-evaluation-harness tasks (pip install lm-eval).",
+        epilog="Example: phikit eval --model microsoft/phi-2 --compare fine-tuned:adapter=runs/x/adapter "
+        "--compare int4:quantize=int4 --out eval/",
+    )
+    add_model_args(ev, adapter="a LoRA adapter folder")
+    ev.add_argument("--suite", type=Path, help="prompt suite YAML (default: the built-in suite)")
+    ev.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default eval/)")
+    ev.add_argument("--label", default="base", help="column label of the model itself (default base)")
+    ev.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL:key=value,...",
+        help="another column: the same options with some changed (keys: model, adapter, quantize, "
+        "dtype, group_size); repeatable",
+    )
+    ev.add_argument("--template", "-t", help="override the suite's template")
+    ev.add_argument("--max-new-tokens", "-n", type=int, help="override the suite's max_new_tokens")
+    ev.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks instead of a suite")
+    ev.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples")
+    ev.add_argument("--limit", type=float, help="lm-eval: examples per task (or a fraction)")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    ev.add_argument("--include-path", help="lm-eval: a folder of extra task YAMLs")
+    ev.set_defaults(func=run)
+
+
+def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
+    """'int4:quantize=int4,group_size=32' -> ('int4', base options with those changed)."""
+    label, _, rest = spec.partition(":")
+    if not label or not rest:
+        raise PhikitError(f"--compare {spec!r}: expected LABEL:key=value[,key=value]")
+    options = dict(base)
+    for item in rest.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("model", "adapter", "quantize", "dtype", "group_size") or not value:
+            raise PhikitError(
+                f"--compare {spec!r}: unknown or empty key {key!r} (model, adapter, quantize, dtype, group_size)"
+            )
+        if key == "group_size" and value not in ("32", "64", "128", "256"):
+            raise PhikitError(f"--compare {spec!r}: group_size must be 32, 64, 128 or 256, got {value!r}")
+        options[key] = int(value) if key == "group_size" else (None if value == "none" else value)
+    return label, options
+
+
+def run(args: argparse.Namespace) -> None:
+    import gc
+
+    from phikit import evaluate
+    from phikit.checkpoint import atomic_write
+
+    base = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "quantize": args.quantize,
+        "dtype": args.dtype,
+        "group_size": args.group_size,
+    }
+    if args.lm_eval:
+        results = evaluate.run_lm_eval(
+            args.model,
+            [t for t in args.lm_eval.split(",") if t],
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            adapter=args.adapter,
+            batch_size=args.batch_size,
+            include_path=args.include_path,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+        )
+        print(evaluate.format_lm_eval(results))
+        from lm_eval.utils import handle_non_serializable
+
+        text = json.dumps(results, indent=2, default=handle_non_serializable)
+        atomic_write(args.out / "lm_eval.json", lambda tmp: tmp.write_text(text))
+        return
+    suite = evaluate.load_suite(args.suite)  # a bad suite fails before any model loads
+    variants = [(args.label, base)] + [parse_compare(c, base) for c in args.compare]
+    overrides = {k: v for k, v in (("template", args.template), ("max_new_tokens", args.max_new_tokens)) if v}
+    columns = {}
+    for label, options in variants:
+        print(f"[{label}] loading {options['model']} ...", file=sys.stderr)
+        phi = load_model(args, **options)
+        columns[label] = evaluate.run_suite(phi, suite, progress=True, **overrides)
+        del phi
+        gc.collect()
+    md, html = evaluate.write_report(columns, args.out)
+    atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(columns, indent=2)))
+    print(f"wrote {md} and {html}", file=sys.stderr)

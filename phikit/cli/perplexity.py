@@ -1,0 +1,44 @@
+"""``phikit perplexity``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from phikit.cli.common import EPILOG, add_model_args, load_model
+
+
+def add_parser(sub) -> None:
+    pp = sub.add_parser(
+        "perplexity",
+        help="perplexity of a model on a text file (sliding window)",
+        description='Perplexity on a .txt file or the "text" fields of a .jsonl file, with '
+        "windows of --context tokens every --stride tokens.",
+        epilog=EPILOG,
+    )
+    pp.add_argument("--data", "-d", type=Path, required=True, help='a .txt file or .jsonl with a "text" field')
+    pp.add_argument("--context", type=int, default=1024, help="window length in tokens (default 1024)")
+    pp.add_argument("--stride", type=int, help="tokens between windows (default context/2)")
+    pp.add_argument("--max-tokens", type=int, help="only the first N tokens of the data")
+    add_model_args(pp)
+    pp.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from phikit.evaluate import perplexity, read_text
+
+    phi = load_model(args)
+    ids = read_text(args.data, phi.tokenizer)
+    result = perplexity(phi.model, ids, args.context, args.stride, args.max_tokens, progress=True)
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "precision": phi.precision,
+                "perplexity": result.perplexity,
+                "nll": result.nll,
+                "tokens": result.tokens,
+            }
+        )
+    )

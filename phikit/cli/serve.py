@@ -1,0 +1,119 @@
+"""``phikit serve``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from phikit.cli.common import EPILOG, add_model_args, load_model
+from phikit.errors import PhikitError
+
+
+def add_parser(sub) -> None:
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching",
+        description="Serve /v1/completions and /v1/chat/completions (streaming too), /v1/models "
+        "and /health. Concurrent requests are decoded together (continuous batching).",
+        epilog=EPILOG,
+    )
+    add_model_args(sv)
+    sv.add_argument(
+        "--adapter",
+        "-a",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a LoRA adapter: DIR applies it to every request; NAME=DIR (repeatable) serves it as model NAME "
+        "next to the base, several adapters decoding in one batch",
+    )
+    sv.add_argument("--template", "-t", default="guanaco", help="how chat messages are rendered (default guanaco)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    sv.add_argument("--model-name", help="model id reported and accepted by the API (default: from --model)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting when every slot is taken; more get 503 (default 64)"
+    )
+    sv.add_argument("--timeout", type=float, default=600, help="seconds a request may take (default 600)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none (default 256)")
+    sv.add_argument("--max-body-mb", type=float, default=4, help="largest request body in MB; more get 413 (default 4)")
+    sv.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=512,
+        help="memory for reusing the keys/values of prompt prefixes already seen (0: off; default 512)",
+    )
+    sv.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from phikit.serve import create_app, serve
+    from phikit.templates import get_template
+
+    get_template(args.template)
+    check_serve_args(args)  # a mistake costs seconds, not a model load
+    named = dict(a.split("=", 1) for a in args.adapter if "=" in a)
+    plain = [a for a in args.adapter if "=" not in a]
+    if len(plain) > 1:
+        raise PhikitError("give one --adapter DIR for every request, or name them: --adapter NAME=DIR ...")
+    for name, folder in named.items():
+        if not Path(folder, "adapter_config.json").is_file():
+            raise PhikitError(f"--adapter {name}={folder}: no adapter_config.json in {folder}")
+    phi = load_model(args, adapter=plain[0] if plain else None)
+    name = args.model_name or Path(str(args.model)).name
+    app = create_app(
+        phi.model,
+        phi.tokenizer,
+        name,
+        args.template,
+        args.max_batch,
+        args.max_queue,
+        args.timeout,
+        args.api_key,
+        args.max_tokens,
+        int(args.max_body_mb * 2**20),
+        adapters=named or None,
+        prefix_cache_mb=args.prefix_cache_mb,
+    )
+    cache = app.state.engine.cache
+    gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
+    print(
+        f"serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB)",
+        file=sys.stderr,
+    )
+    serve(app, args.host, args.port)
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """``phikit serve``'s flags, checked before the model loads; the port must be free to bind."""
+    import math
+    import socket
+
+    if not 1 <= args.port <= 65535:
+        raise PhikitError(f"--port {args.port}: choose a port between 1 and 65535")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise PhikitError("--max-batch must be at least 1 and --max-queue at least 0")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise PhikitError(f"--timeout {args.timeout}: give a positive number of seconds")
+    if args.max_tokens < 1:
+        raise PhikitError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        raise PhikitError(f"--max-body-mb {args.max_body_mb}: give a positive size")
+    if not (math.isfinite(args.prefix_cache_mb) and args.prefix_cache_mb >= 0):
+        raise PhikitError(f"--prefix-cache-mb {args.prefix_cache_mb}: give a size >= 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise PhikitError("--api-key is empty; give a non-empty key, or leave --api-key out to serve without one")
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise PhikitError(f"--host {args.host}: cannot be resolved ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise PhikitError(f"cannot serve on {args.host}:{args.port}: {e.strerror}; choose another --port") from None
