@@ -3,13 +3,15 @@
 ``export_hf`` writes a plain transformers checkpoint (what transformers, vLLM and llama.cpp's own converter
 read); ``export_gguf`` writes one GGUF file that llama.cpp loads directly, laid out as llama.cpp's converter
 (``convert_hf_to_gguf.py``, class ``Phi2Model``) lays out microsoft/phi-2: architecture ``phi2``, separate
-q/k/v projections with biases, norms and biases in f32, GPT-2 BPE vocabulary padded to the model's rows.
+q/k/v projections with biases, norms and biases in f32, GPT-2 BPE vocabulary padded to the model's rows;
+``export_ollama`` writes that GGUF plus an Ollama ``Modelfile`` carrying phikit's prompt template and stops.
 
 Like ``api``, this module composes the core with ``lora`` (merging is part of exporting a fine-tune).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,13 +26,35 @@ from phikit.checkpoint import (
     load_model,
     resolve_model_path,
     save_checkpoint,
+    weight_files,
 )
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
 from phikit.model import PhiForCausalLM
+from phikit.templates import Template, get_template
 
 GGUF_ARCH = "phi2"  # llama.cpp runs Phi-1, Phi-1.5 and Phi-2 as this one architecture
-GGUF_TYPES = ("f16", "q8_0", "f32")
+
+# --type -> the GGML type of the weight matrices (gguf-py's names). Every type gguf-py's numpy quantizers
+# write, made the way llama.cpp makes it:
+# - CONVERTER_TYPES as ``convert_hf_to_gguf.py --outtype`` writes them, from the checkpoint's own weights;
+# - the others as ``llama-quantize`` makes them from the converter's f16 file: from the weights rounded to
+#   f16, output.weight in Q8_0 (llama-quantize's choice, Q6_K, is a k-quant gguf-py cannot write; Q8_0 is
+#   what llama-quantize itself takes where Q6_K's 256-value blocks do not fit a row).
+# Left out: MXFP4, which llama.cpp uses only for mixture-of-experts tensors (Phi has none).
+GGUF_TYPES = {
+    "f16": "F16",
+    "bf16": "BF16",
+    "q8_0": "Q8_0",
+    "q5_1": "Q5_1",
+    "q5_0": "Q5_0",
+    "q4_1": "Q4_1",
+    "q4_0": "Q4_0",
+    "tq2_0": "TQ2_0",  # ternary: for models trained ternary (BitNet-style); any other model loses its weights
+    "tq1_0": "TQ1_0",
+    "f32": "F32",
+}
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0", "tq1_0", "tq2_0")
 
 # transformers names -> llama.cpp's (gguf-py's TENSOR_NAMES for MODEL_ARCH.PHI2); ".weight"/".bias" kept.
 GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.final_layernorm": "output_norm", "lm_head": "output"}
@@ -43,6 +67,9 @@ GGUF_BLOCK_NAMES = {
     "mlp.fc1": "ffn_up",
     "mlp.fc2": "ffn_down",
 }
+
+# Ollama's Modelfile (docs/modelfile.md): the file the GGUF is saved as next to it.
+OLLAMA_GGUF = "model.gguf"
 
 
 def export_hf(
@@ -85,11 +112,14 @@ def export_gguf(
 ) -> Path:
     """Write ``model`` (+ ``adapter`` merged) as one GGUF file for llama.cpp, atomically.
 
-    ``gguf_type``: f16, q8_0 (quantized by gguf-py's own ``gguf.quants``, bit-identical to llama.cpp's
-    converter) or f32. As in llama.cpp, 1-D tensors (norms, biases) stay f32 whatever the type, and the token
-    embedding and output matrix take the file's type too; a matrix whose rows are not a multiple of 32 values
-    cannot be Q8_0 and falls back to f16, as the converter does. Tensors are converted and written one at a
-    time, so memory stays near one copy of the checkpoint as stored (fp32 when merging an adapter).
+    ``gguf_type`` is one of ``GGUF_TYPES``, quantized by gguf-py's ``gguf.quants`` (llama.cpp's reference
+    quantizers in numpy). For a checkpoint folder the file is, byte for byte, what llama.cpp makes of it:
+    ``convert_hf_to_gguf.py --outtype TYPE`` for f32, f16, bf16, q8_0, tq1_0 and tq2_0; for q4_0, q4_1, q5_0
+    and q5_1 the converter's f16 file run through ``llama-quantize --output-tensor-type q8_0 ... TYPE`` (plain
+    llama-quantize differs only in output.weight, Q6_K where its rows fit 256-value blocks). As in llama.cpp,
+    1-D tensors (norms, biases) stay f32, a matrix whose rows do not fit the type's blocks falls back to f16,
+    and the ternary types keep token_embd and output in f16. Tensors are converted and written one at a time,
+    so memory stays near one copy of the checkpoint as stored (fp32 when merging an adapter).
     """
     gguf = _import_gguf()
     if gguf_type not in GGUF_TYPES:
@@ -107,32 +137,119 @@ def export_gguf(
         )
     tokens, token_types, pre = gguf_vocab(folder, config.vocab_size)
     net = _load_merged(folder, config, adapter, progress)
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[gguf_type]
+    file_type = gguf.LlamaFileType.ALL_F32 if gguf_type == "f32" else gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(path=None, arch=GGUF_ARCH)
         try:
-            plan = _tensor_plan(net, file_type)
-            _add_metadata(writer, config, str(model), file_type, sum(t.numel() for _, t, _ in plan))
+            plan = _tensor_plan(net, folder, gguf_type)
+            n_params = sum(t.numel() for _, t, _, _ in plan)
+            hub_id = None if Path(model).exists() else str(model)
+            converter = gguf_type in CONVERTER_TYPES
+            _add_metadata(writer, config, folder, hub_id, n_params, file_type if converter else None)
             _add_vocab(writer, folder, config.vocab_size, tokens, token_types, pre)
-            for name, tensor, qtype in plan:
+            if not converter:  # llama-quantize copies the f16 file's keys, then sets these two: they move last
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                writer.add_file_type(file_type)
+            for name, tensor, qtype, _ in plan:
                 nbytes = _gguf_nbytes(tuple(tensor.shape), qtype)
                 writer.add_tensor_info(name, tuple(tensor.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for _, tensor, qtype in tqdm(plan, desc="writing GGUF", unit="tensor", disable=not progress):
-                data = gguf.quants.quantize(tensor.detach().to("cpu", torch.float32).numpy(), qtype)
-                writer.write_tensor_data(data)
+            for _, tensor, qtype, via_f16 in tqdm(plan, desc="writing GGUF", unit="tensor", disable=not progress):
+                data = tensor.detach().to("cpu", torch.float32).numpy()
+                if via_f16:  # what llama-quantize reads from the converter's f16 file
+                    data = data.astype(np.float16).astype(np.float32)
+                writer.write_tensor_data(gguf.quants.quantize(data, qtype))
         finally:
             writer.close()
 
     atomic_write(out_file, write)
     return out_file
+
+
+def export_ollama(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    gguf_type: str = "f16",
+    template: str | Template = "instruct",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write a folder for ``ollama create NAME -f OUT/Modelfile``: ``model.gguf`` (``export_gguf``) and a
+    Modelfile whose TEMPLATE renders prompts as phikit's ``template`` does and whose ``PARAMETER stop`` lines
+    are the template's stop strings, so Ollama stops where phikit stops. Each file is written atomically,
+    the GGUF first, so a Modelfile never points at a missing or half-written model."""
+    template = get_template(template)
+    out = Path(out)
+    folder, config = _full_precision_source(model)
+    check_output_folder(out, overwrite, folder)
+    modelfile = ollama_modelfile(template, f"./{OLLAMA_GGUF}", config.max_position_embeddings, _license(folder))
+    export_gguf(model, out / OLLAMA_GGUF, adapter, gguf_type, overwrite=True, progress=progress)
+    atomic_write(out / "Modelfile", lambda tmp: tmp.write_text(modelfile, encoding="utf-8"))
+    return out
+
+
+def ollama_modelfile(
+    template: str | Template, source: str, context_length: int | None = None, license_text: str | None = None
+) -> str:
+    """An Ollama Modelfile (docs/modelfile.md) for the GGUF at ``source``, with phikit's ``template``.
+
+    TEMPLATE is Go template syntax: ``{prompt}`` becomes ``{{ .Prompt }}``; a SYSTEM prompt, if a user sets
+    one, goes first on its own line. Earlier turns of a chat render with their reply, ``{{ .Response }}``,
+    after a space and followed by the template's separator, as phikit's ``render_chat`` does (phikit also
+    strips the reply; Go templates cannot); for the turn being answered Ollama drops everything from the
+    ``.Response`` block on, leaving exactly ``template.render(prompt)``. Values with a newline or a quote are
+    quoted with triple double quotes, others with double quotes; the grammar has no escapes, so a newline
+    in a stop string is a real newline inside the quotes. ``PARAMETER num_ctx`` is the model's context.
+    """
+    template = get_template(template)
+    before, _, after = template.prompt.partition("{prompt}")
+    text = (
+        "{{ if .System }}{{ .System }}\n{{ end }}"
+        + _go_literal(before)
+        + "{{ .Prompt }}"
+        + _go_literal(after)
+        + "{{ if .Response }} {{ .Response }}"
+        + _go_literal(template.separator)
+        + "{{ end }}"
+    )
+    lines = [
+        f"# Ollama Modelfile written by phikit (template {template.name}); make the model with",
+        "#   ollama create NAME -f Modelfile",
+        f"FROM {source}",
+        f"TEMPLATE {_modelfile_quote(text)}",
+    ]
+    lines += [f"PARAMETER stop {_modelfile_quote(stop)}" for stop in template.stop]
+    if context_length:
+        lines.append(f"PARAMETER num_ctx {context_length}")
+    if license_text and '"""' not in license_text:
+        lines.append(f"LICENSE {_modelfile_quote(license_text.strip())}")
+    return "\n".join(lines) + "\n"
+
+
+def _go_literal(text: str) -> str:
+    """``text`` as literal output of a Go template: only ``{{`` would start an action."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def _modelfile_quote(value: str) -> str:
+    if '"""' in value:
+        raise PhikitError(
+            f"{value!r} cannot be written in an Ollama Modelfile, whose quotes have no escapes; "
+            'use a template and stop strings without """'
+        )
+    return f'"""{value}"""' if "\n" in value or '"' in value else f'"{value}"'
+
+
+def _license(folder: Path) -> str | None:
+    """The checkpoint's license text (microsoft/phi-2 ships LICENSE), for the Modelfile's LICENSE."""
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8", errors="replace")
+    return None
 
 
 def gguf_tensor_name(name: str) -> str:
@@ -235,27 +352,55 @@ def _load_merged(folder: Path, config: PhiConfig, adapter, progress: bool, dtype
     return merge_lora(net)
 
 
-def _tensor_plan(net: PhiForCausalLM, file_type) -> list[tuple[str, torch.Tensor, object]]:
-    """(GGUF name, tensor, GGML type) of every tensor, in the model's order, with llama.cpp's type
-    rules: 1-D tensors f32; matrices the file's type, f16 where Q8_0's 32-value blocks do not fit a row."""
+def _tensor_plan(net: PhiForCausalLM, folder: Path, gguf_type: str) -> list[tuple[str, torch.Tensor, object, bool]]:
+    """(GGUF name, tensor, GGML type, round to f16 first) of every tensor, with llama.cpp's type rules:
+    1-D tensors f32; matrices ``gguf_type``, or f16 where its blocks do not fit a row; the ternary types keep
+    token_embd and output in f16 (the converter's rule), the llama-quantize types put output in Q8_0.
+
+    Order: the converter's, which is the order it meets the stored tensors (shard files sorted by name, each
+    in its safetensors header's order); tensors that are not stored under their own name (a tied lm_head,
+    a legacy checkpoint's renamed ones) follow in the model's order. llama-quantize writes its input's
+    tensors sorted by (layer, name), the ones outside layers first; so do the types made its way."""
     import gguf
 
-    matrix_type = {
-        gguf.LlamaFileType.ALL_F32: gguf.GGMLQuantizationType.F32,
-        gguf.LlamaFileType.MOSTLY_F16: gguf.GGMLQuantizationType.F16,
-        gguf.LlamaFileType.MOSTLY_Q8_0: gguf.GGMLQuantizationType.Q8_0,
-    }[file_type]
-    block = gguf.GGML_QUANT_SIZES[matrix_type][0]
+    state = net.state_dict()
+    stored = [name for name in _stored_names(folder) if name in state]
+    order = stored + [name for name in state if name not in set(stored)]
+    matrix_type = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type]]
+    via_f16 = gguf_type not in CONVERTER_TYPES
     plan = []
-    for name, tensor in net.state_dict().items():
+    for name in order:
+        tensor, gguf_name = state[name], gguf_tensor_name(name)
+        qtype = matrix_type
         if tensor.dim() <= 1:
             qtype = gguf.GGMLQuantizationType.F32
-        elif tensor.shape[-1] % block:
+        elif gguf_name.split(".")[0] in ("token_embd", "output") and gguf_type.startswith("tq"):
             qtype = gguf.GGMLQuantizationType.F16
-        else:
-            qtype = matrix_type
-        plan.append((gguf_tensor_name(name), tensor, qtype))
+        elif gguf_name == "output.weight" and via_f16:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+        if tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = gguf.GGMLQuantizationType.F16
+        plan.append((gguf_name, tensor, qtype, via_f16 and tensor.dim() > 1))
+    if via_f16:
+        plan.sort(key=lambda entry: (_layer(entry[0]), entry[0]))
     return plan
+
+
+def _layer(gguf_name: str) -> int:
+    """The block a GGUF tensor belongs to (``blk.3.attn_q.weight`` -> 3), -1 outside the blocks."""
+    return int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
+
+
+def _stored_names(folder: Path) -> list[str]:
+    """Tensor names as the safetensors files of ``folder`` store them, file by file (none for .bin files)."""
+    names = []
+    for file in weight_files(folder):
+        if file.suffix != ".safetensors":
+            return []
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))  # keeps the file's key order
+        names += [name for name in header if name != "__metadata__"]
+    return names
 
 
 def _gguf_nbytes(shape: tuple[int, ...], qtype) -> int:
@@ -265,18 +410,24 @@ def _gguf_nbytes(shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
 
 
-def _add_metadata(writer, config: PhiConfig, model_name: str, file_type, n_params: int) -> None:
-    """The general.* and phi2.* keys llama.cpp's converter writes for microsoft/phi-2.
+def _add_metadata(writer, config: PhiConfig, folder: Path, hub_id: str | None, n_params: int, file_type) -> None:
+    """The general.* and phi2.* keys llama.cpp's converter writes for microsoft/phi-2, in its order
+    (general.file_type and general.quantization_version left to the caller when ``file_type`` is None).
 
+    general.* come from gguf-py's ``Metadata`` as in the converter (name from the folder's name or model
+    card, size label, license and tags of a README, sampling defaults of generation_config.json); a model
+    given as a Hub id is named by it, as the converter names a ``--remote`` one.
     Two keys are written from the config where the converter assumes Phi-2's values: feed_forward_length
     (it writes 4 x hidden) and head_count_kv (it writes head_count); both are equal for every Phi release.
     rope.freq_base is written only when it differs from llama.cpp's default 10000 (the converter omits it).
     """
     import gguf
 
+    metadata = gguf.Metadata.load(None, folder, None, n_params)
+    metadata.name = hub_id or metadata.name or folder.name
+    metadata.size_label = metadata.size_label or gguf.size_label(n_params, 0, 0, 0)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(Path(model_name).name or model_name)
-    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    metadata.set_gguf_meta_model(writer)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -287,15 +438,17 @@ def _add_metadata(writer, config: PhiConfig, model_name: str, file_type, n_param
     writer.add_rope_dimension_count(config.rotary_dim)
     if config.rope_theta != 10000.0:
         writer.add_rope_freq_base(config.rope_theta)
-    writer.add_file_type(file_type)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     writer.add_add_bos_token(False)  # Phi is trained without a BOS token
-    writer.add_add_eos_token(False)  # and prompts do not end with EOS
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if file_type is not None:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _add_vocab(writer, folder: Path, vocab_size: int, tokens: list[str], token_types: list[int], pre: str) -> None:
-    """GPT-2 BPE tokenizer keys; merges and special ids (bos/eos/unk: 50256 for Phi) read by gguf-py's own
-    ``SpecialVocab`` from tokenizer.json / tokenizer_config.json / config.json, as the converter does."""
+    """GPT-2 BPE tokenizer keys; merges, special ids (bos/eos/unk: 50256 for Phi) and add_bos/add_eos read by
+    gguf-py's own ``SpecialVocab`` from tokenizer.json / tokenizer_config.json / config.json, as the converter
+    does."""
     import gguf
 
     writer.add_tokenizer_model("gpt2")
@@ -306,3 +459,7 @@ def _add_vocab(writer, folder: Path, vocab_size: int, tokens: list[str], token_t
     if not special.merges:
         raise PhikitError(f"{folder}: no BPE merges found in tokenizer.json or merges.txt; the tokenizer is incomplete")
     special.add_to_gguf(writer, quiet=True)
+    if not any(gguf.Keys.Tokenizer.ADD_EOS in kv for kv in writer.kv_data):
+        # the gguf-py llama.cpp vendors sets it (false) for a ByteLevel post-processor, Phi's; released gguf-py
+        # (0.19) does not: written where the converter writes it, last
+        writer.add_add_eos_token(False)

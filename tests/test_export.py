@@ -1,7 +1,15 @@
 """Export: HF folders checked with transformers (and PEFT for merged adapters), GGUF files read back with
-gguf-py's own reader and checked against gguf-py's tensor-name table for llama.cpp's phi2 architecture."""
+gguf-py's own reader and checked against gguf-py's tensor-name table for llama.cpp's phi2 architecture, its
+quantizers and transformers' view of Phi-2's tokenizer; Ollama Modelfiles read by a checker of Ollama's
+documented grammar and its Go-template rendering. (benchmarks/bench_export_llamacpp.py compares whole files
+with llama.cpp's own converter and llama-quantize, and runs them in llama.cpp.)"""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import stat
 
 import numpy as np
 import pytest
@@ -10,7 +18,8 @@ import torch
 import phikit
 from phikit.cli import main
 from phikit.errors import PhikitError
-from phikit.export import export_gguf, export_hf
+from phikit.export import CONVERTER_TYPES, GGUF_TYPES, export_gguf, export_hf, export_ollama
+from phikit.templates import TEMPLATES
 
 gguf = pytest.importorskip("gguf")
 
@@ -222,3 +231,260 @@ def test_export_command(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--format" in capsys.readouterr().out
+
+
+# ---- GGUF: Phi-2's tokenizer ----
+
+
+def test_gguf_vocabulary_of_phi2_tokenizer_is_the_converters(phi2_tokenizer_dir, tokenizer_dir, tmp_path):
+    """The keys llama.cpp's convert_hf_to_gguf.py writes for microsoft/phi-2's tokenizer, from transformers'
+    own reading of it: pre-tokenizer phi-2, GPT-2 tokens NORMAL, <|endoftext|> CONTROL, the 38 added
+    whitespace runs USER_DEFINED as raw text, and ids up to the model's 51,200 rows [PAD<id>] UNUSED."""
+    from conftest import make_checkpoint
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "phi2-vocab"
+    make_checkpoint(folder, tokenizer_dir, 51200, num_hidden_layers=1)
+    reader, _ = tensors(export_gguf(folder, tmp_path / "m.gguf"))
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    assert field(reader, "tokenizer.ggml.pre") == "phi-2"
+    assert len(tokens) == len(types) == 51200
+
+    reference = AutoTokenizer.from_pretrained(phi2_tokenizer_dir)
+    added = reference.added_tokens_decoder
+    assert len(reference) == 50295 and len(added) == 39
+    for i, text in {i: t for t, i in reference.get_vocab().items()}.items():
+        assert tokens[i] == text, i
+        if i not in added:
+            assert types[i] == gguf.TokenType.NORMAL, i
+        elif added[i].special:
+            assert types[i] == gguf.TokenType.CONTROL, i
+        else:
+            assert types[i] == gguf.TokenType.USER_DEFINED and text.strip(" \t") == "", i
+    assert tokens[50257] == " " * 31 and tokens[50294] == "\t\t"  # runs as text, not byte-level "ĠĠ"
+    assert sum(t == gguf.TokenType.USER_DEFINED for t in types) == 38
+    assert tokens[50295:] == [f"[PAD{i}]" for i in range(50295, 51200)]
+    assert set(types[50295:]) == {gguf.TokenType.UNUSED}
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id"):
+        assert field(reader, f"tokenizer.ggml.{key}") == 50256
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert field(reader, "tokenizer.ggml.add_eos_token") is False
+    merges = (phi2_tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    assert field(reader, "tokenizer.ggml.merges") == [m for m in merges if m]
+
+
+def test_gguf_keys_and_tensors_in_the_converters_order(tiny, tmp_path):
+    """The converter writes general.* from gguf-py's Metadata (name from the folder), then phi2.*, then the
+    vocabulary, and the tensors in the order the safetensors file stores them; llama-quantize moves
+    quantization_version and file_type last and sorts tensors by (layer, name)."""
+    folder, _ = tiny
+    header = (folder / "model.safetensors").read_bytes()
+    stored = [n for n in json.loads(header[8 : 8 + int.from_bytes(header[:8], "little")]) if n != "__metadata__"]
+    reader, _ = tensors(export_gguf(folder, tmp_path / "f16.gguf"))
+    assert [t.name for t in reader.tensors] == [gguf_name(n) for n in stored]
+    keys = [k for k in reader.fields if not k.startswith("GGUF.")]
+    assert keys[:4] == ["general.architecture", "general.type", "general.name", "general.size_label"]
+    assert field(reader, "general.name") == gguf.Metadata.load(None, folder, None, 1).name
+    assert keys.index("general.file_type") < keys.index("tokenizer.ggml.model")
+    assert keys[-1] == "tokenizer.ggml.add_eos_token"
+
+    reader, _ = tensors(export_gguf(folder, tmp_path / "q4.gguf", gguf_type="q4_0"))
+    keys = [k for k in reader.fields if not k.startswith("GGUF.")]
+    assert keys[-2:] == ["general.quantization_version", "general.file_type"]
+    names = [t.name for t in reader.tensors]
+    layer = [int(n.split(".")[1]) if n.startswith("blk.") else -1 for n in names]
+    assert list(zip(layer, names)) == sorted(zip(layer, names))
+
+
+# ---- GGUF: every type gguf-py quantizes ----
+
+FP16_STEP = 2.0**-11  # relative rounding error of a value (a block's scale or minimum) stored in fp16
+
+
+def error_bound(x: np.ndarray, qtype) -> np.ndarray:
+    """Largest |dequantized - x| llama.cpp's reference quantizer allows, per value of ``x`` (rows of blocks)."""
+    t = gguf.GGMLQuantizationType
+    if qtype == t.F32:
+        return np.zeros_like(x)
+    if qtype == t.F16:
+        return np.abs(x) * FP16_STEP + 2.0**-25
+    if qtype == t.BF16:
+        return np.abs(x) * 2.0**-8
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    b = x.reshape(-1, block)
+    amax, low, high = np.abs(b).max(-1, keepdims=True), b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    if qtype in (t.Q4_0, t.Q5_0):  # d = amax / 2^(bits-1); the largest value's sign gets one step fewer: d
+        levels = 8 if qtype == t.Q4_0 else 16
+        d = amax / levels
+        bound = d + levels * d * FP16_STEP
+    elif qtype in (t.Q4_1, t.Q5_1):  # d = (max - min) / (2^bits - 1), offset min: half a step
+        steps = 15 if qtype == t.Q4_1 else 31
+        d = (high - low) / steps
+        bound = d / 2 + (steps * d + np.abs(low)) * FP16_STEP
+    elif qtype == t.Q8_0:
+        d = amax / 127
+        bound = d / 2 + 127 * d * FP16_STEP
+    elif qtype in (t.TQ1_0, t.TQ2_0):  # ternary: {-1, 0, 1} x amax
+        bound = amax / 2 + amax * FP16_STEP
+    else:
+        raise AssertionError(f"no bound for {qtype.name}")
+    return np.broadcast_to(bound, b.shape).reshape(x.shape)
+
+
+@pytest.mark.parametrize("gguf_type", [t for t in GGUF_TYPES if t not in ("f16", "f32", "q8_0")])
+def test_gguf_quantized_types_within_their_error_bound_and_equal_gguf_py(tiny, tmp_path, gguf_type):
+    """Matrices in the type (f16 where the rows do not fit its blocks; ternary types keep token_embd/output
+    f16; llama-quantize's types put output in q8_0), within the format's error bound of what was quantized,
+    and byte for byte gguf-py's quantizer on it: the weights themselves for the converter's types, the
+    weights rounded to f16 (the converter's f16 file) for llama-quantize's."""
+    folder, hf = tiny
+    reader, found = tensors(export_gguf(folder, tmp_path / "q.gguf", gguf_type=gguf_type))
+    assert field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
+    via_f16 = gguf_type not in CONVERTER_TYPES
+    wanted = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type]]
+    seen = set()
+    for name, value in hf.state_dict().items():
+        t = found[gguf_name(name)]
+        source = value.numpy()
+        if value.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+            np.testing.assert_array_equal(np.asarray(t.data), source)
+            continue
+        expected = wanted
+        if gguf_type.startswith("tq") and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            expected = gguf.GGMLQuantizationType.F16
+        elif via_f16 and name == "lm_head.weight":
+            expected = gguf.GGMLQuantizationType.Q8_0
+        if value.shape[-1] % gguf.GGML_QUANT_SIZES[expected][0]:
+            expected = gguf.GGMLQuantizationType.F16
+        assert t.tensor_type == expected, (name, t.tensor_type.name)
+        seen.add(expected)
+        quantized = source.astype(np.float16).astype(np.float32) if via_f16 else source
+        assert np.asarray(t.data).tobytes() == gguf.quants.quantize(quantized, expected).tobytes(), name
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(value.shape)
+        error = np.abs(got.astype(np.float64) - quantized)
+        assert (error <= error_bound(quantized.astype(np.float64), expected) * 1.0001 + 1e-12).all(), name
+    assert wanted in seen  # the tiny model's rows (64, 256) fit every type's blocks somewhere
+
+
+# ---- Ollama ----
+
+OLLAMA_INSTRUCTIONS = {"from", "parameter", "template", "system", "adapter", "license", "message"}
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(instruction, argument) pairs by Ollama's documented Modelfile grammar (docs/modelfile.md):
+    ``# comment`` lines, ``INSTRUCTION arguments`` with case-insensitive instructions, ``PARAMETER name
+    value``; an argument is ``\"\"\"...\"\"\"`` (may span lines), ``"..."`` or the rest of the line, with no
+    escapes. FROM is required. Anything else is a syntax error."""
+    commands, pos = [], 0
+    line = re.compile(r"[ \t]*(?:#[^\n]*)?\n")
+    while pos < len(text):
+        if m := line.match(text, pos):
+            pos = m.end()
+            continue
+        m = re.compile(r"([A-Za-z]+)[ \t]+").match(text, pos)
+        assert m and m.group(1).lower() in OLLAMA_INSTRUCTIONS, f"unknown instruction at {text[pos : pos + 40]!r}"
+        name, pos = m.group(1).lower(), m.end()
+        if name == "parameter":
+            m = re.compile(r"([A-Za-z0-9_]+)[ \t]+").match(text, pos)
+            assert m, f"PARAMETER without a name at {text[pos : pos + 40]!r}"
+            name, pos = m.group(1), m.end()
+        for quote in ('"""', '"', ""):
+            if text.startswith(quote, pos):
+                break
+        if quote:
+            end = text.index(quote, pos + len(quote))
+            assert quote == '"""' or "\n" not in text[pos:end], "a newline inside single quotes"
+            value, pos = text[pos + len(quote) : end], end + len(quote)
+            assert re.compile(r"[ \t]*(\n|$)").match(text, pos), f"text after the closing quote at {pos}"
+        else:
+            end = text.find("\n", pos) % (len(text) + 1)
+            value, pos = text[pos:end].strip(), end
+        commands.append((name, value))
+    assert any(name == "from" for name, _ in commands), "no FROM line"
+    return commands
+
+
+def render_go_template(template: str, values: dict[str, str], cut_at_response: bool) -> str:
+    """The Go-template subset a Modelfile TEMPLATE uses here (``{{ .Field }}``, ``{{ if .Field }}`` ...
+    ``{{ end }}``, ``{{ "text" }}``), executed as Ollama executes a template without ``.Messages``: earlier
+    turns whole, the turn being answered cut before the first top-level node that mentions ``.Response``."""
+    parts = re.split(r"({{.*?}})", template)
+    out, skipping, depth = [], 0, 0
+    for part in parts:
+        action = part[2:-2].strip() if part.startswith("{{") else None
+        if action is None:
+            if not skipping:
+                out.append(part)
+            continue
+        if depth == 0 and cut_at_response and ".Response" in action:
+            break
+        if action.startswith("if "):
+            depth += 1
+            if skipping or not values.get(action[3:].strip().removeprefix(".")):
+                skipping += 1
+        elif action == "end":
+            depth -= 1
+            skipping = max(skipping - 1, 0)
+        elif action.startswith('"'):
+            out.append("" if skipping else json.loads(action))
+        else:
+            assert action.startswith("."), action
+            out.append("" if skipping else values.get(action[1:], ""))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("name", ["instruct", "guanaco"])
+def test_ollama_export_renders_and_stops_as_phikit(tiny, tmp_path, name):
+    folder, hf = tiny
+    template = TEMPLATES[name]
+    old = os.umask(0o027)
+    try:
+        out = export_ollama(folder, tmp_path / "ollama", gguf_type="q8_0", template=name)
+    finally:
+        os.umask(old)
+    for path in (out / "Modelfile", out / "model.gguf"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]  # no temporary files left
+    commands = parse_modelfile((out / "Modelfile").read_text(encoding="utf-8"))
+    assert commands[0][0] == "from" and (out / commands[0][1]).resolve() == (out / "model.gguf").resolve()
+    assert field(tensors(out / commands[0][1])[0], "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert tuple(v for k, v in commands if k == "stop") == template.stop
+    assert dict(commands)["num_ctx"] == str(hf.config.max_position_embeddings)
+    (text,) = [v for k, v in commands if k == "template"]
+    question, earlier = "What is 2 + 2?\n  Show\tyour work.", [("Capital of France?", "Paris.")]
+    assert render_go_template(text, {"Prompt": question}, cut_at_response=True) == template.render(question)
+    before = render_go_template(text, {"Prompt": earlier[0][0], "Response": earlier[0][1]}, cut_at_response=False)
+    assert before + template.render(question) == template.render_chat(earlier, question)
+    with_system = render_go_template(text, {"System": "Be brief.", "Prompt": question}, cut_at_response=True)
+    assert with_system == "Be brief.\n" + template.render(question)
+
+
+def test_ollama_modelfile_quotes_what_needs_quoting():
+    from phikit.export import ollama_modelfile
+
+    text = ollama_modelfile("User {{x}}: {prompt}\\nBot:", "/models/a b.gguf", None, 'MIT "as is"\nline 2')
+    commands = parse_modelfile(text)
+    assert commands[0] == ("from", "/models/a b.gguf")
+    assert dict(commands)["stop"] == "User {{x}}:" and dict(commands)["license"] == 'MIT "as is"\nline 2'
+    rendered = render_go_template(dict(commands)["template"], {"Prompt": "hi"}, cut_at_response=True)
+    assert rendered == "User {{x}}: hi\nBot:"
+    with pytest.raises(PhikitError, match="Modelfile"):
+        ollama_modelfile('Say """{prompt}"""', "./m.gguf")
+
+
+def test_ollama_command_and_its_errors(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    out = tmp_path / "ollama"
+    args = ["export", "-m", str(folder), "--format", "ollama", "--type", "q4_0", "--template", "guanaco"]
+    assert main([*args, str(out)]) == 0
+    assert "ollama create" in capsys.readouterr().err
+    commands = parse_modelfile((out / "Modelfile").read_text(encoding="utf-8"))
+    assert [v for k, v in commands if k == "stop"] == list(TEMPLATES["guanaco"].stop)
+    assert field(tensors(out / "model.gguf")[0], "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert main([*args, str(out)]) != 0
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "-m", str(folder), "--format", "gguf", "--template", "guanaco", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err
+    assert "--template is for --format ollama" in err and "Traceback" not in err
