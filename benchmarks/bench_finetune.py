@@ -2,6 +2,7 @@
 
     python benchmarks/bench_finetune.py [--steps 30] [--seq-len 256] [--batch-size 4] [--layers 4 --hidden 640]
     python benchmarks/bench_finetune.py --gpu [--steps 20] [--data guanaco.jsonl]     # QLoRA on a GPU
+    python benchmarks/bench_finetune.py --recipe recipes/tiny-guanaco-cpu.yaml [--steps 20]  # a recipe's settings
 
 CPU: a small Phi-shaped model (random weights, made by transformers) is trained with the same LoRA (r=16,
 alpha=16, q/k/v/dense), the same packed sequences of the guanaco-style text in recipes/data, the same
@@ -10,13 +11,24 @@ on a full-size random Phi-2 (NF4 double-quantized base through bitsandbytes, bf1
 dropout 0.05 on q/k/v/dense, packing to 1024 tokens, batch 1, paged 8-bit AdamW, gradient checkpointing)
 on real guanaco rows (../shared/data/guanaco-1k, or --data). Each engine runs in its own process so its
 peak memory is its own (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU); tokens/s counts the
-tokens of the timed steps (after 3 warm-up steps). Prints a Markdown table and writes JSON.
+tokens of the timed steps (after 3 warm-up steps). Peak RSS is that of the whole process, and also that of
+the training steps after the first (the mark is reset there; Linux), which leaves out loading, quantizing
+and tokenizing. Prints a Markdown table and writes JSON.
+
+``--recipe``: both engines take everything from a phikit recipe: its model, data, template, seq_len,
+packing, batch x grad-accum, LoRA (r, alpha, dropout, targets), lr and warm-up, NF4 base (``quantize:
+nf4``: phikit's own NF4; for transformers bitsandbytes' 4-bit NF4 with double quantization, fp32 compute),
+gradient checkpointing, and the loss on replies only. The data is tokenized once by phikit
+(``phikit.data.load_examples``, the recipe's held-out rows removed) and handed to SFTTrainer as
+``input_ids`` + ``labels`` (-100 outside the replies), which it packs itself (``packing_strategy="wrapped"``:
+concatenated and cut to seq_len, as phikit packs), so both train on the same tokens and the same loss mask.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -74,6 +86,115 @@ def run_phikit(model: Path, args) -> dict:
     return {"losses": [r["loss"] for r in rows if "loss" in r], "total_s": total}
 
 
+def recipe_config(args, **overrides):
+    from phikit.train import TrainConfig
+
+    return TrainConfig.from_yaml(args.recipe, {**({"model": args.model} if args.model else {}), **overrides})
+
+
+def write_recipe_examples(args, path: Path) -> int:
+    """The recipe's training examples (held-out rows removed) as JSONL of input_ids + labels; their tokens."""
+    from phikit.data import load_examples, split_eval
+    from phikit.tokenizer import Tokenizer
+
+    c = recipe_config(args)
+    tokenizer = Tokenizer(c.model)
+    examples, _ = load_examples(
+        c.data, tokenizer, c.data_format, c.template, c.split, c.responses_only, c.skip_bad_rows, c.max_examples
+    )
+    if not (c.eval_data or c.eval_split):
+        examples, _ = split_eval(examples, c.eval_fraction, c.seed)
+    with path.open("w") as f:
+        for e in examples:
+            f.write(json.dumps({"input_ids": e.ids, "labels": e.labels}) + "\n")
+    return sum(len(e.ids) for e in examples)
+
+
+def run_phikit_recipe(args) -> dict:
+    from phikit.train import finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = recipe_config(
+            args, output_dir=f"{tmp}/out", max_steps=args.steps + WARMUP, save_every=10**9, eval_every=10**9
+        )
+        finetune(config, progress=False)
+        rows = [json.loads(line) for line in Path(config.output_dir, "metrics.jsonl").read_text().splitlines()]
+    return {"losses": [r["loss"] for r in rows if "loss" in r]}
+
+
+def run_trl_recipe(args) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig, PhiForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    c = recipe_config(args)
+    if c.quantize not in (None, "nf4") or c.dtype not in ("fp32", "auto"):
+        raise SystemExit("--recipe: the transformers baseline covers fp32 CPU recipes with quantize nf4 or none")
+    tok = AutoTokenizer.from_pretrained(c.model)
+    tok.pad_token = tok.eos_token
+    quantization = None
+    if c.quantize == "nf4":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    net = PhiForCausalLM.from_pretrained(
+        c.model, dtype=torch.float32, quantization_config=quantization, device_map={"": "cpu"}
+    )
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamp(stamps)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SFTConfig(
+            output_dir=tmp,
+            max_steps=args.steps + WARMUP,
+            per_device_train_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.grad_accum,
+            learning_rate=c.lr,
+            lr_scheduler_type=c.scheduler,
+            warmup_steps=c.warmup_steps,
+            weight_decay=c.weight_decay,
+            max_grad_norm=c.max_grad_norm,
+            optim="adamw_torch",
+            packing=c.packing,
+            packing_strategy="wrapped",
+            max_length=c.seq_len,
+            gradient_checkpointing=c.gradient_checkpointing,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+            seed=c.seed,
+        )
+        trainer = SFTTrainer(
+            model=net,
+            args=config,
+            train_dataset=load_dataset("json", data_files=args.examples, split="train"),
+            processing_class=tok,
+            callbacks=[Clock()],
+            peft_config=LoraConfig(
+                r=c.lora_r,
+                lora_alpha=c.lora_alpha,
+                lora_dropout=c.lora_dropout,
+                task_type="CAUSAL_LM",
+                target_modules=list(c.lora_targets),
+            ),
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"losses": losses, "step_stamps": stamps}
+
+
 def run_trl(model: Path, args) -> dict:
     import torch
     from datasets import Dataset
@@ -101,7 +222,7 @@ def run_trl(model: Path, args) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
+            stamp(stamps)
 
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
@@ -146,6 +267,30 @@ def run_trl(model: Path, args) -> dict:
     return {"losses": losses, "step_stamps": stamps}
 
 
+PEAK_KB = {"before_first_step": 0, "after_first_step": 0}
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory so far (VmHWM), in kB; 0 where /proc is not there."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):
+        return 0
+
+
+def stamp(stamps: list[float]) -> None:
+    """Time an optimizer step. After the first one the peak-RSS mark is reset (Linux: clear_refs 5), so the
+    peak of the training steps is told apart from that of loading and preparing (quantizing, tokenizing)."""
+    stamps.append(time.perf_counter())
+    if len(stamps) == 1:
+        PEAK_KB["before_first_step"] = max(peak_rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+    PEAK_KB["after_first_step"] = peak_rss_kb()
+
+
 def worker(engine: str, model: Path, args) -> dict:
     import torch
 
@@ -158,23 +303,24 @@ def worker(engine: str, model: Path, args) -> dict:
 
         def timed_write(self, step, **values):  # one call per optimizer step: a timestamp per step
             if "loss" in values:
-                stamps.append(time.perf_counter())
+                stamp(stamps)
             return original(self, step, **values)
 
         train.MetricsLog.write = timed_write
-        result = run_phikit(model, args)
+        result = run_phikit_recipe(args) if args.recipe else run_phikit(model, args)
         result["step_stamps"] = stamps
     else:
-        result = run_trl(model, args)
+        result = run_trl_recipe(args) if args.recipe else run_trl(model, args)
     stamps = result.pop("step_stamps")
     timed = stamps[WARMUP - 1 :]
     seconds = timed[-1] - timed[0]
-    tokens = args.steps * args.batch_size * args.seq_len
+    tokens = args.steps * args.batch_size * args.seq_len * args.grad_accum
     return {
         "engine": engine,
         "tokens_per_s": tokens / seconds,
         "s_per_step": seconds / args.steps,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_rss_gb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, *PEAK_KB.values()) / 1e6,
+        "train_peak_rss_gb": PEAK_KB["after_first_step"] / 1e6,  # steps 2..n only
         **({"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9} if args.gpu else {}),
         "first_loss": result["losses"][0],
         "last_loss": result["losses"][-1],
@@ -191,8 +337,16 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="QLoRA on a GPU, full-size random Phi-2, seq-len 1024")
     ap.add_argument("--data", help="a JSONL of {text} rows (--gpu default: ../shared/data/guanaco-1k)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--recipe", help="take model, data and every training setting from this recipe YAML")
+    ap.add_argument("--model", help="--recipe: another model folder than the recipe's")
+    ap.add_argument("--rounds", type=int, default=1, help="--recipe: run the two engines this many times, in turn")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--examples", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.grad_accum = 1
+    if args.recipe:
+        main_recipe(args)
+        return
     if args.gpu:
         if "--seq-len" not in sys.argv:
             args.seq_len = 1024
@@ -257,6 +411,93 @@ def main() -> None:
         )
     )
     save_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
+
+
+def cpu_flags() -> str:
+    """The CPU's vector-instruction flags (AVX*, AMX, FMA, F16C) from /proc/cpuinfo: what the kernels may use."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main_recipe(args) -> None:
+    """Both engines on one recipe's model, data and settings, each in its own process, ``--rounds`` times."""
+    config = recipe_config(args)
+    args.seq_len, args.batch_size, args.grad_accum = config.seq_len, config.batch_size, config.grad_accum
+    name = Path(args.recipe).stem
+    args.out = args.out or HERE / f"results_finetune_{name}.json"
+    if args.worker:
+        print(json.dumps(worker(args.worker, Path(config.model), args)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        examples = Path(tmp) / "examples.jsonl"
+        train_tokens = write_recipe_examples(args, examples)
+        for round_ in range(1, args.rounds + 1):
+            for engine in ("phikit", "trl"):
+                print(f"round {round_}: training with {engine} ...", file=sys.stderr, flush=True)
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    engine,
+                    "--recipe",
+                    args.recipe,
+                    "--steps",
+                    str(args.steps),
+                ]
+                cmd += [*(["--model", args.model] if args.model else []), "--examples", str(examples)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["round"] = round_
+                rows.append(row)
+            phikit_row, trl_row = rows[-2], rows[-1]
+            phikit_row["speedup"] = f"{phikit_row['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x"
+            phikit_row["memory"] = f"{phikit_row['peak_rss_gb'] / trl_row['peak_rss_gb']:.2f}x"
+            trl_row["engine"] = "transformers+peft+trl SFTTrainer"
+    flags = cpu_flags()
+    print(
+        f"\nMachine: {machine()}\nCPU flags: {flags}\nRecipe {args.recipe}: model {config.model}, "
+        f"{'NF4 base, ' if config.quantize == 'nf4' else ''}LoRA r={config.lora_r} alpha={config.lora_alpha} "
+        f"dropout {config.lora_dropout} on {'/'.join(config.lora_targets)}, batch {config.batch_size} x grad-accum "
+        f"{config.grad_accum} x {config.seq_len} tokens (packed), gradient checkpointing "
+        f"{'on' if config.gradient_checkpointing else 'off'}, loss on {'replies' if config.responses_only else 'all'}; "
+        f"{args.steps} timed steps after {WARMUP} warm-up steps; {train_tokens:,} training tokens\n"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                ("round", "round"),
+                ("engine", "engine"),
+                ("tokens_per_s", "tokens/s"),
+                ("s_per_step", "s/step"),
+                ("peak_rss_gb", "peak RSS GB"),
+                ("train_peak_rss_gb", "peak RSS of steps 2..n GB"),
+                ("first_loss", "first loss"),
+                ("last_loss", "last loss"),
+                ("speedup", "speed-up"),
+                ("memory", "peak RSS vs trl"),
+            ],
+        )
+    )
+    save_json(
+        args.out,
+        {
+            "command": " ".join(sys.argv),
+            "recipe": args.recipe,
+            "cpu_flags": flags,
+            "train_tokens": train_tokens,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

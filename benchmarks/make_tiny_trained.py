@@ -1,6 +1,12 @@
 """Make a small *trained* Phi checkpoint plus held-out text, for measuring quantization quality.
 
     nice -n 10 python benchmarks/make_tiny_trained.py [--out DIR] [--steps N] [--seq-len 256] [--force]
+    nice -n 10 python benchmarks/make_tiny_trained.py --tokenizer ../shared/data/phi2-tokenizer \
+        --out benchmarks/_work/tiny-phi2tok        # Phi-2's tokenizer and 51,200-row vocabulary
+    nice -n 10 python benchmarks/make_tiny_trained.py --tokenizer ../shared/data/phi2-tokenizer \
+        --extra-text ../shared/data/alpaca-52k/alpaca_data.json.gz --extra-field output --extra-rows 2000:22000 \
+        --context 2048 --seq-len 512 --batch-size 2 --steps 600 --out benchmarks/_work/tiny-phi2-base
+        # the base of the CPU fine-tuning recipes: also general English prose, Phi-2's 2,048-token context
 
 Why: quantization error on a checkpoint with random weights says little about what int8/int4 does to a
 real model (random weights have no outliers, no structure, and a perplexity near the vocabulary size).
@@ -9,9 +15,20 @@ Phi-2's architecture choices (PhiForCausalLM: partial rotary embeddings 0.4, gel
 attention/MLP block, untied LM head with bias) on real technical English that ships with Python itself:
 the documentation topics in `pydoc_data.topics`. No download is needed.
 
+It is also the base model of the CPU fine-tuning recipes (recipes/tiny-guanaco-cpu.yaml, tiny-alpaca-cpu.yaml):
+a base that has only read documentation and rambles on when asked a question, so a fine-tune that learns to
+end its answers at <|endoftext|> shows. With --tokenizer pointing at Phi-2's own tokenizer (GPT-2's BPE plus
+38 whitespace-run tokens), the vocabulary is 51,200 rows like Phi-2's (--vocab-size overrides).
+--extra-text adds general prose to the training text (never to the held-out text): one field of the rows of a
+.json/.jsonl file (gzipped too), e.g. the answers of Stanford Alpaca rows that no recipe fine-tunes on, joined
+by blank lines into documents of about 2,000 characters, with EOS only between those documents, so the base
+learns English without learning to stop after a short answer. --context sets max_position_embeddings
+(Phi-2: 2048; the rotary embedding has no learned positions, so only --seq-len says what was trained).
+
 What it writes into --out (default benchmarks/_work/tiny-trained, written to a temp folder then renamed):
   config.json, generation_config.json, model.safetensors   the trained model (fp32, save_pretrained)
-  tokenizer.json, vocab.json, merges.txt, tokenizer_config.json   GPT-2 BPE, copied from --tokenizer
+  tokenizer.json, vocab.json, merges.txt, tokenizer_config.json   copied from --tokenizer (GPT-2 BPE by
+                  default), with added_tokens.json and special_tokens_map.json where it has them
   heldout.txt     the held-out topics (never trained on), joined by blank lines
   heldout.jsonl   the same topics, one {"text": ...} row each
   train_info.json settings, parameter count, timings, held-out loss/perplexity
@@ -43,11 +60,13 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "_work" / "tiny-trained"
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/gpt2-bpe"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+OPTIONAL_TOKENIZER_FILES = ("added_tokens.json", "special_tokens_map.json")  # Phi-2's tokenizer has them
+PHI2_VOCAB = 51200  # Phi-2's embedding rows: 50,295 tokens padded to a multiple of 64 (and then some)
 EOS = 50256
 HELDOUT_FRACTION = 0.10
 
 MODEL_SHAPE = dict(
-    vocab_size=50304,  # a multiple of 64 >= GPT-2's 50257 tokens
+    vocab_size=50304,  # a multiple of 64 >= GPT-2's 50257 tokens (PHI2_VOCAB with Phi-2's tokenizer)
     hidden_size=256,
     intermediate_size=1024,
     num_hidden_layers=4,
@@ -78,14 +97,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help=f"GPT-2 BPE folder (default {DEFAULT_TOKENIZER})"
     )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help=f"embedding rows (default {MODEL_SHAPE['vocab_size']}, or {PHI2_VOCAB} when the tokenizer has "
+        "Phi-2's added whitespace tokens)",
+    )
+    p.add_argument("--context", type=int, default=512, help="max_position_embeddings (default 512)")
+    p.add_argument("--extra-text", type=Path, help="a .json/.jsonl(.gz) of rows whose --extra-field is also trained on")
+    p.add_argument("--extra-field", default="text", help="the field of --extra-text's rows to read (default text)")
+    p.add_argument("--extra-rows", default=":", help="a START:END slice of --extra-text's rows (default all)")
     p.add_argument("--seed", type=int, default=0, help="torch seed for init and data order (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out already exists")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
-    if not 2 <= args.seq_len <= MODEL_SHAPE["max_position_embeddings"]:
-        p.error(f"--seq-len must be in 2..{MODEL_SHAPE['max_position_embeddings']}")
+    if not 2 <= args.seq_len <= args.context:
+        p.error(f"--seq-len must be in 2..{args.context} (--context)")
+    try:
+        start, end = (int(x) if x else None for x in args.extra_rows.split(":"))
+    except ValueError:
+        p.error(f"--extra-rows must be START:END, e.g. 2000:22000, got {args.extra_rows!r}")
+    args.extra_slice = slice(start, end)
     return args
+
+
+def extra_documents(path: Path, field: str, rows: slice, doc_chars: int = 2000) -> list[str]:
+    """The ``field`` of each row in ``rows`` of a .json/.jsonl(.gz) file, joined by blank lines into
+    documents of about ``doc_chars`` characters (rows without the field, or with it empty, are skipped)."""
+    from phikit.data import read_rows
+
+    texts = [row.get(field) for _, row in read_rows(str(path))][rows]
+    docs, current = [], ""
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            continue
+        current = f"{current}\n\n{text.strip()}" if current else text.strip()
+        if len(current) >= doc_chars:
+            docs.append(current)
+            current = ""
+    return docs + ([current] if current else [])
 
 
 def split_topics() -> tuple[dict[str, str], dict[str, str]]:
@@ -144,7 +195,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(args: argparse.Namespace, tokenizer, train_texts: list[str], held_ids: torch.Tensor):
+def train(args: argparse.Namespace, shape: dict, tokenizer, train_texts: list[str], held_ids: torch.Tensor):
     from transformers import PhiConfig, PhiForCausalLM
 
     torch.manual_seed(args.seed)
@@ -157,7 +208,7 @@ def train(args: argparse.Namespace, tokenizer, train_texts: list[str], held_ids:
             f"error: only {len(stream)} training tokens, too few for batch {args.batch_size} x {args.seq_len}"
         )
 
-    model = PhiForCausalLM(PhiConfig(**MODEL_SHAPE))
+    model = PhiForCausalLM(PhiConfig(**shape))
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -217,9 +268,9 @@ def train(args: argparse.Namespace, tokenizer, train_texts: list[str], held_ids:
     return model, info
 
 
-def unigram_perplexity(train_ids: list[int], held_ids: list[int], alpha: float = 0.1) -> float:
+def unigram_perplexity(train_ids: list[int], held_ids: list[int], vocab_size: int, alpha: float = 0.1) -> float:
     """Perplexity of an add-alpha smoothed unigram model of the training tokens on the held-out tokens."""
-    counts = torch.bincount(torch.tensor(train_ids), minlength=MODEL_SHAPE["vocab_size"]).double() + alpha
+    counts = torch.bincount(torch.tensor(train_ids), minlength=vocab_size).double() + alpha
     logp = (counts / counts.sum()).log()
     return math.exp(-logp[torch.tensor(held_ids)].mean().item())
 
@@ -239,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.model_max_length = 10**9  # we tokenize whole documents and window them ourselves
+    vocab_size = args.vocab_size or (PHI2_VOCAB if len(tokenizer) > EOS + 1 else MODEL_SHAPE["vocab_size"])
+    if vocab_size < len(tokenizer):
+        raise SystemExit(f"error: --vocab-size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    shape = {**MODEL_SHAPE, "vocab_size": vocab_size, "max_position_embeddings": args.context}
     train_topics, held_topics = split_topics()
     held_text = "\n\n".join(held_topics.values()) + "\n"
     held_ids = torch.tensor(tokenizer(held_text)["input_ids"], dtype=torch.long)
@@ -249,17 +304,21 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     train_ids = [i for t in train_topics.values() for i in tokenizer(t)["input_ids"]]
-    unigram = unigram_perplexity(train_ids, held_ids.tolist())
+    unigram = unigram_perplexity(train_ids, held_ids.tolist(), vocab_size)
     print(f"unigram (add-0.1) held-out perplexity: {unigram:.1f}", flush=True)
 
-    model, info = train(args, tokenizer, list(train_topics.values()), held_ids)
+    extra = extra_documents(args.extra_text, args.extra_field, args.extra_slice) if args.extra_text else []
+    if args.extra_text:
+        print(f"extra text: {len(extra)} documents ({sum(map(len, extra)):,} chars) from {args.extra_text}", flush=True)
+    model, info = train(args, shape, tokenizer, list(train_topics.values()) + extra, held_ids)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(args.tokenizer / name, tmp / name)
+    for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
+        if (args.tokenizer / name).is_file():
+            shutil.copyfile(args.tokenizer / name, tmp / name)
     (tmp / "heldout.txt").write_text(held_text)
     with open(tmp / "heldout.jsonl", "w") as f:
         for text in held_topics.values():
@@ -279,9 +338,12 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "force")
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("out", "force", "extra_slice")
         },
-        "model": MODEL_SHAPE,
+        "model": shape,
+        "extra_text": {"documents": len(extra), "chars": sum(map(len, extra))},
         "split": {
             "train_topics": len(train_topics),
             "heldout_topics": list(held_topics),

@@ -1,6 +1,7 @@
 """Fine-tuning data: read rows, render them to (prompt, response) text, tokenize, pack.
 
-Formats of a row:
+Files: .jsonl, .json (a list of rows), .parquet, each of the first two also gzipped (.jsonl.gz, .json.gz),
+or a Hugging Face Hub dataset. Formats of a row:
   text      {"text": "### Human: ...### Assistant: ..."}  (guanaco; turns split on the template's markers)
   alpaca    {"instruction": ..., "input": ... (optional), "output": ...}
   messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
@@ -11,11 +12,15 @@ loss covers only what the assistant says (and its EOS).
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -33,14 +38,25 @@ class Example:
     labels: list[int]
 
 
+def _open_bytes(path: Path) -> BinaryIO:
+    """The file for reading bytes; a .gz file decompressed (datasets such as alpaca_data.json.gz ship so)."""
+    if path.suffix != ".gz":
+        return path.open("rb")
+    try:
+        return io.BytesIO(gzip.decompress(path.read_bytes()))
+    except (OSError, EOFError, zlib.error) as e:
+        raise PhikitError(f"{path}: not a readable gzip file ({e})") from None
+
+
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
-    """(where, row) for each row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset;
-    ``where`` is "file:line" (or "dataset[split]:index") for error messages."""
+    """(where, row) for each row of a local .jsonl/.json/.parquet file (.jsonl.gz, .json.gz too) or a
+    Hugging Face Hub dataset; ``where`` is "file:line" (or "dataset[split]:index") for error messages."""
     path = Path(source).expanduser()
-    if path.suffix == ".jsonl" or (path.exists() and path.suffix not in (".json", ".parquet")):
+    suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if suffix == ".jsonl" or (path.exists() and suffix not in (".json", ".parquet")):
         if not path.is_file():
             raise PhikitError(f"{path}: data file not found")
-        with path.open("rb") as f:
+        with _open_bytes(path) as f:
             for number, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -56,11 +72,12 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
                     continue
                 yield f"{path}:{number}", row
         return
-    if path.suffix == ".json":
+    if suffix == ".json":
         if not path.is_file():
             raise PhikitError(f"{path}: data file not found")
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            with _open_bytes(path) as f:
+                rows = json.loads(f.read().decode("utf-8"))
         except json.JSONDecodeError as e:
             raise PhikitError(f"{path}: not valid JSON ({e})") from None
         except UnicodeDecodeError as e:

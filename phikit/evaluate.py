@@ -217,9 +217,18 @@ def run_suite(
                 "seconds": completion.seconds,
                 "tokens_per_second": tokens / completion.seconds if completion.seconds > 0 else 0.0,
                 "stopped_by_itself": completion.finish_reason == "stop",  # EOS or a turn marker, not the budget
+                "ended_at": _ending(phi.tokenizer, completion),
             }
         )
     return results
+
+
+def _ending(tokenizer: Tokenizer, completion) -> str:
+    """How an answer ended: "eos" (the model wrote <|endoftext|>), "marker" (a turn marker or stop string: the
+    generated tokens hold more text than the answer, which is cut before it) or "length" (the budget)."""
+    if completion.finish_reason != "stop":
+        return "length"
+    return "eos" if tokenizer.decode(completion.token_ids) == completion.text else "marker"
 
 
 # --- side-by-side report -------------------------------------------------------------------------------
@@ -254,6 +263,8 @@ def _summary(results: dict[str, dict]) -> dict:
     return {
         "prompts": len(results),
         "stopped": sum(r["stopped_by_itself"] for r in results.values()),
+        "eos": sum(r.get("ended_at") == "eos" for r in results.values()),
+        "marker": sum(r.get("ended_at") == "marker" for r in results.values()),
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
@@ -262,12 +273,14 @@ def _summary(results: dict[str, dict]) -> dict:
 
 def _meta(r: dict) -> str:
     ending = "stopped by itself" if r["stopped_by_itself"] else "cut at max_new_tokens"
+    ending += {"eos": " at EOS", "marker": " at a turn marker"}.get(r.get("ended_at"), "")
     return f"{r['tokens']} tokens · {r['seconds']:.2f} s · {r['tokens_per_second']:.1f} tokens/s · {ending}"
 
 
 def _summary_meta(s: dict) -> str:
+    ended = f" ({s['eos']} at EOS, {s['marker']} at a turn marker)" if s["eos"] + s["marker"] == s["stopped"] else ""
     return (
-        f"{s['stopped']}/{s['prompts']} stopped by themselves · {s['tokens']} tokens · "
+        f"{s['stopped']}/{s['prompts']} stopped by themselves{ended} · {s['tokens']} tokens · "
         f"{s['seconds']:.2f} s · {s['tokens_per_second']:.1f} tokens/s"
     )
 

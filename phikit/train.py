@@ -176,11 +176,14 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device
 
 
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labelled positions (and their count)."""
+    """Mean next-token cross-entropy over labelled positions (and their count). A batch without any (with
+    ``responses_only``, a packed sequence can be all prompt: a long user turn) has loss 0, not NaN."""
     logits = model(ids)
     targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    return loss, int((targets != -100).sum())
+    count = int((targets != -100).sum())
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum") / max(count, 1)
+    return loss, count
 
 
 @torch.no_grad()

@@ -115,6 +115,61 @@ def test_json_and_parquet_files(tok, tmp_path):
     assert [tok.decode(e.ids) for e in examples] == ["one<|endoftext|>", "two<|endoftext|>"]
 
 
+def test_gzipped_json_and_jsonl_files_read_as_the_plain_ones(tok, tmp_path):
+    import gzip
+
+    rows = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        {"instruction": "Add", "input": "1+1", "output": "2"},
+    ]
+    gzip_json = tmp_path / "alpaca.json.gz"
+    gzip_json.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    gzip_jsonl = tmp_path / "alpaca.jsonl.gz"
+    gzip_jsonl.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert [r for _, r in read_rows(str(gzip_json))] == rows
+    assert [r for _, r in read_rows(str(gzip_jsonl))] == rows
+    plain = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    expected = [e.ids for e in load_examples(str(plain), tok, "alpaca", "instruct")[0]]
+    assert [e.ids for e in load_examples(str(gzip_json), tok, "alpaca", "instruct")[0]] == expected
+    (tmp_path / "broken.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(PhikitError, match=r"broken\.json\.gz: not a readable gzip file"):
+        list(read_rows(str(tmp_path / "broken.json.gz")))
+    with pytest.raises(PhikitError, match="data file not found"):
+        list(read_rows(str(tmp_path / "missing.json.gz")))
+
+
+def test_a_packed_sequence_without_reply_tokens_has_zero_loss_not_nan(tiny, tok, tmp_path):
+    """With responses_only, a long user turn can fill a packed sequence: its loss must not be NaN (the loop
+    stops on NaN), and a batch with replies keeps PyTorch's mean cross-entropy over them."""
+    import torch
+    import torch.nn.functional as F
+
+    import phikit
+    from phikit.train import causal_lm_loss
+
+    long_question = "why " * 40
+    rows = [
+        {"text": f"### Human: {long_question}### Assistant: Because."},
+        {"text": "### Human: Hi### Assistant: Hello."},
+    ]
+    examples, _ = load_examples(
+        str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "text", "guanaco", responses_only=True
+    )
+    packed = pack_examples(examples, 16, tok.pad_id)
+    assert all(label == IGNORE for label in packed[0].labels)  # all prompt
+    model = phikit.load(tiny[0], dtype="fp32", device="cpu").model
+    ids, labels = collate(packed[:1], tok.pad_id)
+    loss, count = causal_lm_loss(model, ids, labels)
+    assert (loss.item(), count) == (0.0, 0)
+    ids, labels = collate(packed, tok.pad_id)
+    loss, count = causal_lm_loss(model, ids, labels)
+    with torch.no_grad():
+        logits = model(ids)[:, :-1]
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    assert count == int((labels[:, 1:] != IGNORE).sum()) > 0
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_epoch_order_is_reproducible_and_ranks_split_it(tok, tmp_path):
     rows = [{"text": f"row {i}"} for i in range(10)]
     examples, _ = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "text", "raw")

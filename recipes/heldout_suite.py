@@ -1,0 +1,95 @@
+"""Write a `phikit eval` prompt suite of the rows a recipe holds out (its ``eval_fraction``).
+
+    python recipes/heldout_suite.py recipes/tiny-guanaco-cpu.yaml runs/tiny-guanaco-cpu/heldout.yaml
+    phikit eval --model M --suite runs/tiny-guanaco-cpu/heldout.yaml --compare tuned:adapter=runs/.../adapter
+
+`phikit finetune` holds out ``eval_fraction`` of the examples with ``phikit.data.split_eval`` (by the
+recipe's ``seed``); this script reads the same rows in the same order (the recipe's ``data``, ``split``,
+``max_examples`` and ``skip_bad_rows``), takes the same held-out indices, and writes each held-out row's
+first user turn as a prompt, so the comparison runs on prompts the fine-tune never saw. The suite gets the
+recipe's template; the prompts are not copied into the repository, only into the file you name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from phikit.data import read_rows, render, split_eval
+from phikit.errors import PhikitError
+from phikit.templates import get_template
+from phikit.train import TrainConfig
+
+
+def first_prompt(row: dict, fmt: str, template) -> str:
+    """The user's first message of a row, without the template's markers (the suite adds them again)."""
+    if fmt == "alpaca":
+        extra = row.get("input") or ""
+        return row["instruction"] + (f"\n{extra}" if extra else "")
+    if fmt == "messages":
+        return next(m["content"] for m in row["messages"] if m["role"] == "user")
+    segments = render(row, fmt, template)
+    user_marker, _, assistant_marker = template.prompt.partition("{prompt}")
+    text = segments[0][0]
+    if text.startswith(user_marker.strip()):
+        text = text[len(user_marker.strip()) :]
+    if assistant_marker.strip() and text.endswith(assistant_marker.strip()):
+        text = text[: -len(assistant_marker.strip())]
+    return text.strip()
+
+
+def row_id(where: str) -> str:
+    """A prompt id that finds the row again: "line-12" for file.jsonl:12, "item-3" for file.json[3]."""
+    if where.endswith("]"):
+        return "item-" + where.rsplit("[", 1)[1][:-1]
+    return "line-" + where.rsplit(":", 1)[1]
+
+
+def heldout_rows(config: TrainConfig) -> list[tuple[str, dict]]:
+    """(where, row) of the rows ``phikit finetune`` holds out for this recipe."""
+    if config.eval_data or config.eval_split or not 0 < config.eval_fraction < 1:
+        raise PhikitError(
+            "the recipe holds out no rows of its data: it needs eval_fraction and no eval_data/eval_split"
+        )
+    template = get_template(config.template)
+    rows = []
+    for where, row in read_rows(config.data, config.split):
+        try:
+            render(row, config.data_format, template)
+        except ValueError as e:
+            if config.skip_bad_rows:
+                continue
+            raise PhikitError(f"{where}: {e} (format {config.data_format})") from None
+        rows.append((where, row))
+        if config.max_examples and len(rows) >= config.max_examples:
+            break
+    return split_eval(rows, config.eval_fraction, config.seed)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", help="a fine-tuning recipe YAML with eval_fraction")
+    ap.add_argument("out", type=Path, help="the suite YAML to write")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="answer budget per prompt (default 256)")
+    args = ap.parse_args(argv)
+    try:
+        config = TrainConfig.from_yaml(args.recipe)
+        template = get_template(config.template)
+        held = heldout_rows(config)
+    except PhikitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    prompts = [{"id": row_id(where), "prompt": first_prompt(row, config.data_format, template)} for where, row in held]
+    suite = {"template": config.template, "max_new_tokens": args.max_new_tokens, "prompts": prompts}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# {len(prompts)} held-out rows of {config.data} (recipe {args.recipe}, seed {config.seed})\n"
+    args.out.write_text(header + yaml.safe_dump(suite, allow_unicode=True, sort_keys=False, width=10**6))
+    print(f"{args.out}: {len(prompts)} prompts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
