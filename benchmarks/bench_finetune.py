@@ -122,149 +122,124 @@ def run_phikit_recipe(args) -> dict:
     return {"losses": [r["loss"] for r in rows if "loss" in r]}
 
 
+def nf4_config(compute_dtype):
+    """bitsandbytes' 4-bit NF4 with double quantization (the reference QLoRA recipe's base)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def train_with_trl(net, tok, dataset, lora: dict, **settings) -> dict:
+    """Train ``net`` with SFTTrainer and a PEFT LoRA (``lora``: LoraConfig's r, lora_alpha, lora_dropout,
+    target_modules) for WARMUP + --steps optimizer steps, a timestamp per step; ``settings`` are the
+    SFTConfig fields the two baselines set differently. Returns the losses and the step stamps."""
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamp(stamps)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SFTConfig(
+            output_dir=tmp,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            fp16=False,
+            dataloader_num_workers=0,
+            **settings,
+        )
+        trainer = SFTTrainer(
+            model=net,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=[Clock()],
+            peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"losses": losses, "step_stamps": stamps}
+
+
 def run_trl_recipe(args) -> dict:
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig, PhiForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer, PhiForCausalLM
 
     c = recipe_config(args)
     if c.quantize not in (None, "nf4") or c.dtype not in ("fp32", "auto"):
         raise SystemExit("--recipe: the transformers baseline covers fp32 CPU recipes with quantize nf4 or none")
     tok = AutoTokenizer.from_pretrained(c.model)
     tok.pad_token = tok.eos_token
-    quantization = None
-    if c.quantize == "nf4":
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
+    quantization = nf4_config(torch.float32) if c.quantize == "nf4" else None
     net = PhiForCausalLM.from_pretrained(
         c.model, dtype=torch.float32, quantization_config=quantization, device_map={"": "cpu"}
     )
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamp(stamps)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = SFTConfig(
-            output_dir=tmp,
-            max_steps=args.steps + WARMUP,
-            per_device_train_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.grad_accum,
-            learning_rate=c.lr,
-            lr_scheduler_type=c.scheduler,
-            warmup_steps=c.warmup_steps,
-            weight_decay=c.weight_decay,
-            max_grad_norm=c.max_grad_norm,
-            optim="adamw_torch",
-            packing=c.packing,
-            packing_strategy="wrapped",
-            max_length=c.seq_len,
-            gradient_checkpointing=c.gradient_checkpointing,
-            logging_steps=1,
-            report_to="none",
-            use_cpu=True,
-            save_strategy="no",
-            bf16=False,
-            fp16=False,
-            dataloader_num_workers=0,
-            seed=c.seed,
-        )
-        trainer = SFTTrainer(
-            model=net,
-            args=config,
-            train_dataset=load_dataset("json", data_files=args.examples, split="train"),
-            processing_class=tok,
-            callbacks=[Clock()],
-            peft_config=LoraConfig(
-                r=c.lora_r,
-                lora_alpha=c.lora_alpha,
-                lora_dropout=c.lora_dropout,
-                task_type="CAUSAL_LM",
-                target_modules=list(c.lora_targets),
-            ),
-        )
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"losses": losses, "step_stamps": stamps}
+    return train_with_trl(
+        net,
+        tok,
+        load_dataset("json", data_files=args.examples, split="train"),
+        dict(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=list(c.lora_targets)),
+        max_steps=args.steps + WARMUP,
+        per_device_train_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.grad_accum,
+        learning_rate=c.lr,
+        lr_scheduler_type=c.scheduler,
+        warmup_steps=c.warmup_steps,
+        weight_decay=c.weight_decay,
+        max_grad_norm=c.max_grad_norm,
+        optim="adamw_torch",
+        packing=c.packing,
+        packing_strategy="wrapped",
+        max_length=c.seq_len,
+        gradient_checkpointing=c.gradient_checkpointing,
+        use_cpu=True,
+        bf16=False,
+        seed=c.seed,
+    )
 
 
 def run_trl(model: Path, args) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, PhiForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer, PhiForCausalLM
 
     tok = AutoTokenizer.from_pretrained(model)
     tok.pad_token = tok.eos_token
     if args.gpu:
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
         net = PhiForCausalLM.from_pretrained(
-            model, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": 0}
+            model, dtype=torch.bfloat16, quantization_config=nf4_config(torch.bfloat16), device_map={"": 0}
         )
     else:
         net = PhiForCausalLM.from_pretrained(model, dtype=torch.float32)
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamp(stamps)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = SFTConfig(
-            output_dir=tmp,
-            max_steps=args.steps + WARMUP,
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1,
-            learning_rate=1e-4,
-            warmup_steps=0,
-            packing=True,
-            max_length=args.seq_len,
-            logging_steps=1,
-            report_to="none",
-            use_cpu=not args.gpu,
-            save_strategy="no",
-            dataset_text_field="text",
-            bf16=args.gpu,
-            fp16=False,
-            dataloader_num_workers=0,
-            **(
-                dict(optim="paged_adamw_8bit", gradient_checkpointing=True, packing_strategy="wrapped")
-                if args.gpu
-                else {}
-            ),
-        )
-        trainer = SFTTrainer(
-            model=net,
-            args=config,
-            train_dataset=Dataset.from_dict({"text": texts(args)}),
-            processing_class=tok,
-            callbacks=[Clock()],
-            peft_config=LoraConfig(
-                r=16,
-                lora_alpha=16,
-                lora_dropout=0.05,
-                task_type="CAUSAL_LM",
-                target_modules=["q_proj", "k_proj", "v_proj", "dense"],
-            ),
-        )
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"losses": losses, "step_stamps": stamps}
+    gpu = dict(optim="paged_adamw_8bit", gradient_checkpointing=True, packing_strategy="wrapped")
+    return train_with_trl(
+        net,
+        tok,
+        Dataset.from_dict({"text": texts(args)}),
+        dict(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "dense"]),
+        max_steps=args.steps + WARMUP,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        packing=True,
+        max_length=args.seq_len,
+        use_cpu=not args.gpu,
+        dataset_text_field="text",
+        bf16=args.gpu,
+        **(gpu if args.gpu else {}),
+    )
 
 
 PEAK_KB = {"before_first_step": 0, "after_first_step": 0}

@@ -107,6 +107,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-text", type=Path, help="a .json/.jsonl(.gz) of rows whose --extra-field is also trained on")
     p.add_argument("--extra-field", default="text", help="the field of --extra-text's rows to read (default text)")
     p.add_argument("--extra-rows", default=":", help="a START:END slice of --extra-text's rows (default all)")
+    p.add_argument(
+        "--chat-text",
+        type=Path,
+        help="a .jsonl of {text} conversations in the guanaco format, also trained on as plain prose: the "
+        "turns' words without the '### Human:' / '### Assistant:' markers, so the base knows the language "
+        "and topics of the conversations but not their format or where a reply ends",
+    )
+    p.add_argument(
+        "--chat-exclude",
+        type=Path,
+        help="a phikit recipe YAML: leave out of --chat-text the rows it holds out (its eval_fraction)",
+    )
     p.add_argument("--seed", type=int, default=0, help="torch seed for init and data order (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out already exists")
     args = p.parse_args(argv)
@@ -133,6 +145,39 @@ def extra_documents(path: Path, field: str, rows: slice, doc_chars: int = 2000) 
         if not isinstance(text, str) or not text.strip():
             continue
         current = f"{current}\n\n{text.strip()}" if current else text.strip()
+        if len(current) >= doc_chars:
+            docs.append(current)
+            current = ""
+    return docs + ([current] if current else [])
+
+
+def chat_documents(path: Path, exclude_recipe: Path | None, doc_chars: int = 2000) -> list[str]:
+    """The conversations of a guanaco-format .jsonl as prose: each turn's words without its marker, turns
+    and rows joined by blank lines into documents of about ``doc_chars`` characters; the rows that
+    ``exclude_recipe`` holds out are left out (they are its held-out prompts)."""
+    import re
+
+    from phikit.data import read_rows
+
+    held = set()
+    if exclude_recipe is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+        from heldout_suite import heldout_rows
+
+        from phikit.train import TrainConfig
+
+        config = TrainConfig.from_yaml(exclude_recipe, {"data": str(path)})
+        held = {row.get("text") for _, row in heldout_rows(config)}
+    texts = []
+    for _, row in read_rows(str(path)):
+        text = row.get("text")
+        if isinstance(text, str) and text not in held:
+            turns = [t.strip() for t in re.split(r"###\s*(?:Human|Assistant):", text)]
+            texts.append("\n\n".join(t for t in turns if t))
+    print(f"chat text: {len(texts)} conversations of {path} ({len(held)} held out by {exclude_recipe})", flush=True)
+    docs, current = [], ""
+    for text in texts:
+        current = f"{current}\n\n{text}" if current else text
         if len(current) >= doc_chars:
             docs.append(current)
             current = ""
@@ -310,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = extra_documents(args.extra_text, args.extra_field, args.extra_slice) if args.extra_text else []
     if args.extra_text:
         print(f"extra text: {len(extra)} documents ({sum(map(len, extra)):,} chars) from {args.extra_text}", flush=True)
+    if args.chat_text:
+        extra += chat_documents(args.chat_text, args.chat_exclude)
     model, info = train(args, shape, tokenizer, list(train_topics.values()) + extra, held_ids)
 
     tmp = out.with_name(out.name + ".tmp")

@@ -236,6 +236,7 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.phikit_gemv_i4.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p]
     lib.phikit_gelu_tanh.argtypes = [p, i64]
     lib.phikit_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, p, p, i64, p, p]
+    lib.phikit_gemm_vnni.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, p, p, i64, p, p]
     lib.phikit_to_bf16.argtypes = [ctypes.c_int, p, i64, p]
     lib.phikit_quantize_i8.argtypes = [ctypes.c_int, p, i64, i64, p, p]
     lib.phikit_quantize_i4.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p]
@@ -253,6 +254,7 @@ def available() -> bool:
 
 
 FEATURE_BF16_DP = 1  # the library has phikit_gemv_bf16_dp (an AVX-512 BF16 build)
+FEATURE_VNNI = 2  # the library has phikit_gemm_vnni (an AVX-512 VNNI build)
 
 
 def has(feature: int) -> bool:
@@ -475,6 +477,46 @@ def gemm(
     y = torch.empty(m, n, dtype=torch.float32)
     int4 = kind == "int4"
     library().phikit_gemm(
+        GEMM_KINDS[kind],
+        x.data_ptr(),
+        m,
+        k,
+        weight.data_ptr(),
+        n,
+        None if int4 else _ptr(scale),
+        _ptr(scale) if int4 else None,
+        _ptr(minimum),
+        group_size,
+        _ptr(bias),
+        y.data_ptr(),
+    )
+    return y
+
+
+def gemm_vnni(
+    x: torch.Tensor,
+    kind: str,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    group_size: int = 0,
+) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for int8 or int4 W with AVX-512 VNNI integer dot products, x quantized to int8
+    per block (64 values; int4: per weight group) as llama.cpp does. Arguments as ``gemm``; needs
+    N % 32 == 0 and ``has(FEATURE_VNNI)``."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"phikit CPU kernel: gemm_vnni takes int8 or int4 weights, not {kind}")
+    if not has(FEATURE_VNNI):
+        raise ValueError("phikit CPU kernel: this library has no AVX-512 VNNI kernels")
+    n, k = check_linear("gemm_vnni", kind, weight, scale, minimum, bias, group_size)
+    if n % 32:
+        raise ValueError(f"phikit CPU kernel: gemm_vnni needs out_features % 32 == 0, got {n}")
+    m = x.shape[0] if x.dim() == 2 else -1
+    check("gemm input", x, torch.float32, (m, k))
+    y = torch.empty(m, n, dtype=torch.float32)
+    int4 = kind == "int4"
+    library().phikit_gemm_vnni(
         GEMM_KINDS[kind],
         x.data_ptr(),
         m,

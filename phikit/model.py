@@ -243,13 +243,15 @@ class PhiForCausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position.
-        Arguments as ``PhiModel.forward``."""
+        """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position;
+        ``hidden_only`` returns the final hidden states instead, before ``lm_head`` (for a loss that applies
+        the head itself). Arguments as ``PhiModel.forward``."""
         h = self.model(input_ids, input_pos, cache, positions, padding_mask, last_only and not self.training)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return h if hidden_only else self.lm_head(h)
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache on this model's device, of ``dtype``, else ``kv_cache_dtype``, else the model's."""

@@ -106,10 +106,16 @@ def quantize_nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """NF4 codes per block of 64 with absmax scales, the absmax values themselves quantized to int8
     (double quantization, as QLoRA does) per 256 blocks around their mean."""
     n, k = w.shape
-    blocks = w.float().reshape(-1, NF4_BLOCK)
-    absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
-    normalized = blocks / absmax[:, None]
-    codes = (normalized[..., None] - NF4_CODE).abs().argmin(dim=-1)
+    blocks = w.reshape(-1, NF4_BLOCK)
+    absmax = blocks.abs().amax(dim=1).float().clamp(min=1e-12)
+    # nearest code = the bucket between the midpoints of neighbouring codes (ties to the lower code, as an
+    # argmin would), a few blocks at a time so that the temporaries stay small next to the weight itself
+    midpoints = ((NF4_CODE[1:] + NF4_CODE[:-1]) / 2).to(w.device)
+    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=w.device)
+    step = max(1, (1 << 22) // NF4_BLOCK)
+    for i in range(0, len(blocks), step):
+        normalized = blocks[i : i + step].float() / absmax[i : i + step, None]
+        codes[i : i + step] = torch.bucketize(normalized, midpoints, out_int32=True)
     mean = absmax.mean()
     centered = absmax - mean
     pad = (-centered.numel()) % NF4_ABSMAX_BLOCK

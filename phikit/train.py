@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from phikit.errors import PhikitError
+from phikit.quantize import QuantizedLinear
 
 
 @dataclass
@@ -177,13 +178,80 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device
 
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labelled positions (and their count). A batch without any (with
-    ``responses_only``, a packed sequence can be all prompt: a long user turn) has loss 0, not NaN."""
-    logits = model(ids)
-    targets = labels[:, 1:]
+    ``responses_only``, a packed sequence can be all prompt: a long user turn) has loss 0, not NaN.
+
+    With a frozen head (LoRA's usual case) the head is applied by ``head_cross_entropy`` to the labelled
+    positions only, a chunk at a time; otherwise (a trained ``lm_head``) through the model as usual. The
+    labels are shifted, not the logits, so the full logits are not copied."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
     count = int((targets != -100).sum())
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum") / max(count, 1)
-    return loss, count
+    head = frozen_head(unwrap(model).lm_head)
+    if head is None:
+        logits = model(ids)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+        )
+        return loss / max(count, 1), count
+    hidden = model(ids, hidden_only=True)
+    rows = (targets != -100).nonzero().squeeze(1)
+    loss = head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), *head, targets, rows)
+    return loss / max(count, 1), count
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def frozen_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of an output layer that trains nothing (a plain frozen Linear, or a quantized one,
+    dequantized), else None."""
+    if isinstance(head, QuantizedLinear):
+        return head.dequantized(), head.bias
+    if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return head.weight, head.bias
+    return None
+
+
+def head_cross_entropy(hidden, weight, bias, targets, rows, chunk_bytes: int = 1 << 26) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden[rows] @ weight.T + bias`` against ``targets[rows]``.
+
+    Written by hand because the (positions, vocab) logits are the largest tensors of LoRA training on a
+    small model (1,024 x 51,200 fp32 = 210 MB per sequence, held for backward, plus the softmax's): here
+    they exist a chunk of ``chunk_bytes`` at a time, unlabelled positions (prompts, with ``responses_only``)
+    skip the head entirely, and the gradient for ``hidden`` is computed in the same pass, so backward
+    costs no second head matmul. The head itself gets no gradient (it is frozen)."""
+    return _HeadCrossEntropy.apply(
+        hidden, weight.detach(), None if bias is None else bias.detach(), targets, rows, chunk_bytes
+    )
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, chunk_bytes):
+        want_grad = ctx.needs_input_grad[0]
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+        chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if want_grad else None
+        for start in range(0, len(rows), chunk):
+            index = rows[start : start + chunk]
+            x, t = hidden.index_select(0, index), targets.index_select(0, index)
+            logits = F.linear(x, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_grad:  # d(sum of CE)/d logits = softmax - one-hot
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                grad.index_copy_(0, index, probs.to(weight.dtype) @ weight)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None, None, None, None
 
 
 @torch.no_grad()

@@ -143,3 +143,23 @@ def tiny(checkpoint_factory):
 # references with tolerances per path, so by default they take phikit's own GEMM, and tests/test_autotune.py
 # runs every path and the choosing itself.
 os.environ.setdefault("PHIKIT_AUTOTUNE", "0")
+
+
+@pytest.fixture(scope="module")
+def phi(tiny):
+    """The tiny checkpoint loaded by phikit in fp32 on the CPU (tests/test_generate.py has its own)."""
+    import phikit
+
+    return phikit.load(tiny[0], dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(phi):
+    """``phi`` served over HTTP (guanaco template, 8 slots, queue 32), for the module's tests."""
+    pytest.importorskip("uvicorn")
+    from serving import Server
+
+    from phikit.serve import create_app
+
+    with Server(create_app(phi.model, phi.tokenizer, "tiny", "guanaco", max_batch=8, max_queue=32)) as s:
+        yield s

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from phikit import kernels
 from phikit.backends import autotune
-from phikit.quantize import dequantize, quantize_int4, quantize_int8
+from phikit.quantize import dequantize, quantize_int4, quantize_int8, unpack_nibbles
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
 N, K = 192, 256
@@ -29,12 +29,15 @@ def weights(kind: str):
 
 @pytest.mark.parametrize("kind,path", [(k, p) for k, paths in autotune.PATHS.items() for p in paths])
 def test_every_prefill_path_matches_the_reference(kind, path, monkeypatch):
+    if path not in autotune.paths(kind, N):
+        pytest.skip(f"{path} needs instructions this CPU (or build) lacks")
     monkeypatch.setattr(autotune, "PANEL_BYTES", 64 * K * 2)  # several panels even for this small weight
     (weight, scale, minimum, group), dense = weights(kind)
     x, bias = torch.randn(40, K), torch.randn(N)
     got = autotune.run(path, x, kind, weight, scale, minimum, bias, group)
     expected = F.linear(x, dense, bias)
-    # paths through bf16 round the activations (and int8/int4/fp16 panels) to bf16: ~0.3% of the output
+    # paths through bf16 round the activations (and int8/int4/fp16 panels) to bf16: ~0.3% of the output;
+    # phikit_vnni rounds them to int8 per block: ~0.5%
     limit = 1e-5 if path in ("phikit_gemm", "torch_f32") else 1e-2
     assert ((got - expected).norm() / expected.norm()).item() < limit
 
@@ -49,7 +52,7 @@ def test_the_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert path in autotune.PATHS["int8"]
     [saved] = list(tmp_path.glob("autotune-*.json"))
     entry = next(iter(json.loads(saved.read_text()).values()))
-    assert entry["path"] == path and set(entry["seconds"]) == set(autotune.PATHS["int8"])
+    assert entry["path"] == path and set(entry["seconds"]) == set(autotune.paths("int8", N))
     assert path == min(entry["seconds"], key=entry["seconds"].get)
 
     def measured(*args):
@@ -129,3 +132,61 @@ def test_the_decode_choice_is_measured_and_cached(tmp_path, monkeypatch):
     if len(autotune.decode_paths("bf16")) > 1:
         [entry] = [v for k, v in autotune.decisions().items() if k.startswith("decode-bf16")]
         assert set(entry["seconds"]) == {"phikit_gemv", "bf16_dp"}
+
+
+needs_vnni = pytest.mark.skipif(not kernels.has(kernels.FEATURE_VNNI), reason="this CPU (or build) has no AVX-512 VNNI")
+
+
+def int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to int8 per block as the kernels do (scale = block max / 127, fp32 reciprocal, round half
+    to even): (codes as float64, scales as float64), shapes (M, K) and (M, K / block)."""
+    blocks = x.reshape(x.shape[0], -1, block)
+    scale = blocks.abs().amax(dim=-1) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round(blocks * inverse[..., None])
+    return codes.reshape(x.shape).double(), scale.double()
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)])
+@pytest.mark.parametrize("rows,k", [(1, 256), (7, 512), (40, 320 + 192)])
+def test_vnni_gemm_computes_the_int8_activation_products_exactly(kind, group, rows, k):
+    """gemm_vnni = the sum over activation blocks of (int8 codes of x) . (weight codes), scaled, in float64
+    (only the float rounding of the block sums differs), and within the int8 rounding of x (<1%) of the
+    fp32 product with the dequantized weight. Rows that are not a multiple of the kernel's 6, several 256-k
+    slices, bias and no bias."""
+    if k % (group or 64):
+        pytest.skip("group does not divide k")
+    torch.manual_seed(rows)
+    n = 96
+    w, x, bias = torch.randn(n, k) * 0.05, torch.randn(rows, k), torch.randn(n)
+    x[0, :64] = 0  # an all-zero block: scale 0
+    if kind == "int8":
+        t = quantize_int8(w)
+        q, block = t["weight"].double(), 64
+    else:
+        t = quantize_int4(w, group)
+        q, block = unpack_nibbles(t["weight"]).double(), group
+    codes, scales = int8_blocks(x, block)
+    products = torch.einsum("mbk,nbk->mnb", codes.reshape(rows, -1, block), q.reshape(n, -1, block))
+    if kind == "int8":
+        exact = (products * scales[:, None, :]).sum(-1) * t["weight_scale"].double()
+    else:
+        s, low = t["weight_scale"].double(), t["weight_min"].double()
+        sums = codes.reshape(rows, -1, block).sum(-1) * scales  # x as rounded
+        exact = (products * scales[:, None, :] * s[None]).sum(-1) + sums @ low.t()
+    for b in (bias, None):
+        got = kernels.gemm_vnni(x, kind, t["weight"], t["weight_scale"], t.get("weight_min"), b, group)
+        expected = exact + (0 if b is None else b.double())
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+        dense = F.linear(x, dequantize(kind, t, group or 64), b)
+        assert ((got - dense).norm() / dense.norm()).item() < 1e-2
+
+
+@needs_vnni
+def test_vnni_gemm_refuses_what_it_cannot_take():
+    t = quantize_int8(torch.randn(48, 256))
+    with pytest.raises(ValueError, match="out_features % 32"):
+        kernels.gemm_vnni(torch.randn(3, 256), "int8", t["weight"], t["weight_scale"])
+    with pytest.raises(ValueError, match="int8 or int4"):
+        kernels.gemm_vnni(torch.randn(3, 256), "bf16", torch.randn(64, 256).bfloat16(), None)

@@ -12,13 +12,6 @@ import phikit
 from phikit.errors import PhikitError
 from phikit.evaluate import load_suite, run_suite, write_report
 
-
-@pytest.fixture(scope="module")
-def phi(tiny):
-    folder, _ = tiny
-    return phikit.load(folder, dtype="fp32", device="cpu")
-
-
 # --- prompt suites -------------------------------------------------------------------------------------
 
 
@@ -410,7 +403,7 @@ def test_lm_eval_against_phikit_serve_equals_its_hf_backend(tiny, local_tasks, t
     """lm-eval's local-completions backend scoring through `phikit serve` (echo + logprobs, token-id or text
     prompts) gives the numbers of its hf backend on the same checkpoint."""
     from lm_eval import simple_evaluate
-    from test_serve import Server
+    from serving import Server
 
     from phikit.serve import create_app
 

@@ -11,57 +11,17 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-import phikit
 from phikit.chat import chat
 from phikit.generate import GenerationConfig
 from phikit.serve import create_app
 from phikit.templates import get_template
 
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
+from serving import Server  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("PHIKIT_FUZZ_EXAMPLES", 30))  # raise it to fuzz harder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, app):
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def client(self, key="none", **kw):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kw)
-
-
-@pytest.fixture(scope="module")
-def phi(tiny):
-    return phikit.load(tiny[0], dtype="fp32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(phi):
-    with Server(create_app(phi.model, phi.tokenizer, "tiny", "guanaco", max_batch=8, max_queue=32)) as s:
-        yield s
 
 
 PROMPTS = [

@@ -17,18 +17,7 @@ from phikit.serve import create_app
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from test_serve import Server  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def phi(tiny):
-    return phikit.load(tiny[0], dtype="fp32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(phi):
-    with Server(create_app(phi.model, phi.tokenizer, "tiny", "guanaco", max_batch=8, max_queue=32)) as s:
-        yield s
+from serving import Server  # noqa: E402
 
 
 def post(server, path: str, **body) -> dict:

@@ -1,6 +1,7 @@
 """Fine-tuning end to end on a tiny model: it learns to answer and stop, resumes exactly after a kill,
 runs under torchrun with two processes, and reports recipe mistakes clearly."""
 
+import copy
 import json
 import os
 import signal
@@ -199,3 +200,43 @@ def test_cli_overrides_are_typed(tmp_path):
     ) == {"lr": 2e-4, "packing": False, "lora_targets": ["q_proj", "v_proj"], "max_steps": 7, "quantize": None}
     with pytest.raises(PhikitError, match="--max_steps"):
         parse_overrides(["--max_steps", "many"])
+
+
+@pytest.mark.parametrize("head", ["frozen", "quantized", "trained"])
+def test_the_loss_and_its_gradients_match_transformers(tiny, head):
+    """causal_lm_loss applies a frozen head to the labelled positions a chunk at a time and computes its
+    gradient in the same pass; loss and gradients equal transformers' own causal-LM loss (labels shifted
+    inside, -100 ignored) on the same weights, for a plain frozen head, a quantized one (transformers given
+    the dequantized weight) and a trained one (the plain path)."""
+    from phikit.quantize import QuantizedLinear
+    from phikit.train import causal_lm_loss
+
+    folder, shared = tiny
+    hf = copy.deepcopy(shared)
+    model = phikit.load(folder, dtype="fp32", device="cpu").model
+    if head == "quantized":
+        model.lm_head = QuantizedLinear.from_weight(hf.lm_head.weight.detach(), hf.lm_head.bias.detach(), "nf4")
+        hf.lm_head.weight.data = model.lm_head.dequantized()
+    for m in (model, hf):
+        for name, p in m.named_parameters():
+            p.requires_grad_(
+                name.endswith("layers.0.self_attn.q_proj.weight") or (head == "trained" and "lm_head" in name)
+            )
+    torch.manual_seed(0)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[0, :10] = -100  # a prompt
+    labels[1, 5:9] = -100
+    loss, count = causal_lm_loss(model, ids, labels)
+    loss.backward()
+    reference = hf(input_ids=ids, labels=labels).loss
+    reference.backward()
+    assert count == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n: p.grad for n, p in hf.named_parameters() if p.requires_grad}
+    assert len(ours) == len(theirs) == (3 if head == "trained" else 1)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    empty = torch.full_like(labels, -100)
+    assert causal_lm_loss(model, ids, empty)[0].item() == 0

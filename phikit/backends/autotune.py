@@ -11,7 +11,9 @@ are cached per CPU model, flags, thread count, PyTorch and kernel-library versio
 Candidates (``PATHS``): ``phikit_gemm`` (the C GEMM, fp32 activations, any format); ``torch_f32`` (fp32
 weights: PyTorch's sgemm); ``torch_bf16`` (bf16 weights: activations rounded to bf16, PyTorch's bf16
 matmul, the numerics of transformers in bf16); ``dequant_bf16`` (fp16/int8/int4: panels of weight rows
-unpacked to bf16 by a C kernel, up to 64 MB at a time, through PyTorch's bf16 matmul).
+unpacked to bf16 by a C kernel, up to 64 MB at a time, through PyTorch's bf16 matmul); ``phikit_vnni``
+(int8/int4 where the CPU has AVX-512 VNNI: activations quantized to int8 per block, integer dot products,
+as llama.cpp's prefill; ``paths`` leaves it out where the library or the shape cannot take it).
 Paths that round activations to bf16 are candidates only for weights narrower than fp32.
 ``PHIKIT_PREFILL_PATH=<name>`` forces one path where it applies; ``PHIKIT_AUTOTUNE=0`` keeps phikit_gemm.
 """
@@ -35,8 +37,8 @@ PATHS = {
     "f32": ("phikit_gemm", "torch_f32"),
     "bf16": ("phikit_gemm", "torch_bf16"),
     "f16": ("phikit_gemm", "dequant_bf16"),
-    "int8": ("phikit_gemm", "dequant_bf16"),
-    "int4": ("phikit_gemm", "dequant_bf16"),
+    "int8": ("phikit_gemm", "dequant_bf16", "phikit_vnni"),
+    "int4": ("phikit_gemm", "dequant_bf16", "phikit_vnni"),
 }
 # Prompt lengths are bucketed: a 20-token prompt and a 500-token one can want different paths (unpacking a
 # whole weight pays off only over enough rows). Each bucket is timed at its representative row count.
@@ -94,10 +96,18 @@ def _save() -> None:
         pass  # a read-only cache: measure again next time
 
 
+def paths(kind: str, n: int) -> tuple[str, ...]:
+    """The prefill candidates for a ``kind`` weight with ``n`` output rows on this machine."""
+    vnni = kernels.has(kernels.FEATURE_VNNI) and n % 32 == 0
+    return tuple(p for p in PATHS[kind] if p != "phikit_vnni" or vnni)
+
+
 def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, group_size: int) -> torch.Tensor:
     """y = x @ W.T + bias for x (M, K) fp32 through ``path``; (M, N) fp32."""
     if path == "phikit_gemm":
         return kernels.gemm(x, kind, weight, scale, minimum, bias32, group_size)
+    if path == "phikit_vnni":
+        return kernels.gemm_vnni(x, kind, weight, scale, minimum, bias32, group_size)
     if path == "torch_f32":
         y = x @ weight.t()
     elif path == "torch_bf16":
@@ -147,7 +157,7 @@ def _measure(kind: str, n: int, k: int, group_size: int, rows: int = ROWS) -> di
     weight, scale, minimum, group = _sample_weight(kind, n, k, group_size)
     x = torch.randn(rows, k)
     seconds = {}
-    for path in PATHS[kind]:
+    for path in paths(kind, n):
         run(path, x, kind, weight, scale, minimum, None, group)  # warm-up
         times = []
         for _ in range(3):
@@ -162,7 +172,7 @@ def choose(kind: str, n: int, k: int, group_size: int = 0, rows: int = ROWS) -> 
     """The prefill path for ``rows`` activation rows through a weight of ``kind`` and shape (n, k): forced,
     cached for its length bucket, or measured now."""
     forced = os.environ.get("PHIKIT_PREFILL_PATH", "").strip()
-    if forced in PATHS[kind]:
+    if forced in paths(kind, n):
         return forced
     if os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
         return "phikit_gemm"
