@@ -6,7 +6,8 @@ decoding step (``phikit_decode_layers``) gains over running the layers as module
 
 1. gemv: one decoding step's worth of weights in Phi-2's shapes (32 layers of q/k/v/dense 2560x2560, fc1
    10240x2560, fc2 2560x10240; distinct tensors, so nothing is served from cache) through the gemv kernel of
-   each format, reported in GB/s of weights read, next to a large ``tensor.sum()`` measured in the same
+   each format (``bf16_dp``: bf16 weights through the AVX-512 BF16 gemv, where the library has it), reported
+   in GB/s of weights read, next to a large ``tensor.sum()`` measured in the same
    round (the machine's memory bandwidth at that moment). ``--define`` builds a second copy of the kernels
    with a C macro changed (e.g. ``PREFETCH_I4=0``) and alternates it with the default, call by call.
    ``--pages`` adds a second copy of the weights on 4 KB pages (``PHIKIT_HUGE_PAGES`` unset while it is
@@ -64,7 +65,7 @@ def step_weights(kind: str, huge_pages: bool = True) -> tuple[list, int]:
         for _ in range(LAYERS):
             for n, k in SHAPES:
                 w = torch.randn(n, k) * 0.02
-                if kind == "bf16":
+                if kind in ("bf16", "bf16_dp"):
                     t = {"weight": kernels.empty_weight((n, k), torch.bfloat16).copy_(w)}
                 else:
                     t = kernels.quantize(w, kind, 64)
@@ -87,6 +88,8 @@ def run_step(lib: ctypes.CDLL, kind: str, mats: list, xs: dict) -> float:
             lib.phikit_gemv_i4(x, 1, k, t["weight"].data_ptr(), n, 64, s, m, None, y.data_ptr())
         elif kind == "int8":
             lib.phikit_gemv_i8(x, 1, k, t["weight"].data_ptr(), n, t["weight_scale"].data_ptr(), None, y.data_ptr())
+        elif kind == "bf16_dp":
+            lib.phikit_gemv_bf16_dp(x, 1, k, t["weight"].data_ptr(), n, None, y.data_ptr())
         else:
             lib.phikit_gemv_bf16(x, 1, k, t["weight"].data_ptr(), n, None, None, y.data_ptr())
     return time.perf_counter() - start

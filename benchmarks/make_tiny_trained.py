@@ -6,7 +6,12 @@
     nice -n 10 python benchmarks/make_tiny_trained.py --tokenizer ../shared/data/phi2-tokenizer \
         --extra-text ../shared/data/alpaca-52k/alpaca_data.json.gz --extra-field output --extra-rows 2000:22000 \
         --context 2048 --seq-len 512 --batch-size 2 --steps 600 --out benchmarks/_work/tiny-phi2-base
-        # the base of the CPU fine-tuning recipes: also general English prose, Phi-2's 2,048-token context
+        # the base of recipes/tiny-alpaca-cpu.yaml: also general English prose, Phi-2's 2,048-token context
+    nice -n 10 python benchmarks/make_tiny_trained.py --tokenizer ../shared/data/phi2-tokenizer \
+        --extra-text ../shared/data/alpaca-52k/alpaca_data.json.gz --extra-field output --extra-rows 2000:12000 \
+        --chat-text ../shared/data/guanaco-1k/train.jsonl --chat-exclude recipes/tiny-guanaco-cpu.yaml \
+        --context 2048 --seq-len 512 --batch-size 2 --steps 700 --out benchmarks/_work/tiny-phi2-chatbase
+        # the base of recipes/tiny-guanaco-cpu.yaml: also the words of its conversations, without markers
 
 Why: quantization error on a checkpoint with random weights says little about what int8/int4 does to a
 real model (random weights have no outliers, no structure, and a perplexity near the vocabulary size).

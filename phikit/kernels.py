@@ -471,26 +471,7 @@ def gemm(
 ) -> torch.Tensor:
     """y = x @ W.T (+ bias) for many rows of x (prefill): x (M, K) fp32 contiguous, W as in ``gemv``.
     Returns (M, N) fp32. Needs N % 16 == 0 and K % 64 == 0."""
-    n, k = check_linear("gemm", kind, weight, scale, minimum, bias, group_size)
-    m = x.shape[0] if x.dim() == 2 else -1
-    check("gemm input", x, torch.float32, (m, k))
-    y = torch.empty(m, n, dtype=torch.float32)
-    int4 = kind == "int4"
-    library().phikit_gemm(
-        GEMM_KINDS[kind],
-        x.data_ptr(),
-        m,
-        k,
-        weight.data_ptr(),
-        n,
-        None if int4 else _ptr(scale),
-        _ptr(scale) if int4 else None,
-        _ptr(minimum),
-        group_size,
-        _ptr(bias),
-        y.data_ptr(),
-    )
-    return y
+    return _gemm("gemm", library().phikit_gemm, x, kind, weight, scale, minimum, bias, group_size)
 
 
 def gemm_vnni(
@@ -509,14 +490,19 @@ def gemm_vnni(
         raise ValueError(f"phikit CPU kernel: gemm_vnni takes int8 or int4 weights, not {kind}")
     if not has(FEATURE_VNNI):
         raise ValueError("phikit CPU kernel: this library has no AVX-512 VNNI kernels")
-    n, k = check_linear("gemm_vnni", kind, weight, scale, minimum, bias, group_size)
-    if n % 32:
-        raise ValueError(f"phikit CPU kernel: gemm_vnni needs out_features % 32 == 0, got {n}")
+    if weight.dim() == 2 and weight.shape[0] % 32:
+        raise ValueError(f"phikit CPU kernel: gemm_vnni needs out_features % 32 == 0, got {weight.shape[0]}")
+    return _gemm("gemm_vnni", library().phikit_gemm_vnni, x, kind, weight, scale, minimum, bias, group_size)
+
+
+def _gemm(what: str, function, x, kind, weight, scale, minimum, bias, group_size) -> torch.Tensor:
+    """Check the arguments of a GEMM entry point (``phikit_gemm``'s signature) and call it."""
+    n, k = check_linear(what, kind, weight, scale, minimum, bias, group_size)
     m = x.shape[0] if x.dim() == 2 else -1
-    check("gemm input", x, torch.float32, (m, k))
+    check(f"{what} input", x, torch.float32, (m, k))
     y = torch.empty(m, n, dtype=torch.float32)
     int4 = kind == "int4"
-    library().phikit_gemm_vnni(
+    function(
         GEMM_KINDS[kind],
         x.data_ptr(),
         m,

@@ -176,16 +176,17 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, head=None) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labelled positions (and their count). A batch without any (with
     ``responses_only``, a packed sequence can be all prompt: a long user turn) has loss 0, not NaN.
 
     With a frozen head (LoRA's usual case) the head is applied by ``head_cross_entropy`` to the labelled
     positions only, a chunk at a time; otherwise (a trained ``lm_head``) through the model as usual. The
-    labels are shifted, not the logits, so the full logits are not copied."""
+    labels are shifted, not the logits, so the full logits are not copied. ``head``: ``frozen_head``'s
+    answer, when the caller keeps it across steps (a quantized head is then dequantized once)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
     count = int((targets != -100).sum())
-    head = frozen_head(unwrap(model).lm_head)
+    head = head or frozen_head(unwrap(model).lm_head)
     if head is None:
         logits = model(ids)
         loss = F.cross_entropy(
@@ -207,7 +208,8 @@ def frozen_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     """(weight, bias) of an output layer that trains nothing (a plain frozen Linear, or a quantized one,
     dequantized), else None."""
     if isinstance(head, QuantizedLinear):
-        return head.dequantized(), head.bias
+        weight = head.dequantized()
+        return weight if head.bias is None else weight.to(head.bias.dtype), head.bias
     if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
         return head.weight, head.bias
     return None
@@ -230,21 +232,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, chunk_bytes):
         want_grad = ctx.needs_input_grad[0]
-        weight = weight.to(hidden.dtype)
-        bias = None if bias is None else bias.to(hidden.dtype)
+        # the head's own dtype where it is 16-bit (as autocast would run it), else the hidden states'; the
+        # softmax in fp32; autocast off so that every dtype here is the one written
+        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if want_grad else None
-        for start in range(0, len(rows), chunk):
-            index = rows[start : start + chunk]
-            x, t = hidden.index_select(0, index), targets.index_select(0, index)
-            logits = F.linear(x, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if want_grad:  # d(sum of CE)/d logits = softmax - one-hot
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(t), device=t.device), t] -= 1
-                grad.index_copy_(0, index, probs.to(weight.dtype) @ weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(rows), chunk):
+                index = rows[start : start + chunk]
+                x, t = hidden.index_select(0, index).to(dtype), targets.index_select(0, index)
+                logp = torch.log_softmax(F.linear(x, weight, bias).float(), dim=-1)
+                total -= logp.gather(1, t[:, None]).sum()
+                if want_grad:  # d(sum of CE)/d logits = softmax - one-hot
+                    probs = logp.exp_()
+                    probs[torch.arange(len(t), device=t.device), t] -= 1
+                    grad.index_copy_(0, index, (probs.to(dtype) @ weight).to(grad.dtype))
         ctx.save_for_backward(grad)
         return total
 
@@ -255,7 +260,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, pad_id: int, device: torch.device, autocast) -> float:
+def evaluate_loss(model, batches, pad_id: int, device: torch.device, autocast, head=None) -> float:
     from phikit.data import collate
 
     was_training = model.training
@@ -264,7 +269,7 @@ def evaluate_loss(model, batches, pad_id: int, device: torch.device, autocast) -
     for batch in batches:
         ids, labels = (t.to(device) for t in collate(batch, pad_id))
         with autocast():
-            loss, n = causal_lm_loss(model, ids, labels)
+            loss, n = causal_lm_loss(model, ids, labels, head)
         total += loss.item() * n
         count += n
     model.train(was_training)
@@ -482,6 +487,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
             scaler.load_state_dict(state["scaler"])
         step, cursor = state["step"], state["cursor"]
         _set_rng_state(state["rng"])
+    head = frozen_head(model.lm_head)  # a frozen head's weights, dequantized once for the whole run
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -506,7 +512,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
             context = net.no_sync() if not sync and world > 1 else contextlib.nullcontext()
             with context:
                 with autocast():
-                    loss, n = causal_lm_loss(net, ids, labels)
+                    loss, n = causal_lm_loss(net, ids, labels, head)
                 if not torch.isfinite(loss):
                     bar.close()
                     last = checkpoints(out)
@@ -544,7 +550,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
                 epoch=cursor["epoch"],
             )
         if eval_batches and (step % config.eval_every == 0 or step == total_steps):
-            eval_loss = evaluate_loss(model, eval_batches, tokenizer.pad_id, device, autocast)
+            eval_loss = evaluate_loss(model, eval_batches, tokenizer.pad_id, device, autocast, head)
             log.write(step, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
             bar.write(f"step {step}: eval loss {eval_loss:.4f}")
         if main_process and (step % config.save_every == 0 or step == total_steps) and step < total_steps:

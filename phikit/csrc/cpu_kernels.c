@@ -146,8 +146,10 @@ enum { FEATURE_BF16_DP = 1, FEATURE_VNNI = 2 };
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 /* bf16 weights with AVX-512 BF16: x rounded to bf16 once per call (as llama.cpp rounds activations for
  * its bf16/f16 dot products), then vdpbf16ps multiplies 32 pairs and accumulates in fp32 per instruction,
- * a third of the instructions per weight of the AVX2 path (widen, shift, FMA). 4 rows of W share each
- * load of x. K % 32 == 0, N % 4 == 0. y[m][n] = dot(bf16(x[m]), W[n]) + bias[n]. */
+ * a third of the instructions per weight of the AVX2 path (widen, shift, FMA). One row of W at a time with
+ * four accumulators along k, so each thread reads one sequential stream: 3-4% more bandwidth than four
+ * rows side by side (four 5 KB streams that end and restart every 20 KB), measured with
+ * benchmarks/bench_decode.py (benchmarks/RESULTS.md). K % 32 == 0. y[m][n] = dot(bf16(x[m]), W[n]) + bias[n]. */
 void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
                          float *y) {
     uint16_t *xb = aligned_alloc(64, (size_t)((M * K * 2 + 63) / 64 * 64));
@@ -156,23 +158,21 @@ void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w
         _mm512_storeu_si512((void *)(xb + i), (__m512i)v);
     }
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n += 4) {
-        const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *wr = w + n * K;
         for (int64_t m = 0; m < M; m++) {
             const uint16_t *xr = xb + m * K;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < K; k += 32) {
-                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xr + k));
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w0 + k)), xv);
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w1 + k)), xv);
-                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(w2 + k)), xv);
-                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(w3 + k)), xv);
+            int64_t k = 0;
+            for (; k + 128 <= K; k += 128) {
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(wr + k)), (__m512bh)_mm512_loadu_si512((const void *)(xr + k)));
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(wr + k + 32)), (__m512bh)_mm512_loadu_si512((const void *)(xr + k + 32)));
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(wr + k + 64)), (__m512bh)_mm512_loadu_si512((const void *)(xr + k + 64)));
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(wr + k + 96)), (__m512bh)_mm512_loadu_si512((const void *)(xr + k + 96)));
             }
-            float *yr = y + m * N + n;
-            yr[0] = _mm512_reduce_add_ps(a0) + (bias ? bias[n] : 0.0f);
-            yr[1] = _mm512_reduce_add_ps(a1) + (bias ? bias[n + 1] : 0.0f);
-            yr[2] = _mm512_reduce_add_ps(a2) + (bias ? bias[n + 2] : 0.0f);
-            yr[3] = _mm512_reduce_add_ps(a3) + (bias ? bias[n + 3] : 0.0f);
+            for (; k < K; k += 32)
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(wr + k)), (__m512bh)_mm512_loadu_si512((const void *)(xr + k)));
+            y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) + (bias ? bias[n] : 0.0f);
         }
     }
     free(xb);
@@ -697,9 +697,30 @@ static void pack_panel_vnni(int kind, const void *w, const uint16_t *scale16, co
             }
         }
     }
-    uint32_t *B32 = (uint32_t *)Bq;
-    for (int64_t q = 0; q < kc / 4; q++)
-        for (int64_t j = 0; j < VNR; j++) B32[q * VNR + j] = rows[j][q];
+    uint32_t *B32 = (uint32_t *)Bq; /* B32[q * VNR + j] = rows[j][q], by 16 x 16 transposes of dwords */
+    for (int64_t j0 = 0; j0 < VNR; j0 += 16)
+        for (int64_t q0 = 0; q0 < kc / 4; q0 += 16) {
+            __m512i r[16], t[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512((const void *)&rows[j0 + i][q0]);
+            for (int i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) { /* r[i + c], lane L: rows i..i+3 of dword 4L + c */
+                r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+                r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+                r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+                r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+            }
+            for (int c = 0; c < 4; c++) {
+                __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+                __m512i y0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), y1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+                _mm512_store_si512((void *)(B32 + (q0 + c) * VNR + j0), _mm512_shuffle_i32x4(x0, y0, 0x88));
+                _mm512_store_si512((void *)(B32 + (q0 + 4 + c) * VNR + j0), _mm512_shuffle_i32x4(x1, y1, 0x88));
+                _mm512_store_si512((void *)(B32 + (q0 + 8 + c) * VNR + j0), _mm512_shuffle_i32x4(x0, y0, 0xDD));
+                _mm512_store_si512((void *)(B32 + (q0 + 12 + c) * VNR + j0), _mm512_shuffle_i32x4(x1, y1, 0xDD));
+            }
+        }
 }
 
 /* One slice (kc of K) of C rows m0.. (rows <= 6) x 32 columns. xr[i]: quantized row i at k0; dx/aux: its
