@@ -30,7 +30,6 @@ import argparse
 import json
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import WORK, machine, markdown_table, random_phi2, save_json, small_phi  # noqa: E402
+from common import WORK, isa_flags, machine, markdown_table, random_phi2, run_worker, save_json, small_phi  # noqa: E402
 
 DATA = HERE.parent / "recipes" / "data" / "tiny-instructions.jsonl"
 GUANACO = HERE.parent.parent / "shared" / "data" / "guanaco-1k" / "train.jsonl"
@@ -338,9 +337,7 @@ def main() -> None:
     rows = []
     for engine in ("phikit", "trl"):
         print(f"training with {engine} ...", file=sys.stderr, flush=True)
-        cmd = [
-            sys.executable,
-            __file__,
+        flags = [
             "--worker",
             engine,
             "--steps",
@@ -355,10 +352,7 @@ def main() -> None:
             str(args.hidden),
             *(["--gpu", "--data", args.data] if args.gpu else []),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(Path(__file__), flags))
     rows[0]["speedup"] = f"{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x"
     rows[1]["engine"] = "transformers+peft+trl SFTTrainer"
     what = (
@@ -388,18 +382,6 @@ def main() -> None:
     save_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
 
 
-def cpu_flags() -> str:
-    """The CPU's vector-instruction flags (AVX*, AMX, FMA, F16C) from /proc/cpuinfo: what the kernels may use."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return " ".join(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main_recipe(args) -> None:
     """Both engines on one recipe's model, data and settings, each in its own process, ``--rounds`` times."""
     config = recipe_config(args)
@@ -416,28 +398,16 @@ def main_recipe(args) -> None:
         for round_ in range(1, args.rounds + 1):
             for engine in ("phikit", "trl"):
                 print(f"round {round_}: training with {engine} ...", file=sys.stderr, flush=True)
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    engine,
-                    "--recipe",
-                    args.recipe,
-                    "--steps",
-                    str(args.steps),
-                ]
-                cmd += [*(["--model", args.model] if args.model else []), "--examples", str(examples)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                flags = ["--worker", engine, "--recipe", args.recipe, "--steps", str(args.steps)]
+                flags += [*(["--model", args.model] if args.model else []), "--examples", str(examples)]
+                row = run_worker(Path(__file__), flags)
                 row["round"] = round_
                 rows.append(row)
             phikit_row, trl_row = rows[-2], rows[-1]
             phikit_row["speedup"] = f"{phikit_row['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x"
             phikit_row["memory"] = f"{phikit_row['peak_rss_gb'] / trl_row['peak_rss_gb']:.2f}x"
             trl_row["engine"] = "transformers+peft+trl SFTTrainer"
-    flags = cpu_flags()
+    flags = isa_flags()
     print(
         f"\nMachine: {machine()}\nCPU flags: {flags}\nRecipe {args.recipe}: model {config.model}, "
         f"{'NF4 base, ' if config.quantize == 'nf4' else ''}LoRA r={config.lora_r} alpha={config.lora_alpha} "

@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine, markdown_table, save_json  # noqa: E402
+from common import isa_flags, machine, markdown_table, save_json  # noqa: E402
 
 from phikit import kernels  # noqa: E402
 from phikit.backends import autotune  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
                 print(row, flush=True)
                 columns += [c for c in row if c not in columns]
     info = machine()
-    isa = " ".join(sorted(f for f in kernels.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
+    isa = isa_flags()
     print(f"\nMachine: {info}\nCPU flags: {isa}\n")
     print(markdown_table(rows_out, [(c, c if c in ("format", "N x K", "rows") else f"{c} ms") for c in columns]))
     save_json(args.out, {"cpu_flags": isa, "rows": rows_out})

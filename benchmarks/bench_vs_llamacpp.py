@@ -24,9 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine, markdown_table, random_phi2, save_json  # noqa: E402
+from common import isa_flags, machine, markdown_table, random_phi2, save_json  # noqa: E402
 
-from phikit import kernels  # noqa: E402
 from phikit.bench import BenchSettings, run_one  # noqa: E402
 
 PAIRS = [("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")]
@@ -136,7 +135,7 @@ def main() -> None:
     order = {"phikit": 0, "llama.cpp": 1, "transformers": 2}
     rank = {p: i for i, pair in enumerate(PAIRS) for p in pair}
     rows.sort(key=lambda r: (rank.get(r["precision"], 9), order[r["engine"]]))
-    isa = " ".join(sorted(f for f in kernels.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
+    isa = isa_flags()
     print(
         f"\nMachine: {machine()}\nCPU flags: {isa}\nModel: {model}; prefill {args.prompt_tokens} tokens, decode "
         f"{args.new_tokens} tokens, batch 1; medians of {args.rounds} interleaved rounds; tensor.sum bandwidth "

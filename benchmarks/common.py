@@ -149,6 +149,14 @@ def run_worker(script: Path, args: list[str], timeout: int = 3600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def isa_flags() -> str:
+    """The CPU's vector-instruction flags (AVX*, AMX, FMA, F16C), sorted: what the kernels may use and what
+    every speed number in RESULTS.md names."""
+    from phikit import kernels
+
+    return " ".join(sorted(f for f in kernels.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))) or "unknown"
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """Rows of dicts -> a Markdown table; columns are (key, header)."""
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]

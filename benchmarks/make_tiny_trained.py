@@ -145,11 +145,14 @@ def extra_documents(path: Path, field: str, rows: slice, doc_chars: int = 2000) 
     from phikit.data import read_rows
 
     texts = [row.get(field) for _, row in read_rows(str(path))][rows]
+    return join_documents([t.strip() for t in texts if isinstance(t, str) and t.strip()], doc_chars)
+
+
+def join_documents(texts: list[str], doc_chars: int) -> list[str]:
+    """``texts`` in order, joined by blank lines into documents of about ``doc_chars`` characters."""
     docs, current = [], ""
     for text in texts:
-        if not isinstance(text, str) or not text.strip():
-            continue
-        current = f"{current}\n\n{text.strip()}" if current else text.strip()
+        current = f"{current}\n\n{text}" if current else text
         if len(current) >= doc_chars:
             docs.append(current)
             current = ""
@@ -180,13 +183,7 @@ def chat_documents(path: Path, exclude_recipe: Path | None, doc_chars: int = 200
             turns = [t.strip() for t in re.split(r"###\s*(?:Human|Assistant):", text)]
             texts.append("\n\n".join(t for t in turns if t))
     print(f"chat text: {len(texts)} conversations of {path} ({len(held)} held out by {exclude_recipe})", flush=True)
-    docs, current = [], ""
-    for text in texts:
-        current = f"{current}\n\n{text}" if current else text
-        if len(current) >= doc_chars:
-            docs.append(current)
-            current = ""
-    return docs + ([current] if current else [])
+    return join_documents(texts, doc_chars)
 
 
 def split_topics() -> tuple[dict[str, str], dict[str, str]]:

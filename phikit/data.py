@@ -211,6 +211,37 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Tokenizer, responses_onl
     return Example(ids + [tokenizer.eos_id], labels + [tokenizer.eos_id])
 
 
+def rendered_rows(
+    source: str,
+    fmt: str = "text",
+    template: str | Template = "guanaco",
+    split: str = "train",
+    skip_bad_rows: bool = False,
+    limit: int | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[tuple[str, dict, list]]:
+    """(where, row, segments) of each usable row of a data source in order, up to ``limit`` rows: the rows
+    fine-tuning trains on (and holds out from). A malformed row raises a PhikitError naming file and line,
+    unless ``skip_bad_rows``; then its ``where`` is appended to ``skipped``."""
+    if fmt not in FORMATS:
+        raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    template = get_template(template)
+    used = 0
+    for where, row in read_rows(source, split):
+        try:
+            segments = render(row, fmt, template)
+        except ValueError as e:
+            if skip_bad_rows:
+                if skipped is not None:
+                    skipped.append(where)
+                continue
+            raise PhikitError(f"{where}: {e} (format {fmt}); fix the row or set skip_bad_rows") from None
+        yield where, row, segments
+        used += 1
+        if limit and used >= limit:
+            return
+
+
 def load_examples(
     source: str,
     tokenizer: Tokenizer,
@@ -221,27 +252,13 @@ def load_examples(
     skip_bad_rows: bool = False,
     limit: int | None = None,
 ) -> tuple[list[Example], int]:
-    """Tokenized examples of a data source and the number of malformed rows skipped.
-
-    A malformed row raises a PhikitError naming file and line, unless ``skip_bad_rows``."""
-    if fmt not in FORMATS:
-        raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    template = get_template(template)
-    examples, skipped = [], 0
-    for where, row in read_rows(source, split):
-        try:
-            segments = render(row, fmt, template)
-        except ValueError as e:
-            if skip_bad_rows:
-                skipped += 1
-                continue
-            raise PhikitError(f"{where}: {e} (format {fmt}); fix the row or set skip_bad_rows") from None
-        examples.append(encode(segments, tokenizer, responses_only))
-        if limit and len(examples) >= limit:
-            break
+    """Tokenized examples of a data source (``rendered_rows``) and the number of malformed rows skipped."""
+    skipped: list[str] = []
+    rows = rendered_rows(source, fmt, template, split, skip_bad_rows, limit, skipped)
+    examples = [encode(segments, tokenizer, responses_only) for _, _, segments in rows]
     if not examples:
-        raise PhikitError(f"{source}: no usable rows ({skipped} malformed)")
-    return examples, skipped
+        raise PhikitError(f"{source}: no usable rows ({len(skipped)} malformed)")
+    return examples, len(skipped)
 
 
 def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> list[Example]:

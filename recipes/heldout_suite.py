@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from phikit.data import read_rows, render, split_eval
+from phikit.checkpoint import atomic_write
+from phikit.data import render, rendered_rows, split_eval
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.train import TrainConfig
@@ -54,18 +55,12 @@ def heldout_rows(config: TrainConfig) -> list[tuple[str, dict]]:
         raise PhikitError(
             "the recipe holds out no rows of its data: it needs eval_fraction and no eval_data/eval_split"
         )
-    template = get_template(config.template)
-    rows = []
-    for where, row in read_rows(config.data, config.split):
-        try:
-            render(row, config.data_format, template)
-        except ValueError as e:
-            if config.skip_bad_rows:
-                continue
-            raise PhikitError(f"{where}: {e} (format {config.data_format})") from None
-        rows.append((where, row))
-        if config.max_examples and len(rows) >= config.max_examples:
-            break
+    rows = [
+        (where, row)
+        for where, row, _ in rendered_rows(
+            config.data, config.data_format, config.template, config.split, config.skip_bad_rows, config.max_examples
+        )
+    ]
     return split_eval(rows, config.eval_fraction, config.seed)[1]
 
 
@@ -84,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     prompts = [{"id": row_id(where), "prompt": first_prompt(row, config.data_format, template)} for where, row in held]
     suite = {"template": config.template, "max_new_tokens": args.max_new_tokens, "prompts": prompts}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     header = f"# {len(prompts)} held-out rows of {config.data} (recipe {args.recipe}, seed {config.seed})\n"
-    args.out.write_text(header + yaml.safe_dump(suite, allow_unicode=True, sort_keys=False, width=10**6))
+    text = header + yaml.safe_dump(suite, allow_unicode=True, sort_keys=False, width=10**6)
+    atomic_write(args.out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     print(f"{args.out}: {len(prompts)} prompts")
     return 0
 
