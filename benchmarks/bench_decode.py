@@ -152,16 +152,15 @@ def bench_step(precisions: list[str], rounds: int, contexts: list[int]) -> list[
     for precision in precisions:
         quantize = None if precision == "bf16" else precision
         model = load(folder, dtype="bf16" if quantize is None else "auto", device="cpu", quantize=quantize).model
-        plan = model.model.decode_plan
-        one_call = plan.get
+        one_call = model.decode_step
 
         speeds = {"one call": [], "module by module": []}
         for _ in range(rounds):
             for mode in speeds:
-                plan.get = one_call if mode == "one call" else (lambda layers: None)
+                model.decode_step = one_call if mode == "one call" else model.forward
                 decode_tok_s(model, 4)  # warm-up
                 speeds[mode].append(decode_tok_s(model))
-        plan.get = one_call
+        model.decode_step = one_call
         base = statistics.median(speeds["module by module"])
         for mode, values in speeds.items():
             median = statistics.median(values)
@@ -180,7 +179,7 @@ def bench_step(precisions: list[str], rounds: int, contexts: list[int]) -> list[
             path = f"one call, {name}" if name else "one call"
             rows.append({"precision": precision, "path": path, "context": c, "decode_tok_s": median})
             print(f"step {precision} after {c} tokens, {path}: {median:.2f} tok/s", file=sys.stderr, flush=True)
-        model = plan = None  # free it before the next precision loads
+        model = None  # free it before the next precision loads
     return rows
 
 

@@ -93,7 +93,7 @@ def decode_rows(model_path: str, precisions: list[str]) -> list[dict]:
         phi = load(model_path, dtype=precision if quantize is None else "bf16", device="cuda", quantize=quantize)
         model = phi.model
         for mode in ("graphs + compiled layer", "graphs", "eager"):
-            model.use_graphs = mode != "eager"
+            model.decode_step.enabled = mode != "eager"
             cuda.set_compiled_layers(model, mode.endswith("layer"))
             torch._dynamo.utils.counters.clear()
             started = time.perf_counter()

@@ -23,11 +23,11 @@ from phikit.checkpoint import (
     resolve_model_path,
     save_checkpoint,
 )
-from phikit.config import QUANTIZED_ARCHITECTURE, QUANTIZED_TYPE, PhiConfig
+from phikit.config import QUANTIZED_ARCHITECTURES, QUANTIZED_TYPES
 from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
 from phikit.lora import load_adapter
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM, read_config
 from phikit.quantize import QuantSpec, bnb_available, bnb_nf4_hook, prepare_shells, quantizing_hook
 from phikit.templates import Template
 from phikit.tokenizer import Tokenizer
@@ -37,13 +37,13 @@ from phikit.tokenizer import Tokenizer
 class Phi:
     """A loaded model with its tokenizer: ``phikit.load("microsoft/phi-2").generate("...")``."""
 
-    model: PhiForCausalLM
+    model: CausalLM
     tokenizer: Tokenizer
     path: Path
     quantization: QuantSpec | None = None
     load_seconds: float = 0.0
     defaults: GenerationConfig = field(default_factory=GenerationConfig)
-    draft: PhiForCausalLM | None = None  # a smaller model for speculative decoding (same tokenizer)
+    draft: CausalLM | None = None  # a smaller model for speculative decoding (same tokenizer)
 
     @property
     def precision(self) -> str:
@@ -51,7 +51,8 @@ class Phi:
         LayerNorms', which the CPU backend keeps in fp32)."""
         if self.quantization is not None:
             return self.quantization.format
-        linear = self.model.model.layers[0].mlp.fc1
+        mlp = self.model.model.layers[0].mlp
+        linear = next(m for m in mlp.children() if hasattr(m, "in_features"))
         linear = getattr(linear, "base_layer", linear)  # under a LoRA adapter
         return str(linear.weight.dtype).removeprefix("torch.")
 
@@ -73,14 +74,14 @@ def load(
     progress: bool = False,
     adapter: str | os.PathLike | None = None,
 ) -> Phi:
-    """Load a Phi checkpoint (local folder or Hub id) and its tokenizer.
+    """Load a checkpoint of any Phi family (local folder or Hub id) and its tokenizer.
 
     ``quantize`` (int8, int4, nf4) quantizes each linear layer as it is read; a checkpoint written by
     ``phikit quantize`` loads already quantized. ``dtype`` is that of everything not quantized.
     """
     start = time.perf_counter()
     folder = resolve_model_path(model)
-    config = PhiConfig.from_json(folder / "config.json")
+    config = read_config(folder / "config.json")
     tokenizer = Tokenizer(folder)  # before the weights: a mismatch costs no load
     if tokenizer.vocab_size > config.vocab_size:
         raise PhikitError(
@@ -119,11 +120,18 @@ def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) ->
     and weights in ``phikit-quantized.safetensors`` rather than ``model.safetensors``."""
     if phi.quantization is None:
         raise PhikitError("the model is not quantized; load it with quantize=... first")
-    config = PhiConfig.from_json(phi.path / "config.json").to_hf_dict()
+    source = read_config(phi.path / "config.json")
+    config = source.to_hf_dict()
     config["quantization_config"] = phi.quantization.to_config()
     config["torch_dtype"] = str(phi.model.dtype).removeprefix("torch.")
-    config["model_type"], config["architectures"] = QUANTIZED_TYPE, [QUANTIZED_ARCHITECTURE]  # others refuse it
+    # marked for phikit alone: others refuse it
+    config["model_type"], config["architectures"] = (
+        QUANTIZED_TYPES[source.family],
+        [QUANTIZED_ARCHITECTURES[source.family]],
+    )
     state = phi.model.state_dict()
+    if state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr():
+        del state["lm_head.weight"]  # a head tied to the embedding (kept unquantized): tied again on load
     return save_checkpoint(
         out, state, config, phi.path, overwrite=overwrite, weights_name=QUANTIZED_WEIGHTS, source=phi.path
     )

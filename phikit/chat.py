@@ -7,31 +7,47 @@ from collections.abc import Callable
 from typing import TextIO
 
 from phikit.generate import GenerationConfig, generate
-from phikit.templates import Template, get_template
+from phikit.templates import ChatTemplate, Template, get_template
 
 HELP = "Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits."
 
 
+def conversation(history: list[tuple[str, str]], user: str, system: str | None = None) -> list[dict]:
+    """Earlier (user, reply) turns, then the new user turn, as chat messages (a system message first)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": user}]
+
+
 def fit_history(
-    history: list[tuple[str, str]], user: str, template: Template, count_tokens: Callable[[str], int], budget: int
+    history: list[tuple[str, str]],
+    user: str,
+    template: Template | ChatTemplate,
+    count_tokens: Callable[[str], int],
+    budget: int,
+    system: str | None = None,
 ) -> list[tuple[str, str]]:
     """Drop the oldest turns until the rendered prompt fits ``budget`` tokens."""
     turns = list(history)
-    while turns and count_tokens(template.render_chat(turns, user)) > budget:
+    while turns and count_tokens(template.render_messages(conversation(turns, user, system))) > budget:
         turns.pop(0)
     return turns
 
 
 def chat(
     phi,
-    template: str | Template = "guanaco",
+    template: str | Template | ChatTemplate = "auto",
     config: GenerationConfig | None = None,
     read: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
+    system: str | None = None,
 ) -> list[tuple[str, str]]:
     """Read user turns with ``read`` until /exit or end of input, stream each reply to ``out``; returns the
-    history. Old turns are dropped when the conversation no longer fits the context window."""
-    template = get_template(template)
+    history. The turns are written with ``template`` (``auto``: the checkpoint's chat template where it has
+    one, else guanaco's format), after ``system`` if given. Old turns are dropped when the conversation no
+    longer fits the context window."""
+    template = get_template(template, phi.tokenizer)
     config = config or GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.9)
     context = phi.model.config.max_position_embeddings
     history: list[tuple[str, str]] = []
@@ -51,8 +67,9 @@ def chat(
             print("(conversation reset)", file=out)
             continue
         budget = context - config.max_new_tokens
-        history = fit_history(history, user, template, lambda text: len(phi.tokenizer.encode(text)), budget)
-        prompt = template.render_chat(history, user)
+        count = lambda text: len(phi.tokenizer.encode(text))  # noqa: E731
+        history = fit_history(history, user, template, count, budget, system)
+        prompt = template.render_messages(conversation(history, user, system))
         out.write("phi> ")
         out.flush()
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from phikit import kernels
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM, build_model, read_config
 
 DEFAULT_MODEL = "microsoft/phi-2"
 
@@ -341,19 +341,22 @@ def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
-    prepare: Callable[[PhiForCausalLM], None] | None = None,
-    on_tensor: Callable[[str, torch.Tensor, PhiForCausalLM, torch.dtype], bool] | None = None,
+    prepare: Callable[[CausalLM], None] | None = None,
+    on_tensor: Callable[[str, torch.Tensor, CausalLM, torch.dtype], bool] | None = None,
     progress: bool = False,
-) -> PhiForCausalLM:
-    """Build a PhiForCausalLM from a checkpoint folder or Hub id, in eval mode with frozen weights.
+) -> CausalLM:
+    """Build the model of a checkpoint folder or Hub id (its family by config.json's ``model_type``), in eval
+    mode with frozen weights.
 
     Floating parameters are cast to ``dtype``; buffers (quantized weights and their scales) keep theirs.
     ``prepare(model)`` may swap modules of the meta-device model first (shells of a quantized checkpoint);
     ``on_tensor(name, tensor, model, dtype)`` may take over placing a tensor and returns True when it did
-    (quantizing while loading, so a full-precision copy of every layer never exists at once).
+    (quantizing while loading, so a full-precision copy of every layer never exists at once). A head tied to
+    the embedding (``tie_word_embeddings`` and no ``lm_head.weight`` stored) is offered to ``on_tensor`` as
+    ``lm_head.weight`` too, so a quantized head is quantized apart from the embedding, which stays as is.
     """
     folder = resolve_model_path(path)
-    config = PhiConfig.from_json(folder / "config.json")
+    config = read_config(folder / "config.json")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     with _unfragmented_heap():
@@ -362,9 +365,9 @@ def load_model(
     return model
 
 
-def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -> PhiForCausalLM:
+def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -> CausalLM:
     with torch.device("meta"), _no_init():
-        model = PhiForCausalLM(config)
+        model = build_model(config)
     if prepare is not None:
         prepare(model)
     expected = {name: t.shape for name, t in model.state_dict().items()}
@@ -380,8 +383,8 @@ def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -
             if key not in expected:
                 if key.endswith((".weight", ".bias")):  # rotary buffers and the like are fine to skip
                     raise PhikitError(
-                        f"{folder}: tensor {key} has no place in the model config.json describes "
-                        f"({config.num_hidden_layers} layers); config and weights do not match"
+                        f"{folder}: tensor {key} has no place in the {type(model).__name__} config.json "
+                        f"describes ({config.num_hidden_layers} layers); config and weights do not match"
                     )
                 continue
             if value.shape != expected[key]:
@@ -404,13 +407,15 @@ def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -
             bar.update()
     bar.close()
     if config.tie_word_embeddings and "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embedding = model.model.embed_tokens.weight
+        if on_tensor is None or not on_tensor("lm_head.weight", embedding, model, dtype):
+            model.lm_head.weight = embedding
         seen.add("lm_head.weight")
     missing = sorted(set(expected) - seen)
     if missing:
         raise PhikitError(
             f"{folder}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
-            "it is incomplete or not a Phi checkpoint"
+            "it is incomplete or not a checkpoint of this model"
         )
     return model
 

@@ -5,9 +5,11 @@ or a Hugging Face Hub dataset. Formats of a row:
   text      {"text": "### Human: ...### Assistant: ..."}  (guanaco; turns split on the template's markers)
   alpaca    {"instruction": ..., "input": ... (optional), "output": ...}
   messages  {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
-Every example ends with <|endoftext|> so the model learns to stop. Padding is also <|endoftext|> but is
-masked out of the loss, while each example's real EOS keeps its label. With ``responses_only`` the
-loss covers only what the assistant says (and its EOS).
+Rows are written with a prompt template: a format template (guanaco, instruct, ...) or, with ``template:
+chat``, the checkpoint's own chat template (Phi-3, Phi-4), whose replies end with its turn-end token
+(``<|end|>``), trained on with the reply. Every example ends with the EOS (``<|endoftext|>``) so the model
+learns to stop. Padding is also EOS but is masked out of the loss, while each example's real EOS keeps its
+label. With ``responses_only`` the loss covers only what the assistant says (and its EOS).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import BinaryIO
 import torch
 
 from phikit.errors import PhikitError
-from phikit.templates import Template, get_template
+from phikit.templates import ChatTemplate, Template, get_template
 from phikit.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -127,7 +129,7 @@ def _check_unicode(value) -> None:
             _check_unicode(v)
 
 
-def render(row: dict, fmt: str, template: Template) -> list[tuple[str, bool]]:
+def render(row: dict, fmt: str, template: Template | ChatTemplate) -> list[tuple[str, bool]]:
     """A row as text segments, each flagged True when it is the model's reply (trained on)."""
     if not isinstance(row, dict):
         raise ValueError("expected a JSON object")
@@ -138,6 +140,8 @@ def render(row: dict, fmt: str, template: Template) -> list[tuple[str, bool]]:
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ValueError('expected a non-empty string field "text"')
+        if isinstance(template, ChatTemplate):  # no turn markers to split on: plain text, all trained on
+            return [(text, True)]
         return split_turns(text, template)
     if fmt == "alpaca":
         instruction, output = row.get("instruction"), row.get("output")
@@ -145,36 +149,15 @@ def render(row: dict, fmt: str, template: Template) -> list[tuple[str, bool]]:
             raise ValueError('expected string fields "instruction" and "output"')
         extra = row.get("input") or ""
         prompt = instruction + (f"\n{extra}" if extra else "")
+        if isinstance(template, ChatTemplate):  # an instruction is a user turn, its output the reply
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output.strip()}]
+            return template.conversation_segments(turns)
         return [(template.render(prompt), False), (" " + output.strip(), True)]
     if fmt == "messages":
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError('expected a non-empty list field "messages"')
-        segments: list[tuple[str, bool]] = []
-        system = ""
-        for m in messages:
-            if (
-                not isinstance(m, dict)
-                or not isinstance(m.get("content"), str)
-                or m.get("role") not in ("system", "user", "assistant")
-            ):
-                raise ValueError('each message needs "role" (system, user, assistant) and string "content"')
-            if m["role"] == "system":
-                system += m["content"].strip() + "\n"
-            elif m["role"] == "user":
-                if segments and not segments[-1][1]:
-                    raise ValueError("two user messages in a row")
-                segments.append(
-                    ((template.separator if segments else "") + template.render(system + m["content"]), False)
-                )
-                system = ""
-            else:
-                if not segments or segments[-1][1]:
-                    raise ValueError("an assistant message must follow a user message")
-                segments.append((" " + m["content"].strip(), True))
-        if not segments[-1][1]:
-            raise ValueError("the last message must be the assistant's")
-        return segments
+        return template.conversation_segments(messages)
     raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -201,31 +184,36 @@ def split_turns(text: str, template: Template) -> list[tuple[str, bool]]:
 
 
 def encode(segments: list[tuple[str, bool]], tokenizer: Tokenizer, responses_only: bool) -> Example:
-    """Token ids with <|endoftext|> appended, and labels (IGNORE where not trained on)."""
+    """Token ids with the EOS appended (unless the text already ends with it: a chat template's own, which
+    is then trained on with the last reply), and labels (IGNORE where not trained on)."""
     ids: list[int] = []
     labels: list[int] = []
     for text, is_reply in segments:
         part = tokenizer.encode(text)
         ids += part
         labels += part if (is_reply or not responses_only) else [IGNORE] * len(part)
+    if ids and ids[-1] == tokenizer.eos_id:
+        return Example(ids, labels)
     return Example(ids + [tokenizer.eos_id], labels + [tokenizer.eos_id])
 
 
 def rendered_rows(
     source: str,
     fmt: str = "text",
-    template: str | Template = "guanaco",
+    template: str | Template | ChatTemplate = "guanaco",
     split: str = "train",
     skip_bad_rows: bool = False,
     limit: int | None = None,
     skipped: list[str] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[tuple[str, dict, list]]:
     """(where, row, segments) of each usable row of a data source in order, up to ``limit`` rows: the rows
     fine-tuning trains on (and holds out from). A malformed row raises a PhikitError naming file and line,
-    unless ``skip_bad_rows``; then its ``where`` is appended to ``skipped``."""
+    unless ``skip_bad_rows``; then its ``where`` is appended to ``skipped``. ``tokenizer``: where the
+    template is ``chat`` (the checkpoint's chat template)."""
     if fmt not in FORMATS:
         raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    template = get_template(template)
+    template = get_template(template, tokenizer)
     used = 0
     for where, row in read_rows(source, split):
         try:
@@ -254,7 +242,7 @@ def load_examples(
 ) -> tuple[list[Example], int]:
     """Tokenized examples of a data source (``rendered_rows``) and the number of malformed rows skipped."""
     skipped: list[str] = []
-    rows = rendered_rows(source, fmt, template, split, skip_bad_rows, limit, skipped)
+    rows = rendered_rows(source, fmt, template, split, skip_bad_rows, limit, skipped, tokenizer)
     examples = [encode(segments, tokenizer, responses_only) for _, _, segments in rows]
     if not examples:
         raise PhikitError(f"{source}: no usable rows ({len(skipped)} malformed)")

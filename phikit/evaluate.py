@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from phikit.checkpoint import atomic_write
 from phikit.errors import PhikitError
 from phikit.generate import generate
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM
 from phikit.templates import get_template
 from phikit.tokenizer import EOS_TEXT, Tokenizer
 
@@ -72,7 +72,7 @@ class Perplexity:
 
 @torch.inference_mode()
 def perplexity(
-    model: PhiForCausalLM,
+    model: CausalLM,
     ids: list[int],
     context: int = 1024,
     stride: int | None = None,
@@ -411,7 +411,7 @@ class PhikitLM(_LMBase):
         self.max_gen_toks = int(max_gen_toks)
 
     @property
-    def model(self) -> PhiForCausalLM:
+    def model(self) -> CausalLM:
         return self.phi.model
 
     @property

@@ -30,7 +30,7 @@ from phikit.checkpoint import (
 )
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM, read_config
 from phikit.templates import Template, get_template
 
 GGUF_ARCH = "phi2"  # llama.cpp runs Phi-1, Phi-1.5 and Phi-2 as this one architecture
@@ -80,7 +80,7 @@ def export_hf(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write ``model`` (+ ``adapter`` merged) as a transformers ``PhiForCausalLM`` checkpoint folder: config.json
+    """Write ``model`` (+ ``adapter`` merged) as a transformers ``CausalLM`` checkpoint folder: config.json
     with native ``phi`` keys, safetensors (sharded past 2 GB), tokenizer files. Loadable by transformers and vLLM.
 
     ``dtype`` (fp16, bf16, fp32) defaults to the checkpoint's own. Legacy remote-code checkpoints (``phi-msft``)
@@ -253,7 +253,7 @@ def _license(folder: Path) -> str | None:
 
 
 def gguf_tensor_name(name: str) -> str:
-    """llama.cpp's name for a ``PhiForCausalLM`` tensor: ``model.layers.3.mlp.fc1.bias`` -> ``blk.3.ffn_up.bias``."""
+    """llama.cpp's name for a ``CausalLM`` tensor: ``model.layers.3.mlp.fc1.bias`` -> ``blk.3.ffn_up.bias``."""
     module, _, kind = name.rpartition(".")
     if module in GGUF_TOP_NAMES:
         return f"{GGUF_TOP_NAMES[module]}.{kind}"
@@ -328,7 +328,7 @@ def _import_gguf():
 def _full_precision_source(model: str | os.PathLike) -> tuple[Path, PhiConfig]:
     """The model folder and config, refusing quantized checkpoints (ours or bitsandbytes/GPTQ ones)."""
     folder = resolve_model_path(model)
-    config = PhiConfig.from_json(folder / "config.json")
+    config = read_config(folder / "config.json")
     quantization = config.extra.get("quantization_config")
     if quantization:
         kind = quantization.get("format") or quantization.get("quant_method") or "quantized"
@@ -339,7 +339,7 @@ def _full_precision_source(model: str | os.PathLike) -> tuple[Path, PhiConfig]:
     return folder, config
 
 
-def _load_merged(folder: Path, config: PhiConfig, adapter, progress: bool, dtype=None) -> PhiForCausalLM:
+def _load_merged(folder: Path, config: PhiConfig, adapter, progress: bool, dtype=None) -> CausalLM:
     """The model on CPU with the adapter folded in: fp32 when merging, else ``dtype`` or the dtype it is stored
     in (exact, and half the memory of fp32 for an fp16/bf16 checkpoint)."""
     if adapter is None:
@@ -352,7 +352,7 @@ def _load_merged(folder: Path, config: PhiConfig, adapter, progress: bool, dtype
     return merge_lora(net)
 
 
-def _tensor_plan(net: PhiForCausalLM, folder: Path, gguf_type: str) -> list[tuple[str, torch.Tensor, object, bool]]:
+def _tensor_plan(net: CausalLM, folder: Path, gguf_type: str) -> list[tuple[str, torch.Tensor, object, bool]]:
     """(GGUF name, tensor, GGML type, round to f16 first) of every tensor, with llama.cpp's type rules:
     1-D tensors f32; matrices ``gguf_type``, or f16 where its blocks do not fit a row; the ternary types keep
     token_embd and output in f16 (the converter's rule), the llama-quantize types put output in Q8_0.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from phikit.errors import PhikitError
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM
 from phikit.templates import Template, get_template
 from phikit.tokenizer import Tokenizer
 
@@ -99,19 +99,30 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def rope_switch(model: CausalLM) -> int | None:
+    """The position from which a LongRoPE model computes with its long factors (its original context), else
+    None. A sequence that reaches it is prefilled again from the start (``generate_tokens``), as transformers'
+    Phi-3 does: the keys cached so far were rotated with the short factors."""
+    longrope = getattr(model.config, "longrope", None)
+    return None if longrope is None else longrope.original_max_position_embeddings
+
+
 @torch.inference_mode()
 def generate_tokens(
-    model: PhiForCausalLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int
+    model: CausalLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (batch,), step by step, for ``config.max_new_tokens`` steps.
 
-    Prompts are left-padded into one batch; the caller stops iterating when every row is done.
+    Prompts are left-padded into one batch; the caller stops iterating when every row is done. Each step
+    after the prefill runs the model's ``decode_step`` (the backend's, where it installed one); a LongRoPE
+    model whose row reaches the switch position (``rope_switch``) is prefilled again at that step instead.
     """
     device = model.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + config.max_new_tokens
-    compiled = getattr(model, "compiled_decode", None)
-    if compiled is not None or getattr(model, "use_graphs", False):
+    decode_step = model.decode_step
+    static = getattr(decode_step, "static", False)
+    if static:
         # round the cache up so a compiled step (or a captured CUDA graph) is reused across lengths
         total = min(-(-total // 256) * 256, max(total, model.config.max_position_embeddings))
     ids = torch.full((batch, longest), pad_id, dtype=torch.long)
@@ -131,6 +142,8 @@ def generate_tokens(
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
         for row in range(batch):
             seen[row, ids[row][valid[row, :longest]]] = True
+    switch = rope_switch(model)  # steps at which a row's next position reaches it: prefill again
+    again = {switch - len(p) for p in prompts} & set(range(config.max_new_tokens)) if switch else set()
     # Padded rows decode through the masked PyTorch attention, which would convert a narrower (fp16 CPU)
     # cache to the activations' dtype at every layer and step (measured 17-20% slower after 500 tokens):
     # they keep a cache of the model's dtype. (The C attention's first-slot argument could serve left
@@ -147,20 +160,39 @@ def generate_tokens(
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        if compiled is None:
-            logits = model(token[:, None], slot, cache, next_position, padding_mask)
-        else:  # a slot per row: the static-shape step
-            logits = compiled(token[:, None], slot.expand(batch, 1), cache, next_position, padding_mask)
+        if again:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+        if step in again:  # every slot again, with the long factors for the rows that reached the switch
+            every = torch.arange(ids.shape[1], device=device)
+            rope = (valid[:, : ids.shape[1]].long().cumsum(-1) - 1).clamp(min=0)
+            logits = model(ids, every, cache, rope, padding_mask, last_only=True)
+        elif static:  # a slot per row: the static-shape step
+            logits = decode_step(token[:, None], slot.expand(batch, 1), cache, next_position, padding_mask)
+        else:
+            logits = decode_step(token[:, None], slot, cache, next_position, padding_mask)
         logits = logits[:, -1].float()
         next_position += 1
         slot += 1
 
 
-def compile_decode(model: PhiForCausalLM, mode: str | None = None, backend: str = "inductor") -> PhiForCausalLM:
-    """torch.compile the one-token decode step. The compiled step takes its cache slot as a tensor and
-    attends over the whole (padded) cache with a mask, so its shapes never change and it compiles once
-    per cache size (``mode="reduce-overhead"`` adds CUDA graphs on GPUs). Prefill stays eager."""
-    model.compiled_decode = torch.compile(model.forward, mode=mode, backend=backend, dynamic=False)
+class _CompiledStep:
+    """``compile_decode``'s decoding step: the model's forward compiled with static shapes."""
+
+    static = True
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, input_ids, input_pos, cache, positions=None, padding_mask=None) -> torch.Tensor:
+        return self.compiled(input_ids, input_pos, cache, positions, padding_mask)
+
+
+def compile_decode(model: CausalLM, mode: str | None = None, backend: str = "inductor") -> CausalLM:
+    """Install a ``torch.compile``d one-token step as the model's ``decode_step``. It takes its cache slot as
+    a tensor per row and attends over the whole (padded) cache with a mask, so its shapes never change and
+    it compiles once per cache size (``mode="reduce-overhead"`` adds CUDA graphs on GPUs). Prefill stays
+    eager."""
+    model.decode_step = _CompiledStep(torch.compile(model.forward, mode=mode, backend=backend, dynamic=False))
     return model
 
 
@@ -194,7 +226,7 @@ class DraftModel:
     Each call first feeds the tokens the target accepted since the last call (one chunked forward), so
     rejected drafts cost nothing beyond the draft steps themselves."""
 
-    def __init__(self, model: PhiForCausalLM, max_length: int):
+    def __init__(self, model: CausalLM, max_length: int):
         self.model, self.cache, self.pos = model, model.new_cache(1, max_length), 0
 
     @torch.inference_mode()
@@ -217,16 +249,18 @@ class DraftModel:
 
 @torch.inference_mode()
 def speculative_tokens(
-    model: PhiForCausalLM, prompt: list[int], config: GenerationConfig, proposer, stats: SpeculativeStats | None = None
+    model: CausalLM, prompt: list[int], config: GenerationConfig, proposer, stats: SpeculativeStats | None = None
 ) -> Iterator[torch.Tensor]:
     """Greedy decoding of one prompt, verifying ``proposer``'s drafts with one forward per step.
 
     The target scores [last token] + drafts at once; drafts are kept up to the first one that differs
     from the target's own argmax, which is emitted instead, so the output is the target's greedy output.
     Rejected drafts need no cache rollback: the next step overwrites their slots and attention only
-    reads slots before the current position."""
+    reads slots before the current position. A LongRoPE model's drafts stop short of the switch position
+    (``rope_switch``), and the step that reaches it scores the whole sequence again, as plain greedy does."""
     stats = stats if stats is not None else SpeculativeStats()
     context = model.config.max_position_embeddings
+    switch = rope_switch(model)
     cache = model.new_cache(1, len(prompt) + config.max_new_tokens + config.draft_tokens + 1)
     device = model.device
     slots = torch.arange(len(prompt), device=device)
@@ -236,10 +270,13 @@ def speculative_tokens(
     yield torch.tensor(seq[-1:])
     while produced < config.max_new_tokens:
         room = min(config.draft_tokens, config.max_new_tokens - produced - 1, context - pos - 1)
+        if switch is not None and pos < switch:
+            room = min(room, switch - pos - 1)  # a chunk never spans the switch
         drafts = proposer.propose(seq, room) if room > 0 else []
-        inputs = torch.tensor([[seq[-1], *drafts]], device=device)
-        slots = torch.arange(pos, pos + inputs.shape[1], device=device)
-        predicted = model(inputs, slots, cache)[0].argmax(dim=-1).tolist()
+        first = 0 if pos == switch else pos  # reaching the switch: every slot again, long factors
+        inputs = torch.tensor([[*seq[first:], *drafts]], device=device)
+        slots = torch.arange(first, pos + 1 + len(drafts), device=device)
+        predicted = model(inputs, slots, cache)[0, pos - first :].argmax(dim=-1).tolist()
         n = 0
         while n < len(drafts) and drafts[n] == predicted[n]:
             n += 1
@@ -328,12 +365,12 @@ def encode_prompts(tokenizer: Tokenizer, texts: list[str], config: GenerationCon
 
 
 def iter_generate(
-    model: PhiForCausalLM,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompts: list[str],
     config: GenerationConfig,
     template: Template | str | None = None,
-    draft: PhiForCausalLM | None = None,
+    draft: CausalLM | None = None,
     stats: SpeculativeStats | None = None,
 ) -> Generator[tuple[int, str], None, list[Completion]]:
     """Generate for ``prompts`` in batches; yield (prompt index, new text) as text becomes final and
@@ -353,7 +390,7 @@ def iter_generate(
                 f"model's ({model.config.vocab_size}); they must share a tokenizer"
             )
         config = replace(config, batch_size=1)
-    template = get_template(template)
+    template = get_template(template, tokenizer)
     stop = tuple(dict.fromkeys((*template.stop, *config.stop)))
     texts = [template.render(p) for p in prompts]
     encoded = encode_prompts(tokenizer, texts, config, model.config.max_position_embeddings)
@@ -381,7 +418,7 @@ def iter_generate(
             for row, token in enumerate(step_tokens.tolist()):
                 if done[row]:
                     continue
-                if token == tokenizer.eos_id:
+                if token in tokenizer.stop_ids:  # EOS, <|end|>: the end of the reply, not part of it
                     done[row], reasons[row] = True, "stop"
                     continue
                 tokens[row].append(token)
@@ -406,13 +443,13 @@ def iter_generate(
 
 
 def generate(
-    model: PhiForCausalLM,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompts: str | list[str],
     config: GenerationConfig | None = None,
     template: Template | str | None = None,
     on_text: Callable[[int, str], None] | None = None,
-    draft: PhiForCausalLM | None = None,
+    draft: CausalLM | None = None,
     stats: SpeculativeStats | None = None,
     **overrides,
 ) -> Completion | list[Completion]:
@@ -436,12 +473,12 @@ def generate(
 
 
 def stream(
-    model: PhiForCausalLM,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompt: str,
     config: GenerationConfig | None = None,
     template: Template | str | None = None,
-    draft: PhiForCausalLM | None = None,
+    draft: CausalLM | None = None,
     **overrides,
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece as it is generated."""

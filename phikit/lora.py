@@ -26,9 +26,10 @@ from torch import nn
 from phikit.checkpoint import atomic_write, convert_legacy
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
+from phikit.models import FAMILIES, LINEAR_NAMES, changed
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "dense")
-KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head")
+DEFAULT_TARGETS = FAMILIES["phi"].attention_names  # an adapter_config.json without target_modules (Phi-2's)
+KNOWN_TARGETS = (*LINEAR_NAMES, "lm_head")
 ALIASES = {"Wqkv": ("q_proj", "k_proj", "v_proj"), "out_proj": ("dense",)}  # legacy remote-code names
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
 PEFT_PREFIX = "base_model.model."
@@ -197,6 +198,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         lora = LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout, config.use_rslora)
         _set_module(model, name, lora.train(model.training))  # a model in eval mode gets no dropout
     model.lora_config = config
+    changed(model)
     return model
 
 
@@ -227,9 +229,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
     return folder
 
 
-def read_adapter(
-    folder: str | os.PathLike, model_config: PhiConfig | None = None
-) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+def read_adapter(folder: str | os.PathLike, model_config=None) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """An adapter folder (ours or PEFT's): its config and tensors keyed by the native model's names, the LoRA
     ones (``...q_proj.lora_A.weight``) and any whole ones (PEFT's saved base layer ``lm_head.base_layer.weight``,
     ``modules_to_save``'s ``lm_head.weight``). An adapter trained on the legacy remote-code layout is read as
@@ -266,6 +266,10 @@ def read_adapter(
         for key, value in raw.items()
     }
     if any(name.startswith(LEGACY_PREFIXES) for name in weights):
+        if model_config is not None and model_config.family != "phi":
+            raise PhikitError(
+                f"{folder}: an adapter of the legacy Phi-2 layout does not fit a {model_config.family} model"
+            )
         spec = raw_config.get("target_modules")
         return _from_legacy(config, spec, weights, model_config or PhiConfig(), weights_path)
     return config, weights
@@ -431,6 +435,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                 whole.setdefault(module_name, {})[leaf] = value
         for module_name, tensors in whole.items():
             _replace_whole(model, module_name, tensors)
+    changed(model)
     return model
 
 
@@ -449,6 +454,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _set_module(model, name, base)
     if hasattr(model, "lora_config"):
         del model.lora_config
+    changed(model)
     return model
 
 

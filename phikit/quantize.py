@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from phikit.errors import PhikitError
+from phikit.models import LINEAR_NAMES
 
 FORMATS = ("int8", "int4", "nf4")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 NF4_BLOCK = 64
 NF4_ABSMAX_BLOCK = 256
 NF4_CODE = torch.tensor([
@@ -52,7 +52,8 @@ class QuantSpec:
             raise PhikitError(f"int4 group size must be 32, 64, 128 or 256, got {self.group_size}")
 
     def targets(self, name: str) -> bool:
-        """Whether the linear layer called ``name`` (e.g. model.layers.3.mlp.fc1) is quantized."""
+        """Whether the linear layer called ``name`` (e.g. model.layers.3.mlp.fc1) is quantized: every decoder
+        layer's linear layers (any family's ``LINEAR_NAMES``), and lm_head unless kept."""
         leaf = name.rsplit(".", 1)[-1]
         return leaf in LINEAR_NAMES or (leaf == "lm_head" and self.lm_head)
 

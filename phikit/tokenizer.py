@@ -10,11 +10,18 @@ from phikit.errors import PhikitError
 EOS_TEXT = "<|endoftext|>"
 
 
+TURN_END_TEXTS = ("<|end|>", "<|im_end|>")  # the chat turn's end of Phi-3/3.5/4-mini, and of Phi-4
+
+
 class Tokenizer:
-    """Byte-level BPE tokenizer of Phi (GPT-2/CodeGen vocabulary); EOS is ``<|endoftext|>``.
+    """A checkpoint's tokenizer through the ``tokenizers`` library: Phi-2's byte-level BPE (GPT-2/CodeGen
+    vocabulary), Phi-3's SentencePiece BPE (Llama-2's, in tokenizer.json), Phi-4-mini's o200k, Phi-4's BPE.
 
     Reads ``tokenizer.json``; falls back to ``vocab.json`` + ``merges.txt`` (plus ``added_tokens.json``).
-    Encoding adds no BOS, as transformers' tokenizer for Phi does not.
+    Encoding adds no BOS, as transformers' tokenizers for Phi do not. ``eos_id``: tokenizer_config.json's
+    ``eos_token`` (else ``<|endoftext|>``), appended to training examples and used as padding. ``stop_ids``:
+    every id that ends a reply: the EOS, config.json's and generation_config.json's ``eos_token_id`` (one or
+    a list) and the chat turn's end (``<|end|>``). ``chat_template``: the checkpoint's Jinja template, if any.
     """
 
     def __init__(self, folder: str | Path):
@@ -36,11 +43,24 @@ class Tokenizer:
             raise
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception subclasses
             raise PhikitError(f"{folder}: cannot read the tokenizer ({e})") from None
-        eos = self._tok.token_to_id(EOS_TEXT)
+        settings = _read_json_object(folder / "tokenizer_config.json")
+        self.special_tokens = {
+            key: _token_text(settings[key])
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if _token_text(settings.get(key)) is not None
+        }
+        self.eos_text = self.special_tokens.get("eos_token", EOS_TEXT)
+        eos = self._tok.token_to_id(self.eos_text)
         if eos is None:
-            raise PhikitError(f"{folder}: tokenizer has no {EOS_TEXT} token; not a Phi tokenizer")
+            self.eos_text, eos = EOS_TEXT, self._tok.token_to_id(EOS_TEXT)
+        if eos is None:
+            raise PhikitError(f"{folder}: tokenizer has no {EOS_TEXT} token (nor an eos_token); not a Phi tokenizer")
         self.eos_id: int = eos
-        self.pad_id: int = eos  # Phi has no pad token; generation and training pad with EOS
+        self.pad_id: int = eos  # generation and training pad with EOS (masked out of attention and loss)
+        stops = {eos, *_eos_ids(folder / "config.json"), *_eos_ids(folder / "generation_config.json")}
+        stops.update(i for i in map(self._tok.token_to_id, TURN_END_TEXTS) if i is not None)
+        self.stop_ids: frozenset[int] = frozenset(stops)
+        self.chat_template: str | None = _chat_template(folder, settings)
 
     @property
     def vocab_size(self) -> int:
@@ -57,6 +77,43 @@ class Tokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON object file, or {} where it is absent; a malformed one names itself."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PhikitError(f"{path}: not valid JSON ({e})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _eos_ids(path: Path) -> list[int]:
+    """``eos_token_id`` of a config file: one id or a list (Phi-3's generation_config lists three)."""
+    value = _read_json_object(path).get("eos_token_id")
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _chat_template(folder: Path, settings: dict) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja (transformers 5), else tokenizer_config.json's
+    ``chat_template`` (a string, or a list of named templates: the one named "default")."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
 
 
 class StreamDecoder:

@@ -17,7 +17,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"])
+    lora_targets: list[str] | None = None  # default: the attention projections of the model's family
     batch_size: int = 1
     grad_accum: int = 12
     lr: float = 1e-4
@@ -398,6 +398,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
     from phikit.checkpoint import resolve_device
     from phikit.data import collate, epoch_batches, load_examples, pack_examples, split_eval, truncate_examples
     from phikit.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, trainable_parameters
+    from phikit.models import family_of
 
     rank, world, local_rank = _world()
     device = resolve_device(config.device)
@@ -416,12 +417,13 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, list(config.lora_targets))
     dtype = config.dtype
     if dtype == "auto":
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     phi = load(config.model, dtype=dtype, device=device, quantize=config.quantize, progress=main_process and progress)
     model, tokenizer = phi.model, phi.tokenizer
+    targets = list(config.lora_targets or family_of(model.config).attention_names)
+    lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     if config.resume:
         load_adapter(model, existing[-1])
         for name, p in model.named_parameters():

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = Path(os.environ.get("PHIKIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "phi2-tokenizer"
+SHARED_DATA = Path(os.environ.get("PHIKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_TOKENIZER = SHARED_DATA / "phi2-tokenizer"
+PHI3_TOKENIZER = SHARED_DATA / "phi3-tokenizer"
+PHI4_MINI_TOKENIZER = SHARED_DATA / "phi4-mini-tokenizer"
 
 TINY = dict(
     hidden_size=64,
@@ -163,3 +166,136 @@ def server(phi):
 
     with Server(create_app(phi.model, phi.tokenizer, "tiny", "guanaco", max_batch=8, max_queue=32)) as s:
         yield s
+
+
+# ---- the Phi-3 family ----
+
+# Phi-3-mini-4k-instruct's chat template (as ../shared/data/phi3-tokenizer ships it), for the fallback tokenizer
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
+    "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif "
+    "message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor "
+    "%}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_CHAT_TOKENS = ["<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+
+PHI3_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    original_max_position_embeddings=256,
+    initializer_range=0.2,
+)
+
+
+def longrope(rotary_dim: int, original: int = 32, maximum: int = 256) -> dict:
+    """LongRoPE settings in the layout the Hub's Phi-3-128k configs use (``rope_scaling``)."""
+    half = rotary_dim // 2
+    return dict(
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [1.0 + 0.9 * i for i in range(half)],
+        },
+        original_max_position_embeddings=original,
+        max_position_embeddings=maximum,
+    )
+
+
+# The issue's four configurations: a 4k-like one with a small sliding window, a 128k-like one with LongRoPE
+# and a small original context, a Phi-4-mini-like one (GQA, partial rotary 0.75, tied embeddings, o200k,
+# LongRoPE) and a Phi-4-like one (GQA, rope_theta 250000).
+PHI3_VARIANTS = {
+    "phi3-4k": dict(sliding_window=16),
+    "phi3-128k": longrope(16),
+    "phi4-mini": dict(num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True, **longrope(12)),
+    "phi4": dict(num_key_value_heads=1, rope_theta=250000.0),
+}
+
+
+def _phi3_fallback_tokenizer(folder: Path) -> None:
+    """The tiny BPE with Phi-3's chat tokens and template, where ../shared is absent."""
+    from tokenizers import Tokenizer
+
+    _tiny_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(PHI3_CHAT_TOKENS)
+    tok.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = PHI3_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer_dir(tmp_path_factory) -> Path:
+    """Phi-3's tokenizer (Llama-2's SentencePiece + chat tokens) from ../shared, else the fallback."""
+    folder = tmp_path_factory.mktemp("phi3-tokenizer")
+    if PHI3_TOKENIZER.is_dir():
+        for f in PHI3_TOKENIZER.iterdir():
+            if f.is_file() and f.name != "PROVENANCE.md":
+                shutil.copyfile(f, folder / f.name)
+    else:
+        _phi3_fallback_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def phi4_mini_tokenizer_dir(tmp_path_factory) -> Path:
+    """Phi-4-mini's o200k tokenizer from ../shared (tokenizer.json gunzipped), else the Phi-3 fallback."""
+    import gzip
+
+    folder = tmp_path_factory.mktemp("phi4-mini-tokenizer")
+    if not PHI4_MINI_TOKENIZER.is_dir():
+        _phi3_fallback_tokenizer(folder)
+        return folder
+    for f in PHI4_MINI_TOKENIZER.iterdir():
+        if f.name == "tokenizer.json.gz":
+            (folder / "tokenizer.json").write_bytes(gzip.decompress(f.read_bytes()))
+        elif f.is_file() and f.suffix in (".json",):
+            shutil.copyfile(f, folder / f.name)
+    return folder
+
+
+def _vocab_rows(tokenizer_dir: Path) -> int:
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    return ((n + 63) // 64) * 64
+
+
+def make_phi3_checkpoint(folder: Path, tokenizer_dir: Path, *, seed: int = 0, dtype=torch.float32, **overrides):
+    """Save a random transformers Phi3ForCausalLM (and the tokenizer) to ``folder``; return the HF model (fp32)."""
+    from tokenizers import Tokenizer
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    settings = {**PHI3_TINY, "vocab_size": _vocab_rows(tokenizer_dir), **overrides}
+    settings.setdefault("bos_token_id", eos)
+    settings.update(eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(Phi3Config(**settings)).eval()
+    model.to(dtype).save_pretrained(folder)
+    model.float()
+    for f in tokenizer_dir.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return model
+
+
+@pytest.fixture(scope="session")
+def phi3_factory(tmp_path_factory, phi3_tokenizer_dir, phi4_mini_tokenizer_dir):
+    """``factory(variant, **overrides) -> (folder, hf_model)``, a variant of ``PHI3_VARIANTS``, cached."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def factory(variant: str = "phi3-4k", **overrides):
+        key = json.dumps([variant, overrides], sort_keys=True, default=str)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(variant)
+            tokenizer = phi4_mini_tokenizer_dir if variant == "phi4-mini" else phi3_tokenizer_dir
+            made[key] = (folder, make_phi3_checkpoint(folder, tokenizer, **{**PHI3_VARIANTS[variant], **overrides}))
+        return made[key]
+
+    return factory

@@ -11,7 +11,7 @@ from phikit import backends
 from phikit.backends import cuda
 from phikit.checkpoint import load_model
 from phikit.generate import GenerationConfig, generate_tokens
-from phikit.model import PhiDecoderLayer, PhiForCausalLM
+from phikit.models import CausalLM, changed
 from phikit.quantize import QuantizedLinear
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
@@ -23,9 +23,9 @@ def eager_capture(step):
     return (lambda: out.copy_(step())), out
 
 
-def graphed(model: PhiForCausalLM, compiled: bool = False) -> PhiForCausalLM:
+def graphed(model: CausalLM, compiled: bool = False) -> CausalLM:
     cuda.install(model)
-    model.graph_device, model.capture = "cpu", eager_capture
+    model.decode_step.graph_device, model.decode_step.capture = "cpu", eager_capture
     cuda.set_compiled_layers(model, compiled)
     return model
 
@@ -39,8 +39,10 @@ def test_model_and_quantize_import_no_backend():
     import ast
     from pathlib import Path
 
-    for name in ("model.py", "quantize.py"):
-        tree = ast.parse((Path(phikit.__file__).parent / name).read_text())
+    root = Path(phikit.__file__).parent
+    for path in [*sorted((root / "models").glob("*.py")), root / "quantize.py", root / "config.py"]:
+        name = path.name
+        tree = ast.parse(path.read_text())
         imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [m for m in imported if m and ("backends" in m or "kernels" in m or "ctypes" in m)], name
@@ -50,22 +52,21 @@ def test_model_and_quantize_import_no_backend():
 def test_graph_replayed_decoding_equals_the_plain_model(tiny, monkeypatch, compiled):
     """Batched (left-padded) and single-row greedy decoding through captured steps, with the decoder layer
     compiled (aot_eager: dynamo and functionalisation of the in-place cache writes) or not."""
-    if compiled:
-        compiled_layer = torch.compile(PhiDecoderLayer.forward, backend="aot_eager", dynamic=False)
-        monkeypatch.setattr(cuda, "_compiled_layer", compiled_layer)
+    monkeypatch.setattr(cuda, "_cuda_layers", {})  # compiled anew, with aot_eager
+    monkeypatch.setattr(cuda, "COMPILE_BACKEND", "aot_eager")
     folder, _ = tiny
     plain = load_model(folder, dtype="fp32", device="cpu")
     model = graphed(load_model(folder, dtype="fp32", device="cpu"), compiled)
     for prompts in (PROMPTS, PROMPTS[:1]):
         assert greedy(model, prompts) == greedy(plain, prompts)
-    assert len(model.graphs) == 2  # one per cache layout and batch
+    graphs = model.decode_step.graphs
+    assert len(graphs) == 2  # one per cache layout and batch
     greedy(model, PROMPTS[:1])  # same cache size again: the allocator may reuse the address, or capture anew
-    assert 2 <= len(model.graphs) <= cuda.MAX_GRAPHS
+    assert 2 <= len(graphs) <= cuda.MAX_GRAPHS
 
 
 def test_graph_replayed_steps_with_a_slot_per_row_match_the_plain_model(tiny):
     """Continuous batching's step: rows at their own slots of a larger cache's first rows."""
-    from types import SimpleNamespace
 
     folder, _ = tiny
     plain = load_model(folder, dtype="fp32", device="cpu")
@@ -75,15 +76,15 @@ def test_graph_replayed_steps_with_a_slot_per_row_match_the_plain_model(tiny):
 
     def step(net) -> torch.Tensor:
         cache = net.new_cache(3, 16)
-        rows = lambda a, b: SimpleNamespace(k=cache.k[:, a:b], v=cache.v[:, a:b], max_length=16)  # noqa: E731
         with torch.inference_mode():
             for row, n in enumerate(lengths.tolist()):
-                net(ids[row : row + 1, :n], torch.arange(n), rows(row, row + 1))
-            out = [net(ids[[0, 1], lengths + i][:, None], (lengths + i)[:, None], rows(0, 2)) for i in range(3)]
+                net(ids[row : row + 1, :n], torch.arange(n), cache.rows(row))
+            rows = cache.rows(0, 2)
+            out = [net.decode_step(ids[[0, 1], lengths + i][:, None], (lengths + i)[:, None], rows) for i in range(3)]
         return torch.cat(out, dim=1)
 
     torch.testing.assert_close(step(model), step(plain), rtol=0, atol=1e-5)
-    assert len(model.graphs) == 1
+    assert len(model.decode_step.graphs) == 1
 
 
 def test_graphs_are_not_used_under_autograd_or_in_training(tiny):
@@ -91,14 +92,19 @@ def test_graphs_are_not_used_under_autograd_or_in_training(tiny):
     model = graphed(load_model(folder, dtype="fp32", device="cpu"))
     cache = model.new_cache(1, 8)
     model(torch.tensor([[5, 6]]), torch.arange(2), cache)
-    model(torch.tensor([[7]]), torch.tensor([2]), cache)  # grad enabled: the plain step
-    assert not model.__dict__.get("graphs")
+    model.decode_step(torch.tensor([[7]]), torch.tensor([2]), cache)  # grad enabled: the plain step
+    assert not model.decode_step.graphs
+    model.train()
     with torch.inference_mode():
-        model(torch.tensor([[7]]), torch.tensor([2]), cache)
-    assert len(model.graphs) == 1
+        model.decode_step(torch.tensor([[7]]), torch.tensor([2]), cache)
+    assert not model.decode_step.graphs
+    model.eval()
+    with torch.inference_mode():
+        model.decode_step(torch.tensor([[7]]), torch.tensor([2]), cache)
+    assert len(model.decode_step.graphs) == 1
 
 
-def test_a_swapped_module_is_captured_anew(tiny):
+def test_a_swapped_module_is_captured_anew_once_the_model_says_it_changed(tiny):
     folder, _ = tiny
     model = graphed(load_model(folder, dtype="fp32", device="cpu"))
     before = greedy(model, PROMPTS[:1])
@@ -108,6 +114,7 @@ def test_a_swapped_module_is_captured_anew(tiny):
         replacement.weight.copy_(fc2.weight * 3)
         replacement.bias.copy_(fc2.bias)
         model.model.layers[0].mlp.fc2 = replacement
+    changed(model)  # what lora.inject_lora / load_adapter / merge_lora do
     after = greedy(model, PROMPTS[:1])
     plain = load_model(folder, dtype="fp32", device="cpu")
     with torch.no_grad():

@@ -12,6 +12,7 @@ from phikit import kernels
 from phikit.checkpoint import load_model, resolve_model_path
 from phikit.config import PhiConfig
 from phikit.errors import PhikitError
+from phikit.models import config_from_dict
 
 PUBLISHED_PHI2_CONFIG = {  # microsoft/phi-2 config.json as published (transformers 4.37 keys)
     "architectures": ["PhiForCausalLM"],
@@ -58,8 +59,10 @@ def test_published_phi2_config_and_rope_parameters_agree():
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(PhikitError, match="model_type 'llama' is not a Phi model"):
-        PhiConfig.from_dict({**PUBLISHED_PHI2_CONFIG, "model_type": "llama"})
+    with pytest.raises(PhikitError, match="model_type 'llama' is not a model phikit runs.*'phi', 'phi3'"):
+        config_from_dict({**PUBLISHED_PHI2_CONFIG, "model_type": "llama"})
+    with pytest.raises(PhikitError, match="model_type 'phi3' is not a Phi-1/1.5/2 model"):
+        PhiConfig.from_dict({**PUBLISHED_PHI2_CONFIG, "model_type": "phi3"})
     with pytest.raises(PhikitError, match="missing required key.*hidden_size"):
         PhiConfig.from_dict({k: v for k, v in PUBLISHED_PHI2_CONFIG.items() if k != "hidden_size"})
     with pytest.raises(PhikitError, match="rope type 'dynamic' is not supported"):

@@ -93,7 +93,7 @@ def forced_logits(model, prompt: torch.Tensor, forced: torch.Tensor) -> torch.Te
         out = [model(prompt, torch.arange(prompt.shape[1], device="cuda"), cache, last_only=True)]
         for i in range(forced.shape[1]):
             slot = torch.tensor([prompt.shape[1] + i], device="cuda")
-            out.append(model(forced[:, i : i + 1], slot, cache))
+            out.append(model.decode_step(forced[:, i : i + 1], slot, cache))
     return torch.cat(out, dim=1).float()
 
 
@@ -107,17 +107,17 @@ def test_graph_replayed_decoding_equals_eager(ckpt, compiled):
         vocab = model.config.vocab_size
         if dtype == "bf16":
             prompt, forced = ids_for(vocab, 12), ids_for(vocab, 20, seed=1)
-            model.use_graphs = True
+            model.decode_step.enabled = True
             graphed = forced_logits(model, prompt, forced)
-            assert len(model.graphs) == 1
-            model.use_graphs = False
+            assert len(model.decode_step.graphs) == 1
+            model.decode_step.enabled = False
             assert relative(graphed, forced_logits(model, prompt, forced)) < 1e-2
             continue
         config = GenerationConfig(max_new_tokens=16)
-        model.use_graphs = True
+        model.decode_step.enabled = True
         greedy = [s.tolist() for s in generate_tokens(model, [[5, 6, 7], [8, 9]], config, 0)]
-        assert len(model.graphs) == 1
-        model.use_graphs = False
+        assert len(model.decode_step.graphs) == 1
+        model.decode_step.enabled = False
         assert greedy == [s.tolist() for s in generate_tokens(model, [[5, 6, 7], [8, 9]], config, 0)]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from phikit.checkpoint import load_model
-from phikit.model import attention
+from phikit.models.common import attention
 
 VARIANTS = [
     {},

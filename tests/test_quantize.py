@@ -197,25 +197,28 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tiny, fmt
 
 @pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
-def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, precision, monkeypatch):
+def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, precision):
     """The C decoding step (every layer in one call) against the module-by-module path, and in fp32 against
-    transformers; a weight replaced or a hook added after a step is seen by the next."""
+    transformers; a weight replaced or a hook added, once the model says so (``changed``), is seen by the
+    next step."""
+    from phikit.models import changed
+
     folder, hf = tiny
     quantize = precision if precision.startswith("int") else None
     model = phikit.load(folder, dtype="fp32" if quantize else precision, device="cpu", quantize=quantize).model
-    plan = model.model.decode_plan
+    step = model.decode_step
     ids = torch.randint(0, min(500, hf.config.vocab_size), (2, 12), generator=torch.Generator().manual_seed(0))
 
     def decode(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(plan, "get", type(plan).get.__get__(plan) if fused else lambda layers: None)
+        one = step if fused else model.forward
         cache = model.new_cache(2, 16)
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = [model(ids[:, :8], torch.arange(8), cache)]
-            logits += [model(ids[:, t : t + 1], torch.tensor([t]), cache) for t in range(8, 12)]
+            logits += [one(ids[:, t : t + 1], torch.tensor([t]), cache) for t in range(8, 12)]
         return torch.cat(logits, dim=1)
 
     fused = decode(True)
-    assert plan.array is not None  # the one-call step ran
+    assert step.array is not None  # the one-call step ran
     # LayerNorm in C differs from PyTorch's in the last bits; int8's 15-bit and int4's 8-bit activation
     # rounding can carry such a bit to one step (~2e-5 to 3e-5 of these logits, which reach ~9)
     torch.testing.assert_close(fused, decode(False), rtol=0, atol=1e-3 if quantize else 1e-5)
@@ -223,42 +226,40 @@ def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, prec
         with torch.no_grad():
             torch.testing.assert_close(fused, hf(ids).logits, rtol=0, atol=1e-4)
             fc2 = model.model.layers[0].mlp.fc2
-            fc2.weight = torch.nn.Parameter(fc2.weight * 2, requires_grad=False)  # new memory: plan rebuilt
+            fc2.weight = torch.nn.Parameter(fc2.weight * 2, requires_grad=False)  # new memory
+        changed(model)
         torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=1e-5)
         calls = []
         hook = model.model.layers[1].register_forward_hook(lambda *args: calls.append(1))
+        changed(model)
         decode(True)  # a hooked layer is run as a module
         hook.remove()
-        assert len(calls) == 5
+        assert len(calls) == 5 and step.array is None
 
 
 @pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_one_call_decode_step_with_a_slot_per_row(tiny, monkeypatch, quantize):
+def test_one_call_decode_step_with_a_slot_per_row(tiny, quantize):
     """Continuous batching's step (rows at their own cache slots, a view of the first rows of a larger cache)
     through the C decoding step: the module path's logits, and (fp32) transformers' for each row's sequence.
     int8: an fp16 KV cache, read by both paths."""
-    from types import SimpleNamespace
-
     folder, hf = tiny
     model = phikit.load(folder, dtype="fp32", device="cpu", quantize=quantize).model
     assert model.kv_cache_dtype == (torch.float16 if quantize else None)
-    plan = model.model.decode_plan
     ids = torch.randint(0, min(500, hf.config.vocab_size), (2, 12), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([5, 9])
 
     def step(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(plan, "get", type(plan).get.__get__(plan) if fused else lambda layers: None)
+        one = model.decode_step if fused else model.forward
         cache = model.new_cache(3, 16)
-        rows = lambda a, b: SimpleNamespace(k=cache.k[:, a:b], v=cache.v[:, a:b], max_length=16)  # noqa: E731
-        with torch.no_grad():
+        with torch.inference_mode():
             for row, n in enumerate(lengths.tolist()):
-                model(ids[row : row + 1, :n], torch.arange(n), rows(row, row + 1))
+                model(ids[row : row + 1, :n], torch.arange(n), cache.rows(row))
             tokens = ids[[0, 1], lengths][:, None]
-            return model(tokens, lengths[:, None], rows(0, 2))[:, -1]
+            return one(tokens, lengths[:, None], cache.rows(0, 2))[:, -1]
 
     fused = step(True)
-    assert plan.array is not None
+    assert model.decode_step.array is not None
     torch.testing.assert_close(fused, step(False), rtol=0, atol=1e-3 if quantize else 1e-5)
     if quantize:
         return

@@ -163,3 +163,129 @@ def test_stream_decoder_across_whitespace_tokens_and_split_characters(phi2_token
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(PhikitError, match="no tokenizer found"):
         Tokenizer(tmp_path)
+
+
+# ---- the Phi-3 family's tokenizers and chat templates ----
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke\nabout cats."},
+    ],
+    [{"role": "user", "content": "  spaced  "}, {"role": "assistant", "content": "Caf\u00e9 \U0001f600"}],
+]
+
+
+def _shared(name: str):
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"{name} is not at {folder} (set PHIKIT_SHARED_DATA to its data folder)")
+    return folder
+
+
+def test_phi3_reproduces_llamacpp_reference_tokenizations(phi3_tokenizer_dir):
+    """llama.cpp's 46 test strings for microsoft/Phi-3-mini-4k-instruct, as the tokenizer file is shipped."""
+    reference = _shared("phi3-tokenizer") / "reference"
+    inp = (reference / "ggml-vocab-phi-3.gguf.inp").read_text(encoding="utf-8")
+    out = (reference / "ggml-vocab-phi-3.gguf.out").read_text(encoding="utf-8")
+    texts = inp[: -len(REFERENCE_SEPARATOR)].split(REFERENCE_SEPARATOR)
+    expected = [[int(i) for i in line.split()] for line in out[:-1].split("\n")]
+    assert len(texts) == len(expected) == 46
+    tok = Tokenizer(phi3_tokenizer_dir)
+    for text, ids in zip(texts, expected, strict=True):
+        assert tok.encode(text) == ids, text
+    assert tok.eos_id == 32000 and tok.stop_ids >= {32000, 32007} and tok.vocab_size == 32011
+
+
+def test_phi4_mini_tokenizer_equals_tiktoken_o200k(phi4_mini_tokenizer_dir):
+    """The 233 verification strings (multilingual, code, emoji, whitespace runs, special tokens in text)
+    against tiktoken's o200k_base with Phi-4-mini's special tokens."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+
+    shared = _shared("phi4-mini-tokenizer")
+    texts = json.loads((shared / "reference" / "verify-strings.json").read_text(encoding="utf-8"))
+    added = json.loads((shared / "added_tokens.json").read_text(encoding="utf-8"))
+    specials = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018, **added}
+    pattern = "|".join(
+        [
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"\p{N}{1,3}",
+            r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+            r"\s*[\r\n]+",
+            r"\s+(?!\S)",
+            r"\s+",
+        ]
+    )
+    reference = tiktoken.Encoding(
+        "o200k_phi4_mini",
+        pat_str=pattern,
+        mergeable_ranks=load_tiktoken_bpe(str(shared / "o200k_base.tiktoken")),
+        special_tokens=specials,
+    )
+    tok = Tokenizer(phi4_mini_tokenizer_dir)
+    assert len(texts) == 233
+    for text in texts:
+        assert tok.encode(text) == reference.encode(text, allowed_special="all"), text
+    assert tok.encode("Hello world") == [13225, 2375]
+    assert tok.eos_id == 199999 and 200020 in tok.stop_ids
+
+
+@pytest.mark.parametrize("which", ["phi3", "phi4-mini"])
+def test_chat_template_renders_as_transformers_apply_chat_template(which, phi3_tokenizer_dir, phi4_mini_tokenizer_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    from phikit.templates import get_template
+
+    folder = phi3_tokenizer_dir if which == "phi3" else phi4_mini_tokenizer_dir
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        chat_template=settings["chat_template"],
+        eos_token=settings.get("eos_token"),
+        bos_token=settings.get("bos_token"),
+    )
+    tok = Tokenizer(folder)
+    template = get_template("chat", tok)
+    for messages in CONVERSATIONS:
+        for generation in (True, False):
+            expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            assert template.render_messages(messages, add_generation_prompt=generation) == expected
+
+
+def test_phi3_chat_ids_and_reply_segments(phi3_tokenizer_dir):
+    """PROVENANCE.md's worked example: the ids of a rendered conversation, and what fine-tuning trains on:
+    each reply with its <|end|> (and the final EOS), never the prompt's turns."""
+    from phikit.data import encode
+    from phikit.templates import get_template
+
+    _shared("phi3-tokenizer")
+    tok = Tokenizer(phi3_tokenizer_dir)
+    template = get_template("chat", tok)
+    messages = [*CONVERSATIONS[1][:3]]
+    assert tok.encode(template.render_messages(messages, add_generation_prompt=False)) == [
+        32006, 887, 526, 8444, 29889, 32007, 32010, 6324, 727, 32007, 32001, 15043, 29991, 32007, 32000,
+    ]  # fmt: skip
+    example = encode(template.conversation_segments(messages), tok, responses_only=True)
+    assert example.ids[-1] == 32000 and example.ids.count(32000) == 1  # the template's EOS, not a second one
+    trained = [i for i, label in zip(example.ids, example.labels) if label != -100]
+    assert trained == [15043, 29991, 32007, 32000]  # "Hello!" <|end|> <|endoftext|>
+
+
+def test_chat_templates_are_sandboxed_and_their_errors_are_values(phi3_tokenizer_dir):
+    from phikit.templates import ChatTemplate
+
+    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ValueError, match="chat template"):
+        evil.render_messages([{"role": "user", "content": "x"}])
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}ok")
+    with pytest.raises(ValueError, match="user first"):
+        strict.render_messages([{"role": "assistant", "content": "x"}])
+    with pytest.raises(PhikitError, match="not a valid Jinja"):
+        ChatTemplate("{% for %}")

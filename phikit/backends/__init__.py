@@ -1,7 +1,9 @@
 """Device backends, chosen once at load time: each swaps its own modules into the plain model (same
 parameters and names) and binds the quantized layers to its kernels through one table.
 
-``phikit/model.py`` and ``phikit/quantize.py`` import no backend: the arrows run backend -> model.
+``phikit/models`` and ``phikit/quantize.py`` import no backend: the arrows run backend -> model. A backend
+installs the model's ``decode_step`` (the one-token step of generation and serving), which rebuilds what it
+derived from the modules when the model's ``version`` changes (``phikit.models.changed``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from phikit.backends import cpu, cuda
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM
 from phikit.quantize import QuantizedLinear, quantize_weight
 
 # (format, device type) -> the matmul of a QuantizedLinear; ROCm GPUs are "cuda" to torch. A format and
@@ -38,7 +40,7 @@ def bind_kernel(layer: QuantizedLinear) -> QuantizedLinear:
     return layer
 
 
-def install(model: PhiForCausalLM) -> PhiForCausalLM:
+def install(model: CausalLM) -> CausalLM:
     """Bind every quantized layer to its kernel, then let the model's device's backend swap in its modules."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):

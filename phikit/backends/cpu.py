@@ -9,8 +9,9 @@ step is ~300 small ops whose Python and dispatch overhead rivals the arithmetic 
   run gemv kernels for a few rows and a GEMM for prefill, fp32 activations;
 - ``CpuAttention``: rotary + KV-cache write + attention of one new token in one C call, and plain ops
   for single queries elsewhere (faster than SDPA's CPU kernels there);
-- ``CpuPhiModel``: a whole one-token decoding step, every layer, in one C call (``DecodePlan``);
-- activations in fp32 (LayerNorms become fp32) and an fp16 KV cache for narrower weights, as llama.cpp.
+- ``CpuDecodeStep``: the model's ``decode_step``, a whole one-token decoding step of Phi-1/1.5/2, every
+  layer, in one C call (the Phi-3 family decodes through the modules);
+- activations in fp32 (norms become fp32) and an fp16 KV cache for narrower weights, as llama.cpp.
 
 Without a C compiler or an AVX2/FMA/F16C CPU (or with ``PHIKIT_NO_KERNELS=1``) every piece falls back to
 PyTorch ops, int8/int4 to PyTorch's own CPU weight-only kernels.
@@ -26,7 +27,8 @@ from torch import nn
 
 from phikit import kernels
 from phikit.backends import autotune
-from phikit.model import PhiAttention, PhiForCausalLM, PhiMLP, PhiModel, rope_tables
+from phikit.models.common import CausalLM, RMSNorm, rope_tables
+from phikit.models.phi import PhiAttention, PhiDecoderLayer, PhiForCausalLM, PhiMLP
 from phikit.quantize import QuantizedLinear, int4_scales_and_zeros, quantize_weight, unpack_nibbles
 
 
@@ -193,14 +195,14 @@ def _fused_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 class CpuAttention(PhiAttention):
-    """Phi attention whose one-token step (no mask) runs rotary, cache write and attention in one C call."""
+    """Phi attention whose one-token step (no padding) runs rotary, cache write and attention in one C call."""
 
     sdpa = staticmethod(single_query_attention)
 
-    def forward(self, x, cos, sin, kv, slots, mask, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache, slots, last_only: bool = False) -> torch.Tensor:
         b, t, _ = x.shape
-        if kv is None or t != 1 or mask is not None or not _fused_decode_ok(x, kv[0]):
-            return super().forward(x, cos, sin, kv, slots, mask, last_only)
+        if cache is None or t != 1 or slots.padded or not _fused_decode_ok(x, cache.k[self.layer_idx]):
+            return super().forward(x, cos, sin, cache, slots, last_only)
         d = self.config.head_dim
         q = self.q_proj(x).view(b, 1, -1, d).transpose(1, 2)
         k = self.k_proj(x).view(b, 1, -1, d).transpose(1, 2)
@@ -208,7 +210,9 @@ class CpuAttention(PhiAttention):
         if self.config.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q1, k1, v1 = q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous()
-        y = kernels.attention_decode(q1, k1, v1, kv[0], kv[1], *kernels.step_tables(cos, sin, slots, b))
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        start = slots.row_slots if slots.per_row else slots.start
+        y = kernels.attention_decode(q1, k1, v1, k_cache, v_cache, *kernels.step_tables(cos, sin, start, b))
         return self.dense(y.view(b, 1, -1))
 
 
@@ -220,31 +224,80 @@ class CpuMLP(PhiMLP):
         return self.fc2(F.gelu(h, approximate=self.approximate))
 
 
-class CpuPhiModel(PhiModel):
-    """PhiModel whose one-token decoding step runs every layer in one C call when the layers qualify."""
+class CpuDecodeStep:
+    """A Phi-1/1.5/2 model's ``decode_step`` on the CPU: every decoder layer in one C call
+    (``phikit_decode_layers``) when the layers qualify, else the model's forward.
 
-    def forward(self, input_ids, input_pos=None, cache=None, positions=None, padding_mask=None, last_only=False):
-        b, t = input_ids.shape
+    The C call reads a ctypes array of pointers to every layer's LayerNorm and linear weights, built on first
+    use and rebuilt when the model's ``version`` changes (``phikit.models.changed``: an adapter loaded,
+    merged or wrapped), not by inspecting the modules each step. A layer qualifies when its six linears have
+    a ``kernel_args`` form (DenseLinear, int8/int4; not LoRA wrappers), its LayerNorm is fp32, the MLP is
+    gelu_new and nothing hooks it."""
+
+    def __init__(self, model: PhiForCausalLM):
+        self.model = model
+        self.version: int | None = None
+        self.array = None
+        self.keep: list[torch.Tensor] = []  # the tensors the array points into
+
+    def __getstate__(self) -> dict:  # pointers do not survive a copy or a pickle: rebuilt on first use
+        return {"model": self.model, "version": None, "array": None, "keep": []}
+
+    def __call__(self, input_ids, input_pos, cache, positions=None, padding_mask=None) -> torch.Tensor:
+        model = self.model
         if (
-            t != 1
-            or cache is None
-            or input_pos is None
-            or padding_mask is not None
-            or self.training
+            padding_mask is not None
+            or model.training
+            or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or cache.v.stride() != cache.k.stride()  # layers (batch, kv_heads, slots, dim) contiguous
         ):
-            return super().forward(input_ids, input_pos, cache, positions, padding_mask, last_only)
-        x = self.embed_tokens(input_ids).to(self.final_layernorm.weight.dtype)
-        plan = self.decode_plan.get(self.layers) if _fused_decode_ok(x, cache.k[0]) else None
+            return model.forward(input_ids, input_pos, cache, positions, padding_mask)
+        x = model.model.embed_tokens(input_ids).to(model.dtype)
+        plan = self.plan() if _fused_decode_ok(x, cache.k[0]) else None
         if plan is None:
-            return super().forward(input_ids, input_pos, cache, positions, padding_mask, last_only)
+            return model.forward(input_ids, input_pos, cache, positions, padding_mask)
         per_row = input_pos.dim() == 2
         if positions is None:
-            positions = input_pos if per_row else input_pos.expand(b, 1)
-        cos, sin = rope_tables(self.config, positions, x.dtype)
+            positions = input_pos if per_row else input_pos.expand(x.shape[0], 1)
+        cos, sin = rope_tables(model.config, positions, x.dtype)
         start = input_pos[:, 0] if per_row else int(input_pos[0])
-        return self.final_layernorm(kernels.decode_layers(plan, x, self.config, cos, sin, cache, start))
+        hidden = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start)
+        return model.lm_head(model.model.final_layernorm(hidden))
+
+    def plan(self) -> ctypes.Array | None:
+        """The pointer array of the model as it is now (None: a layer does not qualify)."""
+        if self.version != self.model.version:
+            self.version = self.model.version
+            layers = self.model.model.layers
+            args = [_layer_args(layer) for layer in layers]
+            if any(a is None for a in args):
+                self.array, self.keep = None, []
+            else:
+                self.array = kernels.plan_array(args)
+                self.keep = [t for a in args for group in a for t in group if isinstance(t, torch.Tensor)]
+        return self.array
+
+
+def _layer_args(layer) -> list | None:
+    """One decoder layer as the C step reads it: the LayerNorm's (weight, bias) and six linears' ``kernel_args``."""
+    if type(layer) is not PhiDecoderLayer:
+        return None
+    attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+    if attn.config.qk_layernorm or getattr(mlp, "approximate", None) != "tanh":
+        return None
+    modules = (layer, attn, mlp, norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return None
+    if norm.weight is None or norm.weight.dtype != torch.float32 or norm.bias is None:
+        return None
+    args = [(norm.weight, norm.bias)]
+    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2):
+        linear = kernel_args(module)
+        if linear is None:
+            return None
+        args.append(linear)
+    return args
 
 
 def kernel_args(module: nn.Module) -> tuple | None:
@@ -265,98 +318,14 @@ def kernel_args(module: nn.Module) -> tuple | None:
     return None
 
 
-class DecodePlan:
-    """The decoder layers as the C decoding step sees them (``phikit_decode_layers``): a ctypes array of
-    pointers to every layer's LayerNorm and linear weights.
-
-    A layer qualifies when its six linears have a ``kernel_args`` form (DenseLinear, int8/int4; not LoRA
-    wrappers), its LayerNorm is fp32, the MLP is gelu_new and nothing hooks it. Built once; each step only
-    checks that the same modules hold the same tensors at the same addresses, with no new hooks and
-    unchanged biases (the kernels read fp32 copies of them): ~0.1 ms for Phi-2 where rebuilding takes
-    ~2.5 ms. Anything else changed rebuilds it.
-    """
-
-    def __init__(self):
-        self.array = None
-        self.layers = None
-        self.owned: list[tuple[dict, str, object]] = []  # (module dict, name, what must still be there)
-        self.addresses: list[tuple[torch.Tensor, int]] = []
-        self.versions: list[tuple[torch.Tensor, int]] = []
-        self.hooks: list[dict] = []  # every watched module's hook dicts, which must stay empty
-        self.keep: list[torch.Tensor] = []  # the tensors the array points into
-
-    def __getstate__(self) -> dict:  # pointers do not survive a copy or a pickle: start empty
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def _valid(self, layers) -> bool:
-        return (
-            self.layers is layers
-            and all(d.get(name) is obj for d, name, obj in self.owned)
-            and all(t.data_ptr() == address for t, address in self.addresses)
-            and all(t._version == version for t, version in self.versions)
-            and not any(self.hooks)
-        )
-
-    def _watch(self, module, children: tuple[str, ...]) -> None:
-        self.owned += [(module._modules, name, module._modules.get(name)) for name in children]
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is not None:
-                    self.owned.append((store, name, t))
-                    self.addresses.append((t, t.data_ptr()))
-                    if not t.is_inference() and name == "bias":
-                        self.versions.append((t, t._version))
-        self.hooks += [module._forward_hooks, module._forward_pre_hooks]
-
-    @staticmethod
-    def _layer_args(layer) -> list | None:
-        attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
-        if attn.config.qk_layernorm or mlp.approximate != "tanh":
-            return None
-        if norm.weight is None or norm.weight.dtype != torch.float32 or norm.bias is None:
-            return None
-        args = [(norm.weight, norm.bias)]
-        for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2):
-            linear = kernel_args(module)
-            if linear is None:
-                return None
-            args.append(linear)
-        return args
-
-    def get(self, layers) -> ctypes.Array | None:
-        """The array for ``layers`` (a ModuleList of PhiDecoderLayer), or None if one does not qualify."""
-        if self._valid(layers):
-            return self.array
-        self.__init__()
-        self._watch(layers, tuple(layers._modules))
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self._watch(layer, ("self_attn", "mlp", "input_layernorm"))
-            self._watch(attn, ("q_proj", "k_proj", "v_proj", "dense"))
-            self._watch(mlp, ("fc1", "fc2"))
-            for module in (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2):
-                self._watch(module, ())
-        plan = [self._layer_args(layer) for layer in layers]
-        if any(a is None for a in plan) or any(self.hooks):
-            self.layers = layers  # checked again only when something changes
-            return None
-        self.array = kernels.plan_array(plan)
-        self.keep = [t for a in plan for group in a for t in group if isinstance(t, torch.Tensor)]  # alive
-        self.layers = layers
-        return self.array
-
-
 # ---- installing the backend ----
 
 
-def install(model: PhiForCausalLM) -> PhiForCausalLM:
-    """Swap the CPU modules into ``model`` in place (same parameters and names) and set its CPU layout:
-    activations fp32 whatever the stored weights (LayerNorms become fp32, a few KB, so embeddings, the KV
-    cache and every element-wise op follow; AVX2 has no bf16 arithmetic, so bf16 activations would only
-    add conversions); weights keep their stored dtype.
+def install(model: CausalLM) -> CausalLM:
+    """Swap the CPU modules into ``model`` in place (same parameters and names), install its decoding step
+    (Phi-1/1.5/2: ``CpuDecodeStep``) and set its CPU layout: activations fp32 whatever the stored weights
+    (norms become fp32, a few KB, so embeddings, the KV cache and every element-wise op follow; AVX2 has no
+    bf16 arithmetic, so bf16 activations would only add conversions); weights keep their stored dtype.
 
     The KV cache of a model whose linear weights are narrower than fp32 (bf16, fp16, int8, int4) is fp16,
     as llama.cpp's is, when the kernels run: long contexts read half the bytes per token (measured after
@@ -369,13 +338,14 @@ def install(model: PhiForCausalLM) -> PhiForCausalLM:
             module.__class__ = CpuAttention
         elif type(module) is PhiMLP:
             module.__class__ = CpuMLP
-        elif type(module) is PhiModel:
-            module.__class__ = CpuPhiModel
-            module.decode_plan = DecodePlan()
-        if isinstance(module, nn.LayerNorm):
+        elif "sdpa" in type(module).__dict__:  # another family's attention: single queries in plain ops
+            module.sdpa = single_query_attention
+        if isinstance(module, (nn.LayerNorm, RMSNorm)):
             module.float()
         elif isinstance(module, (nn.Linear, QuantizedLinear)):
             narrow = narrow or module.weight.dtype != torch.float32
+    if isinstance(model, PhiForCausalLM):
+        model.decode_step = CpuDecodeStep(model)
     if narrow and kernels.available():
         model.kv_cache_dtype = torch.float16
     return model

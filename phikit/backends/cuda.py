@@ -7,12 +7,14 @@ and decoding steps replayed from CUDA graphs.
   PyTorch's ``_weight_int8pack_mm``; NF4: bitsandbytes (``matmul_4bit``, whose gemv serves batch 1).
   Where tinygemm or the int8 op do not run (T4 is sm75; ROCm) bitsandbytes' 4-bit / 8-bit kernels do.
   The weight is never dequantized whole per call. ``kernel_names(model)`` says which ran.
-- Decoding: batch-1 decoding is bound by launching ~1000 small kernels per token, not by the GPU. A
-  one-token step (a slot per row, static shapes, a preallocated cache) is captured once per cache and
-  batch as a CUDA graph and replayed, as gpt-fast does with ``mode="reduce-overhead"``; the decoder
-  layer of that step is first compiled by ``torch.compile`` (one layer's code, reused by all 32: seconds,
-  not minutes) so its element-wise ops fuse. Prefill stays eager: it is never recompiled per length.
-  ``PHIKIT_CUDA_GRAPHS=0`` / ``PHIKIT_CUDA_COMPILE=0`` turn either off.
+- Decoding: batch-1 decoding is bound by launching ~1000 small kernels per token, not by the GPU. The
+  model's ``decode_step`` (``CudaGraphStep``) captures a one-token step (a slot per row, static shapes, a
+  preallocated cache) once per cache and batch as a CUDA graph and replays it, as gpt-fast does with
+  ``mode="reduce-overhead"``; graphs are keyed by the cache's layout, the batch and the model's ``version``
+  (bumped when adapters are loaded or merged). The decoder layer of that step is first compiled by
+  ``torch.compile`` (one layer's code, reused by every layer: seconds, not minutes) so its element-wise ops
+  fuse. Prefill stays eager: it is never recompiled per length. ``PHIKIT_CUDA_GRAPHS=0`` /
+  ``PHIKIT_CUDA_COMPILE=0`` turn either off.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from phikit.model import PhiDecoderLayer, PhiForCausalLM
+from phikit.models import CausalLM
 from phikit.quantize import QuantizedLinear, int4_scales_and_zeros, unpack_nibbles
 
 MAX_GRAPHS = 8  # captured decoding steps kept (the server's batch sizes, a generate call's cache)
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for the decoder layers (the CPU twin tests use aot_eager)
 
 
 @dataclass
@@ -176,26 +179,26 @@ def _env_on(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-_compiled_layer = None
+_cuda_layers: dict[type, type] = {}
 
 
-def _compiled_layer_forward():
-    """``PhiDecoderLayer.forward`` compiled once for one-token steps (a slot per row): the 32 layers share it."""
-    global _compiled_layer
-    if _compiled_layer is None:
-        _compiled_layer = torch.compile(PhiDecoderLayer.forward, dynamic=False)
-    return _compiled_layer
+def cuda_layer_class(cls: type) -> type:
+    """A subclass of the decoder layer class ``cls`` whose one-token steps (a slot per row) run its forward
+    compiled by ``torch.compile`` when the instance's ``compiled`` is set; one compiled forward per family,
+    shared by all its layers."""
+    if cls not in _cuda_layers:
+        compiled = None
 
+        def forward(self, x, cos, sin, cache, slots, last_only: bool = False):
+            nonlocal compiled
+            if self.compiled and x.shape[1] == 1 and slots.per_row and not torch.is_grad_enabled():
+                if compiled is None:
+                    compiled = torch.compile(cls.forward, dynamic=False, backend=COMPILE_BACKEND)
+                return compiled(self, x, cos, sin, cache, slots, last_only)
+            return cls.forward(self, x, cos, sin, cache, slots, last_only)
 
-class CudaDecoderLayer(PhiDecoderLayer):
-    """A decoder layer whose one-token steps (a slot per row) run compiled when ``compiled`` is set."""
-
-    compiled = False
-
-    def forward(self, x, cos, sin, kv, slots, mask, last_only: bool = False):
-        if self.compiled and x.shape[1] == 1 and isinstance(slots, torch.Tensor) and not torch.is_grad_enabled():
-            return _compiled_layer_forward()(self, x, cos, sin, kv, slots, mask, last_only)
-        return super().forward(x, cos, sin, kv, slots, mask, last_only)
+        _cuda_layers[cls] = type(f"Cuda{cls.__name__}", (cls,), {"forward": forward, "compiled": False})
+    return _cuda_layers[cls]
 
 
 def capture_cuda_graph(step) -> tuple:
@@ -220,39 +223,50 @@ class _Graph:
     logits: torch.Tensor
 
 
-class CudaPhiForCausalLM(PhiForCausalLM):
-    """PhiForCausalLM whose one-token steps replay CUDA graphs: one per cache and batch size, captured on
-    first use (a slot per row over the whole cache, so shapes never change). Anything else, and any
-    step under autograd, in training or while compiling, runs the plain model."""
+class CudaGraphStep:
+    """A model's ``decode_step`` on CUDA: one-token steps replayed from CUDA graphs, one per cache layout and
+    batch size, captured on first use (a slot per row over the whole cache, so shapes never change). Graphs
+    of an older ``model.version`` are dropped. Anything else, and any step under autograd, in training or
+    while compiling, runs the model's forward. ``static``: generation gives it a slot per row and rounds the
+    cache up, so one graph serves many lengths."""
 
+    static = True
     graph_device = "cuda"
     capture = staticmethod(capture_cuda_graph)  # the tests' CPU twin replays the step eagerly
 
-    def _graph_key(self, input_ids, input_pos, cache, positions, padding_mask):
+    def __init__(self, model: CausalLM, enabled: bool = True):
+        self.model, self.enabled = model, enabled
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.version = model.version
+
+    def __getstate__(self) -> dict:  # graphs do not survive a copy or a pickle
+        return {"model": self.model, "enabled": self.enabled, "graphs": collections.OrderedDict(), "version": -1}
+
+    def _key(self, input_ids, input_pos, cache, padding_mask):
         if (
-            cache is None
-            or input_pos is None
+            not self.enabled
+            or cache is None
             or input_ids.shape[1] != 1
             or input_ids.device.type != self.graph_device
-            or self.training
+            or self.model.training
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
-            or not getattr(self, "use_graphs", False)
             or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return None
-        structure = tuple(map(id, self.modules()))  # modules swapped (an adapter, a merge): capture anew
         layout = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape, cache.k.stride(), cache.k.dtype)
         mask = None if padding_mask is None else (padding_mask.shape, padding_mask.dtype)
-        return (*layout, input_ids.shape[0], mask, hash(structure))
+        return (*layout, input_ids.shape[0], mask)
 
-    def forward(self, input_ids, input_pos=None, cache=None, positions=None, padding_mask=None, last_only=False):
-        key = self._graph_key(input_ids, input_pos, cache, positions, padding_mask)
+    def __call__(self, input_ids, input_pos, cache, positions=None, padding_mask=None) -> torch.Tensor:
+        key = self._key(input_ids, input_pos, cache, padding_mask)
         if key is None:
-            return super().forward(input_ids, input_pos, cache, positions, padding_mask, last_only)
+            return self.model.forward(input_ids, input_pos, cache, positions, padding_mask)
+        if self.version != self.model.version:  # modules swapped: every graph replays old kernels
+            self.graphs.clear()
+            self.version = self.model.version
         b = input_ids.shape[0]
-        graphs = self.__dict__.setdefault("graphs", collections.OrderedDict())
-        entry = graphs.get(key)
+        entry = self.graphs.get(key)
         inputs = entry.inputs if entry is not None else _static_inputs(input_ids, padding_mask)
         slots = input_pos.view(-1, 1).expand(b, 1)
         inputs["ids"].copy_(input_ids)
@@ -261,15 +275,15 @@ class CudaPhiForCausalLM(PhiForCausalLM):
         if padding_mask is not None:
             inputs["padding"].copy_(padding_mask)
         if entry is None:
-            entry = graphs[key] = self._capture(inputs, cache)
-            while len(graphs) > MAX_GRAPHS:
-                graphs.popitem(last=False)
-        graphs.move_to_end(key)
+            entry = self.graphs[key] = self._capture(inputs, cache)
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
         entry.replay()
         return entry.logits.clone()
 
     def _step(self, inputs: dict, cache) -> torch.Tensor:
-        return super().forward(inputs["ids"], inputs["slots"], cache, inputs["positions"], inputs["padding"])
+        return self.model.forward(inputs["ids"], inputs["slots"], cache, inputs["positions"], inputs["padding"])
 
     def _capture(self, inputs: dict, cache) -> _Graph:
         """Capture the step for these static inputs. The step is first run once as is (the real step: the
@@ -280,10 +294,10 @@ class CudaPhiForCausalLM(PhiForCausalLM):
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - a compiler error must not stop decoding
-                if not any(getattr(m, "compiled", False) for m in self.modules()):
+                if not any(getattr(m, "compiled", False) for m in self.model.modules()):
                     raise
                 print(f"phikit: torch.compile failed ({type(e).__name__}: {e}); decoding uncompiled", file=sys.stderr)
-                set_compiled_layers(self, False)
+                set_compiled_layers(self.model, False)
                 step()
             replay, logits = self.capture(step)
         return _Graph(replay, inputs, logits)
@@ -297,25 +311,26 @@ def _static_inputs(input_ids: torch.Tensor, padding_mask: torch.Tensor | None) -
 
 def set_compiled_layers(model: nn.Module, on: bool) -> None:
     for module in model.modules():
-        if isinstance(module, CudaDecoderLayer):
+        if type(module) in _cuda_layers.values():
             module.compiled = on
-    if hasattr(model, "graphs"):
-        model.graphs.clear()
+    step = getattr(model, "decode_step", None)
+    if isinstance(step, CudaGraphStep):
+        step.graphs.clear()
 
 
 PREPARE = {"int4": prepare_int4, "int8": prepare_int8, "nf4": prepare_nf4}
 
 
-def install(model: PhiForCausalLM) -> PhiForCausalLM:
-    """Pack quantized weights for their kernels and make decoding steps replay CUDA graphs (in place)."""
+def install(model: CausalLM) -> CausalLM:
+    """Pack quantized weights for their kernels, compile the decoder layers' one-token steps and install a
+    ``decode_step`` that replays CUDA graphs (in place)."""
     compile_layers = _env_on("PHIKIT_CUDA_COMPILE")
+    layer_classes = {type(layer) for layer in model.model.layers}
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module.weight.is_cuda:
             module.packed = PREPARE[module.format](module)
-        elif type(module) is PhiDecoderLayer:
-            module.__class__ = CudaDecoderLayer
+        elif type(module) in layer_classes and type(module) not in _cuda_layers.values():
+            module.__class__ = cuda_layer_class(type(module))
             module.compiled = compile_layers
-    if type(model) is PhiForCausalLM:
-        model.__class__ = CudaPhiForCausalLM
-    model.use_graphs = _env_on("PHIKIT_CUDA_GRAPHS")
+    model.decode_step = CudaGraphStep(model, enabled=_env_on("PHIKIT_CUDA_GRAPHS"))
     return model

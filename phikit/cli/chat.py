@@ -15,7 +15,14 @@ def add_parser(sub) -> None:
         epilog=EPILOG,
     )
     add_model_args(ch, adapter="a LoRA adapter folder, used unmerged")
-    ch.add_argument("--template", "-t", default="guanaco", help="prompt template of the turns (default guanaco)")
+    ch.add_argument(
+        "--template",
+        "-t",
+        default="auto",
+        help="how turns are written: chat (the checkpoint's chat template), guanaco, instruct or 'User: {prompt}"
+        "\\nBot:'; default auto: chat where the checkpoint has a chat template (Phi-3, Phi-4), else guanaco",
+    )
+    ch.add_argument("--system", help="a system message before the conversation")
     ch.add_argument("--max-new-tokens", "-n", type=int, default=256, help="reply length limit (default 256)")
     ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; default 0.7)")
     ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -32,4 +39,4 @@ def run(args: argparse.Namespace) -> None:
     )
     config.validate()
     phi = load_model(args)
-    chat(phi, args.template, config)
+    chat(phi, args.template, config, system=args.system)

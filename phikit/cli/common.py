@@ -6,7 +6,10 @@ import argparse
 
 from phikit.checkpoint import DEFAULT_MODEL
 
-EPILOG = "Models: a local folder (config.json + *.safetensors) or a Hugging Face Hub id such as microsoft/phi-2."
+EPILOG = (
+    "Models: a local folder (config.json + *.safetensors) or a Hugging Face Hub id such as microsoft/phi-2 or "
+    "microsoft/Phi-4-mini-instruct (Phi-1/1.5/2 and the Phi-3 family: Phi-3, Phi-3.5, Phi-4, Phi-4-mini)."
+)
 
 
 def add_model_args(
@@ -66,8 +69,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--template",
         "-t",
         default="raw",
-        help="prompt template: raw, instruct ('Instruct: {prompt}\\nOutput:'), guanaco "
-        "('### Human: {prompt}### Assistant:') or your own string with {prompt} (default raw)",
+        help="prompt template: raw, chat (the checkpoint's own chat template: Phi-3, Phi-3.5, Phi-4, "
+        "Phi-4-mini), instruct ('Instruct: {prompt}\\nOutput:'), guanaco ('### Human: {prompt}### Assistant:') "
+        "or your own string with {prompt} (default raw)",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")

@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> None:
             raise PhikitError("the prompt is not valid UTF-8; pass UTF-8 text (or a UTF-8 file with --file)") from None
     config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
     config.validate()
-    template = get_template(args.template)  # fail on a bad template before the slow load
+    if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer
+        get_template(args.template)  # fail on a bad template before the slow load
     phi = load_model(args, progress=not args.quiet)
+    template = get_template(args.template, phi.tokenizer)
     if args.draft_model:
         draft = load_model(args, progress=False, model=args.draft_model, adapter=None)
         phi.draft = draft.model

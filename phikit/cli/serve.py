@@ -28,7 +28,13 @@ def add_parser(sub) -> None:
         help="a LoRA adapter: DIR applies it to every request; NAME=DIR (repeatable) serves it as model NAME "
         "next to the base, several adapters decoding in one batch",
     )
-    sv.add_argument("--template", "-t", default="guanaco", help="how chat messages are rendered (default guanaco)")
+    sv.add_argument(
+        "--template",
+        "-t",
+        default="auto",
+        help="how chat messages are rendered: chat (the checkpoint's chat template), guanaco, instruct or your "
+        "own 'User: {prompt}\\nBot:'; default auto: chat where the checkpoint has one (Phi-3, Phi-4), else guanaco",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
@@ -53,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
     from phikit.serve import create_app, serve
     from phikit.templates import get_template
 
-    get_template(args.template)
+    if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer
+        get_template(args.template)
     check_serve_args(args)  # a mistake costs seconds, not a model load
     named = dict(a.split("=", 1) for a in args.adapter if "=" in a)
     plain = [a for a in args.adapter if "=" not in a]

@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from phikit.errors import PhikitError
 from phikit.generate import GenerationConfig
-from phikit.model import PhiForCausalLM
+from phikit.models import CausalLM
 from phikit.serve import structured
 from phikit.serve.engine import Engine, Request
 from phikit.serve.schemas import APIError, ChatBody, CompletionBody, _Common, check_text, render_messages
@@ -167,10 +167,10 @@ class Choice:
 
 
 def create_app(
-    model: PhiForCausalLM,
+    model: CausalLM,
     tokenizer: Tokenizer,
     model_name: str = "phi-2",
-    template: str = "guanaco",
+    template: str = "auto",
     max_batch: int = 8,
     max_queue: int = 64,
     timeout: float = 600.0,
@@ -191,7 +191,7 @@ def create_app(
 
     if api_key is not None and not api_key.strip():
         raise PhikitError("the API key is empty; give a non-empty key, or none to serve without one")
-    chat_template = get_template(template)
+    chat_template = get_template(template, tokenizer)
     adapter_set = None
     if adapters:
         from phikit.serve.adapters import load_adapters

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from phikit.generate import GenerationConfig, TextStream, process_logits
-from phikit.model import PhiForCausalLM
+from phikit.generate import GenerationConfig, TextStream, process_logits, rope_switch
+from phikit.models import CausalLM
 from phikit.tokenizer import Tokenizer
 
 log = logging.getLogger("phikit.serve")
@@ -60,6 +60,7 @@ class Request:
     cumulative_logprob: float = 0.0
     cached_prefix: int = 0  # prompt tokens whose keys/values came from the prefix cache
     counts: dict[int, int] = field(default_factory=dict)
+    generated: list[int] = field(default_factory=list)  # the tokens so far (a LongRoPE row is prefilled again)
     stream: TextStream | None = None
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
@@ -118,7 +119,7 @@ class Engine:
 
     def __init__(
         self,
-        model: PhiForCausalLM,
+        model: CausalLM,
         tokenizer: Tokenizer,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -141,6 +142,7 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.adapters = adapters  # adapters.AdapterSet or None
         self.on_token = None  # callable(request) after each generated token (metrics)
+        self.switch = rope_switch(model)  # a LongRoPE row reaching it is prefilled again
 
     def start(self) -> Engine:
         """Start the engine's thread (again, after ``stop``: an app may be served more than once)."""
@@ -249,9 +251,10 @@ class Engine:
         (1, vocab) fp32 of its last position. With ``prompt_logprobs`` every position's logits are
         scored, a chunk at a time, so the prefix cache is not used."""
         device, ids = self.model.device, r.prompt_ids
-        row = _row_cache(self.cache, r.slot)
+        row = self.cache.rows(r.slot)
         start = 0
-        if not r.prompt_logprobs:
+        # keys cached for a prefix were rotated with LongRoPE's short factors: a longer prompt needs the long
+        if not r.prompt_logprobs and (self.switch is None or len(ids) <= self.switch):
             start, key = self.prefix_cache.lookup(r.adapter, ids)
             if key is not None:
                 k, v = self.prefix_cache.entries[key]
@@ -262,7 +265,8 @@ class Engine:
         slots = torch.arange(start, len(ids), device=device)
         if not r.prompt_logprobs:
             logits = self.model(new, slots, row, last_only=True)[:, -1].float()
-            self.prefix_cache.store(r.adapter, ids, row.k[:, 0, :, : len(ids)], row.v[:, 0, :, : len(ids)])
+            if self.switch is None or len(ids) <= self.switch:
+                self.prefix_cache.store(r.adapter, ids, row.k[:, 0, :, : len(ids)], row.v[:, 0, :, : len(ids)])
             return logits
         hidden = self.model.model(new, slots, row)  # (1, T, hidden)
         entries: list = [None]  # the first token has no log-probability
@@ -283,6 +287,16 @@ class Engine:
         return final
 
     def _decode_step(self) -> None:
+        for r in self.slots:  # a LongRoPE row at the switch: every slot again, alone, with the long factors
+            if r is not None and r.position == self.switch:
+                self._select_adapters([r.adapter])
+                ids = torch.tensor([r.prompt_ids + r.generated], device=self.model.device)
+                every = torch.arange(ids.shape[1], device=self.model.device)
+                logits = self.model(ids, every, self.cache.rows(r.slot), last_only=True)[:, -1].float()
+                r.position += 1
+                self._emit(r, self._sample(r, logits))
+        if not any(self.slots):
+            return
         rows = max(i for i, r in enumerate(self.slots) if r is not None) + 1  # rows 0..rows-1 run
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
@@ -292,9 +306,8 @@ class Engine:
                 tokens[i, 0], positions[i], adapters[i] = r.last_token, r.position, r.adapter
         device = self.model.device
         self._select_adapters(adapters)
-        view = _first_rows(self.cache, rows)
         slots = positions[:, None].to(device)  # a slot per row: each row's newest position
-        logits = self.model(tokens.to(device), slots, view)[:, -1].float()
+        logits = self.model.decode_step(tokens.to(device), slots, self.cache.rows(0, rows))[:, -1].float()
         self.steps += 1
         for i, r in enumerate(self.slots[:rows]):
             if r is not None:
@@ -338,12 +351,14 @@ class Engine:
             reason = "cancelled"
         elif time.time() > r.deadline:
             reason = "timeout"
-        elif token == self.tokenizer.eos_id:  # a grammar allows it only where its output is complete
+        elif token in self.tokenizer.stop_ids:  # EOS, <|end|>; a grammar allows them only where its output is done
             reason = "stop"
         else:
             r.first_token_at = r.first_token_at or time.time()
             r.completion_tokens += 1
             r.last_token = token
+            if self.switch is not None:
+                r.generated.append(token)
             r.counts[token] = r.counts.get(token, 0) + 1
             piece = r.stream.push(token)
             r.deliver(("token", (token, piece, entry)))
@@ -362,16 +377,3 @@ class Engine:
                     r.deliver(("token", (None, rest, None)))
             self.slots[r.slot] = None
             self._done(r, reason)
-
-
-def _row_cache(cache, row: int):
-    """A KVCache view of one row (shares storage) for prefilling a request alone."""
-    view = object.__new__(type(cache))
-    view.k, view.v, view.max_length = cache.k[:, row : row + 1], cache.v[:, row : row + 1], cache.max_length
-    return view
-
-
-def _first_rows(cache, rows: int):
-    view = object.__new__(type(cache))
-    view.k, view.v, view.max_length = cache.k[:, :rows], cache.v[:, :rows], cache.max_length
-    return view

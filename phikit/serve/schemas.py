@@ -13,7 +13,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from phikit.templates import Template
+from phikit.templates import ChatTemplate, Template
 
 MAX_CHOICES = 16  # n (and best_of) per prompt
 
@@ -145,25 +145,16 @@ class ChatBody(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
-def render_messages(messages: list[Message], template: Template) -> str:
-    """Chat turns through the prompt template: system (and developer) text joins the next user turn; the
-    conversation must end with a user message."""
-    turns: list[tuple[str, str]] = []
-    pending_user: str | None = None
-    system = ""
-    for i, m in enumerate(messages):
-        text = m.text(i)
-        if m.role in ("system", "developer"):
-            system += text.strip() + "\n"
-        elif m.role == "user":
-            if pending_user is not None:
-                raise APIError(400, "two user messages in a row; put them in one message", param="messages")
-            pending_user, system = system + text, ""
-        else:
-            if pending_user is None:
-                raise APIError(400, "an assistant message must follow a user message", param="messages")
-            turns.append((pending_user, text))
-            pending_user = None
-    if pending_user is None:
-        raise APIError(400, "the last message must be from the user", param="messages")
-    return template.render_chat(turns, pending_user)
+def render_messages(messages: list[Message], template: Template | ChatTemplate) -> str:
+    """Chat messages through the prompt template (the checkpoint's chat template, or a format template where
+    system text joins the next user turn), ready for the reply; a conversation the template cannot write is
+    a 400 naming why."""
+
+    def role(m: Message) -> str:  # OpenAI's "developer" is the system role by its newer name
+        return "system" if m.role == "developer" and isinstance(template, ChatTemplate) else m.role
+
+    plain = [{"role": role(m), "content": m.text(i)} for i, m in enumerate(messages)]
+    try:
+        return template.render_messages(plain, add_generation_prompt=True)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None

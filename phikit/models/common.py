@@ -1,0 +1,273 @@
+"""What the model families share, once: the KV cache and its ``update`` verb, the slots and mask of a forward
+(built once per forward, not per layer), rotary position embedding (partial, LongRoPE), attention with
+grouped-query heads and a sliding window, RMSNorm, and the ``CausalLM`` base every family's model derives.
+
+Calling convention (gpt-fast's): ``forward(input_ids, input_pos, cache, ...)`` where ``input_pos`` is always
+a tensor of cache slots: (seq,) consecutive slots every row shares (a prefill or a chunk), or (batch, 1), one
+new token per row at its own slot (continuous batching, CUDA graphs: static shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to ``max_length`` so decoding never concatenates.
+
+    ``k`` and ``v`` are (layers, batch, kv_heads, max_length, head_dim); layer i uses ``k[i]``. ``rows``
+    gives a view of some rows (sharing storage), as the server's engine uses one row per request."""
+
+    def __init__(
+        self,
+        layers: int,
+        batch_size: int,
+        kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (layers, batch_size, kv_heads, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+
+    def update(self, layer: int, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys/values (batch, kv_heads, seq, head_dim) of ``layer`` at ``slots`` and
+        return the keys/values to attend over, in ``k``'s dtype (a narrower cache, fp16 on CPU, is widened)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if slots.per_row:
+            rows = torch.arange(k.shape[0], device=k.device)
+            k_cache[rows, :, slots.row_slots] = k[:, :, 0].to(k_cache.dtype)
+            v_cache[rows, :, slots.row_slots] = v[:, :, 0].to(v_cache.dtype)
+            keys, values = k_cache, v_cache
+        else:
+            k_cache[:, :, slots.start : slots.end] = k
+            v_cache[:, :, slots.start : slots.end] = v
+            keys, values = k_cache[:, :, slots.first : slots.end], v_cache[:, :, slots.first : slots.end]
+        return keys.to(k.dtype), values.to(v.dtype)
+
+    def rows(self, first: int, count: int = 1) -> KVCache:
+        """A view of rows ``first .. first+count-1`` (same storage)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, first : first + count], self.v[:, first : first + count]
+        view.max_length = self.max_length
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Slots:
+    """Where one forward's tokens go in the cache and which keys each query sees, built once per forward.
+
+    Chunk mode (``input_pos`` (seq,)): slots ``start .. end-1`` are written and keys ``first .. end-1``
+    attended (``first`` > 0 only under a sliding window). Per-row mode (``input_pos`` (batch, 1)): row i
+    writes ``row_slots[i]`` and attends over the whole cache under ``mask``. ``mask`` (batch|1, 1, seq,
+    keys) bool, or None where every key is visible (one query) or SDPA's own causal flag suffices
+    (``causal``)."""
+
+    positions: torch.Tensor  # (batch, seq) rope positions
+    per_row: bool
+    start: int = 0
+    first: int = 0
+    end: int = 0
+    row_slots: torch.Tensor | None = None  # (batch,) in per-row mode
+    mask: torch.Tensor | None = None
+    causal: bool = False
+    padded: bool = False  # some rows are left-padded (a padding mask was given)
+    window: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        cache: KVCache | None,
+        positions: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        window: int | None = None,
+    ) -> Slots:
+        """positions: rope positions (batch, seq), default the slots (left-padded rows count from their first
+        real token). padding_mask: (batch, >= slots in use) bool, False at left-padding slots, which no query
+        attends to. window: a query at slot s sees keys s-window+1 .. s (transformers' sliding window)."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        if input_pos is None:
+            input_pos = torch.arange(t, device=device)
+        if input_pos.dim() == 2:  # one token per row at its own slot, over the whole cache
+            row_slots = input_pos[:, 0]
+            if positions is None:
+                positions = input_pos
+            keys = torch.arange(cache.max_length if cache is not None else t, device=device)
+            queries = row_slots.view(-1, 1)  # (batch, 1)
+            mask = keys <= queries[..., None]  # (batch, 1, keys)
+            if window:
+                mask &= keys > queries[..., None] - window
+            if padding_mask is not None:
+                mask = (mask & padding_mask[:, None, : keys.numel()]) | (keys == queries[..., None])
+            padded = padding_mask is not None
+            return cls(positions, True, 0, 0, keys.numel(), row_slots, mask[:, None], False, padded, window)
+        if positions is None:
+            positions = input_pos.expand(b, t)
+        start = int(input_pos[0]) if cache is not None else 0  # one host sync per forward, none per layer
+        end = start + t
+        first = max(0, start - window + 1) if window else 0
+        fits = not window or end - first <= window  # no query's window excludes a key in first..end-1
+        if padding_mask is None and fits and (t == 1 or start == 0):
+            return cls(positions, False, start, first, end, causal=t > 1, window=window)
+        keys = torch.arange(first, end, device=device)
+        queries = start + torch.arange(t, device=device)
+        mask = keys <= queries[:, None]  # (seq, keys)
+        if window:
+            mask &= keys > queries[:, None] - window
+        if padding_mask is not None:  # each query also sees itself: a padding row is never all masked (NaN)
+            mask = (mask & padding_mask[:, None, first:end]) | (keys == queries[:, None])
+            return cls(positions, False, start, first, end, mask=mask[:, None], padded=True, window=window)
+        return cls(positions, False, start, first, end, mask=mask[None, None], window=window)
+
+    def mask_for(self, queries: int) -> torch.Tensor | None:
+        """The mask of the last ``queries`` queries (a prefill whose last layer computes only the last)."""
+        return None if self.mask is None else self.mask[:, :, -queries:]
+
+
+def rope_tables(config, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of rotary position embedding for ``positions`` (batch, seq) -> each (batch, 1, seq, rotary_dim),
+    computed in fp32 as transformers does (inverse frequencies theta^(-2i/dim); cat(freqs, freqs)).
+
+    LongRoPE (``config.longrope``: short and long factors, the attention factor, the original context): the
+    inverse frequencies are divided per dim by the short factors while a row's longest position still fits
+    the original context and by the long ones once it passes it (transformers' rule, per row here), and
+    cos/sin are multiplied by the attention factor at every length. Callers recompute the cache when a
+    sequence crosses that point (``generate``), as transformers' Phi-3 does."""
+    dim = config.rotary_dim
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.int64).float() / dim
+    base = config.rope_theta**exponents
+    longrope = getattr(config, "longrope", None)
+    if longrope is None:
+        inv_freq = 1.0 / base
+        freqs = positions[..., None].float() * inv_freq  # (batch, seq, dim/2)
+        scale = 1.0
+    else:
+        short = 1.0 / (torch.tensor(longrope.short_factor, dtype=torch.float32, device=positions.device) * base)
+        long = 1.0 / (torch.tensor(longrope.long_factor, dtype=torch.float32, device=positions.device) * base)
+        longer = positions.amax(dim=-1, keepdim=True)[..., None] >= longrope.original_max_position_embeddings
+        freqs = positions[..., None].float() * torch.where(longer, long, short)
+        scale = longrope.attention_factor
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` dims of each head (GPT-NeoX half-split style); pass the rest through."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        half = dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """Scaled dot-product attention; q (batch, heads, seq, dim), k/v (batch, kv_heads, keys, dim); kv_heads
+    may divide heads (grouped-query attention, each KV head serving its group).
+
+    Phi-2's attention scores overflow fp16; SDPA's fused kernels (CUDA flash / memory-efficient, and the
+    CPU flash kernel) keep scores and softmax in fp32, so fp16 inputs are safe (tested)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def cached_attention(sdpa, q, k, v, cache: KVCache | None, layer: int, slots: Slots) -> torch.Tensor:
+    """Write k/v into the cache (when there is one) and attend: q (batch, heads, queries, dim) may hold only
+    the last queries of the forward's tokens. ``sdpa``: the attention function (a backend may swap it)."""
+    if cache is not None:
+        k, v = cache.update(layer, slots, k, v)
+    queries = q.shape[2]
+    return sdpa(q, k, v, slots.mask_for(queries), causal=slots.causal and queries > 1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization, computed in fp32 (transformers' Phi3RMSNorm, same order of ops)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class CausalLM(nn.Module):
+    """What every family's ``...ForCausalLM`` shares: the calling convention, the cache, the head, the
+    decoding step a backend installs, and the structure version that step is keyed by.
+
+    A family defines ``self.model`` (with ``embed_tokens``, ``layers`` and ``output_norm``) and ``lm_head``.
+    ``decode_step`` is ``forward`` until a backend installs its own (``phikit.backends``); ``version`` is
+    bumped (``changed``) whenever modules are swapped (an adapter loaded, merged or wrapped), and an
+    installed step rebuilds what it derived from the modules when it sees a new version."""
+
+    version: int = 0
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position;
+        ``hidden_only`` returns the final hidden states instead, before ``lm_head`` (for a loss that applies
+        the head itself). ``input_pos``/``positions``/``padding_mask``: see ``Slots.build``."""
+        h = self.model(input_ids, input_pos, cache, positions, padding_mask, last_only and not self.training)
+        if last_only:
+            h = h[:, -1:]
+        return h if hidden_only else self.lm_head(h)
+
+    def decode_step(self, input_ids, input_pos, cache, positions=None, padding_mask=None) -> torch.Tensor:
+        """One new token per row: logits (batch, 1, vocab). A backend may install a faster equal step."""
+        return self.forward(input_ids, input_pos, cache, positions, padding_mask)
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device, of ``dtype``, else ``kv_cache_dtype``, else the model's."""
+        c = self.config
+        dtype = dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
+        layers, kv_heads, head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+        return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output_norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the output norm's (a CPU backend keeps norms, so activations, in fp32)."""
+        return self.model.output_norm.weight.dtype
+
+
+def changed(model: nn.Module) -> None:
+    """Say that ``model``'s modules were swapped (an adapter injected, loaded or merged): decoding steps a
+    backend derived from them are rebuilt before their next use."""
+    model.version = getattr(model, "version", 0) + 1

@@ -1,0 +1,298 @@
+"""The Phi-3 family (Phi-3, Phi-3.5, Phi-4, Phi-4-mini) against transformers' Phi3ForCausalLM on random weights,
+fp32, in four configurations (conftest.PHI3_VARIANTS): logits before and after the sliding window and the
+LongRoPE switch, cached and batched decoding, and greedy tokens across both."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import phikit
+from phikit.checkpoint import load_model
+from phikit.config import Phi3Config
+from phikit.errors import PhikitError
+from phikit.generate import GenerationConfig, generate_tokens
+
+VARIANTS = ["phi3-4k", "phi3-128k", "phi4-mini", "phi4"]
+
+
+def random_ids(n: int, vocab: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(vocab, 30000), (batch, n), generator=g)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers_before_and_after_the_window_and_the_switch(phi3_factory, variant):
+    """Lengths 10 (inside a 16-token window, before LongRoPE's switch at 32) and 60 (past both)."""
+    folder, hf = phi3_factory(variant)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    assert set(model.state_dict()) == set(hf.state_dict())
+    for n in (10, 60):
+        ids = random_ids(n, hf.config.vocab_size, batch=2)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decode_matches_the_full_forward(phi3_factory, variant):
+    """A prefill, a chunk on top of the cache and single tokens, past the window (the switch is the
+    generation's business: see the greedy test)."""
+    folder, hf = phi3_factory(variant)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(30, hf.config.vocab_size)
+    cache = model.new_cache(1, 40)
+    with torch.no_grad():
+        full = model(ids)
+        pieces = [model(ids[:, :8], torch.arange(8), cache), model(ids[:, 8:25], torch.arange(8, 25), cache)]
+        pieces += [model(ids[:, t : t + 1], torch.tensor([t]), cache) for t in range(25, 30)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_equal_transformers_generate_for_64_new_tokens(phi3_factory, variant):
+    """From a 20-token prompt, 64 greedy tokens run past the 16-token window and LongRoPE's switch at 32,
+    where both recompute the cache with the long factors."""
+    folder, hf = phi3_factory(variant)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    prompt = random_ids(20, hf.config.vocab_size, seed=3)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=64, do_sample=False, pad_token_id=0)[0, 20:].tolist()
+    got = [int(t) for t in generate_tokens(model, prompt.tolist(), GenerationConfig(max_new_tokens=64), pad_id=0)]
+    assert got == expected
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+def test_left_padded_batches_match_transformers(phi3_factory, variant):
+    folder, hf = phi3_factory(variant)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(24, hf.config.vocab_size, batch=2, seed=5)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[1, :6] = False
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=valid.long()).logits
+        got = model(ids, positions=positions, padding_mask=valid)
+    torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=1e-4)
+
+
+def test_speculative_decoding_across_the_switch_equals_plain_greedy(phi3_factory):
+    folder, _ = phi3_factory("phi3-128k")
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    prompt = "Hello world " * 4
+    plain = phi.generate(prompt, max_new_tokens=40)
+    lookup = phi.generate(prompt, max_new_tokens=40, prompt_lookup=True)
+    assert lookup.token_ids == plain.token_ids
+
+
+def test_hub_and_transformers_5_rope_layouts_read_the_same(phi3_factory, tmp_path):
+    """The Hub's Phi-3-128k config.json (top-level rope_theta, rope_scaling of type "longrope", legacy "su")
+    and the rope_parameters transformers 5 writes give one config."""
+    folder, hf = phi3_factory("phi3-128k")
+    saved = json.loads((folder / "config.json").read_text())
+    config = Phi3Config.from_dict(saved)
+    assert config.longrope is not None and config.longrope.original_max_position_embeddings == 32
+    assert config.longrope.attention_factor == pytest.approx(math.sqrt(1 + math.log(256 / 32) / math.log(32)))
+    hub = {k: v for k, v in saved.items() if k != "rope_parameters"}
+    hub.update(rope_theta=10000.0, rope_scaling={"type": "su", **PHI3_FACTORS(saved)})
+    assert Phi3Config.from_dict(hub).longrope == config.longrope
+    assert Phi3Config.from_dict({**hub, "eos_token_id": [32000, 32001, 32007]}).eos_token_ids == (32000, 32001, 32007)
+
+
+def PHI3_FACTORS(saved: dict) -> dict:  # noqa: N802
+    rope = saved["rope_parameters"]
+    return {"short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "short_factor"),
+        ({"rope_parameters": {"rope_type": "dynamic"}}, "rope type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"eos_token_id": ["x"]}, "eos_token_id"),
+    ],
+)
+def test_config_mistakes_are_named(phi3_factory, change, message):
+    folder, _ = phi3_factory("phi3-4k")
+    saved = json.loads((folder / "config.json").read_text())
+    with pytest.raises(PhikitError, match=message):
+        Phi3Config.from_dict({**saved, **change}, "config.json")
+
+
+def test_tied_embeddings_load_as_one_tensor_and_a_quantized_head_apart(phi3_factory):
+    folder, _ = phi3_factory("phi4-mini")
+    model = load_model(folder, dtype="fp32", device="cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantized = phikit.load(folder, dtype="fp32", device="cpu", quantize="int8").model
+    assert quantized.lm_head.format == "int8" and quantized.model.embed_tokens.weight.dtype == torch.float32
+
+
+# ---- the rest of the toolkit on the family: adapters, merge, export, quantize, fine-tune, serve ----
+
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def peft_adapter(hf, folder, targets=TARGETS, seed=5):
+    """A LoRA made by PEFT itself on the transformers model (random B, so it matters), saved to ``folder``;
+    returns PEFT's model loaded from there."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def copy():
+        base = type(hf)(hf.config).eval()
+        base.load_state_dict(hf.state_dict())
+        return base
+
+    model = get_peft_model(copy(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return PeftModel.from_pretrained(copy(), folder).eval()
+
+
+@pytest.mark.parametrize("variant", ["phi3-128k", "phi4-mini"])
+@pytest.mark.parametrize("targets", [TARGETS, "all-linear"])
+def test_peft_adapters_on_the_fused_layers_load_both_ways(phi3_factory, tmp_path, variant, targets):
+    from peft import PeftModel
+
+    from phikit.lora import LoRAConfig, inject_lora, load_adapter, save_adapter
+
+    folder, hf = phi3_factory(variant)
+    reference = peft_adapter(hf, tmp_path / "peft", targets)
+    ours = load_adapter(load_model(folder, dtype="fp32", device="cpu"), tmp_path / "peft")
+    ids = random_ids(40, hf.config.vocab_size, batch=2)  # past LongRoPE's switch
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=0, atol=1e-4)
+
+    mine = inject_lora(
+        load_model(folder, dtype="fp32", device="cpu"), LoRAConfig(r=8, alpha=16, dropout=0.0, target_modules=targets)
+    )
+    torch.manual_seed(3)
+    for name, p in mine.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    save_adapter(mine, tmp_path / "ours")
+    base = type(hf)(hf.config).eval()
+    base.load_state_dict(hf.state_dict())
+    theirs = PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids), theirs(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["phi3-128k", "phi4-mini"])
+def test_merged_export_loads_in_transformers_with_equal_logits(phi3_factory, tmp_path, variant):
+    from transformers import Phi3ForCausalLM
+
+    folder, hf = phi3_factory(variant)
+    reference = peft_adapter(hf, tmp_path / "peft")
+    merged = phikit.api.merge_adapter(folder, tmp_path / "peft", tmp_path / "merged")
+    ids = random_ids(40, hf.config.vocab_size, batch=2)
+    with torch.no_grad():
+        expected = reference.merge_and_unload()(ids).logits
+        via_transformers = Phi3ForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids).logits
+        via_phikit = load_model(merged, dtype="fp32", device="cpu")(ids)
+    torch.testing.assert_close(via_transformers, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(via_phikit, expected, rtol=0, atol=1e-4)
+    saved = json.loads((merged / "config.json").read_text())
+    assert saved["model_type"] == "phi3" and (merged / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+def test_quantized_models_match_transformers_with_dequantized_weights_and_reload(phi3_factory, tmp_path, variant, fmt):
+    """The fused layers quantized (int4 groups along the input), a tied head quantized apart from the
+    embedding (which stays as it was); a `phikit quantize` folder reloads to the same logits and is marked
+    for phikit alone."""
+    from transformers import Phi3ForCausalLM
+
+    from phikit import kernels
+    from phikit.quantize import QuantizedLinear
+
+    folder, hf = phi3_factory(variant)
+    phi = phikit.load(folder, dtype="fp32", device="cpu", quantize=fmt)
+    layer = phi.model.model.layers[0]
+    assert {layer.self_attn.qkv_proj.format, layer.mlp.gate_up_proj.format, phi.model.lm_head.format} == {fmt}
+    torch.testing.assert_close(phi.model.model.embed_tokens.weight, hf.model.embed_tokens.weight, rtol=0, atol=0)
+    config = type(hf.config).from_dict({**hf.config.to_dict(), "tie_word_embeddings": False})
+    reference = Phi3ForCausalLM(config).eval()
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    for name, module in phi.model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            state[f"{name}.weight"] = module.dequantized()
+    reference.load_state_dict(state)
+    ids = random_ids(24, hf.config.vocab_size)
+    with torch.no_grad():
+        got, expected = phi.model(ids), reference(ids).logits
+    limit = 0.05 if fmt == "int4" and kernels.available() else 1e-4  # int4's kernel rounds activations to int8
+    assert ((got - expected).norm() / expected.norm()).item() < limit
+    out = phikit.save_quantized(phi, tmp_path / "q")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "phikit_quantized_phi3"
+    again = phikit.load(out, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids), got, rtol=0, atol=1e-5)
+
+
+def test_generation_stops_at_the_turn_end_token(phi3_factory):
+    """<|end|> ends a reply (and is not part of it) as the EOS does: here made the model's choice by giving
+    its output row the direction of the third greedy token's, ten times longer."""
+    folder, _ = phi3_factory("phi3-4k")
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    end = phi.tokenizer._tok.token_to_id("<|end|>")
+    free = phi.generate("Hello", template="chat", max_new_tokens=8)
+    assert free.finish_reason == "length" and end not in free.token_ids
+    with torch.no_grad():
+        phi.model.lm_head.weight[end] = phi.model.lm_head.weight[free.token_ids[2]] * 10
+    stopped = phi.generate("Hello", template="chat", max_new_tokens=8)
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 2 and "<|end|>" not in stopped.text
+
+
+def test_finetuning_on_chat_messages_trains_the_replies(phi3_factory, tmp_path):
+    """recipes/tiny-phi3-chat-cpu.yaml: messages written with the checkpoint's chat template, loss on the
+    assistant's turns only; the loss falls and the adapter loads in PEFT with equal logits."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from phikit.train import TrainConfig, finetune
+
+    repo = Path(__file__).resolve().parents[1]
+    folder, hf = phi3_factory("phi4-mini")
+    config = TrainConfig.from_yaml(
+        repo / "recipes" / "tiny-phi3-chat-cpu.yaml",
+        {
+            "model": str(folder),
+            "output_dir": str(tmp_path / "run"),
+            "data": str(repo / "recipes/data/tiny-chat.jsonl"),
+            "epochs": 4,
+        },
+    )
+    adapter = finetune(config, progress=False)
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert losses[-1] < 0.7 * losses[0]
+    tuned = phikit.load(folder, dtype="fp32", device="cpu", adapter=adapter)
+    base = type(hf)(hf.config).eval()
+    base.load_state_dict(hf.state_dict())
+    reference = PeftModel.from_pretrained(base, adapter).eval()
+    ids = random_ids(12, hf.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.model(ids), reference(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_perplexity_equals_transformers_loss(phi3_factory, tmp_path):
+    from phikit.evaluate import perplexity
+
+    folder, hf = phi3_factory("phi3-4k")
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    ids = random_ids(40, hf.config.vocab_size)
+    result = perplexity(phi.model, ids[0].tolist(), context=64)
+    with torch.no_grad():
+        loss = hf(ids, labels=ids).loss
+    assert result.perplexity == pytest.approx(math.exp(loss.item()), rel=1e-4)
