@@ -151,7 +151,8 @@ def load_suite(path: str | os.PathLike | None = None) -> PromptSuite:
         if not isinstance(template, str):
             raise PhikitError(f"{path}: template must be a string, got {template!r}")
         try:
-            get_template(template)
+            if template not in ("chat", "auto"):  # those are the checkpoint's own, known once it is loaded
+                get_template(template)
         except PhikitError as e:
             raise PhikitError(f"{path}: template: {e}") from None
     max_new_tokens = _positive_int(raw.get("max_new_tokens"), f"{path}: max_new_tokens")
@@ -224,8 +225,9 @@ def run_suite(
 
 
 def _ending(tokenizer: Tokenizer, completion) -> str:
-    """How an answer ended: "eos" (the model wrote <|endoftext|>), "marker" (a turn marker or stop string: the
-    generated tokens hold more text than the answer, which is cut before it) or "length" (the budget)."""
+    """How an answer ended: "eos" (the model wrote a stop token: <|endoftext|>, a chat model's <|end|>),
+    "marker" (a turn marker or stop string: the generated tokens hold more text than the answer, which is cut
+    before it) or "length" (the budget)."""
     if completion.finish_reason != "stop":
         return "length"
     return "eos" if tokenizer.decode(completion.token_ids) == completion.text else "marker"
@@ -420,7 +422,7 @@ class PhikitLM(_LMBase):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tokenizer.eos_id  # HFLM uses the BOS token, which for Phi is <|endoftext|> too
+        return self.tokenizer.bos_id  # as HFLM: the BOS (Phi-2: <|endoftext|>, Phi-3: <s>), else the EOS
 
     @property
     def max_length(self) -> int:

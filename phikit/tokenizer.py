@@ -57,6 +57,8 @@ class Tokenizer:
             raise PhikitError(f"{folder}: tokenizer has no {EOS_TEXT} token (nor an eos_token); not a Phi tokenizer")
         self.eos_id: int = eos
         self.pad_id: int = eos  # generation and training pad with EOS (masked out of attention and loss)
+        bos = self._tok.token_to_id(self.special_tokens.get("bos_token", self.eos_text))
+        self.bos_id: int = eos if bos is None else bos  # never added to prompts; lm-eval's prefix token
         stops = {eos, *_eos_ids(folder / "config.json"), *_eos_ids(folder / "generation_config.json")}
         stops.update(i for i in map(self._tok.token_to_id, TURN_END_TEXTS) if i is not None)
         self.stop_ids: frozenset[int] = frozenset(stops)

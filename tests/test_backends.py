@@ -65,6 +65,20 @@ def test_graph_replayed_decoding_equals_the_plain_model(tiny, monkeypatch, compi
     assert 2 <= len(graphs) <= cuda.MAX_GRAPHS
 
 
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi3-128k", "phi4-mini"])
+def test_graph_replayed_decoding_of_the_phi3_family_equals_the_plain_model(phi3_factory, monkeypatch, variant):
+    """Past the sliding window and across LongRoPE's switch (prefilled again through the plain forward), with
+    the Phi-3 decoder layer compiled (aot_eager)."""
+    monkeypatch.setattr(cuda, "_cuda_layers", {})
+    monkeypatch.setattr(cuda, "COMPILE_BACKEND", "aot_eager")
+    folder, _ = phi3_factory(variant)
+    plain = load_model(folder, dtype="fp32", device="cpu")
+    model = graphed(load_model(folder, dtype="fp32", device="cpu"), compiled=True)
+    prompts = [list(range(100, 120)), list(range(300, 310))]
+    assert greedy(model, prompts, n=30) == greedy(plain, prompts, n=30)
+    assert type(model.model.layers[0]).__name__ == "CudaPhi3DecoderLayer"
+
+
 def test_graph_replayed_steps_with_a_slot_per_row_match_the_plain_model(tiny):
     """Continuous batching's step: rows at their own slots of a larger cache's first rows."""
 

@@ -354,12 +354,13 @@ def local_tasks(tmp_path_factory):
     return TaskManager(include_path=str(folder), include_defaults=False)
 
 
-def test_simple_evaluate_phikit_equals_hf_on_local_tasks(tiny, local_tasks):
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+def test_simple_evaluate_phikit_equals_hf_on_local_tasks(tiny, phi3_factory, local_tasks, family):
     from lm_eval import simple_evaluate
 
     from phikit.evaluate import format_lm_eval, run_lm_eval
 
-    folder, _ = tiny
+    folder, _ = tiny if family == "phi" else phi3_factory("phi3-4k")
     tasks = list(TASKS)
     ours = run_lm_eval(folder, ",".join(tasks), dtype="fp32", device="cpu", task_manager=local_tasks, log_samples=True)
     ref = simple_evaluate(

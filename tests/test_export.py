@@ -1,5 +1,5 @@
 """Export: HF folders checked with transformers (and PEFT for merged adapters), GGUF files read back with
-gguf-py's own reader and checked against gguf-py's tensor-name table for llama.cpp's phi2 architecture, its
+gguf-py's own reader and checked against gguf-py's tensor-name tables for llama.cpp's phi2 and phi3 architectures, its
 quantizers and transformers' view of Phi-2's tokenizer; Ollama Modelfiles read by a checker of Ollama's
 documented grammar and its Go-template rendering. (benchmarks/bench_export_llamacpp.py compares whole files
 with llama.cpp's own converter and llama-quantize, and runs them in llama.cpp.)"""
@@ -7,6 +7,7 @@ with llama.cpp's own converter and llama-quantize, and runs them in llama.cpp.)"
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -488,3 +489,113 @@ def test_ollama_command_and_its_errors(tiny, tmp_path, capsys):
     assert main(["export", "-m", str(folder), "--format", "gguf", "--template", "guanaco", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err
     assert "--template is for --format ollama" in err and "Traceback" not in err
+
+
+# ---- the Phi-3 family (benchmarks/bench_export_llamacpp.py compares whole files with llama.cpp's converter) ----
+
+
+def expected_phi3_names(n_layers: int, longrope: bool, tied: bool) -> set[str]:
+    """Names llama.cpp's phi3 architecture loads, from gguf-py's tables: every tensor of MODEL_ARCH.PHI3 but
+    the separate q/k/v (the checkpoint's qkv is fused) and, for a tied head, output."""
+    skip = {gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K, gguf.MODEL_TENSOR.ATTN_V}
+    if not longrope:
+        skip |= {gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT}
+    if tied:
+        skip.add(gguf.MODEL_TENSOR.OUTPUT)
+    names = set()
+    for tensor in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.PHI3]:
+        if tensor in skip:
+            continue
+        template = gguf.TENSOR_NAMES[tensor]
+        for layer in range(n_layers) if "{bid}" in template else [None]:
+            names.add(f"{template.format(bid=layer)}.weight")
+    return names
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi3-128k", "phi4-mini", "phi4"])
+def test_phi3_gguf_has_llama_cpp_names_rope_factors_and_keys(phi3_factory, tmp_path, variant):
+    folder, hf = phi3_factory(variant)
+    config = hf.config
+    longrope = config.rope_parameters.get("rope_type") == "longrope"
+    out = export_gguf(folder, tmp_path / "m.gguf", gguf_type="f32")
+    reader, by_name = tensors(out)
+    assert field(reader, "general.architecture") == "phi3"
+    assert set(by_name) == expected_phi3_names(config.num_hidden_layers, longrope, config.tie_word_embeddings)
+    state = hf.state_dict()
+    np.testing.assert_array_equal(
+        by_name["blk.1.ffn_up.weight"].data, state["model.layers.1.mlp.gate_up_proj.weight"].numpy()
+    )
+    np.testing.assert_array_equal(
+        by_name["blk.0.attn_qkv.weight"].data, state["model.layers.0.self_attn.qkv_proj.weight"].numpy()
+    )
+    rotary = int(config.rope_parameters["partial_rotary_factor"] * config.hidden_size) // config.num_attention_heads
+    assert field(reader, "phi3.rope.dimension_count") == rotary
+    assert field(reader, "phi3.attention.head_count_kv") == config.num_key_value_heads
+    assert field(reader, "phi3.rope.freq_base") == config.rope_parameters["rope_theta"]
+    assert field(reader, "phi3.attention.sliding_window") == (config.sliding_window or 0)
+    assert field(reader, "phi3.rope.scaling.original_context_length") == config.original_max_position_embeddings
+    if longrope:
+        np.testing.assert_array_equal(
+            by_name["rope_factors_long.weight"].data, np.float32(config.rope_parameters["long_factor"])
+        )
+        np.testing.assert_array_equal(
+            by_name["rope_factors_short.weight"].data, np.float32(config.rope_parameters["short_factor"])
+        )
+        factor = config.max_position_embeddings / config.original_max_position_embeddings
+        expected = math.sqrt(1 + math.log(factor) / math.log(config.original_max_position_embeddings))
+        assert field(reader, "phi3.rope.scaling.attn_factor") == pytest.approx(expected)
+        assert list(reader.fields)[:2] == ["GGUF.version", "GGUF.tensor_count"]
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == config.vocab_size
+    assert field(reader, "tokenizer.ggml.eos_token_id") == config.eos_token_id
+    assert "tokenizer.chat_template" in reader.fields
+
+
+def test_phi3_gguf_vocabularies_are_the_tokenizers(phi3_factory, tmp_path):
+    """Phi-3's SentencePiece vocabulary (model "llama": tokenizer.model's pieces and scores, the chat tokens as
+    control tokens) and Phi-4-mini's o200k (model "gpt2", pre-tokenizer "gpt-4o", merges)."""
+    spm = pytest.importorskip("sentencepiece")
+    from conftest import PHI3_TOKENIZER, PHI4_MINI_TOKENIZER
+
+    if not (PHI3_TOKENIZER.is_dir() and PHI4_MINI_TOKENIZER.is_dir()):
+        pytest.skip("the Phi-3 and Phi-4-mini tokenizers are in ../shared/data")
+    folder, _ = phi3_factory("phi3-4k")
+    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "a.gguf", gguf_type="q8_0"))
+    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("llama", "default")
+    processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    for i in (3, 100, 259, 1000, 31999):  # <unk>, <s>, </s> are also added tokens: score -1000, as the converter
+        assert tokens[i] == processor.IdToPiece(i) and scores[i] == pytest.approx(processor.GetScore(i))
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"]
+    assert tokens[32007] == "<|end|>" and types[32007] == gguf.TokenType.CONTROL
+    assert tokens[32063] == "[PAD32063]" and types[32063] == gguf.TokenType.UNUSED
+    folder, _ = phi3_factory("phi4-mini")
+    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "b.gguf", gguf_type="q8_0"))
+    assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt-4o")
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    assert tokens[200020] == "<|end|>" and types[200020] == gguf.TokenType.CONTROL
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reads token_embd
+    assert len(field(reader, "tokenizer.ggml.merges")) > 400_000
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+def test_ollama_export_of_a_chat_model_renders_its_chat_template_and_stops_at_its_end(phi3_factory, tmp_path, variant):
+    from phikit.templates import get_template
+    from phikit.tokenizer import Tokenizer
+
+    folder, _ = phi3_factory(variant)
+    out = export_ollama(folder, tmp_path / "ollama", gguf_type="q8_0")
+    commands = parse_modelfile((out / "Modelfile").read_text(encoding="utf-8"))
+    (text,) = [v for k, v in commands if k == "template"]
+    template = get_template("chat", Tokenizer(folder))
+    system, question, earlier = "Be brief.", "What is 2 + 2?\n  Show\tyour work.", ("Capital of France?", "Paris.")
+    values = {"System": system, "Prompt": question}
+    assert render_go_template(text, values, cut_at_response=True) == template.render_messages(
+        [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    )
+    before = render_go_template(text, {"Prompt": earlier[0], "Response": earlier[1]}, cut_at_response=False)
+    assert before + render_go_template(text, {"Prompt": question}, cut_at_response=True) == template.render_chat(
+        [earlier], question
+    )
+    assert "<|end|>" in [v for k, v in commands if k == "stop"]

@@ -296,3 +296,35 @@ def test_perplexity_equals_transformers_loss(phi3_factory, tmp_path):
     with torch.no_grad():
         loss = hf(ids, labels=ids).loss
     assert result.perplexity == pytest.approx(math.exp(loss.item()), rel=1e-4)
+
+
+def test_server_chat_uses_the_checkpoint_template_stops_at_end_and_serves_adapters(phi3_factory, tmp_path):
+    """/v1/chat/completions writes messages with the checkpoint's chat template (a system message included),
+    ends the reply at <|end|>, and serves a PEFT adapter on the fused layers as its own model, in one batch
+    with the base."""
+    pytest.importorskip("uvicorn")
+    from serving import Server
+
+    from phikit.serve import create_app
+    from phikit.templates import get_template
+
+    folder, hf = phi3_factory("phi4-mini")
+    peft_adapter(hf, tmp_path / "peft")
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a joke"}]
+    prompt = get_template("chat", phi.tokenizer).render_messages(messages)
+    assert prompt == "<|system|>Be brief.<|end|><|user|>Tell me a joke<|end|><|assistant|>"
+    expected = phi.generate(prompt, max_new_tokens=12)
+    tuned = phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / "peft").generate(prompt, max_new_tokens=12)
+    app = create_app(phi.model, phi.tokenizer, "mini", adapters={"tuned": str(tmp_path / "peft")})
+    with Server(app) as s:
+        client = s.client()
+        reply = client.chat.completions.create(model="mini", messages=messages, max_tokens=12, temperature=0)
+        other = client.chat.completions.create(model="tuned", messages=messages, max_tokens=12, temperature=0)
+        assert reply.choices[0].message.content == expected.text
+        assert other.choices[0].message.content == tuned.text != expected.text
+        end = phi.tokenizer._tok.token_to_id("<|end|>")
+        stopped = client.chat.completions.create(
+            model="mini", messages=messages, max_tokens=12, temperature=0, logit_bias={str(end): 100}
+        )  # <|end|> first: an empty reply that stopped
+        assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == ""

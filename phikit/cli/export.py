@@ -38,8 +38,9 @@ def add_parser(sub) -> None:
     ex.add_argument(
         "--template",
         "-t",
-        help="ollama: prompt template of the Modelfile: instruct (default), guanaco, raw or your own string "
-        "with {prompt}",
+        help="ollama: prompt template of the Modelfile: chat (the checkpoint's chat template), instruct, "
+        "guanaco, raw or your own string with {prompt}; default: chat where the checkpoint has one (Phi-3, "
+        "Phi-4), else instruct",
     )
     ex.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], help="hf: dtype of the weights (default: the checkpoint's)"
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     if args.format == "gguf":
         out = export_gguf(args.model, args.out, args.adapter, args.gguf_type, args.overwrite, progress=True)
     elif args.format == "ollama":
-        template = args.template or "instruct"
+        template = args.template or "auto"
         out = export_ollama(args.model, args.out, args.adapter, args.gguf_type, template, args.overwrite, True)
     else:
         out = export_hf(args.model, args.out, args.adapter, args.dtype, args.overwrite, progress=True)
