@@ -24,6 +24,11 @@ own tokenizer and 51,200 rows (`python benchmarks/make_tiny_trained.py --tokeniz
 --out benchmarks/_work/tiny-phi2tok`), so greedy text is not noise. Prompts: the first 40 tokens of every
 fifth long held-out paragraph (heldout.txt), or a few fixed sentences for another model.
 
+A Phi-3-family checkpoint works the same way (--model DIR --out benchmarks/results_export_NAME.json): its
+tokenizer's references are llama.cpp's Phi-3 .out (../shared/data/phi3-tokenizer) or, for o200k, tiktoken's
+ids; with LongRoPE, --min-prompt-tokens past the original context puts phikit and llama.cpp (which picks
+the long factors when its --n-ctx exceeds the original context) on the same factors.
+
 llama.cpp comes from the llama-cpp-python sdist as in bench_llamacpp.py (converter, gguf-py, llama-quantize
 built under benchmarks/_work/llamacpp); llama-cpp-python itself is built from the same sdist (CPU, native)
 into benchmarks/_work/llamacpp/python-<version>/, not into the venv. Prints Markdown tables and writes
@@ -45,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_llamacpp import LLAMA, NICE, build, log, run, source  # noqa: E402
 from common import DOC_PROMPTS, HERE, WORK, markdown_table, save_json  # noqa: E402
 
-REFERENCE = HERE.parent.parent / "shared" / "data" / "phi2-tokenizer" / "reference"
+SHARED = HERE.parent.parent / "shared" / "data"
 REFERENCE_SEPARATOR = "\n__ggml_vocab_test__\n"
 QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
 BINDING_CMAKE_ARGS = (
@@ -155,10 +160,17 @@ def type_difference(name: str, x, y, source) -> dict:
     return row
 
 
-def reference_strings() -> list[tuple[str, list[int]]]:
-    inp = (REFERENCE / "ggml-vocab-phi-2.gguf.inp").read_text(encoding="utf-8")
-    out = (REFERENCE / "ggml-vocab-phi-2.gguf.out").read_text(encoding="utf-8")
+def reference_strings(tokenizer) -> list[tuple[str, list[int]]]:
+    """llama.cpp's 46 test strings with the reference ids of the checkpoint's tokenizer: llama.cpp's own
+    .out files for Phi-2 and Phi-3 (../shared/data/*/reference), tiktoken's o200k for Phi-4-mini."""
+    vocab = tokenizer._tok.get_vocab_size()
+    name = "phi-3" if vocab < 40000 else "phi-2"
+    folder = SHARED / ("phi3-tokenizer" if name == "phi-3" else "phi2-tokenizer") / "reference"
+    inp = (SHARED / "phi2-tokenizer" / "reference" / "ggml-vocab-phi-2.gguf.inp").read_text(encoding="utf-8")
     texts = inp.removesuffix(REFERENCE_SEPARATOR).split(REFERENCE_SEPARATOR)
+    if vocab > 100_000:  # o200k: the ids tiktoken gives (tests/test_tokenizer.py: equal on 233 strings)
+        return [(text, tokenizer.encode(text)) for text in texts]
+    out = (folder / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8")
     ids = [[int(i) for i in line.split()] for line in out.removesuffix("\n").split("\n")]
     return list(zip(texts, ids, strict=True))
 
@@ -166,7 +178,7 @@ def reference_strings() -> list[tuple[str, list[int]]]:
 def tokenization(llama_cpp, gguf_file: Path, tokenizer) -> dict:
     """The 46 reference strings through llama.cpp (as its own test-tokenizer-0: no BOS, specials parsed)."""
     llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
-    cases = reference_strings()
+    cases = reference_strings(tokenizer)
     mismatches, ours_vs_reference = [], 0
     for text, expected in cases:
         ours = tokenizer.encode(text)
@@ -184,28 +196,32 @@ def tokenization(llama_cpp, gguf_file: Path, tokenizer) -> dict:
     }
 
 
-def prompts_for(model: Path, tokenizer) -> list[str]:
+def prompts_for(model: Path, tokenizer, min_tokens: int = 0) -> list[list[int]]:
+    """Prompt ids: the first 40 tokens of held-out paragraphs, else DOC_PROMPTS, each repeated up to
+    ``min_tokens`` (a LongRoPE model whose original context they pass computes with its long factors)."""
     held = model / "heldout.txt"
-    if not held.is_file():
-        return DOC_PROMPTS
-    paragraphs = [p for p in held.read_text().split("\n\n") if len(p) > 200][:40:5]
-    return [tokenizer.decode(tokenizer.encode(p)[:40]) for p in paragraphs]
+    if held.is_file():
+        paragraphs = [p for p in held.read_text().split("\n\n") if len(p) > 200][:40:5]
+        prompts = [tokenizer.encode(p)[:40] for p in paragraphs]
+    else:
+        prompts = [tokenizer.encode(p) for p in DOC_PROMPTS]
+    return [(ids * (min_tokens // len(ids) + 1))[: max(min_tokens, len(ids))] for ids in prompts]
 
 
 def llama_greedy(
-    llama_cpp, gguf_file: Path, prompts: list[list[int]], n: int, threads: int, eos: int, kv_type: str
+    llama_cpp, gguf_file: Path, prompts: list[list[int]], n: int, threads: int, stops, kv_type: str, n_ctx: int = 512
 ) -> list[list[int]]:
     """Greedy continuations by llama.cpp, its KV cache in ``kv_type`` (f16 is llama.cpp's default; f32 keeps
     keys and values as phikit's fp32 run does, so only the weights' type and summation order differ)."""
     kv = llama_cpp.GGML_TYPE_F32 if kv_type == "f32" else llama_cpp.GGML_TYPE_F16
     llm = llama_cpp.Llama(
-        model_path=str(gguf_file), n_ctx=512, n_threads=threads, seed=0, type_k=kv, type_v=kv, verbose=False
+        model_path=str(gguf_file), n_ctx=n_ctx, n_threads=threads, seed=0, type_k=kv, type_v=kv, verbose=False
     )
     outputs = []
     for ids in prompts:
         out = []
         for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token == eos:  # phikit's token_ids end before EOS too
+            if token in stops:  # phikit's token_ids end before its stop tokens too
                 break
             out.append(int(token))
             if len(out) == n:
@@ -236,6 +252,15 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=32, help="greedy tokens per prompt (default 32)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--version", default=None, help="llama-cpp-python sdist version (default: newest present)")
+    ap.add_argument(
+        "--min-prompt-tokens",
+        type=int,
+        default=0,
+        help="repeat each prompt up to this many tokens (a LongRoPE model: past its original context, where "
+        "phikit and llama.cpp both use the long factors)",
+    )
+    ap.add_argument("--n-ctx", type=int, default=512, help="llama.cpp's context (default 512)")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results_export.json)")
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
         raise SystemExit(
@@ -245,6 +270,7 @@ def main() -> None:
 
     import phikit
     from phikit.export import CONVERTER_TYPES, GGUF_TYPES, export_gguf
+    from phikit.generate import GenerationConfig, generate_tokens
 
     types = list(GGUF_TYPES) if args.types == "all" else args.types.split(",")
     greedy_types = [t for t in args.greedy_types.split(",") if t]
@@ -301,15 +327,21 @@ def main() -> None:
     for m in tokens["mismatches"]:
         log(f"  differs: {m}")
 
-    prompts = prompts_for(args.model, phi.tokenizer)
-    prompt_ids = [phi.tokenizer.encode(p) for p in prompts]
-    ours = [phi.generate(p, template="raw", max_new_tokens=args.n, temperature=0).token_ids for p in prompts]
+    prompt_ids = prompts_for(args.model, phi.tokenizer, args.min_prompt_tokens)
+    prompts = [phi.tokenizer.decode(ids) for ids in prompt_ids]
+    stops = phi.tokenizer.stop_ids
+    ours = []
+    for ids in prompt_ids:  # phikit's greedy tokens from the very ids llama.cpp gets, up to a stop token
+        out = []
+        for step in generate_tokens(phi.model, [ids], GenerationConfig(max_new_tokens=args.n), phi.tokenizer.pad_id):
+            if int(step) in stops:
+                break
+            out.append(int(step))
+        ours.append(out)
     greedy_rows, greedy = [], {}
     for gtype in greedy_types:
         for kv_type in ("f32", "f16"):
-            theirs = llama_greedy(
-                llama_cpp, files[gtype], prompt_ids, args.n, args.threads, phi.tokenizer.eos_id, kv_type
-            )
+            theirs = llama_greedy(llama_cpp, files[gtype], prompt_ids, args.n, args.threads, stops, kv_type, args.n_ctx)
             same = [a == b for a, b in zip(ours, theirs)]
             agree = sum(agreeing_prefix(a, b) for a, b in zip(ours, theirs))
             total = sum(len(a) for a in ours)
@@ -351,7 +383,7 @@ def main() -> None:
         )
     )
     save_json(
-        HERE / "results_export.json",
+        args.out or HERE / "results_export.json",
         {
             "command": " ".join(sys.argv),
             "model": str(args.model),

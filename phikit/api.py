@@ -94,7 +94,10 @@ def load(
     if saved:
         saved_spec = QuantSpec.from_config(saved, str(folder / "config.json"))
         if spec is not None and spec != saved_spec:
-            raise PhikitError(f"{folder} is already quantized ({saved_spec.format}); drop --quantize")
+            raise PhikitError(
+                f"{folder} is already quantized ({saved_spec.format}); load it as it is, or quantize the "
+                "full-precision checkpoint it came from"
+            )
         spec = saved_spec
         net = load_model(folder, dtype, target, prepare=lambda m: prepare_shells(m, saved_spec), progress=progress)
     elif spec is not None:

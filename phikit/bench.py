@@ -143,9 +143,10 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
 
 
 def measure_transformers(s: BenchSettings, precision: str) -> dict:
-    """The same measurements with transformers' PhiForCausalLM and generate."""
+    """The same measurements with transformers' model of the checkpoint's family (PhiForCausalLM,
+    Phi3ForCausalLM) and generate."""
     import torch
-    from transformers import PhiForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from phikit.checkpoint import resolve_device, resolve_model_path
     from phikit.generate import peak_memory_bytes
@@ -169,7 +170,7 @@ def measure_transformers(s: BenchSettings, precision: str) -> dict:
     if precision == "nf4" and device.type == "cuda":
         kwargs["device_map"] = {"": device}
     start = time.perf_counter()
-    model = PhiForCausalLM.from_pretrained(folder, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     if "device_map" not in kwargs:
         model.to(device)
     load_s = time.perf_counter() - start
@@ -244,8 +245,9 @@ def run_bench(s: BenchSettings, progress: bool = True, on_row=None) -> dict:
     from tqdm.auto import tqdm
 
     jobs = [("phikit", p) for p in s.precisions]
-    if s.compare_transformers:
-        jobs += [("transformers", p) for p in dict.fromkeys(["bf16", *s.precisions]) if p in (*DENSE, "nf4")]
+    if s.compare_transformers:  # transformers' NF4 is bitsandbytes' CUDA path: compared on a GPU only
+        nf4 = ("nf4",) if _device_type(s.device) == "cuda" else ()
+        jobs += [("transformers", p) for p in dict.fromkeys(["bf16", *s.precisions]) if p in (*DENSE, *nf4)]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "settings": asdict(s), "rows": []}
     bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for engine, precision in bar:
@@ -255,6 +257,12 @@ def run_bench(s: BenchSettings, progress: bool = True, on_row=None) -> dict:
         if on_row is not None:
             on_row(report)
     return report
+
+
+def _device_type(device: str) -> str:
+    from phikit.checkpoint import resolve_device
+
+    return resolve_device(device).type
 
 
 def _compare(rows: list[dict]) -> None:

@@ -9,7 +9,7 @@ from typing import TextIO
 from phikit.generate import GenerationConfig, generate
 from phikit.templates import ChatTemplate, Template, get_template
 
-HELP = "Commands: /reset forgets the conversation, /exit (or Ctrl-D) quits."
+HELP = "Commands: /reset forgets the conversation, /help shows this, /exit (or Ctrl-D) quits."
 
 
 def conversation(history: list[tuple[str, str]], user: str, system: str | None = None) -> list[dict]:
@@ -65,6 +65,9 @@ def chat(
         if user == "/reset":
             history = []
             print("(conversation reset)", file=out)
+            continue
+        if user == "/help" or (user.startswith("/") and " " not in user):  # /help, or a mistyped command
+            print(HELP if user == "/help" else f"unknown command {user}; {HELP}", file=out)
             continue
         budget = context - config.max_new_tokens
         count = lambda text: len(phi.tokenizer.encode(text))  # noqa: E731

@@ -45,7 +45,20 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# what a saved checkpoint folder takes along from its source: every tokenizer and generation file (Phi-3's
+# tokenizer.model is what llama.cpp's converter reads its vocabulary from)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 # weights of `phikit quantize` folders: not model.safetensors, which transformers would read as a plain Phi
 QUANTIZED_WEIGHTS = "phikit-quantized.safetensors"
 
@@ -558,15 +571,7 @@ def save_checkpoint(
             (tmp / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_folder is not None:
-            for name in (
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "vocab.json",
-                "merges.txt",
-                "added_tokens.json",
-                "special_tokens_map.json",
-                "generation_config.json",
-            ):
+            for name in TOKENIZER_FILES:
                 if (tokenizer_folder / name).is_file():
                     shutil.copyfile(tokenizer_folder / name, tmp / name)
         for written in tmp.iterdir():  # safetensors writes 0600: give every file the user's umask

@@ -50,7 +50,10 @@ def read_text(path: str | Path, tokenizer: Tokenizer) -> list[int]:
     if not path.is_file():
         raise PhikitError(f"{path}: data file not found")
     if path.suffix != ".jsonl":
-        return tokenizer.encode(path.read_text(encoding="utf-8"))
+        ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+        if not ids:
+            raise PhikitError(f"{path}: no text in the file")
+        return ids
     ids: list[int] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -203,6 +206,8 @@ def run_suite(
     if not isinstance(suite, PromptSuite):
         suite = load_suite(suite)
     template = options.pop("template", None) or suite.template
+    # auto: the checkpoint's chat template (Phi-3, Phi-4), else the instruct format (Phi-2)
+    template = get_template(template, phi.tokenizer, fallback="instruct") if template else None
     override = options.pop("max_new_tokens", None)
     results = []
     for item in tqdm(suite.prompts, desc="prompts", unit="prompt", disable=not progress, leave=False):
@@ -212,6 +217,7 @@ def run_suite(
         results.append(
             {
                 "id": item.id,
+                "template": template.name if template is not None else "raw",
                 "prompt": item.prompt,
                 "text": completion.text,
                 "tokens": tokens,

@@ -539,8 +539,8 @@ def _full_precision_source(model: str | os.PathLike) -> tuple[Path, PhiConfig]:
     if quantization:
         kind = quantization.get("format") or quantization.get("quant_method") or "quantized"
         raise PhikitError(
-            f"{folder / 'config.json'} has quantization_config ({kind}): the checkpoint is quantized; export the "
-            "full-precision checkpoint it came from (and use --type q8_0 for a smaller GGUF)"
+            f"{folder / 'config.json'} has quantization_config ({kind}): the checkpoint is quantized; use the "
+            "full-precision checkpoint it came from (for a smaller GGUF, export that with --type q8_0 or q4_0)"
         )
     return folder, config
 

@@ -217,9 +217,9 @@ def _compile(source: str):
         raise PhikitError(f"the checkpoint's chat_template is not a valid Jinja template ({e})") from None
 
 
-def get_template(spec, tokenizer=None) -> Template | ChatTemplate:
+def get_template(spec, tokenizer=None, fallback: str = "guanaco") -> Template | ChatTemplate:
     """A template by name (raw, instruct, guanaco), ``chat`` (the checkpoint's chat_template, from
-    ``tokenizer``), ``auto`` (chat where the tokenizer has one, else guanaco), or a user format string
+    ``tokenizer``), ``auto`` (chat where the tokenizer has one, else ``fallback``), or a user format string
     containing ``{prompt}``. A user template stops where its own turn marker (the text before ``{prompt}``)
     appears again."""
     if isinstance(spec, (Template, ChatTemplate)):
@@ -231,7 +231,7 @@ def get_template(spec, tokenizer=None) -> Template | ChatTemplate:
         if source:
             return ChatTemplate(source, tokenizer.special_tokens)
         if spec == "auto":
-            return TEMPLATES["guanaco"]
+            return TEMPLATES[fallback]
         where = f" {tokenizer.folder}" if tokenizer is not None else ""
         raise PhikitError(
             f"template 'chat' needs the checkpoint's chat_template, and the tokenizer{where} has none "

@@ -80,6 +80,42 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, also when it is part of a UTF-8 character (decoding it alone would
+        give U+FFFD): byte-level BPE's tokens map back through GPT-2's byte alphabet, SentencePiece's byte
+        fallback pieces ``<0xE2>`` are that byte and its "▁" a space; added tokens are their text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._tok.get_added_tokens_decoder():
+            return piece.encode("utf-8")
+        if self._byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @property
+    def _byte_level(self) -> bool:
+        return type(self._tok.decoder).__name__ == "ByteLevel"
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte alphabet for byte-level BPE, inverted: printable bytes stand for themselves, the others
+    for the characters from U+0100 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[chr(b)] = b
+        else:
+            mapping[chr(256 + extra)] = b
+            extra += 1
+    return mapping
+
+
+_UNICODE_TO_BYTE = _bytes_to_unicode()
+
 
 def _read_json_object(path: Path) -> dict:
     """A JSON object file, or {} where it is absent; a malformed one names itself."""

@@ -410,7 +410,8 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
     out = Path(config.output_dir)
     existing = checkpoints(out) if out.exists() else []
     if main_process and out.exists() and not config.resume and (existing or (out / "adapter").exists()):
-        raise PhikitError(f"{out} already holds a run; pass --resume to continue it or choose another output_dir")
+        how = "pass --resume to continue it, or " if existing else "it finished; "
+        raise PhikitError(f"{out} already holds a run; {how}choose another output_dir")
     if config.resume and not existing:
         raise PhikitError(f"--resume: no checkpoint-* folder in {out}")
     out.mkdir(parents=True, exist_ok=True)

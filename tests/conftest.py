@@ -216,8 +216,9 @@ PHI3_VARIANTS = {
 }
 
 
-def _phi3_fallback_tokenizer(folder: Path) -> None:
-    """The tiny BPE with Phi-3's chat tokens and template, where ../shared is absent."""
+def _phi3_fallback_tokenizer(folder: Path, tokenizer_class: str | None = None) -> None:
+    """The tiny BPE with Phi-3's chat tokens and template, where ../shared is absent (``tokenizer_class``:
+    GPT2Tokenizer for Phi-4-mini's stand-in, a byte-level BPE as its o200k is)."""
     from tokenizers import Tokenizer
 
     _tiny_tokenizer(folder)
@@ -226,6 +227,8 @@ def _phi3_fallback_tokenizer(folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = PHI3_CHAT_TEMPLATE
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -249,7 +252,7 @@ def phi4_mini_tokenizer_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("phi4-mini-tokenizer")
     if not PHI4_MINI_TOKENIZER.is_dir():
-        _phi3_fallback_tokenizer(folder)
+        _phi3_fallback_tokenizer(folder, "GPT2Tokenizer")
         return folder
     for f in PHI4_MINI_TOKENIZER.iterdir():
         if f.name == "tokenizer.json.gz":

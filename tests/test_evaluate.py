@@ -17,7 +17,7 @@ from phikit.evaluate import load_suite, run_suite, write_report
 
 def test_default_suite_has_the_reference_prompts():
     suite = load_suite()
-    assert suite.template == "instruct" and len(suite.prompts) == 10
+    assert suite.template == "auto" and len(suite.prompts) == 10  # Phi-2: instruct; a chat model: its template
     text = "\n".join(p.prompt for p in suite.prompts)
     for needle in (
         "3Sum",
@@ -90,7 +90,7 @@ def test_run_suite_equals_generate(phi, tmp_path):
     suite = load_suite()
     for r, item in zip(quick, suite.prompts):
         c = phi.generate(item.prompt, template="instruct", max_new_tokens=12)
-        assert (r["id"], r["text"], r["tokens"]) == (item.id, c.text, len(c.token_ids))
+        assert (r["id"], r["text"], r["tokens"], r["template"]) == (item.id, c.text, len(c.token_ids), "instruct")
     stop = quick[0]["text"][4:7]
     cut = run_suite(phi, suite, max_new_tokens=12, stop=(stop,))[0]
     assert cut["stopped_by_itself"] and cut["text"] == quick[0]["text"][: quick[0]["text"].index(stop)]

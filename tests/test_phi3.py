@@ -315,7 +315,9 @@ def test_server_chat_uses_the_checkpoint_template_stops_at_end_and_serves_adapte
     prompt = get_template("chat", phi.tokenizer).render_messages(messages)
     assert prompt == "<|system|>Be brief.<|end|><|user|>Tell me a joke<|end|><|assistant|>"
     expected = phi.generate(prompt, max_new_tokens=12)
-    tuned = phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / "peft").generate(prompt, max_new_tokens=12)
+    tuned = phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / "peft").generate(
+        prompt, max_new_tokens=12
+    )
     app = create_app(phi.model, phi.tokenizer, "mini", adapters={"tuned": str(tmp_path / "peft")})
     with Server(app) as s:
         client = s.client()
@@ -328,3 +330,57 @@ def test_server_chat_uses_the_checkpoint_template_stops_at_end_and_serves_adapte
             model="mini", messages=messages, max_tokens=12, temperature=0, logit_bias={str(end): 100}
         )  # <|end|> first: an empty reply that stopped
         assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == ""
+
+
+def test_sharded_hub_layout_with_generation_config_eos_list(phi3_factory, tmp_path):
+    """A checkpoint as the Hub ships Phi-3-mini: safetensors shards with an index, config.json in the older
+    layout (top-level rope_theta, rope_scaling), generation_config.json listing three EOS ids."""
+    import shutil
+
+    folder, hf = phi3_factory("phi3-128k")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="2MB")
+    for f in folder.iterdir():
+        if f.name.startswith(("tokenizer", "added_tokens", "special_tokens")):
+            shutil.copyfile(f, sharded / f.name)
+    saved = json.loads((sharded / "config.json").read_text())
+    rope = saved.pop("rope_parameters")
+    saved.update(
+        rope_theta=rope["rope_theta"], rope_scaling={"type": "longrope", **PHI3_FACTORS({"rope_parameters": rope})}
+    )
+    (sharded / "config.json").write_text(json.dumps(saved))
+    (sharded / "generation_config.json").write_text(json.dumps({"eos_token_id": [32000, 32001, 32007]}))
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    phi = phikit.load(sharded, dtype="fp32", device="cpu")
+    assert phi.model.config.longrope is not None
+    assert {32000, 32001, 32007} <= phi.tokenizer.stop_ids or phi.tokenizer.vocab_size < 32000
+    ids = random_ids(40, hf.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(phi.model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_qlora_on_an_nf4_base_trains_and_saves_a_peft_adapter(phi3_factory, tmp_path):
+    from pathlib import Path
+
+    from phikit.train import TrainConfig, finetune
+
+    repo = Path(__file__).resolve().parents[1]
+    folder, _ = phi3_factory("phi3-4k")
+    overrides = {"model": str(folder), "output_dir": str(tmp_path / "run"), "max_steps": 6, "quantize": "nf4"}
+    overrides["data"] = str(repo / "recipes/data/tiny-chat.jsonl")
+    adapter = finetune(TrainConfig.from_yaml(repo / "recipes" / "tiny-phi3-chat-cpu.yaml", overrides), progress=False)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
+    tuned = phikit.load(folder, dtype="fp32", device="cpu", quantize="nf4", adapter=adapter)
+    assert tuned.generate("Hi", template="chat", max_new_tokens=4).token_ids
+
+
+def test_the_default_prompt_suite_writes_a_chat_model_in_its_chat_template(phi3_factory):
+    from phikit.evaluate import load_suite, run_suite
+
+    folder, _ = phi3_factory("phi3-4k")
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    result = run_suite(phi, None, max_new_tokens=4)[0]
+    item = load_suite().prompts[0]
+    assert result["template"] == "chat"
+    assert result["text"] == phi.generate(item.prompt, template="chat", max_new_tokens=4).text

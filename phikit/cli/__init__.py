@@ -33,8 +33,8 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phikit",
-        description="Run, quantize, benchmark, fine-tune, evaluate and serve Microsoft Phi-2 "
-        "(and Phi-1/Phi-1.5) on one GPU or a CPU.",
+        description="Run, quantize, benchmark, fine-tune, evaluate, serve and export Microsoft's Phi models "
+        "(Phi-1/1.5/2 and the Phi-3 family: Phi-3, Phi-3.5, Phi-4, Phi-4-mini) on one GPU or a CPU.",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"phikit {__version__}")

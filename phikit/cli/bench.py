@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     b.add_argument(
         "--compare-transformers",
         action="store_true",
-        help="also run transformers generate on the same checkpoint (bf16 and each dense precision)",
+        help="also run transformers generate on the same checkpoint (bf16 and each dense precision; on a GPU "
+        "also nf4 through bitsandbytes)",
     )
     b.add_argument("--perplexity-data", metavar="FILE", help="also report perplexity on FILE (.txt or .jsonl)")
     b.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
@@ -52,6 +53,15 @@ def run(args: argparse.Namespace) -> None:
         raise PhikitError("--new-tokens, --prompt-tokens and --repeats must be at least 1")
     if args.perplexity_data and not Path(args.perplexity_data).is_file():
         raise PhikitError(f"{args.perplexity_data}: data file not found")
+    from phikit.checkpoint import resolve_model_path
+    from phikit.models import read_config
+
+    context = read_config(resolve_model_path(args.model) / "config.json").max_position_embeddings
+    if args.prompt_tokens + args.new_tokens > context:
+        raise PhikitError(
+            f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the model's context of "
+            f"{context} tokens; lower them"
+        )
     settings = BenchSettings(
         args.model,
         precisions,

@@ -70,8 +70,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         "-t",
         default="raw",
         help="prompt template: raw, chat (the checkpoint's own chat template: Phi-3, Phi-3.5, Phi-4, "
-        "Phi-4-mini), instruct ('Instruct: {prompt}\\nOutput:'), guanaco ('### Human: {prompt}### Assistant:') "
-        "or your own string with {prompt} (default raw)",
+        "Phi-4-mini), auto (chat where the checkpoint has one, else guanaco), instruct ('Instruct: "
+        "{prompt}\\nOutput:'), guanaco ('### Human: {prompt}### Assistant:') or your own string with {prompt} "
+        "(default raw: the prompt as it is)",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")

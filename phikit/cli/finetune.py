@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
         "Writes checkpoints, metrics.jsonl and the final PEFT-format adapter to "
         "output_dir/adapter. Runs DDP under torchrun --nproc-per-node N.",
         epilog="Recipes: recipes/phi2-qlora-guanaco.yaml (the reference QLoRA run), "
-        "recipes/tiny-cpu.yaml (a small CPU run).",
+        "recipes/tiny-cpu.yaml (a small CPU run), recipes/tiny-phi3-chat-cpu.yaml (a Phi-3-family model on "
+        "chat messages in its own chat template), recipes/tiny-guanaco-cpu.yaml and tiny-alpaca-cpu.yaml.",
     )
     f.add_argument("--config", "-c", type=Path, help="recipe YAML (see recipes/)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")

@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --file mode (default 8)")
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
     g.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    g.add_argument("--system", help="a system message before the prompt (with --template chat, auto or a format)")
     g.add_argument(
         "--compile",
         action="store_true",
@@ -109,8 +110,17 @@ def run(args: argparse.Namespace) -> None:
     config.validate()
     if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer
         get_template(args.template)  # fail on a bad template before the slow load
+    if args.stream and args.file:
+        raise PhikitError("--stream prints one completion as it is generated; --file prints one JSON line per prompt")
     phi = load_model(args, progress=not args.quiet)
     template = get_template(args.template, phi.tokenizer)
+    if args.system:  # each prompt as a conversation: the system message, then the prompt as the user's turn
+        if template.name == "raw":
+            raise PhikitError("--system needs a template that writes a conversation: --template chat, auto or guanaco")
+        system = {"role": "system", "content": args.system}
+        prompts = [template.render_messages([system, {"role": "user", "content": p}]) for p in prompts]
+        config = GenerationConfig(**{**config.__dict__, "stop": (*template.stop, *config.stop)})
+        template = get_template("raw")
     if args.draft_model:
         draft = load_model(args, progress=False, model=args.draft_model, adapter=None)
         phi.draft = draft.model

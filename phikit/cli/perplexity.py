@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from phikit.cli.common import EPILOG, add_model_args, load_model
@@ -30,6 +31,12 @@ def run(args: argparse.Namespace) -> None:
 
     phi = load_model(args)
     ids = read_text(args.data, phi.tokenizer)
+    context = phi.model.config.max_position_embeddings
+    if args.context > context:
+        print(
+            f"phikit: --context {args.context} is more than the model's {context}; windows of {context}",
+            file=sys.stderr,
+        )
     result = perplexity(phi.model, ids, args.context, args.stride, args.max_tokens, progress=True)
     print(
         json.dumps(

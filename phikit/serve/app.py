@@ -250,7 +250,12 @@ def create_app(
         return APIError(exc.status_code, message, kind, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request, exc: RequestValidationError):
+    async def validation_error(request, exc: RequestValidationError):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and kind != "application/json":
+            return APIError(
+                400, f"send the body as JSON with Content-Type: application/json, not {kind or 'none'}"
+            ).response()
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return APIError(400, "request body is not valid JSON").response()
@@ -566,14 +571,16 @@ def _legacy_logprobs(choice: Choice, echo: bool, tokenizer: Tokenizer) -> dict:
 
 
 def _chat_logprobs(tokens: list[int], entries: list, tokenizer: Tokenizer) -> dict:
+    """OpenAI's chat logprobs; ``bytes`` are each token's own bytes, also for a token that holds part of a
+    UTF-8 character (its text alone is U+FFFD; joining the bytes of consecutive tokens gives the character)."""
     content = []
     for token, entry in zip(tokens, entries):
-        text = _token_text(tokenizer, token)
         top = [
-            {"token": _token_text(tokenizer, t), "logprob": lp, "bytes": list(_token_text(tokenizer, t).encode())}
+            {"token": _token_text(tokenizer, t), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
             for t, lp in entry[1]
         ]
-        content.append({"token": text, "logprob": entry[0], "bytes": list(text.encode()), "top_logprobs": top})
+        text, raw = _token_text(tokenizer, token), list(tokenizer.token_bytes(token))
+        content.append({"token": text, "logprob": entry[0], "bytes": raw, "top_logprobs": top})
     return {"content": content}
 
 

@@ -21,8 +21,9 @@ import torch
 from phikit.errors import PhikitError
 
 JSON_OBJECT_SCHEMA = {"type": "object"}
-# one space after separators and no other whitespace: a model cannot wander into endless blank lines
-COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# one space after separators and no other whitespace: a model cannot wander into endless blank lines;
+# lenient: keywords llguidance does not implement (uniqueItems, unknown formats) are warnings, not errors
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 
 
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,9 +57,11 @@ def compile_schema(schema: dict, tokenizer, vocab_size: int) -> str:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=COMPACT)
     except (ValueError, TypeError, RuntimeError) as e:
         raise PhikitError(f"the JSON schema cannot be used: {e}") from None
-    message = llguidance.LLMatcher.validate_grammar(grammar, _ll_tokenizer(tokenizer, vocab_size))
-    if message and not llguidance.LLMatcher.is_validate_warning(message):
-        raise PhikitError(f"the JSON schema cannot be used: {message}")
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, _ll_tokenizer(tokenizer, vocab_size)
+    )
+    if failed:  # unsatisfiable or invalid (an empty enum, minimum > maximum, an unknown type)
+        raise PhikitError(f"the JSON schema cannot be used: {'; '.join(messages) or 'invalid'}")
     return grammar
 
 

@@ -1,0 +1,126 @@
+"""Did a change make phikit slower? Two checkouts of phikit on the same checkpoint, interleaved, same run.
+
+    python benchmarks/bench_versions.py --before REF [--after DIR] [--model DIR] [--precisions bf16,int8,int4]
+                                        [--prompt-tokens 512] [--new-tokens 128] [--rounds 3]
+
+REF is a git revision of this repository (checked out once into benchmarks/_work/versions/REF with
+``git worktree``); --after defaults to this working tree. Each (version, precision) loads the model in its
+own process, with that checkout first on ``sys.path``, and measures load time, the prefill of
+--prompt-tokens tokens and the decode of --new-tokens tokens (time per token after the first, medians of
+two runs after a warm-up); versions alternate within each round and rounds repeat, because this VM's memory
+bandwidth drifts by tens of percent within minutes. Without --model: the full-size random Phi-2 of
+common.random_phi2. Prints a Markdown table of medians (and each round) and writes
+benchmarks/results_versions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, WORK, machine, markdown_table, random_phi2, run_worker, save_json  # noqa: E402
+
+REPO = HERE.parent
+
+
+def worker(checkout: str, model_dir: str, precision: str, prompt_tokens: int, new_tokens: int) -> dict:
+    # this checkout's phikit, not the one `pip install -e .` maps through its import hook
+    sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.path.insert(0, checkout)
+    import torch
+
+    import phikit
+    from phikit.api import load
+    from phikit.generate import GenerationConfig, generate_tokens
+
+    assert Path(phikit.__file__).resolve().is_relative_to(Path(checkout).resolve()), phikit.__file__
+    quantize = None if precision == "bf16" else precision
+    start = time.perf_counter()
+    phi = load(model_dir, dtype="bf16", device="cpu", quantize=quantize)
+    load_s = time.perf_counter() - start
+    prompt = [100 + (i * 7) % 5000 for i in range(prompt_tokens)]
+    model = phi.model
+
+    def prefill() -> float:
+        cache = model.new_cache(1, prompt_tokens + 1)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(torch.tensor([prompt]), torch.arange(prompt_tokens), cache, last_only=True)
+        return prompt_tokens / (time.perf_counter() - t0)
+
+    def decode() -> float:
+        stamps = []
+        config = GenerationConfig(max_new_tokens=new_tokens)
+        for _ in generate_tokens(model, [prompt[:16]], config, phi.tokenizer.pad_id):
+            stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    prefill(), decode()  # warm-up (the autotune measures on first use)
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": statistics.median([prefill(), prefill()]),
+        "decode_tok_s": statistics.median([decode(), decode()]),
+    }
+
+
+def checkout(ref: str) -> Path:
+    """A worktree of ``ref`` under benchmarks/_work/versions (made once)."""
+    target = WORK / "versions" / ref
+    if not (target / "phikit" / "__init__.py").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(target), ref], check=True)
+    return target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="git revision to compare against (e.g. HEAD~1, a commit)")
+    ap.add_argument("--after", type=Path, default=REPO, help="the checkout measured as 'after' (default: this one)")
+    ap.add_argument("--model", type=Path, help="checkpoint folder (default: the full-size random Phi-2)")
+    ap.add_argument("--precisions", default="bf16,int8,int4")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        path, model, precision, prompt, new = args.worker
+        print(__import__("json").dumps(worker(path, model, precision, int(prompt), int(new))))
+        return
+    model = args.model or random_phi2()
+    versions = {"before": checkout(args.before), "after": args.after.resolve()}
+    precisions = args.precisions.split(",")
+    runs: dict[tuple[str, str], list[dict]] = {(v, p): [] for v in versions for p in precisions}
+    for r in range(args.rounds):
+        for precision in precisions:
+            order = list(versions) if r % 2 == 0 else list(reversed(versions))
+            for version in order:
+                work = [str(versions[version]), str(model), precision, str(args.prompt_tokens), str(args.new_tokens)]
+                result = run_worker(Path(__file__), ["--before", args.before, "--worker", *work])
+                runs[(version, precision)].append(result)
+                print(f"round {r + 1} {precision} {version}: {result}", file=sys.stderr, flush=True)
+    rows = []
+    for (version, precision), results in runs.items():
+        row = {"precision": precision, "version": version}
+        for key in ("prefill_tok_s", "decode_tok_s", "load_s"):
+            values = [x[key] for x in results]
+            row[key] = f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
+        rows.append(row)
+    rows.sort(key=lambda row: (precisions.index(row["precision"]), row["version"] != "before"))
+    columns = [("precision", "precision"), ("version", "version")]
+    columns += [("prefill_tok_s", "prefill tok/s (rounds)"), ("decode_tok_s", "decode tok/s"), ("load_s", "load s")]
+    print(markdown_table(rows, columns))
+    every = {f"{v} {p}": results for (v, p), results in runs.items()}
+    save_json(
+        HERE / "results_versions.json",
+        {"command": " ".join(sys.argv), "machine": machine(), "before": args.before, "rows": rows, "runs": every},
+    )
+
+
+if __name__ == "__main__":
+    main()
