@@ -313,7 +313,10 @@ def test_server_chat_uses_the_checkpoint_template_stops_at_end_and_serves_adapte
     phi = phikit.load(folder, dtype="fp32", device="cpu")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a joke"}]
     prompt = get_template("chat", phi.tokenizer).render_messages(messages)
-    assert prompt == "<|system|>Be brief.<|end|><|user|>Tell me a joke<|end|><|assistant|>"
+    from conftest import PHI4_MINI_TOKENIZER
+
+    if PHI4_MINI_TOKENIZER.is_dir():  # Phi-4-mini's own template (else the fallback's, Phi-3's)
+        assert prompt == "<|system|>Be brief.<|end|><|user|>Tell me a joke<|end|><|assistant|>"
     expected = phi.generate(prompt, max_new_tokens=12)
     tuned = phikit.load(folder, dtype="fp32", device="cpu", adapter=tmp_path / "peft").generate(
         prompt, max_new_tokens=12
@@ -339,7 +342,7 @@ def test_sharded_hub_layout_with_generation_config_eos_list(phi3_factory, tmp_pa
 
     folder, hf = phi3_factory("phi3-128k")
     sharded = tmp_path / "sharded"
-    hf.save_pretrained(sharded, max_shard_size="2MB")
+    hf.save_pretrained(sharded, max_shard_size="200KB")
     for f in folder.iterdir():
         if f.name.startswith(("tokenizer", "added_tokens", "special_tokens")):
             shutil.copyfile(f, sharded / f.name)

@@ -174,7 +174,8 @@ def test_chat_logprobs_content_parts_and_developer_role(server, phi):
     assert len(content) == len(expected.token_ids) and all(len(c["top_logprobs"]) == 2 for c in content)
     client = server.client()
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True)
-    assert reply.choices[0].logprobs.content[0].logprob == content[0]["logprob"]
+    # the same prompt again may come from the prefix cache: equal up to the summation order
+    assert reply.choices[0].logprobs.content[0].logprob == pytest.approx(content[0]["logprob"], abs=1e-5)
     legacy = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, logprobs=2, echo=True)
     assert legacy.choices[0].logprobs.token_logprobs[0] is None
 
