@@ -24,7 +24,7 @@ from common import WORK, machine, markdown_table, save_json, small_phi  # noqa: 
 
 
 def measure(phi, max_batch: int, clients: int, requests: int, max_tokens: int) -> dict:
-    from test_serve import Server
+    from serving import Server
 
     from phikit.serve import create_app
 

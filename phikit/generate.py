@@ -294,12 +294,15 @@ class TextStream:
     """Text of one generated sequence as it grows: UTF-8-safe pieces, cut at the first stop string.
 
     Text that could be the start of a stop string is held back until it is clearly not one, so a
-    streamed reply never shows a half-printed "### Hum".
+    streamed reply never shows a half-printed "### Hum". Stop strings are matched incrementally (one
+    Knuth-Morris-Pratt state per stop, fed only the new text), so each token costs time in proportion to
+    its own text, however long the stops or the reply.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.decoder = tokenizer.stream_decoder()
-        self.stop = tuple(s for s in stop if s)
+        self.stop = tuple(dict.fromkeys(s for s in stop if s))
+        self.matchers = [_StopMatcher(s) for s in self.stop]
         self.text = ""
         self.emitted = 0
         self.stopped = False
@@ -308,36 +311,57 @@ class TextStream:
         """Add a token; return the text that is now safe to show."""
         if self.stopped:
             return ""
-        self.text += self.decoder.push(token_id)
-        return self._release(final=False)
+        return self._add(self.decoder.push(token_id), final=False)
 
     def finish(self) -> str:
         """No more tokens: release what was held back."""
-        if not self.stopped:
-            self.text += self.decoder.flush()
-        return self._release(final=True)
+        return self._add("" if self.stopped else self.decoder.flush(), final=True)
 
-    def _release(self, final: bool) -> str:
-        if self.stop and not self.stopped:
-            scan_from = max(0, self.emitted - max(len(s) for s in self.stop))
-            hits = [i for i in (self.text.find(s, scan_from) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
+    def _add(self, piece: str, final: bool) -> str:
+        if piece and not self.stopped:
+            offset = len(self.text)
+            self.text += piece
+            starts = [start for m in self.matchers if (start := m.feed(piece, offset)) is not None]
+            if starts:  # the earliest stop found in this piece ends the text
+                self.text = self.text[: min(starts)]
                 self.stopped = True
         end = len(self.text)
         if not final and not self.stopped:
-            end -= max((_overlap(self.text, s) for s in self.stop), default=0)
-        piece = self.text[self.emitted : end]
+            end -= max((min(m.state, end - self.emitted) for m in self.matchers), default=0)
+        text = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
-        return piece
+        return text
 
 
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest proper prefix of ``stop`` that ``text`` ends with."""
-    for k in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:k]):
-            return k
-    return 0
+class _StopMatcher:
+    """Knuth-Morris-Pratt over one stop string: ``state`` is the length of the longest prefix of the stop
+    that the text fed so far ends with (what a stream holds back), ``feed`` reports a whole occurrence."""
+
+    def __init__(self, stop: str):
+        self.stop, self.state = stop, 0
+        self.fail = [0] * len(stop)  # fail[i]: longest proper prefix of stop[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+
+    def feed(self, piece: str, offset: int) -> int | None:
+        """Advance over ``piece`` (which starts at ``offset`` in the text); the start of the first whole
+        occurrence of the stop that ends in it, or None."""
+        stop, state = self.stop, self.state
+        for i, ch in enumerate(piece):
+            while state and ch != stop[state]:
+                state = self.fail[state - 1]
+            if ch == stop[state]:
+                state += 1
+                if state == len(stop):
+                    self.state = state
+                    return offset + i + 1 - len(stop)
+        self.state = state
+        return None
 
 
 def encode_prompts(tokenizer: Tokenizer, texts: list[str], config: GenerationConfig, context: int) -> list[list[int]]:

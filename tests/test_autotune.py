@@ -189,3 +189,53 @@ def test_vnni_gemm_refuses_what_it_cannot_take():
         kernels.gemm_vnni(torch.randn(3, 256), "int8", t["weight"], t["weight_scale"])
     with pytest.raises(ValueError, match="int8 or int4"):
         kernels.gemm_vnni(torch.randn(3, 256), "bf16", torch.randn(64, 256).bfloat16(), None)
+
+
+def test_cached_decisions_this_machine_cannot_run_are_measured_again_and_a_fifo_is_skipped(tmp_path, monkeypatch):
+    """A cache entry naming a path of another format (phikit_vnni for bf16 weights, torch_f32 for int8, a
+    path of no name) or one this CPU's library lacks is not used; a FIFO at the cache's path is not read."""
+    import os
+
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+    monkeypatch.delenv("PHIKIT_PREFILL_PATH", raising=False)
+    for store in ("_chosen", "_timings", "_used"):
+        monkeypatch.setattr(autotune, store, {} if store != "_used" else set())
+    threads = torch.get_num_threads()
+    bad = {
+        f"bf16:{N}x{K}:g0:r64:t{threads}": "phikit_vnni",
+        f"int8:{N}x{K}:g0:r64:t{threads}": "torch_f32",
+        f"f32:{N}x{K}:g0:r64:t{threads}": "warp_drive",
+        f"decode-int8:{N}x{K}:t{threads}": "bf16_dp",
+    }
+    cache = autotune._cache_file()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({k: {"path": v, "seconds": {}} for k, v in bad.items()}))
+    assert autotune.choose("bf16", N, K, rows=32) in autotune.paths("bf16", N)
+    assert autotune.choose("int8", N, K, rows=32) in autotune.paths("int8", N)
+    assert autotune.choose("f32", N, K, rows=32) in autotune.paths("f32", N)
+    assert autotune.choose_decode("int8", N, K) == "phikit_gemv"
+    cache.unlink()
+    os.mkfifo(cache)
+    monkeypatch.setattr(autotune, "_chosen", {})
+    assert autotune.choose("int8", N, K, rows=32) in autotune.paths("int8", N)  # a FIFO would block a read
+
+
+def test_a_few_rows_take_the_product_measured_for_their_bucket(tmp_path, monkeypatch):
+    """2..16 activation rows (a batch's decoding step): gemv or a GEMM path, timed at 4 or 16 rows and
+    cached; the result equals the reference either way."""
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+    monkeypatch.delenv("PHIKIT_PREFILL_PATH", raising=False)
+    monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setattr(autotune, "_timings", {})
+    w = (torch.randn(N, K) * 0.05).to(torch.bfloat16)
+    for rows in (2, 16):
+        path = autotune.choose_rows("bf16", N, K, 0, rows)
+        assert path in (*autotune.paths("bf16", N), *autotune.decode_paths("bf16"))
+        x = torch.randn(rows, K)
+        got = autotune.run_rows(path, x, "bf16", w, None, None, None, 0)
+        expected = x @ w.float().t()
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    keys = json.loads(next(tmp_path.glob("autotune-*.json")).read_text())
+    assert {k.split(":")[3] for k in keys if not k.startswith("decode-")} == {"r4", "r16"}

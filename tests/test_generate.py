@@ -220,3 +220,63 @@ def test_compiled_static_decode_equals_eager(tiny):
         got = generate(static, tok, prompts, max_new_tokens=12)
         expected = generate(eager, tok, prompts, max_new_tokens=12)
         assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+
+
+class _Pieces:
+    """A stand-in tokenizer whose "tokens" are indexes into a list of text pieces."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def stream_decoder(self):
+        pieces = self.pieces
+
+        class Decoder:
+            def push(self, i):
+                return pieces[i]
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
+def _reference_stream(pieces: list[str], stops: tuple[str, ...]) -> tuple[list[str], bool]:
+    """Stop matching by rescanning the text after each piece (the earlier, quadratic implementation)."""
+    text, emitted, out = "", 0, []
+    for piece in pieces:
+        text += piece
+        hits = [i for i in (text.find(s, max(0, emitted - max(map(len, stops)))) for s in stops) if i >= 0]
+        if hits:
+            text = text[: min(hits)]
+            out.append(text[emitted:])
+            return out, True
+        end = len(text) - max(max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0) for s in stops)
+        out.append(text[emitted:end])
+        emitted = max(emitted, end)
+    out.append(text[emitted:])
+    return out, False
+
+
+def test_incremental_stop_matching_equals_rescanning_the_text():
+    import random
+
+    rng = random.Random(0)
+    alphabet = "ab#H "
+    for _ in range(400):
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 12))]
+        stops = tuple(
+            {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))}
+        )
+        stream = TextStream(_Pieces(pieces), stops)
+        got = [stream.push(i) for i in range(len(pieces)) if not stream.stopped] + [stream.finish()]
+        expected, stopped = _reference_stream(pieces, stops)
+        assert "".join(got) == "".join(expected) and stream.stopped == stopped, (pieces, stops)
+        assert all(g == e for g, e in zip(got, expected)), (pieces, stops, got, expected)
+
+
+def test_long_stop_strings_hold_back_only_a_possible_start():
+    stop = "### Human: " + "x" * 100_000
+    stream = TextStream(_Pieces(["Hello", " ###", " Hum", "an: xx", "x"]), (stop,))
+    assert [stream.push(i) for i in range(5)] == ["Hello", " ", "", "", ""]
+    assert stream.finish() == "### Human: xxx" and not stream.stopped

@@ -442,3 +442,33 @@ def test_serving_on_a_port_in_use_fails_before_loading(capsys):
         port = busy.getsockname()[1]
         assert main(["serve", "--model", "/nonexistent/model", "--port", str(port)]) == 2
     assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_the_engine_decodes_only_active_rows_and_moves_a_row_into_a_hole(phi):
+    """Row 0 finishes first: the highest row moves into it (keys and values with it) and the next steps run
+    two rows, not three with a dead one between; every reply equals generating it alone."""
+    import torch
+
+    from phikit.serve.engine import Engine, Request
+
+    engine = Engine(phi.model, phi.tokenizer, max_batch=3, max_queue=4)
+    prompts, budgets = ["Hello there", "The sky is", "Once upon a time"], [2, 9, 7]
+    replies = {i: [] for i in range(3)}
+    batches = []
+    step = phi.model.decode_step
+    phi.model.decode_step = lambda ids, *rest: batches.append(ids.shape[0]) or step(ids, *rest)
+    try:
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            deliver = lambda event, i=i: replies[i].append(event[1][0]) if event[0] == "token" else None  # noqa: E731
+            config = GenerationConfig(max_new_tokens=budget)
+            engine.submit(Request(phi.tokenizer.encode(prompt), budget, config, (), deliver, time.time() + 60))
+        with torch.inference_mode():
+            engine._admit()
+            while any(engine.slots):
+                engine._decode_step()
+    finally:
+        phi.model.decode_step = step
+    assert batches[0] == 3 and 2 in batches and batches == sorted(batches, reverse=True)
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        alone = phi.generate(prompt, max_new_tokens=budget)
+        assert [t for t in replies[i] if t is not None] == alone.token_ids

@@ -397,3 +397,138 @@ def test_langchain_batches_prompts_and_chats(server, phi):
     )
     replies = chat.batch(["Hi", "Tell me a joke"])
     assert len(replies) == 2 and all(isinstance(r.content, str) for r in replies)
+
+
+# ---- round 3 of hardening: capacity before allocation, strict types, schemas, fields, metrics ----
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error
+
+
+def test_capacity_is_checked_before_anything_is_built(phi, monkeypatch):
+    """Prompts x best_of against the server's capacity before any tokenizing or grammar matcher: more prompts
+    than --max-prompts and more generations than slots + queue are 400s naming the limit (never a 503 a
+    client would retry forever); a request that fits later gets 503 only while the places are taken."""
+    from phikit.serve import structured
+
+    built = []
+    real = structured.Grammar.__init__
+    monkeypatch.setattr(structured.Grammar, "__init__", lambda self, *a: built.append(1) or real(self, *a))
+    app = create_app(phi.model, phi.tokenizer, "tiny", max_batch=2, max_queue=2, max_prompts=8)
+    json_mode = {"response_format": {"type": "json_object"}, "max_tokens": 2}
+    with Server(app) as s:
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["a"] * 2000, "best_of": 16, **json_mode})
+        assert "at most 8 per request" in error_of(r, 400)["message"]
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2, **json_mode})
+        assert "6 generations" in error_of(r, 400)["message"] and "--max-batch 2 + --max-queue 2" in r.text
+        assert not built
+        engine = app.state.engine
+        assert engine.reserve(3) and not engine.reserve(2)
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["a", "b"], **json_mode})
+        assert error_of(r, 503)["code"] == "overloaded" and r.headers["Retry-After"] == "1" and not built
+        engine.release(3)
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": ["a", "b"], **json_mode})
+        assert r.status_code == 200 and len(built) == 2 and engine.outstanding == 0
+
+
+@pytest.mark.parametrize(
+    "schema, status",
+    [
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True, "maxItems": 3}, 200),
+        ({"type": "string", "format": "not-a-format", "maxLength": 5}, 200),
+        ({"enum": []}, 400),
+        ({"type": "integer", "minimum": 5, "maximum": 1}, 400),
+        ({"type": "nonsense"}, 400),
+    ],
+)
+def test_schemas_llguidance_warns_about_work_and_unusable_ones_are_400(server, schema, status):
+    """llguidance (the version setup.sh installs) ignores keywords it does not implement with a warning:
+    those schemas work; an unsatisfiable or invalid one is an OpenAI-shaped 400, never a plain-text 500."""
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 8, "temperature": 0}
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    if status == 400:
+        assert "schema cannot be used" in error_of(r, 400)["message"]
+    else:
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("key", ["--5", "\u00b2", "\u0661", "\uff11", "-0", "+3", " 3", "9" * 5000, "1e3"])
+def test_logit_bias_keys_are_ascii_token_ids(server, key):
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1, "logit_bias": {key: 1}}
+    )
+    assert error_of(r, 400)["param"] == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"prompt": [True, False]}, "prompt"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"max_tokens": 2.0}, "max_tokens"),
+        ({"echo": 1}, "echo"),
+        ({"n": True}, "n"),
+        ({"seed": "1"}, "seed"),
+    ],
+)
+def test_types_are_strict(server, change, param):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1, **change})
+    assert error_of(r, 400)["param"].startswith(param), r.text
+
+
+def test_current_openai_fields_are_accepted_when_harmless_and_models_retrieve(server):
+    client = server.client()
+    harmless = {
+        "reasoning_effort": "low",
+        "prediction": {"type": "content", "content": "Paris"},
+        "modalities": ["text"],
+        "verbosity": "low",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "metadata": {"a": "b"},
+        "store": False,
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "user": "u",
+        "audio": None,
+        "web_search_options": None,
+    }
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=harmless)
+    assert reply.choices[0].message.role == "assistant"
+    for field, value in (("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {})):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny", "messages": messages, field: value})
+        assert error_of(r, 400)["param"] == field
+    assert client.models.retrieve("tiny").id == "tiny"
+    r = httpx.get(f"{server.url}/v1/models/nope")
+    assert error_of(r, 404)["code"] == "model_not_found"
+
+
+def test_chat_logprob_bytes_of_a_token_inside_a_utf8_character_are_its_own(server, phi):
+    """A byte-level token that is half of a character: ``token`` is U+FFFD, ``bytes`` its real byte."""
+    vocab = phi.tokenizer._tok.get_vocab()
+    byte_token = vocab.get("\u00f0")  # GPT-2's alphabet: byte 0xF0, the first byte of a 4-byte character
+    if byte_token is None:
+        pytest.skip("the tokenizer has no single-byte token for 0xF0")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "logprobs": True}
+    out = post(server, "/v1/chat/completions", logit_bias={str(byte_token): 100}, **body)
+    (entry,) = out["choices"][0]["logprobs"]["content"]
+    assert entry["bytes"] == [0xF0] and entry["token"] == "\ufffd"
+
+
+def test_metrics_label_routes_not_paths_and_can_need_the_key(phi):
+    app = create_app(phi.model, phi.tokenizer, "tiny", api_key="k", protect_metrics=True)
+    with Server(app) as s:
+        for i in range(50):
+            httpx.get(f"{s.url}/no/such/path/{i}")
+        httpx.get(f"{s.url}/v1/models/tiny", headers={"Authorization": "Bearer k"})
+        assert httpx.get(f"{s.url}/metrics").status_code == 401
+        text = httpx.get(f"{s.url}/metrics", headers={"Authorization": "Bearer k"}).text
+    requests = [line for line in text.splitlines() if line.startswith("phikit_requests_total")]
+    assert 'endpoint="other"' in text and not any("/no/such" in line for line in requests)
+    assert 'endpoint="/v1/models/{model}"' in text

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import statistics
 import threading
 import time
@@ -77,13 +78,36 @@ def _cache_file() -> Path:
 
 
 def _load() -> None:
+    """Earlier decisions from the cache file: only a regular file (a FIFO there would block a read), and only
+    entries whose path this weight format and this CPU's library can run; the rest are measured again."""
+    path = _cache_file()
     try:
-        saved = json.loads(_cache_file().read_text())
-        known = {*sum(PATHS.values(), ()), "phikit_gemv", "bf16_dp"}
-        _chosen.update({k: v["path"] for k, v in saved.items() if v.get("path") in known})
-        _timings.update({k: v.get("seconds", {}) for k, v in saved.items()})
+        if not stat.S_ISREG(path.stat().st_mode):
+            return
+        saved = json.loads(path.read_text())
+        for key, value in saved.items():
+            if isinstance(value, dict) and _runnable(key, value.get("path")):
+                _chosen[key] = value["path"]
+                _timings[key] = value.get("seconds", {})
     except (OSError, ValueError, AttributeError, TypeError):
         pass
+
+
+def _runnable(key: str, path) -> bool:
+    """Whether a cached decision names a path for its key's weight format and shape that this machine runs:
+    ``decode-<kind>:NxK:...`` a decoding candidate, ``<kind>:NxK:...`` a prefill one (or, for a few rows, a
+    decoding one too)."""
+    try:
+        kind, shape = key.removeprefix("decode-").split(":")[:2]
+        n = int(shape.split("x")[0])
+        if kind not in PATHS or not isinstance(path, str):
+            return False
+        if key.startswith("decode-"):
+            return path in decode_paths(kind)
+        rows = key.split(":")[3]
+        return path in paths(kind, n) or (rows in {f"r{b}" for b in BATCH_BUCKETS} and path in decode_paths(kind))
+    except (ValueError, IndexError):
+        return False
 
 
 def _save() -> None:
@@ -233,6 +257,57 @@ def choose_decode(kind: str, n: int, k: int) -> str:
             _chosen[key] = min(_timings[key], key=_timings[key].get)
             _save()
         return _chosen[key]
+
+
+BATCH_BUCKETS = (4, 16)  # 2..4 rows timed at 4, 5..kernels.MAX_ROWS at 16 (a batched decoding step)
+
+
+def choose_rows(kind: str, n: int, k: int, group_size: int = 0, rows: int = 16) -> str:
+    """The product for a few activation rows (2 to ``kernels.MAX_ROWS``: a decoding step of a batch, a short
+    prompt): phikit's gemv (``phikit_gemv``, or ``bf16_dp``) or one of the prefill paths, timed on first use
+    for the rows' bucket and cached. With more rows a gemv still reads each weight once but its arithmetic
+    no longer hides behind the memory reads, where a GEMM's register blocking does better (measured on a
+    16-row step of a batch: benchmarks/RESULTS.md)."""
+    timed = next((b for b in BATCH_BUCKETS if rows <= b), BATCH_BUCKETS[-1])
+    forced = os.environ.get("PHIKIT_PREFILL_PATH", "").strip()
+    if forced in paths(kind, n):
+        return forced
+    gemv = choose_decode(kind, n, k)
+    if os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return gemv
+    key = f"{kind}:{n}x{k}:g{group_size}:r{timed}:t{torch.get_num_threads()}"
+    with _lock:
+        _used.add(key)
+        if not _chosen:
+            _load()
+        if key not in _chosen:
+            seconds = _measure(kind, n, k, group_size, timed)
+            weight, scale, minimum, group = _sample_weight(kind, n, k, group_size)
+            x = torch.randn(timed, k)
+            seconds[gemv] = _time(lambda: run_rows(gemv, x, kind, weight, scale, minimum, None, group))
+            _timings[key] = seconds
+            _chosen[key] = min(seconds, key=seconds.get)
+            _save()
+        return _chosen[key]
+
+
+def run_rows(path: str, x, kind: str, weight, scale, minimum, bias32, group_size: int) -> torch.Tensor:
+    """``run`` for a few rows: also the gemv paths."""
+    if path == "phikit_gemv":
+        return kernels.gemv(x, kind, weight, scale, minimum, bias32, group_size)
+    if path == "bf16_dp":
+        return kernels.gemv_bf16_dp(x, weight, bias32)
+    return run(path, x, kind, weight, scale, minimum, bias32, group_size)
+
+
+def _time(call) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def decisions() -> dict[str, dict]:

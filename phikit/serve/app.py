@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -28,6 +30,29 @@ from phikit.serve.engine import Engine, Request
 from phikit.serve.schemas import APIError, ChatBody, CompletionBody, _Common, check_text, render_messages
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
+
+TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key: ASCII digits only (str.isdigit takes "²" and "١")
+ROUTES = (
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/models/{model}",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/docs",
+    "/openapi.json",
+)
+
+
+def route_label(path: str) -> str:
+    """The route template a request path belongs to, for metric labels: a bounded set whatever clients send
+    (5,000 distinct unknown paths must not make 5,000 series)."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
 
 
 class BodyLimit:
@@ -69,11 +94,14 @@ class APIKeyCheck:
     """ASGI middleware: /v1 requests need ``Authorization: Bearer KEY`` (the scheme in any case). Plain ASGI
     rather than FastAPI's http middleware, under which a route cannot see its client disconnect."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, protect_metrics: bool = False):
+        self.app, self.key, self.protect_metrics = app, key.encode(), protect_metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        guarded = scope["type"] == "http" and (
+            scope["path"].startswith("/v1") or (self.protect_metrics and scope["path"] == "/metrics")
+        )
+        if guarded:
             header = dict(scope.get("headers") or []).get(b"authorization", b"").strip()
             scheme, _, given = header.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.key):
@@ -94,7 +122,7 @@ class CountRequests:
 
         async def counted(message):
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+                self.metrics.requests.labels(route_label(scope["path"]), str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)
@@ -164,6 +192,7 @@ class Choice:
     entries: list = field(default_factory=list)  # logprob entries of the generated tokens
     prompt_entries: list | None = None
     reason: str | None = None
+    submitted: bool = False
 
 
 def create_app(
@@ -180,11 +209,16 @@ def create_app(
     body_timeout: float = 30.0,
     adapters: dict[str, str] | None = None,
     prefix_cache_mb: float = 512,
+    max_prompts: int = 64,
+    protect_metrics: bool = False,
 ):
     """The FastAPI app; its engine starts with the app and stops with it. Request bodies are limited to
     ``max_body_bytes`` (413) and must arrive without a pause of ``body_timeout`` seconds (408).
     ``adapters`` (name -> adapter folder) are served unmerged next to the base: a request's ``model``
-    picks one. Prompt prefixes' keys/values are reused within ``prefix_cache_mb`` (0: off)."""
+    picks one. Prompt prefixes' keys/values are reused within ``prefix_cache_mb`` (0: off). A completions
+    request takes at most ``max_prompts`` prompts; every request's generations (prompts x best_of) are checked
+    against the server's capacity before anything is tokenized or allocated. /health and /metrics answer
+    without the API key, unless ``protect_metrics`` puts /metrics behind it."""
 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -227,7 +261,7 @@ def create_app(
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout)
     if api_key:
-        app.add_middleware(APIKeyCheck, key=api_key)
+        app.add_middleware(APIKeyCheck, key=api_key, protect_metrics=protect_metrics)
 
     app.add_middleware(CountRequests, metrics=metrics)
 
@@ -271,18 +305,20 @@ def create_app(
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card(name: str) -> dict:
+        parent = None if name == model_name else model_name
+        return {"id": name, "object": "model", "created": 0, "owned_by": "phikit", "root": name, "parent": parent}
+
     @app.get("/v1/models")
     async def models():
         names = [model_name, *(adapter_set.names if adapter_set else [])]
-        return {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": "phikit", "root": model_name, "parent": None}
-                if n == model_name
-                else {"id": n, "object": "model", "created": 0, "owned_by": "phikit", "root": n, "parent": model_name}
-                for n in names
-            ],
-        }
+        return {"object": "list", "data": [model_card(n) for n in names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        """openai's ``client.models.retrieve(id)``: the model, or a 404 naming those served."""
+        adapter_of(model)
+        return model_card(model)
 
     def adapter_of(name: str | None) -> int:
         if name in (None, model_name):
@@ -318,13 +354,15 @@ def create_app(
         return max_tokens, config, tuple(stops)
 
     def logit_bias(body: _Common) -> dict[int, float] | None:
+        """Token id (ASCII digits: not "-0", "²", "١" or 4,300 digits, which int() takes or chokes on) -> bias."""
         if not body.logit_bias:
             return None
         out = {}
         for key, value in body.logit_bias.items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab or not -100 <= value <= 100:
+            valid = TOKEN_ID.fullmatch(key) is not None and int(key) < vocab
+            if not valid or not (math.isfinite(value) and -100 <= value <= 100):
                 raise APIError(
-                    400, f"logit_bias: {key!r}: token ids 0..{vocab - 1}, biases -100..100", param="logit_bias"
+                    400, f"logit_bias: {key[:20]!r}: token ids 0..{vocab - 1}, biases -100..100", param="logit_bias"
                 )
             out[int(key)] = float(value)
         return out
@@ -348,6 +386,38 @@ def create_app(
             raise APIError(400, "best_of must be at least n", param="best_of")
         if body.stream and best_of > n:
             raise APIError(400, "best_of larger than n cannot be streamed", param="best_of")
+        if len(prompts) > max_prompts:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts; this server takes at most {max_prompts} per request (--max-prompts)",
+                param="prompt",
+            )
+        total = len(prompts) * best_of  # checked before anything is tokenized, compiled or allocated
+        capacity = engine.max_batch + engine.max_queue
+        if total > capacity:
+            raise APIError(
+                400,
+                f"this request asks for {total} generations (prompts x max(n, best_of)); this server runs at most "
+                f"{capacity} at once (--max-batch {engine.max_batch} + --max-queue {engine.max_queue}); split it",
+                param="n",
+            )
+        if not engine.reserve(total):
+            raise APIError(
+                503,
+                "the server is busy (every slot taken and the queue full); retry later",
+                "server_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        choices: list[Choice] = []
+        try:
+            return await generate(body, prompts, request, kind, n, best_of, adapter, choices)
+        finally:  # submitted generations are the engine's to release; give back the rest of the reservation
+            engine.release(total - sum(c.submitted for c in choices))
+
+    async def generate(body, prompts, request, kind, n, best_of, adapter, choices):
+        """The generations of one admitted request (its capacity reserved): each choice made here is
+        submitted into the reservation (grammar matchers built only now, for admitted choices)."""
         echo = bool(getattr(body, "echo", False))
         if kind == "chat":
             top = body.top_logprobs if body.top_logprobs is not None else 0
@@ -360,7 +430,6 @@ def create_app(
         tokenized = [await tokenize(p) for p in prompts]
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        choices: list[Choice] = []
         deadline = time.time() + timeout
         bias = logit_bias(body)
         for ids, text in tokenized:
@@ -394,16 +463,8 @@ def create_app(
                 choice = Choice(index, job, echo=(text if text is not None else tokenizer.decode(ids)) if echo else "")
                 choices.append(choice)
         for choice in choices:
-            if not engine.submit(choice.request):
-                for c in choices:
-                    engine.cancel(c.request)
-                raise APIError(
-                    503,
-                    "the server is busy (every slot taken and the queue full); retry later",
-                    "server_error",
-                    code="overloaded",
-                    headers={"Retry-After": "1"},
-                )
+            engine.submit_reserved(choice.request)
+            choice.submitted = True
             metrics.prompt_tokens.inc(len(choice.request.prompt_ids))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         created = int(time.time())
@@ -470,7 +531,7 @@ def create_app(
                 "usage": usage(),
             }
 
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         base = {"id": rid, "object": chunk_obj, "created": created, "model": body.model or model_name}
 

@@ -167,6 +167,27 @@ class Engine:
         self.waiting.put_nowait(request)
         return True
 
+    def reserve(self, count: int) -> bool:
+        """Take ``count`` places at once (slots or queue) for one request's generations, before anything is
+        built for them; False when they do not fit now. Each is used by ``submit_reserved`` or given back
+        with ``release``."""
+        with self.lock:
+            if self.outstanding + count > self.max_batch + self.max_queue:
+                return False
+            self.outstanding += count
+        return True
+
+    def submit_reserved(self, request: Request) -> None:
+        """Queue a request into a place ``reserve`` took."""
+        request.counted = True
+        self.waiting.put_nowait(request)
+
+    def release(self, count: int) -> None:
+        """Give back reserved places no request was submitted into."""
+        if count:
+            with self.lock:
+                self.outstanding -= count
+
     def cancel(self, request: Request) -> None:
         """The client went away: stop counting the request now; the engine drops it unstarted, or frees
         its slot at the next step."""
@@ -297,7 +318,8 @@ class Engine:
                 self._emit(r, self._sample(r, logits))
         if not any(self.slots):
             return
-        rows = max(i for i, r in enumerate(self.slots) if r is not None) + 1  # rows 0..rows-1 run
+        self._compact()
+        rows = max(i for i, r in enumerate(self.slots) if r is not None) + 1  # rows 0..rows-1 run, every one active
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
         adapters = [-1] * rows
@@ -313,6 +335,22 @@ class Engine:
             if r is not None:
                 r.position += 1
                 self._emit(r, self._sample(r, logits[i : i + 1]))
+
+    def _compact(self) -> None:
+        """Move the highest active rows down into free rows below them (their keys and values with them), so
+        that a step decodes only active rows: a finished request in row 0 would otherwise leave the rows above
+        it decoding with a dead row between them. A copy of the moved row's cached positions, once per hole."""
+        while True:
+            active = [i for i, r in enumerate(self.slots) if r is not None]
+            free = next((i for i in range(active[-1]) if self.slots[i] is None), None) if active else None
+            if free is None:
+                return
+            r = self.slots[active[-1]]
+            used = r.position  # slots 0..position-1 hold its keys/values
+            self.cache.k[:, free, :, :used] = self.cache.k[:, r.slot, :, :used]
+            self.cache.v[:, free, :, :used] = self.cache.v[:, r.slot, :, :used]
+            self.slots[free], self.slots[r.slot] = r, None
+            r.slot = free
 
     def _sample(self, r: Request, logits: torch.Tensor) -> tuple[int, tuple | None]:
         """The next token of one row and its logprob entry (log-probabilities of the model's own

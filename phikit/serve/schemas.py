@@ -1,9 +1,12 @@
 """The OpenAI-shaped request bodies and errors of ``phikit serve``.
 
-Fields that cannot change the output (``store``, ``metadata``, ``user``, ``service_tier``,
-``parallel_tool_calls``, a ``response_format`` of type text, empty ``tools``, and any optional field sent
-as null) are accepted and ignored, as SDKs and proxies send them; fields that would change behaviour and
-are not supported get a 400 naming the field. Unknown fields are rejected (a typo should not pass).
+Fields of OpenAI's current API that cannot change what this server generates (``store``, ``metadata``,
+``user``, ``service_tier``, ``parallel_tool_calls``, ``prompt_cache_key``, ``safety_identifier``,
+``verbosity``, ``reasoning_effort``, ``prediction``, ``modalities: ["text"]``, a ``response_format`` of type
+text, empty ``tools``, and any optional field sent as null) are accepted and ignored, as SDKs and proxies send
+them; fields that would change behaviour and are not supported (tools, audio, web search, suffix) get a 400
+naming the field. Unknown fields are rejected (a typo should not pass). Types are strict: an integer is not
+a bool, a bool not a string (``"prompt": [true]`` and ``"include_usage": "yes"`` are 400s).
 """
 
 from __future__ import annotations
@@ -53,19 +56,28 @@ def check_text(text: str, param: str) -> None:
         raise APIError(400, message, param=param) from None
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class ResponseFormat(BaseModel):
     """``{"type": "text"}`` (no constraint), ``{"type": "json_object"}`` or ``{"type": "json_schema",
     "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # OpenAI's padding of streamed chunks: nothing to pad here
 
 
 class _Common(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
@@ -75,7 +87,7 @@ class _Common(BaseModel):
     seed: int | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stream: bool | None = None
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -86,12 +98,24 @@ class _Common(BaseModel):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None  # a routing hint for OpenAI's caches; phikit's prefix cache needs none
+    safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # for models that take it; Phi ignores it
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    prediction: dict[str, Any] | None = None  # predicted output: a speed hint, never a change to the output
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
 
     def check_unsupported(self) -> None:
+        if self.audio is not None or "audio" in (self.modalities or []):
+            raise unsupported("audio" if self.audio is not None else "modalities", "audio output")
+        if self.web_search_options is not None:
+            raise unsupported("web_search_options", "web search")
         if self.tools or self.functions:
             raise unsupported("tools" if self.tools else "functions", "tool calling")
         if self.tool_choice not in (None, "none", "auto"):
@@ -114,13 +138,13 @@ class CompletionBody(_Common):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
