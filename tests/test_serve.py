@@ -472,3 +472,34 @@ def test_the_engine_decodes_only_active_rows_and_moves_a_row_into_a_hole(phi):
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         alone = phi.generate(prompt, max_new_tokens=budget)
         assert [t for t in replies[i] if t is not None] == alone.token_ids
+
+
+def test_the_prefix_cache_lives_in_one_arena_finds_blocks_by_hash_and_reuses_the_oldest():
+    import torch
+
+    from phikit.serve.engine import PrefixCache
+
+    layers, heads, dim, block = 2, 3, 8, PrefixCache.BLOCK
+    per_block = 2 * layers * heads * block * dim * 2
+    cache = PrefixCache(max_bytes=10 * per_block)
+
+    def kv(ids):
+        t = torch.tensor(ids, dtype=torch.float16).view(1, 1, -1, 1).expand(layers, heads, -1, dim)
+        return t.contiguous(), (t + 1).contiguous()
+
+    prompts = [[p] * 5 + list(range(27)) for p in range(1000)]  # 32 tokens: 2 blocks each
+    for ids in prompts:
+        cache.store(0, ids, *kv(ids))
+    assert cache.bytes == 10 * per_block and len(cache.index) == 10  # the arena, not a buffer per prompt
+    assert cache.lookup(0, prompts[-1] + [1, 2]) == (32, cache.lookup(0, prompts[-1] + [1, 2])[1])
+    assert cache.lookup(0, prompts[0] + [1])[0] == 0  # reused long ago
+    assert cache.lookup(1, prompts[-1] + [1])[0] == 0  # another adapter's keys/values are its own
+    assert cache.lookup(0, prompts[-1])[0] == 16  # at least one token is left to prefill
+    tokens, blocks = cache.lookup(0, prompts[-2] + [9])
+    row = type("Row", (), {})()
+    row.k, row.v = torch.zeros(layers, 1, heads, 40, dim, dtype=torch.float16), torch.zeros(
+        layers, 1, heads, 40, dim, dtype=torch.float16
+    )
+    cache.copy_into(row, blocks)
+    k, v = kv(prompts[-2])
+    assert tokens == 32 and torch.equal(row.k[:, 0, :, :32], k) and torch.equal(row.v[:, 0, :, :32], v)

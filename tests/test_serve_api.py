@@ -532,3 +532,26 @@ def test_metrics_label_routes_not_paths_and_can_need_the_key(phi):
     requests = [line for line in text.splitlines() if line.startswith("phikit_requests_total")]
     assert 'endpoint="other"' in text and not any("/no/such" in line for line in requests)
     assert 'endpoint="/v1/models/{model}"' in text
+
+
+def test_long_prompts_are_tokenized_in_a_worker_process_to_the_same_ids(phi):
+    """tokenizers keeps the GIL while encoding: long text goes to a worker process (the event loop stays
+    free: benchmarks/bench_serve_health.py); its ids are the tokenizer's own."""
+    import asyncio
+
+    from phikit.serve.tokenize import PromptTokenizer
+
+    text = "The quick brown fox, jumping over 13 lazy dogs \u00e9\u65e5\U0001f600. " * 40
+    offloaded = PromptTokenizer(phi.tokenizer, offload_chars=100)
+    try:
+        assert asyncio.run(offloaded.encode(text)) == phi.tokenizer.encode(text)
+        assert offloaded.pool is not None
+    finally:
+        offloaded.close()
+    assert not offloaded.fits("x" * 10_000, 10) and offloaded.fits("x" * 10, 10)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "y" * 3_000_000, "max_tokens": 1})
+    error = error_of(r, 400)
+    assert error["code"] == "context_length_exceeded" and "cannot fit" in error["message"]

@@ -52,6 +52,14 @@ def add_parser(sub) -> None:
         default=512,
         help="memory for reusing the keys/values of prompt prefixes already seen (0: off; default 512)",
     )
+    sv.add_argument(
+        "--max-prompts", type=int, default=64, help="prompts one completions request may hold (default 64)"
+    )
+    sv.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        help="require the --api-key on /metrics too (/health always answers without it)",
+    )
     sv.set_defaults(func=run)
 
 
@@ -84,6 +92,8 @@ def run(args: argparse.Namespace) -> None:
         int(args.max_body_mb * 2**20),
         adapters=named or None,
         prefix_cache_mb=args.prefix_cache_mb,
+        max_prompts=args.max_prompts,
+        protect_metrics=args.protect_metrics,
     )
     cache = app.state.engine.cache
     gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
@@ -111,6 +121,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise PhikitError(f"--max-body-mb {args.max_body_mb}: give a positive size")
     if not (math.isfinite(args.prefix_cache_mb) and args.prefix_cache_mb >= 0):
         raise PhikitError(f"--prefix-cache-mb {args.prefix_cache_mb}: give a size >= 0")
+    if args.max_prompts < 1:
+        raise PhikitError(f"--max-prompts {args.max_prompts}: must be at least 1")
+    if args.protect_metrics and args.api_key is None:
+        raise PhikitError("--protect-metrics puts /metrics behind the API key: give --api-key too")
     if args.api_key is not None and not args.api_key.strip():
         raise PhikitError("--api-key is empty; give a non-empty key, or leave --api-key out to serve without one")
     try:

@@ -28,6 +28,7 @@ from phikit.models import CausalLM
 from phikit.serve import structured
 from phikit.serve.engine import Engine, Request
 from phikit.serve.schemas import APIError, ChatBody, CompletionBody, _Common, check_text, render_messages
+from phikit.serve.tokenize import PromptTokenizer
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
 
@@ -244,12 +245,14 @@ def create_app(
     )
     context, vocab = engine.context, model.config.vocab_size
     metrics = Metrics(engine)
+    prompt_tokenizer = PromptTokenizer(tokenizer)
 
     @asynccontextmanager
     async def lifespan(_app):
         engine.start()
         yield
         engine.stop()
+        prompt_tokenizer.close()
 
     app = FastAPI(
         title="phikit",
@@ -368,10 +371,18 @@ def create_app(
         return out
 
     async def tokenize(prompt) -> tuple[list[int], str | None]:
-        """Token ids of a prompt given as text (tokenized off the event loop) or as ids (checked)."""
+        """Token ids of a prompt given as text (tokenized off the event loop: serve/tokenize.py) or as ids
+        (checked). Text that cannot fit the context whatever its tokens is refused without tokenizing."""
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
-            ids = await asyncio.to_thread(tokenizer.encode, prompt)
+            if not prompt_tokenizer.fits(prompt, context - 1):
+                raise APIError(
+                    400,
+                    f"the prompt ({len(prompt)} characters) cannot fit this model's context of {context} tokens",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            ids = await prompt_tokenizer.encode(prompt)
             return ids or [tokenizer.eos_id], prompt
         if not prompt or any(not 0 <= t < vocab for t in prompt):
             raise APIError(400, f"prompt: token ids must be 0..{vocab - 1} and not empty", param="prompt")

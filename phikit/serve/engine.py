@@ -12,10 +12,12 @@ probabilities of the generated tokens and (echo) of the prompt's, a grammar that
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,50 +70,96 @@ class Request:
 
 class PrefixCache:
     """Keys/values of recent prompts, reused for a later prompt that starts the same way (a shared system
-    prompt, few-shot examples, lm-eval's repeated contexts): its longest common prefix is copied into the
-    new row and only the rest is prefilled. The keys/values of positions before a point depend only on the
-    tokens before it, so this gives the cold run's values. Bounded by ``max_bytes``; least recently used
-    entries go first. A prefix shorter than ``min_tokens`` is not worth a copy."""
+    prompt, few-shot examples, lm-eval's repeated contexts): its longest cached prefix is copied into the new
+    row and only the rest is prefilled. The keys/values of positions before a point depend only on the tokens
+    before it, so this gives the cold run's values (up to the last bits: a prefix computed inside another
+    prompt's prefill may have been summed in another order; README).
+
+    Stored in blocks of ``BLOCK`` tokens in one arena allocated once (``max_bytes``; no buffer per entry, so
+    nothing to fragment the heap), each found by a chain hash of the adapter and every token up to its end:
+    a lookup hashes the new prompt block by block (a dict lookup per block, whatever the number of entries).
+    Least recently used blocks are reused first; a prefix is always more recent than the blocks after it. A
+    prefix shorter than ``min_tokens`` is not worth a copy."""
+
+    BLOCK = 16
 
     def __init__(self, max_bytes: int, min_tokens: int = 16):
-        self.max_bytes, self.min_tokens = max_bytes, min_tokens
-        self.entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.bytes = 0
+        self.max_bytes, self.min_tokens = max_bytes, max(min_tokens, self.BLOCK)
+        self.index: OrderedDict[bytes, int] = OrderedDict()  # chain hash -> block, least recent first
+        self.k: torch.Tensor | None = None  # (blocks, layers, kv_heads, BLOCK, head_dim)
+        self.v: torch.Tensor | None = None
+        self.free: list[int] = []
         self.hits = 0
 
-    def lookup(self, adapter: int, ids: list[int]) -> tuple[int, tuple | None]:
-        """(tokens to reuse, entry key): the longest common prefix with a stored prompt of the same
-        adapter, leaving at least one token to prefill (its logits start the reply)."""
-        best, best_key = 0, None
-        for key in self.entries:
-            if key[0] != adapter:
-                continue
-            stored = key[1]
-            limit = min(len(stored), len(ids) - 1)
-            n = 0
-            while n < limit and stored[n] == ids[n]:
-                n += 1
-            if n > best:
-                best, best_key = n, key
-        if best < self.min_tokens:
-            return 0, None
-        self.entries.move_to_end(best_key)
+    @staticmethod
+    def _chain(adapter: int, ids: list[int], blocks: int) -> list[bytes]:
+        """The chain hash of each of the first ``blocks`` blocks of ``ids``."""
+        out, digest = [], hashlib.blake2b(str(adapter).encode(), digest_size=16).digest()
+        for b in range(blocks):
+            block = array("q", ids[b * PrefixCache.BLOCK : (b + 1) * PrefixCache.BLOCK]).tobytes()
+            digest = hashlib.blake2b(digest + block, digest_size=16).digest()
+            out.append(digest)
+        return out
+
+    def lookup(self, adapter: int, ids: list[int]) -> tuple[int, list[int]]:
+        """(tokens to reuse, their blocks in order): the longest cached prefix of whole blocks, leaving at least
+        one token to prefill (its logits start the reply)."""
+        if self.k is None:
+            return 0, []
+        found = []
+        for digest in self._chain(adapter, ids, (len(ids) - 1) // self.BLOCK):
+            block = self.index.get(digest)
+            if block is None:
+                break
+            found.append((digest, block))
+        if len(found) * self.BLOCK < self.min_tokens:
+            return 0, []
+        for digest, _ in reversed(found):  # the prefix ends up more recent than what follows it
+            self.index.move_to_end(digest)
         self.hits += 1
-        return best, best_key
+        return len(found) * self.BLOCK, [block for _, block in found]
+
+    def copy_into(self, row, blocks: list[int]) -> None:
+        """Write ``blocks`` into a row cache's first slots (``row.k``: (layers, 1, kv_heads, slots, dim))."""
+        for i, block in enumerate(blocks):
+            span = slice(i * self.BLOCK, (i + 1) * self.BLOCK)
+            row.k[:, 0, :, span] = self.k[block]
+            row.v[:, 0, :, span] = self.v[block]
 
     def store(self, adapter: int, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep a copy of a prefilled row's keys/values (layers, kv_heads, len(ids), head_dim)."""
-        if self.max_bytes <= 0 or len(ids) < self.min_tokens:
+        """Keep the whole blocks of a prefilled row's keys/values (layers, kv_heads, len(ids), head_dim)."""
+        blocks = len(ids) // self.BLOCK
+        if self.max_bytes <= 0 or blocks * self.BLOCK < self.min_tokens:
             return
-        key = (adapter, tuple(ids))
-        size = 2 * k.numel() * k.element_size()
-        if key in self.entries or size > self.max_bytes:
-            return
-        while self.entries and self.bytes + size > self.max_bytes:
-            _, (old_k, old_v) = self.entries.popitem(last=False)
-            self.bytes -= 2 * old_k.numel() * old_k.element_size()
-        self.entries[key] = (k.clone(), v.clone())
-        self.bytes += size
+        if self.k is None:
+            layers, kv_heads, _, dim = k.shape
+            per_block = 2 * layers * kv_heads * self.BLOCK * dim * k.element_size()
+            count = self.max_bytes // per_block
+            if count == 0:
+                self.max_bytes = 0
+                return
+            shape = (count, layers, kv_heads, self.BLOCK, dim)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.free = list(range(count))
+        chain = self._chain(adapter, ids, blocks)
+        for b, digest in enumerate(chain):
+            if digest in self.index:
+                continue
+            if not self.free:
+                _, old = self.index.popitem(last=False)
+                self.free.append(old)
+            block = self.free.pop()
+            span = slice(b * self.BLOCK, (b + 1) * self.BLOCK)
+            self.k[block].copy_(k[:, :, span])
+            self.v[block].copy_(v[:, :, span])
+            self.index[digest] = block
+        for digest in reversed(chain):
+            self.index.move_to_end(digest)
+
+    @property
+    def bytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
 
 class Engine:
@@ -276,11 +324,8 @@ class Engine:
         start = 0
         # keys cached for a prefix were rotated with LongRoPE's short factors: a longer prompt needs the long
         if not r.prompt_logprobs and (self.switch is None or len(ids) <= self.switch):
-            start, key = self.prefix_cache.lookup(r.adapter, ids)
-            if key is not None:
-                k, v = self.prefix_cache.entries[key]
-                row.k[:, 0, :, :start] = k[:, :, :start]
-                row.v[:, 0, :, :start] = v[:, :, :start]
+            start, blocks = self.prefix_cache.lookup(r.adapter, ids)
+            self.prefix_cache.copy_into(row, blocks)
         r.cached_prefix = start
         new = torch.tensor([ids[start:]], device=device)
         slots = torch.arange(start, len(ids), device=device)
