@@ -31,7 +31,7 @@ from phikit.templates import ChatTemplate, Template, get_template
 from phikit.tokenizer import Tokenizer
 
 IGNORE = -100
-FORMATS = ("text", "alpaca", "messages")
+FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion")
 
 
 @dataclass
@@ -40,21 +40,65 @@ class Example:
     labels: list[int]
 
 
+MAX_DECOMPRESSED_BYTES = 16 << 30  # a .gz data file may decompress to at most this much (a zip bomb stops here)
+
+
+class _Limited(io.RawIOBase):
+    """A decompressing stream that refuses to give more than ``limit`` bytes, naming the file."""
+
+    def __init__(self, stream: BinaryIO, path: Path, limit: int):
+        self.stream, self.path, self.limit, self.read_so_far = stream, path, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            n = self.stream.readinto(buffer)
+        except (OSError, EOFError, zlib.error) as e:
+            raise PhikitError(f"{self.path}: not a readable gzip file ({e})") from None
+        self.read_so_far += n
+        if self.read_so_far > self.limit:
+            raise PhikitError(f"{self.path}: decompresses to more than {self.limit / 2**30:g} GiB; not reading it")
+        return n
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
 def _open_bytes(path: Path) -> BinaryIO:
-    """The file for reading bytes; a .gz file decompressed (datasets such as alpaca_data.json.gz ship so)."""
+    """The file for reading bytes; a .gz file decompressed as it is read (datasets such as alpaca_data.json.gz
+    ship so), up to ``MAX_DECOMPRESSED_BYTES``."""
     if path.suffix != ".gz":
         return path.open("rb")
-    try:
-        return io.BytesIO(gzip.decompress(path.read_bytes()))
-    except (OSError, EOFError, zlib.error) as e:
-        raise PhikitError(f"{path}: not a readable gzip file ({e})") from None
+    return io.BufferedReader(_Limited(gzip.open(path, "rb"), path, MAX_DECOMPRESSED_BYTES), 1 << 20)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict of splits)."""
+    return path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json"))
 
 
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
-    """(where, row) for each row of a local .jsonl/.json/.parquet file (.jsonl.gz, .json.gz too) or a
-    Hugging Face Hub dataset; ``where`` is "file:line" (or "dataset[split]:index") for error messages."""
+    """(where, row) for each row of a local .jsonl/.json/.csv/.tsv/.parquet file (.jsonl.gz, .json.gz,
+    .csv.gz, .tsv.gz too), a folder written by ``datasets``' ``save_to_disk`` or a Hugging Face Hub dataset;
+    ``where`` is "file:line" (or "dataset[split]:index") for error messages."""
     path = Path(source).expanduser()
     suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if path.is_dir():
+        if not _is_saved_dataset(path):
+            raise PhikitError(
+                f"{path} is a folder but not one written by datasets' save_to_disk; give a data file "
+                "(.jsonl, .json, .csv, .tsv, .parquet) or that folder"
+            )
+        yield from _dataset_rows(source, split, path)
+        return
+    if suffix in (".csv", ".tsv"):
+        if not path.is_file():
+            raise PhikitError(f"{path}: data file not found")
+        yield from _delimited_rows(path, "\t" if suffix == ".tsv" else ",")
+        return
     if suffix == ".jsonl" or (path.exists() and suffix not in (".json", ".parquet")):
         if not path.is_file():
             raise PhikitError(f"{path}: data file not found")
@@ -91,15 +135,51 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(rows):
             yield f"{path}[{i}]", row
         return
+    if path.suffix == ".parquet" and not path.is_file():
+        raise PhikitError(f"{path}: data file not found")
+    yield from _dataset_rows(source, split, path if path.suffix == ".parquet" else None)
+
+
+def _delimited_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a CSV/TSV file with a header line, as {column: text}; a row of the wrong width names its line."""
+    import csv
+
+    with _open_bytes(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        reader = csv.reader(text, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise PhikitError(f"{path}: empty; a CSV/TSV data file starts with a header line naming its columns")
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    yield where, {"__error__": f"{len(row)} columns where the header names {len(header)}"}
+                    continue
+                yield where, dict(zip(header, row))
+        except UnicodeDecodeError as e:
+            raise PhikitError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        except csv.Error as e:
+            raise PhikitError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
+def _dataset_rows(source: str, split: str, local: Path | None) -> Iterator[tuple[str, dict]]:
+    """Rows through ``datasets``: a save_to_disk folder, a Parquet file or a Hub dataset id."""
     try:
         import datasets
     except ImportError:
         raise PhikitError(f"reading {source} needs the 'datasets' package: pip install datasets") from None
     try:
-        if path.suffix == ".parquet":
-            if not path.is_file():
-                raise PhikitError(f"{path}: data file not found")
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        if local is not None and local.is_dir():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise PhikitError(f"{local}: no split {split!r} (it has {', '.join(ds)}); set split")
+                ds = ds[split]
+        elif local is not None:
+            ds = datasets.load_dataset("parquet", data_files=str(local), split="train")
         else:
             ds = datasets.load_dataset(source, split=split)
     except PhikitError:
@@ -107,7 +187,7 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "cannot get it"
         raise PhikitError(
             f"cannot load dataset {source!r} split {split!r} ({str(e).splitlines()[0][:200]}); "
-            "for offline use pass a local .jsonl/.json/.parquet file"
+            "for offline use pass a local .jsonl/.json/.csv/.parquet file or a save_to_disk folder"
         ) from None
     for i, row in enumerate(ds):
         yield f"{source}[{split}]:{i}", row
@@ -153,12 +233,58 @@ def render(row: dict, fmt: str, template: Template | ChatTemplate) -> list[tuple
             turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output.strip()}]
             return template.conversation_segments(turns)
         return [(template.render(prompt), False), (" " + output.strip(), True)]
+    if fmt == "prompt_completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError('expected string fields "prompt" and "completion"')
+        if isinstance(template, ChatTemplate):
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return template.conversation_segments(turns)
+        return [(template.render(prompt), False), (completion, True)]
+    if fmt == "sharegpt":
+        return template.conversation_segments(_sharegpt_messages(row.get("conversations")))
     if fmt == "messages":
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError('expected a non-empty list field "messages"')
         return template.conversation_segments(messages)
     raise PhikitError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt_messages(conversation) -> list[dict]:
+    """ShareGPT's {"from": "human" | "gpt" | "system", "value": ...} turns (Axolotl's and Unsloth's format; also
+    {"role", "content"}) as chat messages."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError('expected a non-empty list field "conversations"')
+    messages = []
+    for turn in conversation:
+        if not isinstance(turn, dict):
+            raise ValueError('each turn of "conversations" must be an object with "from" and "value"')
+        speaker, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if speaker not in SHAREGPT_ROLES or not isinstance(text, str):
+            raise ValueError(
+                f'each turn needs "from" (human, gpt or system) and a string "value"; got from {speaker!r}'
+            )
+        message = {"role": SHAREGPT_ROLES[speaker], "content": text}
+        if "weight" in turn:
+            message["weight"] = turn["weight"]
+        messages.append(message)
+    return messages
+
+
+def apply_columns(row: dict, columns: dict[str, str] | None) -> dict:
+    """A row with its columns renamed to the names the format reads: ``columns`` maps the format's field
+    (prompt, completion, instruction, input, output, text, messages, conversations) to the data's column."""
+    if not columns or not isinstance(row, dict):
+        return row
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    for field, column in columns.items():
+        if column in row:
+            renamed[field] = row[column]
+    return renamed
 
 
 def split_turns(text: str, template: Template) -> list[tuple[str, bool]]:
@@ -194,7 +320,8 @@ def encode(segments: list[tuple[str, bool]], tokenizer: Tokenizer, responses_onl
         labels += part if (is_reply or not responses_only) else [IGNORE] * len(part)
     if ids and ids[-1] == tokenizer.eos_id:
         return Example(ids, labels)
-    return Example(ids + [tokenizer.eos_id], labels + [tokenizer.eos_id])
+    trained = not responses_only or (bool(segments) and segments[-1][1])  # after a reply left out: not trained
+    return Example(ids + [tokenizer.eos_id], labels + [tokenizer.eos_id if trained else IGNORE])
 
 
 def rendered_rows(
@@ -206,6 +333,7 @@ def rendered_rows(
     limit: int | None = None,
     skipped: list[str] | None = None,
     tokenizer: Tokenizer | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, dict, list]]:
     """(where, row, segments) of each usable row of a data source in order, up to ``limit`` rows: the rows
     fine-tuning trains on (and holds out from). A malformed row raises a PhikitError naming file and line,
@@ -217,7 +345,7 @@ def rendered_rows(
     used = 0
     for where, row in read_rows(source, split):
         try:
-            segments = render(row, fmt, template)
+            segments = render(apply_columns(row, columns), fmt, template)
         except ValueError as e:
             if skip_bad_rows:
                 if skipped is not None:
@@ -239,10 +367,11 @@ def load_examples(
     responses_only: bool = False,
     skip_bad_rows: bool = False,
     limit: int | None = None,
+    columns: dict[str, str] | None = None,
 ) -> tuple[list[Example], int]:
     """Tokenized examples of a data source (``rendered_rows``) and the number of malformed rows skipped."""
     skipped: list[str] = []
-    rows = rendered_rows(source, fmt, template, split, skip_bad_rows, limit, skipped, tokenizer)
+    rows = rendered_rows(source, fmt, template, split, skip_bad_rows, limit, skipped, tokenizer, columns)
     examples = [encode(segments, tokenizer, responses_only) for _, _, segments in rows]
     if not examples:
         raise PhikitError(f"{source}: no usable rows ({len(skipped)} malformed)")

@@ -56,14 +56,16 @@ class Template:
         return self.render_chat(turns, pending)
 
     def conversation_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """A conversation ending with the assistant as (text, is the assistant's) segments, for training."""
+        """A conversation ending with the assistant as (text, trained on) segments: each assistant reply is
+        trained on unless its message has ``"weight": 0`` (OpenAI's fine-tuning format)."""
         turns, pending = _turns(messages)
         if pending is not None or not turns:
             raise ValueError("the last message must be the assistant's")
+        weights = [_trained(m) for m in messages if m["role"] == "assistant"]
         segments: list[tuple[str, bool]] = []
         for i, (user, reply) in enumerate(turns):
             segments.append(((self.separator if i else "") + self.render(user), False))
-            segments.append((" " + reply.strip(), True))
+            segments.append((" " + reply.strip(), weights[i]))
         return segments
 
 
@@ -86,6 +88,14 @@ def _turns(messages: list[dict]) -> tuple[list[tuple[str, str]], str | None]:
             turns.append((pending, text))
             pending = None
     return turns, pending
+
+
+def _trained(message: dict) -> bool:
+    """An assistant message's ``weight``: 1 (the default) is trained on, 0 is not."""
+    weight = message.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f'a message\'s "weight" is 0 (left out of the loss) or 1, got {weight!r}')
+    return weight == 1
 
 
 def _role_and_text(message) -> tuple[str, str]:
@@ -125,7 +135,7 @@ class ChatTemplate:
                 raise ValueError('each message needs a string "role" and string "content"')
         try:
             return self._template.render(
-                messages=[dict(m) for m in messages],
+                messages=[{k: v for k, v in m.items() if k != "weight"} for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 tools=None,
                 documents=None,
@@ -163,7 +173,7 @@ class ChatTemplate:
                 raise ValueError("the chat template does not render this conversation turn by turn")
             if start > done:
                 segments.append((full[done:start], False))
-            segments.append((full[start:end], True))
+            segments.append((full[start:end], _trained(m)))
             done = end
         if done < len(full):
             segments.append((full[done:], False))

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -36,7 +37,8 @@ class TrainConfig:
     model: str = "microsoft/phi-2"
     output_dir: str = "runs/finetune"
     data: str = "timdettmers/openassistant-guanaco"
-    data_format: str = "text"  # text | alpaca | messages
+    data_format: str = "text"  # text | alpaca | messages | sharegpt | prompt_completion
+    columns: dict[str, str] | None = None  # the format's field -> the data's column, e.g. {prompt: question}
     template: str = "guanaco"
     split: str = "train"
     eval_data: str | None = None  # a file or dataset; with a Hub dataset, eval_split picks its split
@@ -53,7 +55,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # default: the attention projections of the model's family
+    # default: the attention projections of the model's family; names, full paths, "all-linear" or a regex
+    lora_targets: list[str] | str | None = None
     batch_size: int = 1
     grad_accum: int = 12
     lr: float = 1e-4
@@ -86,22 +89,73 @@ class TrainConfig:
             if not isinstance(raw, dict):
                 raise PhikitError(f"{path}: expected a mapping of settings")
         raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(names))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
         if unknown:
             raise PhikitError(
-                f"{path or 'overrides'}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}"
+                f"{path or 'overrides'}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
             )
-        for name, value in raw.items():  # YAML reads 1e-4 as a string: numbers given as text are numbers
-            kind = str(names[name].type)
-            if isinstance(value, str) and ("float" in kind or kind.startswith("int")):
-                try:
-                    raw[name] = float(value) if "float" in kind else int(value)
-                except ValueError:
-                    raise PhikitError(f"{path or 'overrides'}: {name} must be a number, got {value!r}") from None
-        config = cls(**raw)
+        source = str(path or "overrides")
+        config = cls(**{name: cls.coerce(name, value, source) for name, value in raw.items()})
         config.validate(str(path or "config"))
         return config
+
+    @classmethod
+    def coerce(cls, name: str, value, source: str = "config"):
+        """``value`` (from YAML, or a command-line string) as the setting's type, the same way for both:
+        booleans from true/false/yes/no/on/off/1/0, integers only when whole, numbers from text (YAML reads
+        1e-4 as a string), ``lora_targets`` from a list, a comma list, "all-linear", a module name or a regex,
+        ``columns`` from a mapping or "field=column,..."; anything else is a PhikitError naming the key."""
+        kind = str({f.name: f for f in dataclasses.fields(cls)}[name].type)
+        optional = "None" in kind
+
+        def fail(expected: str):
+            return PhikitError(f"{source}: {name} must be {expected}, got {value!r}")
+
+        if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            if not optional:
+                raise fail("given")
+            return None
+        if name == "lora_targets":
+            return _lora_targets(value, fail)
+        if name == "columns":
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise fail("field=column pairs separated by commas")
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in [*value, *value.values()]):
+                raise fail("a mapping from the format's fields to the data's column names")
+            return value
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise fail("true or false")
+        if kind.startswith("int"):
+            if isinstance(value, bool):
+                raise fail("a whole number")
+            try:
+                number = float(value) if isinstance(value, str) else value
+            except ValueError:
+                raise fail("a whole number") from None
+            if not isinstance(number, (int, float)) or not math.isfinite(number) or number != int(number):
+                raise fail("a whole number")
+            return int(number)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise fail("a number")
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise fail("a number") from None
+        if not isinstance(value, str):
+            raise fail("text")
+        return value
 
     def validate(self, source: str) -> None:
         finite = all(
@@ -134,6 +188,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise PhikitError(f"{source}: {message}")
+
+
+def _lora_targets(value, fail) -> list[str] | str:
+    """LoRA targets as PEFT takes them: a list of module names or paths; one string that is "all-linear" or
+    a regex (matched against whole module names); a comma list or a single module name as a list."""
+    from phikit.lora import KNOWN_TARGETS
+
+    if isinstance(value, str):
+        text = value.strip()
+        if "," in text:
+            return [t.strip() for t in text.split(",") if t.strip()]
+        if re.fullmatch(r"[\w.]+", text) and text.rsplit(".", 1)[-1] in KNOWN_TARGETS:  # a name or a path
+            return [text]
+        return text  # all-linear, or a regex
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise fail("a list of module names, 'all-linear' or a regular expression")
 
 
 # ---- distributed helpers ----
@@ -327,6 +398,25 @@ def save_checkpoint(
     return final
 
 
+RESUME_SETTINGS = ("model", "quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _check_resume(checkpoint: Path, config: TrainConfig) -> None:
+    """``--resume`` continues the run a checkpoint was saved by: settings that shape the adapter or what it
+    trains on top of must be the checkpoint's, else a PhikitError naming each that differs."""
+    saved = read_trainer_state(checkpoint / "trainer_state.pt").get("config", {})
+    differ = [
+        f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
+        for key in RESUME_SETTINGS
+        if key in saved and saved[key] != getattr(config, key)
+    ]
+    if differ:
+        raise PhikitError(
+            f"--resume: {checkpoint} was trained with other settings ({'; '.join(differ)}); resume with its "
+            "settings or start a new output_dir"
+        )
+
+
 def read_trainer_state(path: Path) -> dict:
     """A checkpoint's trainer state, unpickled with ``weights_only=True`` (tensors and plain values only)."""
     import pickle
@@ -342,7 +432,12 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.pt").is_file()]
+    """The run's checkpoint-<step> folders in step order (``checkpoint-4.bak`` and the like are not)."""
+    found = [
+        p
+        for p in out.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir() and (p / "trainer_state.pt").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -395,10 +490,11 @@ class MetricsLog:
 def finetune(config: TrainConfig, progress: bool = True) -> Path:
     """Run a fine-tuning recipe; returns the folder of the final adapter (``output_dir/adapter``)."""
     from phikit.api import load
-    from phikit.checkpoint import resolve_device
+    from phikit.checkpoint import resolve_device, resolve_model_path
     from phikit.data import collate, epoch_batches, load_examples, pack_examples, split_eval, truncate_examples
     from phikit.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, trainable_parameters
     from phikit.models import family_of
+    from phikit.tokenizer import Tokenizer
 
     rank, world, local_rank = _world()
     device = resolve_device(config.device)
@@ -418,22 +514,12 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    phi = load(config.model, dtype=dtype, device=device, quantize=config.quantize, progress=main_process and progress)
-    model, tokenizer = phi.model, phi.tokenizer
-    targets = list(config.lora_targets or family_of(model.config).attention_names)
-    lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     if config.resume:
-        load_adapter(model, existing[-1])
-        for name, p in model.named_parameters():
-            p.requires_grad_(".lora_" in name)
-    else:
-        inject_lora(model, lora_config)
-    model.model.gradient_checkpointing = config.gradient_checkpointing
-    model.train()
-
+        _check_resume(existing[-1], config)
+    # the data is read and checked (with the checkpoint's tokenizer) before any weight is loaded: a bad row
+    # costs seconds, not a model load
+    folder = resolve_model_path(config.model)
+    tokenizer = Tokenizer(folder)
     examples, skipped = load_examples(
         config.data,
         tokenizer,
@@ -443,6 +529,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
         config.responses_only,
         config.skip_bad_rows,
         config.max_examples,
+        config.columns,
     )
     if config.eval_data or config.eval_split:
         eval_examples, _ = load_examples(
@@ -453,9 +540,27 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
             config.eval_split or "test",
             config.responses_only,
             config.skip_bad_rows,
+            columns=config.columns,
         )
     else:
         examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    phi = load(folder, dtype=dtype, device=device, quantize=config.quantize, progress=main_process and progress)
+    model = phi.model
+    targets = config.lora_targets or list(family_of(model.config).attention_names)
+    lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    if config.resume:
+        load_adapter(model, existing[-1])
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name)
+    else:
+        inject_lora(model, lora_config)
+    model.model.gradient_checkpointing = config.gradient_checkpointing
+    model.train()
+
     shape = (
         (lambda ex: pack_examples(ex, config.seq_len, tokenizer.pad_id))
         if config.packing

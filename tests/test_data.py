@@ -194,3 +194,109 @@ def test_invalid_utf8_and_lone_surrogates_name_file_and_line(tok, tmp_path):
     )
     examples, skipped = load_examples(str(path), tok, "text", "raw", skip_bad_rows=True)
     assert (len(examples), skipped) == (2, 2)
+
+
+# ---- the formats people have (issue 22) ----
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6."},
+]
+
+
+def trained_text(tok, example) -> str:
+    return tok.decode([i for i, label in zip(example.ids, example.labels) if label != IGNORE])
+
+
+def test_a_datasets_save_to_disk_folder_reads_like_the_file(tok, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": "Add 2 and 2", "input": "", "output": "4"}, {"instruction": "Say hi", "output": "hi"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    from_file, _ = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, "alpaca", "instruct")
+    for folder in ("ds", "dd"):
+        from_disk, _ = load_examples(str(tmp_path / folder), tok, "alpaca", "instruct")
+        assert [e.ids for e in from_disk] == [e.ids for e in from_file]
+    with pytest.raises(PhikitError, match="no split 'test'"):
+        list(read_rows(str(tmp_path / "dd"), "test"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(PhikitError, match="not one written by datasets' save_to_disk"):
+        list(read_rows(str(tmp_path / "plain")))
+
+
+def test_sharegpt_conversations_are_chat_messages(tok, tmp_path):
+    share = [
+        {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+        for m in CHAT
+    ]
+    a, _ = load_examples(str(write_jsonl(tmp_path / "s.jsonl", [{"conversations": share}])), tok, "sharegpt", "guanaco")
+    b, _ = load_examples(str(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}])), tok, "messages", "guanaco")
+    assert a[0].ids == b[0].ids and a[0].labels == b[0].labels
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}])
+    with pytest.raises(PhikitError, match=r"bad.jsonl:1: .*from"):
+        load_examples(str(bad), tok, "sharegpt", "guanaco")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_tables_with_prompt_completion_or_mapped_columns(tok, tmp_path, suffix):
+    rows = [{"question": "Capital of France?", "answer": " Paris."}, {"question": "2+2?", "answer": " 4"}]
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        path.write_text(
+            "question" + sep + "answer\n" + "".join(f'"{r["question"]}"{sep}"{r["answer"]}"\n' for r in rows)
+        )
+    columns = {"prompt": "question", "completion": "answer"}
+    got, _ = load_examples(str(path), tok, "prompt_completion", "raw", responses_only=True, columns=columns)
+    assert [trained_text(tok, e) for e in got] == [" Paris.<|endoftext|>", " 4<|endoftext|>"]
+    with pytest.raises(PhikitError, match='"prompt" and "completion"'):
+        load_examples(str(path), tok, "prompt_completion", "raw")
+
+
+def test_a_csv_row_of_the_wrong_width_names_its_line(tok, tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n")
+    with pytest.raises(PhikitError, match=r"t.csv:3: 3 columns where the header names 2"):
+        load_examples(str(path), tok, "prompt_completion", "raw")
+
+
+def test_an_assistant_turn_of_weight_0_is_not_trained_on(tok, tmp_path):
+    weighted = [dict(m) for m in CHAT]
+    weighted[2]["weight"] = 0
+    examples, _ = load_examples(
+        str(write_jsonl(tmp_path / "w.jsonl", [{"messages": weighted}])),
+        tok,
+        "messages",
+        "guanaco",
+        responses_only=True,
+    )
+    text = trained_text(tok, examples[0])
+    assert "6." in text and "4." not in text
+    bad = [dict(m) for m in CHAT]
+    bad[4]["weight"] = 0.5
+    with pytest.raises(PhikitError, match='"weight" is 0'):
+        load_examples(str(write_jsonl(tmp_path / "b.jsonl", [{"messages": bad}])), tok, "messages", "guanaco")
+
+
+def test_gzip_data_is_read_as_a_stream_with_a_size_limit(tok, tmp_path, monkeypatch):
+    import gzip
+
+    from phikit import data
+
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(
+        gzip.compress(("\n".join(json.dumps({"text": f"row {i} " + "x" * 100}) for i in range(300)) + "\n").encode())
+    )
+    assert len(load_examples(str(path), tok, "text", "raw")[0]) == 300
+    monkeypatch.setattr(data, "MAX_DECOMPRESSED_BYTES", 10_000)
+    with pytest.raises(PhikitError, match="decompresses to more than"):
+        load_examples(str(path), tok, "text", "raw")

@@ -497,8 +497,9 @@ def test_the_prefix_cache_lives_in_one_arena_finds_blocks_by_hash_and_reuses_the
     assert cache.lookup(0, prompts[-1])[0] == 16  # at least one token is left to prefill
     tokens, blocks = cache.lookup(0, prompts[-2] + [9])
     row = type("Row", (), {})()
-    row.k, row.v = torch.zeros(layers, 1, heads, 40, dim, dtype=torch.float16), torch.zeros(
-        layers, 1, heads, 40, dim, dtype=torch.float16
+    row.k, row.v = (
+        torch.zeros(layers, 1, heads, 40, dim, dtype=torch.float16),
+        torch.zeros(layers, 1, heads, 40, dim, dtype=torch.float16),
     )
     cache.copy_into(row, blocks)
     k, v = kv(prompts[-2])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import phikit
@@ -240,3 +241,68 @@ def test_the_loss_and_its_gradients_match_transformers(tiny, head):
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
     empty = torch.full_like(labels, -100)
     assert causal_lm_loss(model, ids, empty)[0].item() == 0
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("responses_only", "false", False),
+        ("packing", "off", False),
+        ("packing", "yes", True),
+        ("seq_len", 64.0, 64),
+        ("lr", "1e-4", 1e-4),
+        ("lora_targets", "q_proj", ["q_proj"]),
+        ("lora_targets", "q_proj,v_proj", ["q_proj", "v_proj"]),
+        ("lora_targets", "all-linear", "all-linear"),
+        ("lora_targets", r".*\.mlp\.fc1", r".*\.mlp\.fc1"),
+        ("columns", "prompt=question,completion=answer", {"prompt": "question", "completion": "answer"}),
+        ("max_steps", "null", None),
+    ],
+)
+def test_yaml_values_are_typed_as_the_command_lines(tmp_path, key, value, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({key: value}))
+    assert getattr(TrainConfig.from_yaml(recipe), key) == expected
+    assert TrainConfig.coerce(key, str(value) if value is not None else "null") == expected
+
+
+@pytest.mark.parametrize(
+    "key, value", [("seq_len", 64.5), ("lora_r", 2.5), ("packing", "maybe"), ("seq_len", True), ("template", 3)]
+)
+def test_yaml_values_of_the_wrong_type_name_the_key(tmp_path, key, value):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({key: value}))
+    with pytest.raises(PhikitError, match=f"{key} must be"):
+        TrainConfig.from_yaml(recipe)
+
+
+def test_training_takes_all_linear_and_regex_targets(tiny, tmp_path):
+    folder, _ = tiny
+    for name, targets in (("all", "all-linear"), ("regex", r".*\.mlp\.fc[12]")):
+        adapter = finetune(recipe(folder, tmp_path / name, max_steps=2, lora_targets=targets), progress=False)
+        saved = json.loads((adapter / "adapter_config.json").read_text())
+        assert saved["target_modules"] == targets
+
+
+def test_data_is_checked_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    import phikit.api
+
+    folder, _ = tiny
+    monkeypatch.setattr(phikit.api, "load", lambda *a, **k: pytest.fail("the model was loaded before the data"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "### Human: hi### Assistant: ok"}\n{"txt": 1}\n')
+    with pytest.raises(PhikitError, match=r"bad.jsonl:2"):
+        finetune(recipe(folder, tmp_path / "run", data=str(bad)), progress=False)
+
+
+def test_resume_refuses_changed_lora_settings_and_ignores_odd_folders(tiny, tmp_path):
+    import shutil
+
+    folder, _ = tiny
+    out = tmp_path / "run"
+    finetune(recipe(folder, out, max_steps=4, save_every=2, eval_every=1000), progress=False)
+    shutil.copytree(checkpoints(out)[-1], out / "checkpoint-4.bak")
+    with pytest.raises(PhikitError, match=r"lora_r 8 there, 4 now"):
+        finetune(recipe(folder, out, max_steps=6, save_every=2, lora_r=4, resume=True), progress=False)
+    finetune(recipe(folder, out, max_steps=6, save_every=2, resume=True), progress=False)
+    assert [p.name for p in checkpoints(out)][-1] != "checkpoint-4.bak"

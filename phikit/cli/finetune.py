@@ -60,22 +60,7 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 
 def coerce(f, text: str):
-    """A command-line string as the recipe field's type (from its default value)."""
-    default = f.default if f.default is not f.default_factory else None
-    kind = str(f.type)
-    if text.lower() in ("none", "null") and "None" in kind:
-        return None
-    try:
-        if "list" in kind:
-            return [t.strip() for t in text.split(",") if t.strip()]
-        if "bool" in kind or isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if "float" in kind:
-            return float(text)
-        if "int" in kind:
-            return int(text)
-    except ValueError:
-        raise PhikitError(f"--{f.name}: {text!r} is not a valid {kind}") from None
-    return text
+    """A command-line string as the recipe field's type, exactly as a YAML value is read."""
+    from phikit.train import TrainConfig
+
+    return TrainConfig.coerce(f.name, text, f"--{f.name}")
