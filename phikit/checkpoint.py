@@ -508,9 +508,26 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the finished folder ``new`` at ``out`` (a sibling), replacing what is there without a moment where
+    neither exists on disk: the old folder is renamed aside, the new one renamed into place, then the old
+    one deleted (a crash in between leaves both, never neither)."""
+    import shutil
+
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / out.name)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) -> None:
-    """``out`` may be written: new or empty, or ``overwrite``; never a file, never the source folder or one
-    that contains it (replacing it would delete the source)."""
+    """``out`` may be written: new or empty, or ``overwrite``; never a file or a symbolic link, never the
+    source folder or one that contains it (replacing it would delete the source)."""
+    if out.is_symlink():
+        raise PhikitError(f"{out} is a symbolic link; give the folder it points to, or a new one")
     if out.exists() and not out.is_dir():
         raise PhikitError(f"{out} is a file; give a folder to write the checkpoint into")
     if source is not None:
@@ -576,9 +593,7 @@ def save_checkpoint(
                     shutil.copyfile(tokenizer_folder / name, tmp / name)
         for written in tmp.iterdir():  # safetensors writes 0600: give every file the user's umask
             user_mode(written)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

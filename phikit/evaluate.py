@@ -48,14 +48,20 @@ def read_text(path: str | Path, tokenizer: Tokenizer) -> list[int]:
     """Token ids of a .txt file, or of the "text" fields of a .jsonl file joined by <|endoftext|>."""
     path = Path(path)
     if not path.is_file():
-        raise PhikitError(f"{path}: data file not found")
+        raise PhikitError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'data file not found'}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PhikitError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
     if path.suffix != ".jsonl":
-        ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+        ids = tokenizer.encode(text)
         if not ids:
             raise PhikitError(f"{path}: no text in the file")
         return ids
     ids: list[int] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,11 @@ def export_gguf(
     if out_file.exists() and not overwrite:
         raise PhikitError(f"{out_file} already exists; choose a new file name or pass --overwrite")
     folder, config = _full_precision_source(model)
+    if folder.resolve() in out_file.resolve().parents:
+        raise PhikitError(
+            f"{out_file} is inside the source model's folder {folder}; it could replace the checkpoint's own "
+            "files: write the GGUF file elsewhere"
+        )
     if config.qk_layernorm:
         raise PhikitError(
             f"{folder / 'config.json'}: qk_layernorm is true, but llama.cpp's phi2 architecture has no q/k "
@@ -318,15 +324,47 @@ def _chat_go_template(template: ChatTemplate) -> str:
 
 
 def _go_literal(text: str) -> str:
-    """``text`` as literal output of a Go template: only ``{{`` would start an action."""
-    return text.replace("{{", '{{ "{{" }}')
+    """``text`` as literal output of a Go template that Ollama's Modelfile parser keeps as it is: plain
+    characters as they are; braces (``{`` next to an action would change it: ``{{{ .Prompt }}}``), double
+    quotes (the Modelfile's own quotes have no escapes) and characters a parser may trim or a reader cannot
+    see (controls, no-break and other Unicode spaces, zero-width joiners, other format characters) inside
+    ``{{ "..." }}`` string actions, written with Go's escapes."""
+    out, special = [], []
+
+    def flush() -> None:
+        if special:
+            out.append('{{ "' + "".join(_go_escape(ch) for ch in special) + '" }}')
+            special.clear()
+
+    for ch in text:
+        if ch in '{}"' or (ch not in " \n" and unicodedata.category(ch)[0] in "CZ"):
+            special.append(ch)
+        else:
+            flush()
+            out.append(ch)
+    flush()
+    return "".join(out)
+
+
+def _go_escape(ch: str) -> str:
+    """One character inside a Go interpreted string literal."""
+    if ch in '"\\':
+        return "\\" + ch
+    if ch == "\n":
+        return "\\n"
+    if ch.isprintable() and ch not in "\u00a0":
+        return ch
+    return f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
 
 
 def _modelfile_quote(value: str) -> str:
-    if '"""' in value:
+    """A Modelfile value in quotes: triple quotes where it spans lines or holds a quote. The grammar has no
+    escapes, so a value holding three quotes or ending with one (it would run into the closing ones) cannot
+    be written: a PhikitError saying so."""
+    if '"""' in value or (value.endswith('"') and ("\n" in value or '"' in value)):
         raise PhikitError(
             f"{value!r} cannot be written in an Ollama Modelfile, whose quotes have no escapes; "
-            'use a template and stop strings without """'
+            'use a template and stop strings without """ and not ending with "'
         )
     return f'"""{value}"""' if "\n" in value or '"' in value else f'"{value}"'
 

@@ -367,7 +367,7 @@ def save_checkpoint(
     """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed.
     ``trainer_state.pt`` holds only tensors and plain values, so resuming reads it with
     ``torch.load(weights_only=True)``: a file planted in a checkpoint folder cannot run code."""
-    from phikit.checkpoint import user_mode
+    from phikit.checkpoint import replace_folder, user_mode
     from phikit.lora import save_adapter
 
     final = out / f"checkpoint-{step}"
@@ -387,9 +387,7 @@ def save_checkpoint(
             },
             tmp / "trainer_state.pt",
         )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -490,7 +488,7 @@ class MetricsLog:
 def finetune(config: TrainConfig, progress: bool = True) -> Path:
     """Run a fine-tuning recipe; returns the folder of the final adapter (``output_dir/adapter``)."""
     from phikit.api import load
-    from phikit.checkpoint import resolve_device, resolve_model_path
+    from phikit.checkpoint import replace_folder, resolve_device, resolve_model_path
     from phikit.data import collate, epoch_batches, load_examples, pack_examples, split_eval, truncate_examples
     from phikit.lora import LoRAConfig, inject_lora, load_adapter, save_adapter, trainable_parameters
     from phikit.models import family_of
@@ -674,8 +672,7 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
         tmp = out / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(model, tmp, base_model=config.model)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -57,7 +57,7 @@ def test_file_mode_prints_jsonl_in_order(tiny, tmp_path, capsys):
     [
         (["generate", "-m", "/nonexistent/model", "hi"], "no such model folder"),
         (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
-        (["generate", "--file", "/nonexistent/prompts.txt"], "prompt file not found"),
+        (["generate", "--file", "/nonexistent/prompts.txt"], "--file /nonexistent/prompts.txt: file not found"),
         (["generate"], "give a prompt"),
         (["generate", "-m", "{folder}", "--template", "nonsense", "hi"], "unknown template"),
     ],
@@ -259,3 +259,39 @@ def test_every_subcommand_is_a_module_with_the_shared_model_flags():
                     reference[flag].help,
                     reference[flag].choices,
                 ), (command, flag)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["perplexity", "--data", "{dir}"], "--data {dir}: is a directory"),
+        (["perplexity", "--data", "{bad}"], "not valid UTF-8"),
+        (["perplexity", "--data", "{txt}", "--context", "1"], "--context 1: must be at least 2"),
+        (["perplexity", "--data", "{txt}", "--max-tokens", "-5"], "--max-tokens -5: must be at least 2"),
+        (["eval", "--out", "{txt}"], "--out {txt}: is a file"),
+        (["eval", "-n", "0"], "--max-new-tokens 0: must be at least 1"),
+        (["bench", "--threads", "-1"], "--threads -1: must be at least 1"),
+        (["bench", "--json", "{dir}"], "--json {dir}: is a directory"),
+        (["generate", "--file", "{dir}"], "--file {dir}: is a directory"),
+    ],
+)
+def test_mistakes_with_files_and_numbers_are_one_line_errors(tiny, tmp_path, capsys, args, message):
+    folder, _ = tiny
+    (tmp_path / "d").mkdir()
+    (tmp_path / "t.txt").write_text("some text to score")
+    (tmp_path / "b.txt").write_bytes(b"ok\n\xff\xfe bad")
+    names = {"dir": tmp_path / "d", "txt": tmp_path / "t.txt", "bad": tmp_path / "b.txt"}
+    filled = [a.format(**names) for a in args]
+    model_flags = ["--model", folder] + ([] if args[0] == "bench" else ["--dtype", "fp32"])
+    code, _, err = run_cli(capsys, *filled, *model_flags)
+    assert code != 0 and message.format(**names) in err and "Traceback" not in err, err
+
+
+def test_generate_reads_prompts_from_stdin_with_file_dash(tiny, monkeypatch, capsys):
+    import io
+
+    folder, _ = tiny
+    stdin = io.TextIOWrapper(io.BytesIO(b"Hello\nThe sky is\n"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, out, _ = run_cli(capsys, "generate", "-m", folder, "--dtype", "fp32", "-n", "3", "-q", "--file", "-")
+    assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["Hello", "The sky is"]

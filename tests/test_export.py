@@ -6,6 +6,7 @@ with llama.cpp's own converter and llama-quantize, and runs them in llama.cpp.)"
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -411,7 +412,7 @@ def render_go_template(template: str, values: dict[str, str], cut_at_response: b
     """The Go-template subset a Modelfile TEMPLATE uses here (``{{ .Field }}``, ``{{ if .Field }}`` ...
     ``{{ end }}``, ``{{ "text" }}``), executed as Ollama executes a template without ``.Messages``: earlier
     turns whole, the turn being answered cut before the first top-level node that mentions ``.Response``."""
-    parts = re.split(r"({{.*?}})", template)
+    parts = re.split(r'({{(?:"(?:\\.|[^"\\])*"|[^"])*?}})', template)  # an action; "}}" may sit in its string
     out, skipping, depth = [], 0, 0
     for part in parts:
         action = part[2:-2].strip() if part.startswith("{{") else None
@@ -429,7 +430,7 @@ def render_go_template(template: str, values: dict[str, str], cut_at_response: b
             depth -= 1
             skipping = max(skipping - 1, 0)
         elif action.startswith('"'):
-            out.append("" if skipping else json.loads(action))
+            out.append("" if skipping else ast.literal_eval(action))  # Go's escapes: \\n \\" \\uXXXX \\UXXXXXXXX
         else:
             assert action.startswith("."), action
             out.append("" if skipping else values.get(action[1:], ""))
@@ -609,3 +610,78 @@ def test_ollama_export_of_a_chat_model_renders_its_chat_template_and_stops_at_it
         [earlier], question
     )
     assert "<|end|>" in [v for k, v in commands if k == "stop"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{{prompt}}", "User: {prompt} }}{{ x", "\u00a0Q\u200d: {prompt}\u00a0\nA:", 'Q: {prompt} "quoted" \\ now\t'],
+)
+def test_ollama_templates_with_braces_and_invisible_characters_render_as_phikit(template):
+    """Braces next to the prompt and characters a parser could trim or a reader cannot see are written as
+    Go string actions: the TEMPLATE parses (Ollama's grammar) and renders exactly phikit's text."""
+    from phikit.export import ollama_modelfile
+    from phikit.templates import get_template
+
+    text = ollama_modelfile(template, "./m.gguf")
+    commands = dict(parse_modelfile(text))
+    rendered = render_go_template(commands["template"], {"Prompt": "2+2?"}, cut_at_response=True)
+    assert rendered == get_template(template).render("2+2?")
+    assert "\u00a0" not in commands["template"] and "\u200d" not in commands["template"]
+
+
+def test_a_gguf_export_into_the_source_folder_is_refused(tiny, tmp_path):
+    import shutil
+
+    folder, _ = tiny
+    source = tmp_path / "model"
+    shutil.copytree(folder, source)
+    for target in (source / "model.safetensors", source / "new.gguf"):
+        with pytest.raises(PhikitError, match="inside the source model's folder"):
+            export_gguf(source, target, gguf_type="f32", overwrite=True)
+    assert (source / "model.safetensors").stat().st_size > 1000
+
+
+def test_replacing_a_folder_never_leaves_neither(tmp_path, monkeypatch):
+    """--overwrite of an exported folder: the old folder is renamed aside before the new one takes its place;
+    a crash between the two renames leaves both on disk."""
+    import os
+
+    from phikit.checkpoint import replace_folder
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    real, calls = os.replace, []
+
+    def crash_on_second(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(new, out)
+    monkeypatch.setattr(os, "replace", real)
+    assert (new / "new.txt").read_text() == "new"
+    assert [p.read_text() for p in tmp_path.glob(".out.old-*/out/old.txt")] == ["old"]
+    replace_folder(new, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "new.txt").read_text() == "new"
+
+
+def test_an_export_into_a_symlinked_folder_is_refused(tiny, tmp_path):
+    folder, _ = tiny
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(PhikitError, match="symbolic link"):
+        export_hf(folder, tmp_path / "link", overwrite=True)
+
+
+def test_a_stop_string_a_modelfile_cannot_hold_is_refused_with_the_reason():
+    from phikit.export import ollama_modelfile
+
+    with pytest.raises(PhikitError, match='not ending with "'):
+        ollama_modelfile('Say: "{prompt}"', "./m.gguf")  # its turn marker, a stop string, ends with a quote

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_group_size_arg, add_model_arg
+from phikit.cli.common import EPILOG, add_group_size_arg, add_model_arg, at_least, output_file
 from phikit.errors import PhikitError
 
 
@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> None:
         raise PhikitError(f"unknown precision(s) {', '.join(unknown)}; choose from fp32, bf16, fp16, int8, int4, nf4")
     if args.new_tokens < 1 or args.prompt_tokens < 1 or args.repeats < 1:
         raise PhikitError("--new-tokens, --prompt-tokens and --repeats must be at least 1")
+    at_least(args.threads, 1, "--threads")
+    if args.json is not None:
+        output_file(args.json, "--json")
     if args.perplexity_data and not Path(args.perplexity_data).is_file():
         raise PhikitError(f"{args.perplexity_data}: data file not found")
     from phikit.checkpoint import resolve_model_path

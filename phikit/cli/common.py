@@ -64,6 +64,41 @@ def load_model(args: argparse.Namespace, progress: bool = True, **changes):
     return load(options.pop("model"), progress=progress, **options)
 
 
+def input_file(path, flag: str):
+    """``path`` as a file to read for ``flag``: a missing one or a folder is a one-line error saying which."""
+    from pathlib import Path
+
+    from phikit.errors import PhikitError
+
+    path = Path(path)
+    if path.is_dir():
+        raise PhikitError(f"{flag} {path}: is a directory, not a file")
+    if not path.is_file():
+        raise PhikitError(f"{flag} {path}: file not found")
+    return path
+
+
+def output_file(path, flag: str):
+    """``path`` as a file to write for ``flag``: never a folder."""
+    from pathlib import Path
+
+    from phikit.errors import PhikitError
+
+    path = Path(path)
+    if path.is_dir():
+        raise PhikitError(f"{flag} {path}: is a directory; give a file name")
+    return path
+
+
+def at_least(value, minimum: int, flag: str):
+    """``value`` (or None) is at least ``minimum``, else a one-line error naming ``flag``."""
+    from phikit.errors import PhikitError
+
+    if value is not None and value < minimum:
+        raise PhikitError(f"{flag} {value}: must be at least {minimum}")
+    return value
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--template",

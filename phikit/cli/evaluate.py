@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from phikit.cli.common import add_model_args, load_model
+from phikit.cli.common import add_model_args, at_least, input_file, load_model
 from phikit.errors import PhikitError
 
 
@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> None:
     from phikit import evaluate
     from phikit.checkpoint import atomic_write
 
+    if args.out.exists() and not args.out.is_dir():
+        raise PhikitError(f"--out {args.out}: is a file; eval writes a folder of reports")
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    at_least(args.batch_size, 1, "--batch-size")
+    if args.suite is not None:
+        input_file(args.suite, "--suite")
     base = {
         "model": args.model,
         "adapter": args.adapter,

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_model_args, add_sampling_args, load_model
+from phikit.cli.common import EPILOG, add_model_args, add_sampling_args, input_file, load_model
 from phikit.errors import PhikitError
 
 
@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
         "--file",
         "-f",
         type=Path,
-        help='batch mode: a .txt file with one prompt per line, or .jsonl with {"prompt": ...} rows; '
-        "prints one JSON object per prompt",
+        help='batch mode: a .txt file with one prompt per line, or .jsonl with {"prompt": ...} rows ("-": '
+        "lines of stdin); prints one JSON object per prompt",
     )
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --file mode (default 8)")
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
@@ -43,13 +43,16 @@ def add_parser(sub) -> None:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .txt (one per non-empty line) or .jsonl ({"prompt": ...} per line) file."""
-    if not path.is_file():
-        raise PhikitError(f"{path}: prompt file not found")
+    """Prompts from a .txt (one per non-empty line) or .jsonl ({"prompt": ...} per line) file; ``-`` reads
+    the lines of stdin."""
+    if str(path) == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        data = input_file(path, "--file").read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise PhikitError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
     if path.suffix != ".jsonl":
         return [line for line in lines if line.strip()]

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_model_args, load_model
+from phikit.cli.common import EPILOG, add_model_args, at_least, input_file, load_model
+from phikit.errors import PhikitError
 
 
 def add_parser(sub) -> None:
@@ -29,6 +30,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from phikit.evaluate import perplexity, read_text
 
+    input_file(args.data, "--data")
+    at_least(args.context, 2, "--context")
+    at_least(args.stride, 1, "--stride")
+    at_least(args.max_tokens, 2, "--max-tokens")
+    if args.stride is not None and args.stride > args.context:
+        raise PhikitError(f"--stride {args.stride} is longer than --context {args.context}")
     phi = load_model(args)
     ids = read_text(args.data, phi.tokenizer)
     context = phi.model.config.max_position_embeddings

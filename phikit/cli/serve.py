@@ -52,9 +52,7 @@ def add_parser(sub) -> None:
         default=512,
         help="memory for reusing the keys/values of prompt prefixes already seen (0: off; default 512)",
     )
-    sv.add_argument(
-        "--max-prompts", type=int, default=64, help="prompts one completions request may hold (default 64)"
-    )
+    sv.add_argument("--max-prompts", type=int, default=64, help="prompts one completions request may hold (default 64)")
     sv.add_argument(
         "--protect-metrics",
         action="store_true",
