@@ -75,9 +75,11 @@ def main() -> None:
         for label, load in (("idle", 0), (f"{args.prompts} x {args.mb:g} MB prompts", args.prompts)):
             stop = threading.Event()
             latencies: list[float] = []
-            poller = threading.Thread(target=lambda out=latencies: out.extend(health_latencies(server.url, stop)))
+            poller = threading.Thread(
+                target=lambda out=latencies, stop=stop: out.extend(health_latencies(server.url, stop))
+            )
 
-            def client() -> None:
+            def client(stop: threading.Event = stop) -> None:
                 with httpx.Client() as http:
                     while not stop.is_set():
                         start = time.perf_counter()
