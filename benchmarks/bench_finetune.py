@@ -317,6 +317,10 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--examples", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("bench_finetune needs trl (the transformers + peft + trl baseline): pip install -e '.[bench]'")
     args.grad_accum = 1
     if args.recipe:
         main_recipe(args)

@@ -102,7 +102,7 @@ def load(
         net = load_model(folder, dtype, target, prepare=lambda m: prepare_shells(m, saved_spec), progress=progress)
     elif spec is not None:
         if spec.format == "nf4" and target.type == "cuda" and bnb_available():
-            hook = bnb_nf4_hook(target, resolve_dtype(dtype, target))  # QLoRA's own 4-bit layers
+            hook = bnb_nf4_hook(target, resolve_dtype(dtype, target), spec)  # QLoRA's own 4-bit layers
         else:
             hook = quantizing_hook(spec, target, backends.quantizer(target))
         net = load_model(folder, dtype, target, on_tensor=hook, progress=progress)
@@ -123,6 +123,11 @@ def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) ->
     and weights in ``phikit-quantized.safetensors`` rather than ``model.safetensors``."""
     if phi.quantization is None:
         raise PhikitError("the model is not quantized; load it with quantize=... first")
+    if any(type(m).__name__ == "Linear4bit" for m in phi.model.modules()):
+        raise PhikitError(
+            "this NF4 model is bitsandbytes' (loaded on a GPU), whose layers phikit's folders do not hold; quantize "
+            "on the CPU (phikit quantize --device cpu --to nf4), and a GPU loads that folder"
+        )
     source = read_config(phi.path / "config.json")
     config = source.to_hf_dict()
     config["quantization_config"] = phi.quantization.to_config()

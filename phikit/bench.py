@@ -175,10 +175,25 @@ def measure_transformers(s: BenchSettings, precision: str) -> dict:
         model.to(device)
     load_s = time.perf_counter() - start
     loaded = _loaded_memory(device)
-    ids = torch.tensor([prompt_ids(Tokenizer(folder), s.prompt_tokens)], device=device)
+    tokenizer = Tokenizer(folder)
+    ids = torch.tensor([prompt_ids(tokenizer, s.prompt_tokens)], device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run(n: int, prompt: torch.Tensor) -> float:
+    class Stamps:
+        """A generate streamer that notes when each token arrives (the first call hands over the prompt)."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            sync()
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(n: int, prompt: torch.Tensor) -> tuple[float, list[float]]:
+        stamps = Stamps()
         t = time.perf_counter()
         with torch.inference_mode():
             model.generate(
@@ -187,23 +202,29 @@ def measure_transformers(s: BenchSettings, precision: str) -> dict:
                 max_new_tokens=n,
                 min_new_tokens=n,
                 do_sample=False,
-                pad_token_id=50256,
+                pad_token_id=tokenizer.pad_id,
+                streamer=stamps,
             )
         sync()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, stamps.times[1:]  # the new tokens' arrival times
 
-    short = ids[:, :16]
-    run(4, short)
-    first = statistics.median(run(1, ids) for _ in range(s.repeats))
-    one = statistics.median(run(1, short) for _ in range(s.repeats))
-    full = statistics.median(run(s.new_tokens, short) for _ in range(s.repeats))
+    def decode() -> float:
+        """seconds per token, measured between the tokens themselves (never a difference of two runs' medians,
+        which noise can turn negative), after the first two as phikit's"""
+        _, times = run(s.new_tokens, ids[:, :16])
+        first = 1 if len(times) > 2 else 0
+        return (times[-1] - times[first]) / (len(times) - 1 - first)
+
+    run(4, ids[:, :16])
+    first = statistics.median(run(1, ids)[0] for _ in range(s.repeats))
+    decode_s = statistics.median(decode() for _ in range(s.repeats))
     return {
         "engine": "transformers",
         "precision": precision,
         "load_s": load_s,
         "prefill_tok_s": ids.shape[1] / first,
         "ttft_s": first,
-        "decode_tok_s": (s.new_tokens - 1) / (full - one),
+        "decode_tok_s": 1 / decode_s,
         "peak_memory_gb": peak_memory_bytes(device) / 1e9,
         **loaded,
     }

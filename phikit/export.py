@@ -398,8 +398,16 @@ class GGUFVocabulary:
     (special ids, add_bos/add_eos, the chat template)."""
 
     def __init__(self, folder: Path, model: str, pre: str, tokens: list, token_types: list[int], scores=None):
+        import gguf
+
         self.folder, self.model, self.pre = folder, model, pre
         self.tokens, self.token_types, self.scores = tokens, token_types, scores
+        # special ids, add_bos/add_eos, chat template and (BPE) merges: read once, written by every export
+        self.special = gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=len(tokens))
+        if model == "gpt2" and not self.special.merges:
+            raise PhikitError(
+                f"{folder}: no BPE merges found in tokenizer.json or merges.txt; the tokenizer is incomplete"
+            )
 
     def add_to(self, writer) -> None:
         import gguf
@@ -410,15 +418,9 @@ class GGUFVocabulary:
         if self.scores is not None:
             writer.add_token_scores(self.scores)
         writer.add_token_types(self.token_types)
+        self.special.add_to_gguf(writer, quiet=True)
         if self.model == "llama":
-            gguf.SpecialVocab(self.folder, n_vocab=len(self.tokens)).add_to_gguf(writer, quiet=True)
             return
-        special = gguf.SpecialVocab(self.folder, load_merges=True, n_vocab=len(self.tokens))
-        if not special.merges:
-            raise PhikitError(
-                f"{self.folder}: no BPE merges found in tokenizer.json or merges.txt; the tokenizer is incomplete"
-            )
-        special.add_to_gguf(writer, quiet=True)
         if not any(gguf.Keys.Tokenizer.ADD_EOS in kv for kv in writer.kv_data):
             # the gguf-py llama.cpp vendors sets it (false) for a ByteLevel post-processor, Phi's; released
             # gguf-py (0.19) does not: written where the converter writes it, last
@@ -428,7 +430,28 @@ class GGUFVocabulary:
 def gguf_vocabulary(folder: Path, config) -> GGUFVocabulary:
     """The checkpoint's tokenizer as llama.cpp's converter writes it (``Phi2Model`` / ``Phi3MiniModel``): a
     Phi-3-family checkpoint whose tokenizer_config.json names GPT2Tokenizer (Phi-4, Phi-4-mini) and every
-    Phi-2 take the byte-level BPE path, other Phi-3 checkpoints the SentencePiece one (tokenizer.model)."""
+    Phi-2 take the byte-level BPE path, other Phi-3 checkpoints the SentencePiece one (tokenizer.model).
+    Built once per tokenizer (its files unchanged) and family in a process: o200k's 200k tokens and 446k
+    merges take seconds to read."""
+    files = sorted(
+        f for f in folder.iterdir() if f.name.startswith(("tokenizer", "added_tokens", "special", "vocab", "merges"))
+    )
+    key = (
+        str(folder.resolve()),
+        config.family,
+        config.vocab_size,
+        tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files),
+    )
+    if key not in _VOCABULARIES:
+        _VOCABULARIES.clear()  # one at a time: they are large
+        _VOCABULARIES[key] = _gguf_vocabulary(folder, config)
+    return _VOCABULARIES[key]
+
+
+_VOCABULARIES: dict[tuple, GGUFVocabulary] = {}
+
+
+def _gguf_vocabulary(folder: Path, config) -> GGUFVocabulary:
     if config.family == "phi3":
         settings = folder / "tokenizer_config.json"
         tokenizer_class = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None

@@ -25,6 +25,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import stat
@@ -227,25 +228,32 @@ def unavailable_reason() -> str | None:
     return _why_not
 
 
+C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float, "void": None}
+
+
+def signatures(source: Path = SOURCE) -> dict[str, tuple]:
+    """The library's exported functions as its source declares them, once, in the PHIKIT_API block:
+    {name: (return ctypes type, [argument ctypes types])}; pointers of any type are ``c_void_p``."""
+    text = source.read_text()
+    block = text[text.index("/* PHIKIT_API") : text.index("/* END PHIKIT_API */")]
+    out = {}
+    for line in block.splitlines():
+        match = re.fullmatch(r"(int64_t|void) (phikit_\w+)\((.*)\);", line.strip())
+        if not match:
+            continue
+        params = [] if match[3] == "void" else [p.strip() for p in match[3].split(",")]
+        types = [ctypes.c_void_p if "*" in p else C_TYPES[p.rsplit(" ", 1)[0].removeprefix("const ")] for p in params]
+        out[match[2]] = (C_TYPES[match[1]], types)
+    return out
+
+
 def open_library(path: str | os.PathLike) -> ctypes.CDLL:
-    """A compiled kernel library (this one, or a variant a benchmark built) with its C signatures declared."""
+    """A compiled kernel library (this one, or a variant a benchmark built) with its C signatures declared
+    from the source's PHIKIT_API block (``signatures``), so Python and C never disagree on them."""
     lib = ctypes.CDLL(str(path))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name in ("phikit_gemv_f32", "phikit_gemv_bf16", "phikit_gemv_f16", "phikit_gemv_i8"):
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, p]
-    lib.phikit_gemv_i4.argtypes = [p, i64, i64, p, i64, i64, p, p, p, p]
-    lib.phikit_gelu_tanh.argtypes = [p, i64]
-    lib.phikit_gemm.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, p, p, i64, p, p]
-    lib.phikit_gemm_vnni.argtypes = [ctypes.c_int, p, i64, i64, p, i64, p, p, p, i64, p, p]
-    lib.phikit_to_bf16.argtypes = [ctypes.c_int, p, i64, p]
-    lib.phikit_quantize_i8.argtypes = [ctypes.c_int, p, i64, i64, p, p]
-    lib.phikit_quantize_i4.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p]
-    lib.phikit_attention_decode.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, p, i64]
-    lib.phikit_dequant_bf16.argtypes = [ctypes.c_int, p, p, p, p, i64, i64, i64, i64, p]
-    lib.phikit_gemv_bf16_dp.argtypes = [p, i64, i64, p, i64, p, p]
-    lib.phikit_features.restype = i64
-    lib.phikit_decode_layers.argtypes = [p, i64, p, i64, i64, i64, ctypes.c_float, i64, i64, i64, p, p, i64]
-    lib.phikit_decode_layers.argtypes += [p, p, i64, i64, p, p, i64]
+    for name, (result, arguments) in signatures().items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
     return lib
 
 
@@ -707,7 +715,7 @@ def decode_layers(
     if cache.v.dtype != cache.k.dtype or d % 8 or d > 128 or cos.shape[-1] > d:
         raise ValueError("phikit CPU kernel: decode step needs head_dim % 8 == 0 and <= 128 and one cache dtype")
     _check_slots(pos, first, b, slots)
-    library().phikit_decode_layers(
+    status = library().phikit_decode_layers(
         ctypes.addressof(plan),
         len(plan),
         x.data_ptr(),
@@ -729,4 +737,8 @@ def decode_layers(
         first.data_ptr(),
         int(cache.k.dtype == torch.float16),
     )
+    if status != 0:
+        raise (MemoryError if status == -1 else ValueError)(
+            "phikit CPU kernel: decode step " + ("out of memory" if status == -1 else "met an unknown weight kind")
+        )
     return x

@@ -329,16 +329,18 @@ def bnb_available() -> bool:
     return True
 
 
-def bnb_nf4_hook(device: torch.device, compute_dtype: torch.dtype):
-    """``on_tensor`` hook that puts each linear layer (not lm_head, as QLoRA) into a bitsandbytes 4-bit
-    NF4 layer with double quantization: the reference tutorials' QLoRA base, for CUDA/ROCm."""
+def bnb_nf4_hook(device: torch.device, compute_dtype: torch.dtype, spec: QuantSpec | None = None):
+    """``on_tensor`` hook that puts each linear layer the spec targets (every decoder linear, and lm_head
+    unless the spec keeps it, as on the CPU) into a bitsandbytes 4-bit NF4 layer with double quantization:
+    the reference tutorials' QLoRA base, for CUDA/ROCm. Without a spec, QLoRA's own choice: lm_head kept."""
     import bitsandbytes as bnb
 
+    spec = spec or QuantSpec("nf4", lm_head=False)
     pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def on_tensor(key: str, value: torch.Tensor, model: nn.Module, dtype: torch.dtype) -> bool:
         module_name, _, leaf = key.rpartition(".")
-        if module_name.rsplit(".", 1)[-1] not in LINEAR_NAMES or leaf not in ("weight", "bias"):
+        if not spec.targets(module_name) or leaf not in ("weight", "bias"):
             return False
         linear = model.get_submodule(module_name)
         got = pending.setdefault(module_name, {})

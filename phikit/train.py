@@ -214,6 +214,15 @@ def _world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (one small all-reduce under DDP): a rank that stopped alone
+    would leave the others waiting for it in the next collective, for ever."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
 def _setup_distributed(device: torch.device) -> None:
     if _world()[1] > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -281,6 +290,11 @@ def frozen_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     if isinstance(head, QuantizedLinear):
         weight = head.dequantized()
         return weight if head.bias is None else weight.to(head.bias.dtype), head.bias
+    if type(head).__name__ == "Linear4bit":  # bitsandbytes' NF4 head (CUDA): dequantized once, as ours
+        import bitsandbytes.functional as bnbf
+
+        weight = bnbf.dequantize_4bit(head.weight.data, head.weight.quant_state)
+        return weight, head.bias
     if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
         return head.weight, head.bias
     return None
@@ -619,13 +633,13 @@ def finetune(config: TrainConfig, progress: bool = True) -> Path:
             with context:
                 with autocast():
                     loss, n = causal_lm_loss(net, ids, labels, head)
-                if not torch.isfinite(loss):
+                if not _finite_everywhere(loss, world):  # every rank stops together: none waits at a barrier
                     bar.close()
                     last = checkpoints(out)
                     raise PhikitError(
-                        f"loss became {loss.item()} at step {step + 1}; lower lr"
-                        f"{' or use bf16 instead of fp16' if fp16 else ''}; last checkpoint: "
-                        f"{last[-1] if last else 'none'}"
+                        f"loss became {loss.item() if not torch.isfinite(loss) else 'non-finite on another rank'} "
+                        f"at step {step + 1}; lower lr{' or use bf16 instead of fp16' if fp16 else ''}; last "
+                        f"checkpoint: {last[-1] if last else 'none'}"
                     )
                 scaled = loss / config.grad_accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -21,6 +21,9 @@ SHARED_TOKENIZER = SHARED_DATA / "phi2-tokenizer"
 PHI3_TOKENIZER = SHARED_DATA / "phi3-tokenizer"
 PHI4_MINI_TOKENIZER = SHARED_DATA / "phi4-mini-tokenizer"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the cores shared out, not N x oversubscribed
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=256,

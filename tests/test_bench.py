@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from phikit.checkpoint import load_model
@@ -13,6 +18,7 @@ from phikit.tokenizer import Tokenizer
 ROW_KEYS = {"engine", "precision", "load_s", "prefill_tok_s", "ttft_s", "decode_tok_s", "peak_memory_gb"}
 
 
+@pytest.mark.slow
 def test_bench_json_schema(tiny, tmp_path, capsys):
     folder, _ = tiny
     out = tmp_path / "bench.json"
@@ -22,7 +28,7 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
             "--model",
             str(folder),
             "--precisions",
-            "fp32,int8,int4",
+            "fp32,int4",
             "--prompt-tokens",
             "20",
             "--new-tokens",
@@ -41,7 +47,6 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
     rows = report["rows"]
     assert [(r["engine"], r["precision"]) for r in rows] == [
         ("phikit", "fp32"),
-        ("phikit", "int8"),
         ("phikit", "int4"),
         ("transformers", "bf16"),
         ("transformers", "fp32"),
@@ -75,3 +80,15 @@ def test_perplexity_matches_transformers_loss(tiny):
     result = perplexity(model, ids, context=64, stride=32)
     assert result.tokens == count == len(ids) - 1
     assert math.isclose(result.perplexity, math.exp(total / count), rel_tol=1e-4)
+
+
+def test_a_benchmark_without_its_extra_says_what_to_install(tmp_path):
+    """bench_finetune needs trl (the `bench` extra): without it, one line naming the command, no traceback."""
+    blocker = tmp_path / "trl"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('trl is not installed')\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_finetune.py"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "pip install -e '.[bench]'" in result.stderr

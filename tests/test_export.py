@@ -275,6 +275,7 @@ def test_gguf_vocabulary_of_phi2_tokenizer_is_the_converters(phi2_tokenizer_dir,
     assert field(reader, "tokenizer.ggml.merges") == [m for m in merges if m]
 
 
+@pytest.mark.slow
 def test_gguf_keys_and_tensors_in_the_converters_order(tiny, tmp_path):
     """The converter writes general.* from gguf-py's Metadata (name from the folder), then phi2.*, then the
     vocabulary, and the tensors in the order the safetensors file stores them; llama-quantize moves
@@ -521,14 +522,29 @@ def expected_phi3_names(n_layers: int, longrope: bool, tied: bool) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("variant", ["phi3-4k", "phi3-128k", "phi4-mini", "phi4"])
-def test_phi3_gguf_has_llama_cpp_names_rope_factors_and_keys(phi3_factory, tmp_path, variant):
+@pytest.fixture(scope="module")
+def phi3_gguf(phi3_factory, tmp_path_factory):
+    """``phi3_gguf(variant) -> (reader, tensors by name)`` of the variant's f32 export, made and read once
+    (gguf-py takes about ten seconds to read Phi-4-mini's 200k tokens and 400k merges)."""
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            folder, _ = phi3_factory(variant)
+            skip_without_sentencepiece_model(folder)
+            made[variant] = tensors(export_gguf(folder, tmp_path_factory.mktemp("gguf") / "m.gguf", gguf_type="f32"))
+        return made[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi3-128k", pytest.param("phi4-mini", marks=pytest.mark.slow), "phi4"])
+def test_phi3_gguf_has_llama_cpp_names_rope_factors_and_keys(phi3_factory, phi3_gguf, variant):
     folder, hf = phi3_factory(variant)
     skip_without_sentencepiece_model(folder)
     config = hf.config
     longrope = config.rope_parameters.get("rope_type") == "longrope"
-    out = export_gguf(folder, tmp_path / "m.gguf", gguf_type="f32")
-    reader, by_name = tensors(out)
+    reader, by_name = phi3_gguf(variant)
     assert field(reader, "general.architecture") == "phi3"
     assert set(by_name) == expected_phi3_names(config.num_hidden_layers, longrope, config.tie_word_embeddings)
     state = hf.state_dict()
@@ -561,7 +577,8 @@ def test_phi3_gguf_has_llama_cpp_names_rope_factors_and_keys(phi3_factory, tmp_p
     assert "tokenizer.chat_template" in reader.fields
 
 
-def test_phi3_gguf_vocabularies_are_the_tokenizers(phi3_factory, tmp_path):
+@pytest.mark.slow
+def test_phi3_gguf_vocabularies_are_the_tokenizers(phi3_factory, phi3_gguf):
     """Phi-3's SentencePiece vocabulary (model "llama": tokenizer.model's pieces and scores, the chat tokens as
     control tokens) and Phi-4-mini's o200k (model "gpt2", pre-tokenizer "gpt-4o", merges)."""
     spm = pytest.importorskip("sentencepiece")
@@ -570,7 +587,7 @@ def test_phi3_gguf_vocabularies_are_the_tokenizers(phi3_factory, tmp_path):
     if not (PHI3_TOKENIZER.is_dir() and PHI4_MINI_TOKENIZER.is_dir()):
         pytest.skip("the Phi-3 and Phi-4-mini tokenizers are in ../shared/data")
     folder, _ = phi3_factory("phi3-4k")
-    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "a.gguf", gguf_type="q8_0"))
+    reader, _ = phi3_gguf("phi3-4k")
     assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("llama", "default")
     processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
@@ -580,8 +597,7 @@ def test_phi3_gguf_vocabularies_are_the_tokenizers(phi3_factory, tmp_path):
     assert tokens[:3] == ["<unk>", "<s>", "</s>"]
     assert tokens[32007] == "<|end|>" and types[32007] == gguf.TokenType.CONTROL
     assert tokens[32063] == "[PAD32063]" and types[32063] == gguf.TokenType.UNUSED
-    folder, _ = phi3_factory("phi4-mini")
-    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "b.gguf", gguf_type="q8_0"))
+    reader, _ = phi3_gguf("phi4-mini")
     assert (field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt-4o")
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
     assert tokens[200020] == "<|end|>" and types[200020] == gguf.TokenType.CONTROL

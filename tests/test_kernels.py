@@ -1,5 +1,6 @@
 """The C kernel library: checked calls, per-ISA builds, and a trustworthy cache that falls back cleanly."""
 
+import ctypes
 import os
 import stat
 import subprocess
@@ -24,6 +25,18 @@ def probe(tmp_path, **env) -> subprocess.CompletedProcess:
     full.update(env)
     code = "from phikit import kernels; print(kernels.available())"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+def seeded(tmp_path) -> Path:
+    """The library this test run compiled, copied into tmp_path's cache as a build would leave it (the
+    suite compiles once; tests that need a rebuild still get one)."""
+    folder = tmp_path / "cache" / "kernels"
+    folder.mkdir(parents=True, mode=0o700)
+    source = Path(kernels.library()._name)
+    library = folder / source.name
+    library.write_bytes(source.read_bytes())
+    library.chmod(0o600)
+    return library
 
 
 def notices(result) -> list[str]:
@@ -81,11 +94,12 @@ def test_the_baseline_build_is_chosen_when_forced(tmp_path):
     assert [p.name.split("-")[1] for p in (tmp_path / "cache" / "kernels").glob("*.so")] == ["avx2"]
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_cache_is_private_and_a_planted_library_is_refused(tmp_path):
-    assert probe(tmp_path).stdout.strip() == "True"
-    folder = tmp_path / "cache" / "kernels"
-    [library] = list(folder.glob("*.so"))
+    library = seeded(tmp_path)
+    folder = library.parent
+    assert probe(tmp_path).stdout.strip() == "True" and list(folder.glob("*.so")) == [library]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and not library.stat().st_mode & 0o022
     planted = b"not a library, and writable by everyone"
     library.write_bytes(planted)
@@ -101,10 +115,10 @@ def test_cache_is_private_and_a_planted_library_is_refused(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_an_empty_or_corrupt_cached_library_is_rebuilt(tmp_path):
-    probe(tmp_path)
-    [library] = list((tmp_path / "cache" / "kernels").glob("*.so"))
+    library = seeded(tmp_path)
     for content in (b"", b"\x7fELF garbage"):
         library.write_bytes(content)
         result = probe(tmp_path)
@@ -133,14 +147,14 @@ def test_compiler_settings(tmp_path, env, available):
 def test_a_library_of_another_user_is_refused(tmp_path):
     if os.getuid() != 0:
         pytest.skip("only root can give a file to another user")
-    probe(tmp_path)
-    [library] = list((tmp_path / "cache" / "kernels").glob("*.so"))
+    library = seeded(tmp_path)
     library.write_bytes(b"planted")
     os.chown(library, 12345, -1)
     assert probe(tmp_path).stdout.strip() == "True"
     assert library.stat().st_uid == os.getuid() and library.read_bytes() != b"planted"
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_unwritable_cache_and_a_killed_compiler_fall_back_cleanly(tmp_path):
     blocker = tmp_path / "a-file"
@@ -169,3 +183,46 @@ def test_a_cpu_without_avx2_falls_back_and_says_so_once(monkeypatch, capsys):
     assert kernels.library() is None and kernels.library() is None
     err = capsys.readouterr().err
     assert err.count("phikit: CPU kernels unavailable") == 1 and "aarch64" in err
+
+
+def test_the_c_signatures_are_declared_once_and_match_the_definitions():
+    """Every function the C source defines is declared in its PHIKIT_API block (whose lines the compiler
+    checks against the definitions), and the library's ctypes signatures are those lines."""
+    import re
+
+    source = kernels.SOURCE.read_text()
+    defined = set(re.findall(r"^(?:void|int64_t) (phikit_\w+)\(", source.split("/* END PHIKIT_API */")[1], re.M))
+    defined |= set(re.findall(r"^DEFINE_GEMV\((phikit_\w+),", source, re.M))
+    declared = kernels.signatures()
+    assert defined == set(declared)
+    assert declared["phikit_decode_layers"][0] is ctypes.c_int64 and len(declared["phikit_gemm"][1]) == 12
+    if kernels.available():
+        lib = kernels.library()
+        for name, (result, arguments) in declared.items():
+            assert getattr(lib, name).argtypes == arguments and getattr(lib, name).restype == result, name
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+def test_an_unknown_weight_kind_in_the_decode_step_is_an_error_not_int4():
+    from types import SimpleNamespace
+
+    from phikit.models.common import KVCache
+
+    hidden, heads, dim = 64, 4, 16
+    w = torch.zeros(hidden, hidden)
+    linears = [("f32", w, None, None, None, 0)] * 4 + [("f32", torch.zeros(128, hidden), None, None, None, 0)]
+    linears += [("f32", torch.zeros(hidden, 128), None, None, None, 0)]
+    plan = kernels.plan_array([[(torch.ones(hidden), torch.zeros(hidden)), *linears]])
+    plan[0].fc1.kind = 9  # what no gemv takes
+    config = SimpleNamespace(
+        hidden_size=hidden,
+        intermediate_size=128,
+        layer_norm_eps=1e-5,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=dim,
+    )
+    cache = KVCache(1, 1, heads, 8, dim, torch.float32, "cpu")
+    x = torch.randn(1, 1, hidden)
+    with pytest.raises(ValueError, match="unknown weight kind"):
+        kernels.decode_layers(plan, x, config, torch.ones(1, 1, 1, dim), torch.zeros(1, 1, 1, dim), cache, 0)

@@ -114,3 +114,11 @@ def test_fp16_attention_does_not_overflow():
     got = attention(q.half(), k.half(), v.half(), None, causal=True)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_a_slot_per_row_takes_one_token_per_row(tiny):
+    folder, _ = tiny
+    model = load_model(folder, dtype="fp32", device="cpu")
+    cache = model.new_cache(2, 16)
+    with pytest.raises(ValueError, match="one new token per row"):
+        model(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[3], [4]]), cache)

@@ -250,6 +250,7 @@ def test_generation_stops_at_the_turn_end_token(phi3_factory):
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 2 and "<|end|>" not in stopped.text
 
 
+@pytest.mark.slow
 def test_finetuning_on_chat_messages_trains_the_replies(phi3_factory, tmp_path):
     """recipes/tiny-phi3-chat-cpu.yaml: messages written with the checkpoint's chat template, loss on the
     assistant's turns only; the loss falls and the adapter loads in PEFT with equal logits."""

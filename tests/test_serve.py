@@ -214,6 +214,7 @@ def test_api_key_and_full_queue(phi):
         assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
 
 
+@pytest.mark.slow
 def test_schema_fuzzing_finds_no_server_errors(server):
     """schemathesis generates requests from the server's own OpenAPI schema (valid and invalid); none may
     get a 5xx. (Its pytest plugin does not run under this pytest, so hypothesis drives it directly.)"""
@@ -359,6 +360,7 @@ def test_a_full_server_says_when_to_retry(phi):
         long.join()
 
 
+@pytest.mark.slow
 def test_clients_that_leave_free_their_slot_and_their_place_in_the_queue(phi):
     app = create_app(phi.model, phi.tokenizer, "tiny", max_batch=1, max_queue=8)
     engine = app.state.engine

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from serving import free_port  # noqa: E402
 
 import phikit
 from phikit.errors import PhikitError
@@ -59,6 +60,7 @@ def _adapter_weights(folder):
     return load_file(Path(folder) / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     folder, _ = tiny
     settings = {"max_steps": 120, "save_every": 10, "eval_every": 1000, "batch_size": 4, "lora_dropout": 0.1}
@@ -126,6 +128,7 @@ def test_a_fresh_run_starts_a_new_metrics_file(tiny, tmp_path):
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun(tiny, tmp_path):
     folder, _ = tiny
     out = tmp_path / "ddp"
@@ -137,7 +140,7 @@ def test_two_processes_under_torchrun(tiny, tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29533",
+        str(free_port()),
         "-m",
         "phikit",
         "finetune",
@@ -306,3 +309,25 @@ def test_resume_refuses_changed_lora_settings_and_ignores_odd_folders(tiny, tmp_
         finetune(recipe(folder, out, max_steps=6, save_every=2, lora_r=4, resume=True), progress=False)
     finetune(recipe(folder, out, max_steps=6, save_every=2, resume=True), progress=False)
     assert [p.name for p in checkpoints(out)][-1] != "checkpoint-4.bak"
+
+
+def _nan_on_rank_one(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from phikit.train import _finite_everywhere
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results[rank] = _finite_everywhere(torch.tensor(float("nan") if rank == 1 else 1.0), 2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank():
+    """Under DDP the loss is checked on every rank together: a NaN on rank 1 alone makes rank 0 stop too,
+    instead of waiting for rank 1 at its next collective for ever."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_nan_on_rank_one, args=(free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: False, 1: False}

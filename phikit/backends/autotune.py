@@ -1,12 +1,22 @@
-"""Prefill paths on the CPU, chosen by measurement on the machine where phikit runs.
+"""Prefill and decode paths on the CPU, chosen by what the CPU has: the same on every machine of a kind.
 
-Which matrix product is fastest for a prompt depends on the CPU far more than on anything phikit can
-know beforehand: on an AVX2 CPU phikit's own GEMM (fp32 FMAs, weights unpacked as it goes) leads; where
-the CPU has bf16 dot products (AVX-512 BF16, AMX), PyTorch's bf16 matmul (oneDNN) was measured 2.6x
-faster. So for each weight format, shape and prompt-length bucket (up to 64 rows; longer), the first
-prefill times every candidate on random activations (32 or 128 rows) and keeps the fastest; decisions
-are cached per CPU model, flags, thread count, PyTorch and kernel-library version in
-``$PHIKIT_CACHE/autotune-<key>.json``.
+Which matrix product is fastest depends on the CPU far more than on anything else: on an AVX2 CPU phikit's
+own GEMM (fp32 FMAs, weights unpacked as it goes) leads; where the CPU has bf16 dot products (AVX-512 BF16),
+PyTorch's bf16 matmul (oneDNN) was measured 2.6x faster for bf16 weights, and with AVX-512 VNNI phikit's
+int8-activation GEMM 0.56-0.71x the time of the next path for int8/int4 weights (benchmarks/RESULTS.md,
+issue 14). The paths round activations differently (fp32, bf16, int8), so a choice made by timing on the
+machine could differ between two runs of the same CPU and flip a near-tie in greedy output. So by default
+the path is a fixed function of the weight format and the CPU's capabilities (``default_path``, documented
+below); ``PHIKIT_AUTOTUNE=measure`` times every candidate per format, shape and prompt-length bucket (up to
+64 rows; longer) on first use instead and caches the choice per CPU model, flags, thread count, PyTorch and
+kernel-library version in ``$PHIKIT_CACHE/autotune-<key>.json`` (for benchmarks and new CPUs).
+
+| weights | AVX-512 with BF16 and VNNI | AVX-512 BF16, no VNNI | AVX2 |
+|---|---|---|---|
+| f32 | phikit_gemm | phikit_gemm | phikit_gemm |
+| bf16 | torch_bf16 (decode: bf16_dp) | torch_bf16 (decode: bf16_dp) | phikit_gemm (decode: phikit_gemv) |
+| f16 | dequant_bf16 | dequant_bf16 | phikit_gemm |
+| int8, int4 | phikit_vnni (N % 32 == 0, else dequant_bf16) | dequant_bf16 | phikit_gemm |
 
 Candidates (``PATHS``): ``phikit_gemm`` (the C GEMM, fp32 activations, any format); ``torch_f32`` (fp32
 weights: PyTorch's sgemm); ``torch_bf16`` (bf16 weights: activations rounded to bf16, PyTorch's bf16
@@ -15,7 +25,8 @@ unpacked to bf16 by a C kernel, up to 64 MB at a time, through PyTorch's bf16 ma
 (int8/int4 where the CPU has AVX-512 VNNI: activations quantized to int8 per block, integer dot products,
 as llama.cpp's prefill; ``paths`` leaves it out where the library or the shape cannot take it).
 Paths that round activations to bf16 are candidates only for weights narrower than fp32.
-``PHIKIT_PREFILL_PATH=<name>`` forces one path where it applies; ``PHIKIT_AUTOTUNE=0`` keeps phikit_gemm.
+``PHIKIT_PREFILL_PATH=<name>`` forces one path where it applies; ``PHIKIT_AUTOTUNE=0`` keeps phikit_gemm
+(and phikit's gemv for decoding) everywhere.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ PANEL_BYTES = 64 << 20
 _chosen: dict[str, str] = {}
 _timings: dict[str, dict[str, float]] = {}
 _used: set[str] = set()  # keys asked for in this process (the cache file may hold other shapes)
+_defaults: dict[str, str] = {}  # the default paths this process took (for benchmarks' reports)
 _scratch = threading.local()  # .panel: this thread's bf16 buffer for dequant_bf16
 _lock = threading.Lock()
 
@@ -104,8 +116,7 @@ def _runnable(key: str, path) -> bool:
             return False
         if key.startswith("decode-"):
             return path in decode_paths(kind)
-        rows = key.split(":")[3]
-        return path in paths(kind, n) or (rows in {f"r{b}" for b in BATCH_BUCKETS} and path in decode_paths(kind))
+        return path in paths(kind, n)
     except (ValueError, IndexError):
         return False
 
@@ -192,14 +203,35 @@ def _measure(kind: str, n: int, k: int, group_size: int, rows: int = ROWS) -> di
     return seconds
 
 
+def _mode() -> str:
+    """``PHIKIT_AUTOTUNE``: "off" (phikit's own kernels), "measure" (time the candidates), else "default"."""
+    value = os.environ.get("PHIKIT_AUTOTUNE", "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "measure" if value == "measure" else "default"
+
+
+def default_path(kind: str, n: int) -> str:
+    """The prefill path for ``kind`` weights with ``n`` output rows on this CPU (the module docstring's table)."""
+    if kind in ("int8", "int4") and "phikit_vnni" in paths(kind, n):
+        return "phikit_vnni"
+    if kernels.has(kernels.FEATURE_BF16_DP):  # a library built with AVX-512 BF16: the CPU has bf16 dot products
+        return {"bf16": "torch_bf16", "f32": "phikit_gemm"}.get(kind, "dequant_bf16")
+    return "phikit_gemm"
+
+
 def choose(kind: str, n: int, k: int, group_size: int = 0, rows: int = ROWS) -> str:
     """The prefill path for ``rows`` activation rows through a weight of ``kind`` and shape (n, k): forced,
-    cached for its length bucket, or measured now."""
+    the CPU's default, or (``PHIKIT_AUTOTUNE=measure``) cached for its length bucket or measured now."""
     forced = os.environ.get("PHIKIT_PREFILL_PATH", "").strip()
     if forced in paths(kind, n):
         return forced
-    if os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+    mode = _mode()
+    if mode == "off":
         return "phikit_gemm"
+    if mode == "default":
+        _defaults[f"{kind}:{n}x{k}:g{group_size}"] = path = default_path(kind, n)
+        return path
     length, timed = bucket(rows)
     key = f"{kind}:{n}x{k}:g{group_size}:{length}:t{torch.get_num_threads()}"
     with _lock:
@@ -240,13 +272,17 @@ def _measure_decode(kind: str, n: int, k: int) -> dict[str, float]:
 
 def choose_decode(kind: str, n: int, k: int) -> str:
     """The matrix-vector product for decoding through a ``kind`` weight of shape (n, k): forced
-    (``PHIKIT_DECODE_PATH``), cached, or measured now; phikit_gemv where there is no other candidate."""
+    (``PHIKIT_DECODE_PATH``), the CPU's default (bf16_dp where the library has it), or (measure mode) cached
+    or measured now; phikit_gemv where there is no other candidate."""
     paths = decode_paths(kind)
     forced = os.environ.get("PHIKIT_DECODE_PATH", "").strip()
     if forced in paths:
         return forced
-    if len(paths) == 1 or os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if len(paths) == 1 or _mode() == "off":
         return "phikit_gemv"
+    if _mode() == "default":
+        _defaults[f"decode-{kind}:{n}x{k}"] = paths[-1]  # bf16_dp: the library has it only with AVX-512 BF16
+        return paths[-1]
     key = f"decode-{kind}:{n}x{k}:t{torch.get_num_threads()}"
     with _lock:
         _used.add(key)
@@ -259,58 +295,8 @@ def choose_decode(kind: str, n: int, k: int) -> str:
         return _chosen[key]
 
 
-BATCH_BUCKETS = (4, 16)  # 2..4 rows timed at 4, 5..kernels.MAX_ROWS at 16 (a batched decoding step)
-
-
-def choose_rows(kind: str, n: int, k: int, group_size: int = 0, rows: int = 16) -> str:
-    """The product for a few activation rows (2 to ``kernels.MAX_ROWS``: a decoding step of a batch, a short
-    prompt): phikit's gemv (``phikit_gemv``, or ``bf16_dp``) or one of the prefill paths, timed on first use
-    for the rows' bucket and cached. With more rows a gemv still reads each weight once but its arithmetic
-    no longer hides behind the memory reads, where a GEMM's register blocking does better (measured on a
-    16-row step of a batch: benchmarks/RESULTS.md)."""
-    timed = next((b for b in BATCH_BUCKETS if rows <= b), BATCH_BUCKETS[-1])
-    forced = os.environ.get("PHIKIT_PREFILL_PATH", "").strip()
-    if forced in paths(kind, n):
-        return forced
-    gemv = choose_decode(kind, n, k)
-    if os.environ.get("PHIKIT_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return gemv
-    key = f"{kind}:{n}x{k}:g{group_size}:r{timed}:t{torch.get_num_threads()}"
-    with _lock:
-        _used.add(key)
-        if not _chosen:
-            _load()
-        if key not in _chosen:
-            seconds = _measure(kind, n, k, group_size, timed)
-            weight, scale, minimum, group = _sample_weight(kind, n, k, group_size)
-            x = torch.randn(timed, k)
-            seconds[gemv] = _time(lambda: run_rows(gemv, x, kind, weight, scale, minimum, None, group))
-            _timings[key] = seconds
-            _chosen[key] = min(seconds, key=seconds.get)
-            _save()
-        return _chosen[key]
-
-
-def run_rows(path: str, x, kind: str, weight, scale, minimum, bias32, group_size: int) -> torch.Tensor:
-    """``run`` for a few rows: also the gemv paths."""
-    if path == "phikit_gemv":
-        return kernels.gemv(x, kind, weight, scale, minimum, bias32, group_size)
-    if path == "bf16_dp":
-        return kernels.gemv_bf16_dp(x, weight, bias32)
-    return run(path, x, kind, weight, scale, minimum, bias32, group_size)
-
-
-def _time(call) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def decisions() -> dict[str, dict]:
     """The decisions this process used: {"int4:10240x2560:g64:t2": {"path": ..., "seconds": {path: s}}}
     (for benchmarks; measured now or read from the cache)."""
-    return {k: {"path": path, "seconds": _timings.get(k, {})} for k, path in _chosen.items() if k in _used}
+    measured = {k: {"path": path, "seconds": _timings.get(k, {})} for k, path in _chosen.items() if k in _used}
+    return {**{k: {"path": path, "seconds": {}} for k, path in _defaults.items()}, **measured}

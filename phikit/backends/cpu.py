@@ -90,14 +90,11 @@ def _run(x, kind, weight, bias32, out_features, scale=None, minimum=None, group_
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    if x2.shape[0] == 1:
+    if x2.shape[0] <= kernels.MAX_ROWS:  # one row's result whatever the number of rows: batch-invariant
         if kind == "bf16" and autotune.choose_decode(kind, out_features, x2.shape[1]) == "bf16_dp":
             y = kernels.gemv_bf16_dp(x2, weight, bias32)
         else:
             y = kernels.gemv(x2, kind, weight, scale, minimum, bias32, group_size)
-    elif x2.shape[0] <= kernels.MAX_ROWS:  # a batch's decoding step: gemv or a GEMM, by measurement
-        path = autotune.choose_rows(kind, out_features, x2.shape[1], group_size, x2.shape[0])
-        y = autotune.run_rows(path, x2, kind, weight, scale, minimum, bias32, group_size)
     else:  # prefill: the path measured fastest on this machine for this format and shape
         path = autotune.choose(kind, out_features, x2.shape[1], group_size, x2.shape[0])
         y = autotune.run(path, x2, kind, weight, scale, minimum, bias32, group_size)
@@ -257,7 +254,7 @@ class CpuDecodeStep:
         ):
             return model.forward(input_ids, input_pos, cache, positions, padding_mask)
         x = model.model.embed_tokens(input_ids).to(model.dtype)
-        plan = self.plan() if _fused_decode_ok(x, cache.k[0]) and self._gemv_rows(x.shape[0]) else None
+        plan = self.plan() if _fused_decode_ok(x, cache.k[0]) else None
         if plan is None:
             return model.forward(input_ids, input_pos, cache, positions, padding_mask)
         per_row = input_pos.dim() == 2
@@ -267,20 +264,6 @@ class CpuDecodeStep:
         start = input_pos[:, 0] if per_row else int(input_pos[0])
         hidden = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start)
         return model.lm_head(model.model.final_layernorm(hidden))
-
-    def _gemv_rows(self, rows: int) -> bool:
-        """Whether the C step's gemv kernels are the products to use for ``rows`` rows: always for one; for a
-        batch, where the measured choice for the MLP's up-projection is a gemv (else the modules run, each
-        linear through the path measured fastest for a few rows)."""
-        if rows == 1:
-            return True
-        up = self.model.model.layers[0].mlp.fc1
-        args = kernel_args(up)
-        if args is None:
-            return True  # no kernel form: plan() finds none either
-        kind = "bf16" if args[0] == "bf16_dp" else args[0]
-        path = autotune.choose_rows(kind, up.out_features, up.in_features, args[5], rows)
-        return path in ("phikit_gemv", "bf16_dp")
 
     def plan(self) -> ctypes.Array | None:
         """The pointer array of the model as it is now (None: a layer does not qualify)."""

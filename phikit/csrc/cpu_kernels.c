@@ -23,6 +23,28 @@
 #include <math.h>
 #include <string.h>
 
+/* PHIKIT_API: every function the library exports, declared once, one per line. phikit/kernels.py reads these
+ * lines to declare the ctypes signatures (pointer -> c_void_p, int64_t -> c_int64, int -> c_int, float ->
+ * c_float), and the compiler checks every definition below against its line, so the two cannot drift. */
+typedef struct Layer Layer;
+void phikit_gemv_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *scale, const float *bias, float *y);
+void phikit_gemv_bf16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *scale, const float *bias, float *y);
+void phikit_gemv_f16(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *scale, const float *bias, float *y);
+void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y);
+void phikit_gemv_i8(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale, const float *bias, float *y);
+void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G, const uint16_t *scale, const uint16_t *minimum, const float *bias, float *y);
+void phikit_gelu_tanh(float *x, int64_t n);
+void phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache, void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out, int64_t cache_f16);
+void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y);
+void phikit_gemm_vnni(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y);
+int64_t phikit_features(void);
+void phikit_quantize_i8(int dtype, const void *w, int64_t N, int64_t K, int8_t *q, float *scale);
+void phikit_quantize_i4(int dtype, const void *w, int64_t N, int64_t K, int64_t G, uint8_t *packed, uint16_t *scale16, uint16_t *minimum16);
+void phikit_to_bf16(int dtype, const void *src, int64_t n, uint16_t *dst);
+void phikit_dequant_bf16(int kind, const void *w, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
+int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter, float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos, const int64_t *first, int64_t cache_f16);
+/* END PHIKIT_API */
+
 #define ROWS 4 /* weight rows processed together when M == 1 */
 /* Software prefetch distance (bytes) in the int8 / int4 gemv: one row at a time is a single stream, which
  * the hardware prefetchers alone keep ~10-20% below the bandwidth a 4-row bf16 stream reaches; measured
@@ -535,6 +557,7 @@ void phikit_attention_decode(const float *q, const float *k, const float *v, con
 #define PANEL_ROWS(mc, p) ((mc) - (p) * MR < MR ? (int)((mc) - (p) * MR) : MR) /* rows of x in panel p */
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4, KIND_BF16_DP = 5 };
+enum { DECODE_NO_MEMORY = -1, DECODE_UNKNOWN_KIND = -2 }; /* phikit_decode_layers' errors */
 
 /* Bp[k * NR + j] = W[n0 + j][k0 + k] as fp32, for k < kc */
 static void pack_panel(int kind, const void *w, const float *scale, const uint16_t *scale16,
@@ -1041,19 +1064,21 @@ typedef struct {
     const float *bias;
 } Linear;
 
-typedef struct {
+struct Layer {
     const float *ln_weight, *ln_bias;
     Linear q, k, v, dense, fc1, fc2;
-} Layer;
+};
 
-static void linear(const Linear *l, const float *x, int64_t M, float *y) {
+/* 0, or DECODE_UNKNOWN_KIND for a weight kind this library has no gemv for (never guessed as int4) */
+static int64_t linear(const Linear *l, const float *x, int64_t M, float *y) {
     switch (l->kind) {
-    case KIND_F32: phikit_gemv_f32(x, M, l->k, l->w, l->n, NULL, l->bias, y); break;
-    case KIND_BF16: phikit_gemv_bf16(x, M, l->k, l->w, l->n, NULL, l->bias, y); break;
-    case KIND_F16: phikit_gemv_f16(x, M, l->k, l->w, l->n, NULL, l->bias, y); break;
-    case KIND_I8: phikit_gemv_i8(x, M, l->k, l->w, l->n, l->scale, l->bias, y); break;
-    case KIND_BF16_DP: phikit_gemv_bf16_dp(x, M, l->k, l->w, l->n, l->bias, y); break;
-    default: phikit_gemv_i4(x, M, l->k, l->w, l->n, l->group, l->scale, l->minimum, l->bias, y); break;
+    case KIND_F32: phikit_gemv_f32(x, M, l->k, l->w, l->n, NULL, l->bias, y); return 0;
+    case KIND_BF16: phikit_gemv_bf16(x, M, l->k, l->w, l->n, NULL, l->bias, y); return 0;
+    case KIND_F16: phikit_gemv_f16(x, M, l->k, l->w, l->n, NULL, l->bias, y); return 0;
+    case KIND_I8: phikit_gemv_i8(x, M, l->k, l->w, l->n, l->scale, l->bias, y); return 0;
+    case KIND_I4: phikit_gemv_i4(x, M, l->k, l->w, l->n, l->group, l->scale, l->minimum, l->bias, y); return 0;
+    case KIND_BF16_DP: phikit_gemv_bf16_dp(x, M, l->k, l->w, l->n, l->bias, y); return 0;
+    default: return DECODE_UNKNOWN_KIND;
     }
 }
 
@@ -1077,13 +1102,21 @@ static void layer_norm(const float *x, int64_t n, const float *w, const float *b
 /* x (B, hidden) in place; caches (L, B, KV, S, D), each layer's (B, KV, S, D) contiguous and layer_cache
  * values after the previous one's (fp32, or fp16 with cache_f16); cos/sin (B, R) at each row's position;
  * pos/first as in phikit_attention_decode. */
-void phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
-                          float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R,
-                          void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos,
-                          const int64_t *first, int64_t cache_f16) {
+/* Returns 0, DECODE_NO_MEMORY (its buffer could not be allocated: x untouched) or DECODE_UNKNOWN_KIND. */
+int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
+                             float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin,
+                             int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache,
+                             const int64_t *pos, const int64_t *first, int64_t cache_f16) {
     int64_t layer_bytes = layer_cache * (cache_f16 ? 2 : 4);
     int64_t qn = H * D, kvn = KV * D;
+    for (int64_t l = 0; l < L; l++) { /* every kind known before anything is written */
+        const Linear *all[6] = {&layers[l].q, &layers[l].k, &layers[l].v, &layers[l].dense, &layers[l].fc1,
+                                &layers[l].fc2};
+        for (int i = 0; i < 6; i++)
+            if (all[i]->kind < KIND_F32 || all[i]->kind > KIND_BF16_DP) return DECODE_UNKNOWN_KIND;
+    }
     float *h = malloc(sizeof(float) * (size_t)(B * (hidden + qn + 2 * kvn + qn + 2 * hidden + inter)));
+    if (h == NULL) return DECODE_NO_MEMORY;
     float *q = h + B * hidden, *k = q + B * qn, *v = k + B * kvn, *a = v + B * kvn;
     float *attn = a + B * qn, *mlp = attn + B * hidden, *up = mlp + B * hidden;
     for (int64_t l = 0; l < L; l++) {
@@ -1102,4 +1135,5 @@ void phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, i
         for (int64_t i = 0; i < B * hidden; i++) x[i] = (attn[i] + mlp[i]) + x[i];
     }
     free(h);
+    return 0;
 }

@@ -103,6 +103,11 @@ class Slots:
         if input_pos is None:
             input_pos = torch.arange(t, device=device)
         if input_pos.dim() == 2:  # one token per row at its own slot, over the whole cache
+            if t != 1 or input_pos.shape != (b, 1):
+                raise ValueError(
+                    f"a slot per row (input_pos of shape (batch, 1)) takes one new token per row; got "
+                    f"input_ids {tuple(input_ids.shape)} and input_pos {tuple(input_pos.shape)}"
+                )
             row_slots = input_pos[:, 0]
             if positions is None:
                 positions = input_pos
