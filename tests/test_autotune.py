@@ -96,6 +96,20 @@ def test_bf16_dot_product_gemv_matches_the_reference(rows):
 
 
 @needs_bf16_dp
+@pytest.mark.parametrize("rows,n,k", [(8, 64, 128), (13, 48, 2624), (16, 80, 5120)])
+def test_bf16_dot_products_of_a_batch_are_each_rows_own(rows, n, k):
+    """8+ rows take the register-blocked kernel (blocks of rows, 1280 columns at a time): each row's
+    result is the bits it gets alone (batch-invariant decoding) and the reference's to rounding."""
+    torch.manual_seed(1)
+    w, x, bias = (torch.randn(n, k) * 0.05).bfloat16(), torch.randn(rows, k), torch.randn(n)
+    got = kernels.gemv_bf16_dp(x, w, bias)
+    for i in range(rows):
+        assert torch.equal(got[i], kernels.gemv_bf16_dp(x[i : i + 1].contiguous(), w, bias)[0])
+    exact = x.bfloat16().float() @ w.float().t() + bias
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
+
+
+@needs_bf16_dp
 def test_decoding_with_bf16_dot_products_matches_the_fp32_activation_path(tiny, monkeypatch):
     """The decode choice for bf16 weights, forced to bf16_dp: the one-call step and the module path agree,
     and stay within bf16 rounding of phikit's default (fp32 activations)."""
