@@ -60,6 +60,11 @@ class PhiConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def norm_eps(self) -> float:
+        """The decoder layers' normalization epsilon (LayerNorm here, RMSNorm in Phi-3)."""
+        return self.layer_norm_eps
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
@@ -258,6 +263,10 @@ class Phi3Config:
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
+
+    @property
+    def norm_eps(self) -> float:
+        return self.rms_norm_eps
 
     @property
     def rotary_dim(self) -> int:

@@ -395,15 +395,18 @@ def gemv(
     return y
 
 
-def step_tables(cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor, batch: int) -> tuple:
+def step_tables(
+    cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor, batch: int, window: int | None = None
+) -> tuple:
     """The arguments a one-token step's C attention takes: cos/sin (B, R) from the model's (B, 1, 1, R)
     tables, and per row the cache slot written (``start``: one for all rows, or one per row) and the first
-    slot attended (0)."""
+    slot attended (0, or under a sliding ``window`` the slot window - 1 before it, as ``Slots``)."""
     if isinstance(start, torch.Tensor):
         pos = start.to(torch.long).expand(batch).contiguous()
     else:
         pos = torch.full((batch,), start, dtype=torch.long)
-    return cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous(), pos, torch.zeros_like(pos)
+    first = (pos - window + 1).clamp(min=0) if window else torch.zeros_like(pos)
+    return cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous(), pos, first
 
 
 def attention_decode(
@@ -435,7 +438,7 @@ def attention_decode(
         raise ValueError(f"phikit CPU kernel: attention needs head_dim % 8 == 0 and <= 128, got {d}")
     _check_slots(pos, first, b, slots)
     out = torch.empty_like(q)
-    library().phikit_attention_decode(
+    status = library().phikit_attention_decode(
         q.data_ptr(),
         k.data_ptr(),
         v.data_ptr(),
@@ -454,6 +457,31 @@ def attention_decode(
         out.data_ptr(),
         int(k_cache.dtype == torch.float16),
     )
+    if status != 0:
+        raise MemoryError("phikit CPU kernel: attention out of memory")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of a contiguous fp32 (..., n) tensor, n % 8 == 0, with an fp32 weight (n,)."""
+    n = x.shape[-1]
+    check("RMSNorm input", x, torch.float32, tuple(x.shape))
+    check("RMSNorm weight", weight, torch.float32, (n,))
+    if n % 8:
+        raise ValueError(f"phikit CPU kernel: RMSNorm needs a width % 8 == 0, got {n}")
+    out = torch.empty_like(x)
+    library().phikit_rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), float(eps), out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused gate|up projection: (..., 2n) fp32 contiguous -> up * silu(gate), (..., n); n % 8 == 0."""
+    two_n = gate_up.shape[-1]
+    check("SwiGLU input", gate_up, torch.float32, tuple(gate_up.shape))
+    if two_n % 16:
+        raise ValueError(f"phikit CPU kernel: SwiGLU needs a width % 16 == 0, got {two_n}")
+    out = torch.empty(*gate_up.shape[:-1], two_n // 2, dtype=torch.float32)
+    library().phikit_silu_mul(gate_up.data_ptr(), gate_up.numel() // two_n, two_n // 2, out.data_ptr())
     return out
 
 
@@ -665,22 +693,31 @@ class _Linear(ctypes.Structure):
 
 
 PROJECTIONS = ("q", "k", "v", "dense", "fc1", "fc2")
+# The C step's layer kinds and, per kind, its linears in the order the plan lists them (the C struct's names:
+# Phi-3's fused qkv_proj sits in q, o_proj in dense, gate_up_proj in fc1, down_proj in fc2).
+LAYER_KINDS = {"phi": (0, PROJECTIONS), "phi3": (1, ("q", "dense", "fc1", "fc2"))}
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("ln_weight", ctypes.c_void_p), ("ln_bias", ctypes.c_void_p)] + [(n, _Linear) for n in PROJECTIONS]
+    _fields_ = [("arch", ctypes.c_int64)] + [(n, ctypes.c_void_p) for n in ("ln_weight", "ln_bias", "ln2_weight")]
+    _fields_ += [(n, _Linear) for n in PROJECTIONS]
 
 
-def plan_array(plan: list[list]) -> ctypes.Array:
-    """The ctypes array ``phikit_decode_layers`` reads: per layer, the LayerNorm's (weight, bias) and six
-    linears as (kind, weight, scale, minimum, fp32 bias, group size), q k v dense fc1 fc2."""
+def plan_array(plan: list[tuple]) -> ctypes.Array:
+    """The ctypes array ``phikit_decode_layers`` reads, from one ``(kind, norms, linears)`` per layer: kind "phi"
+    (norms: the LayerNorm's weight and bias; linears q k v dense fc1 fc2) or "phi3" (norms: the two RMSNorm
+    weights; linears qkv_proj o_proj gate_up_proj down_proj), each linear as (kind, weight, scale, minimum, fp32
+    bias, group size)."""
     array = (_Layer * len(plan))()
-    for i, (entry, (norm, *linears)) in enumerate(zip(array, plan, strict=True)):
-        hidden = norm[0].numel()
-        check(f"layer {i} LayerNorm weight", norm[0], torch.float32, (hidden,))
-        check(f"layer {i} LayerNorm bias", norm[1], torch.float32, (hidden,))
-        entry.ln_weight, entry.ln_bias = norm[0].data_ptr(), norm[1].data_ptr()
-        for name, (kind, weight, scale, minimum, bias, group) in zip(PROJECTIONS, linears, strict=True):
+    for i, (entry, (arch, norms, linears)) in enumerate(zip(array, plan, strict=True)):
+        code, names = LAYER_KINDS[arch]
+        entry.arch = code
+        hidden = norms[0].numel()
+        for j, norm in enumerate(norms):
+            check(f"layer {i} norm weight {j}", norm, torch.float32, (hidden,))
+        entry.ln_weight = norms[0].data_ptr()
+        setattr(entry, "ln_bias" if arch == "phi" else "ln2_weight", norms[1].data_ptr())
+        for name, (kind, weight, scale, minimum, bias, group) in zip(names, linears, strict=True):
             if kind == "bf16_dp" and not has(FEATURE_BF16_DP):
                 raise ValueError("phikit CPU kernel: this library has no AVX-512 BF16 kernels")
             format_kind = "bf16" if kind == "bf16_dp" else kind
@@ -700,7 +737,7 @@ def decode_layers(
     in continuous batching); every slot up to it is attended."""
     x = x.contiguous().clone()
     b, hidden = x.shape[0], config.hidden_size
-    cos, sin, pos, first = step_tables(cos, sin, start, b)
+    cos, sin, pos, first = step_tables(cos, sin, start, b, config.sliding_window)
     check("hidden states", x, torch.float32, (b, 1, hidden))
     check("cos", cos, torch.float32, (b, cos.shape[-1]))
     check("sin", sin, torch.float32, tuple(cos.shape))
@@ -722,7 +759,7 @@ def decode_layers(
         b,
         config.hidden_size,
         config.intermediate_size,
-        config.layer_norm_eps,
+        config.norm_eps,
         config.num_attention_heads,
         config.num_key_value_heads,
         config.head_dim,
@@ -739,6 +776,7 @@ def decode_layers(
     )
     if status != 0:
         raise (MemoryError if status == -1 else ValueError)(
-            "phikit CPU kernel: decode step " + ("out of memory" if status == -1 else "met an unknown weight kind")
+            "phikit CPU kernel: decode step "
+            + ("out of memory" if status == -1 else "met an unknown weight kind or layer kind")
         )
     return x

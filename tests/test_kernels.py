@@ -212,17 +212,68 @@ def test_an_unknown_weight_kind_in_the_decode_step_is_an_error_not_int4():
     w = torch.zeros(hidden, hidden)
     linears = [("f32", w, None, None, None, 0)] * 4 + [("f32", torch.zeros(128, hidden), None, None, None, 0)]
     linears += [("f32", torch.zeros(hidden, 128), None, None, None, 0)]
-    plan = kernels.plan_array([[(torch.ones(hidden), torch.zeros(hidden)), *linears]])
+    plan = kernels.plan_array([("phi", (torch.ones(hidden), torch.zeros(hidden)), linears)])
     plan[0].fc1.kind = 9  # what no gemv takes
     config = SimpleNamespace(
         hidden_size=hidden,
         intermediate_size=128,
-        layer_norm_eps=1e-5,
+        norm_eps=1e-5,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         head_dim=dim,
+        sliding_window=None,
     )
     cache = KVCache(1, 1, heads, 8, dim, torch.float32, "cpu")
     x = torch.randn(1, 1, hidden)
     with pytest.raises(ValueError, match="unknown weight kind"):
         kernels.decode_layers(plan, x, config, torch.ones(1, 1, 1, dim), torch.zeros(1, 1, 1, dim), cache, 0)
+    plan[0].fc1.kind = 0
+    plan[0].arch = 7  # a layer kind the library does not know
+    with pytest.raises(ValueError, match="unknown weight kind|unknown layer"):
+        kernels.decode_layers(plan, x, config, torch.ones(1, 1, 1, dim), torch.zeros(1, 1, 1, dim), cache, 0)
+
+
+@needs_kernels
+def test_rms_norm_and_swiglu_equal_pytorch():
+    from phikit.models.common import RMSNorm
+
+    torch.manual_seed(0)
+    x, norm = torch.randn(3, 96) * 3, RMSNorm(96, eps=1e-6)
+    norm.weight.data.normal_(1, 0.2)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight.data, 1e-6), norm(x), rtol=1e-6, atol=1e-6)
+    gate_up = torch.randn(3, 2 * 80) * 4
+    gate_up[0, :5] = torch.tensor([-100.0, -30.0, 0.0, 30.0, 100.0])  # far tails of the exponential
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), up * torch.nn.functional.silu(gate), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_grouped_query_attention_with_a_window_equals_pytorch(cache_dtype):
+    """Two rows at their own positions, 6 query heads on 2 KV heads, rotary on 16 of 32 dims, the second row
+    under a sliding window (first attended slot > 0): the C step against rotary + SDPA over the same slots."""
+    from phikit.models.common import apply_rope
+
+    torch.manual_seed(0)
+    b, h, kv, d, r, slots = 2, 6, 2, 32, 16, 24
+    q, k, v = torch.randn(b, h, d), torch.randn(b, kv, d), torch.randn(b, kv, d)
+    k_cache = torch.randn(b, kv, slots, d).to(cache_dtype)
+    v_cache = torch.randn(b, kv, slots, d).to(cache_dtype)
+    ref_k, ref_v = k_cache.float().clone(), v_cache.float().clone()
+    angles = torch.rand(b, r) * 6
+    cos, sin = angles.cos(), angles.sin()
+    pos, first = torch.tensor([9, 20]), torch.tensor([0, 13])
+    out = kernels.attention_decode(q, k, v, k_cache, v_cache, cos, sin, pos, first)
+    c, s = cos[:, None, None], sin[:, None, None]  # (b, 1, 1, r): apply_rope's layout
+    q_rot = apply_rope(q[:, :, None], c, s)[:, :, 0]
+    k_rot = apply_rope(k[:, :, None], c, s)[:, :, 0]
+    for i in range(b):
+        ref_k[i, :, pos[i]], ref_v[i, :, pos[i]] = k_rot[i], v[i]
+        keys = ref_k[i, :, first[i] : pos[i] + 1].to(cache_dtype).float()
+        values = ref_v[i, :, first[i] : pos[i] + 1].to(cache_dtype).float()
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q_rot[i][None, :, None], keys[None], values[None], enable_gqa=True
+        )[0, :, 0]
+        torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k_cache[i, :, pos[i]].float(), k_rot[i].to(cache_dtype).float())

@@ -388,3 +388,67 @@ def test_the_default_prompt_suite_writes_a_chat_model_in_its_chat_template(phi3_
     item = load_suite().prompts[0]
     assert result["template"] == "chat"
     assert result["text"] == phi.generate(item.prompt, template="chat", max_new_tokens=4).text
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
+def test_the_one_call_decoding_step_equals_the_modules(phi3_factory, variant, dtype):
+    """The CPU backend's decode step (every layer in one C call: RMSNorm, fused qkv, grouped-query attention
+    over the cache, the window, partial rotary and LongRoPE tables, SwiGLU) against the modules' forward on
+    the same cache contents: two rows at their own positions (continuous batching), past the window."""
+    from phikit import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels unavailable")
+    folder, hf = phi3_factory(variant)
+    quantize = dtype if dtype.startswith("int") else None
+    model = phikit.load(folder, dtype="fp32" if quantize else dtype, device="cpu", quantize=quantize).model
+    assert model.decode_step.plan() is not None
+    ids = random_ids(30, hf.config.vocab_size, batch=2, seed=1)
+    with torch.no_grad():
+        cache, ref = model.new_cache(2, 40), model.new_cache(2, 40)
+        for c in (cache, ref):
+            model(ids[:1, :20], torch.arange(20), c.rows(0))
+            model(ids[1:, :25], torch.arange(25), c.rows(1))
+        for step in range(4):
+            pos = torch.tensor([[20 + step], [25 + step]])
+            new = torch.stack([ids[0, 20 + step], ids[1, 25 + step]])[:, None]
+            got, want = model.decode_step(new, pos, cache), model(new, pos, ref)
+            if dtype == "fp32":
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            else:  # activations rounded to bf16 or int8 turn last-bit differences of the norms into roundings:
+                # on these random int4 weights a 1e-6 relative change of the norms' output moves logits 2-7%
+                assert float((got - want).norm() / want.norm()) < (0.1 if dtype == "int4" else 0.02)
+
+
+def test_greedy_tokens_equal_with_and_without_the_kernels(phi3_factory):
+    """fp32, every variant: 40 greedy tokens with the kernels (the one-call step) and with PHIKIT_NO_KERNELS=1
+    (PyTorch's ops alone, in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    from phikit import kernels
+
+    if not kernels.available():
+        pytest.skip("CPU kernels unavailable")
+    folders = {variant: str(phi3_factory(variant)[0]) for variant in VARIANTS}
+    code = (
+        "import json, sys, torch, phikit\n"
+        "from phikit.generate import GenerationConfig, generate_tokens\n"
+        "out = {}\n"
+        "for name, folder in json.loads(sys.argv[1]).items():\n"
+        "    m = phikit.load(folder, dtype='fp32', device='cpu').model\n"
+        "    g = torch.Generator().manual_seed(3)\n"
+        "    prompt = torch.randint(0, 1000, (1, 20), generator=g)\n"
+        "    cfg = GenerationConfig(max_new_tokens=40)\n"
+        "    out[name] = [int(t) for t in generate_tokens(m, prompt.tolist(), cfg, pad_id=0)]\n"
+        "print(json.dumps(out))\n"
+    )
+
+    def tokens(**env) -> dict:
+        run = [sys.executable, "-c", code, json.dumps(folders)]
+        done = subprocess.run(run, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, check=True)
+        return json.loads(done.stdout)
+
+    assert tokens() == tokens(PHIKIT_NO_KERNELS="1")

@@ -323,6 +323,7 @@ def test_several_adapters_decode_in_one_batch_as_each_does_alone(tiny, tmp_path)
                 p.data.normal_(0, 0.3)
         model.save_pretrained(tmp_path / name)
     base = phikit.load(folder, dtype="fp32", device="cpu")
+    base.generate("Hello", max_new_tokens=2)  # the one-call decoding step built before the adapters wrap layers
     app = create_app(
         base.model, base.tokenizer, "tiny", adapters={"a": tmp_path / "a", "b": tmp_path / "b"}, max_batch=8
     )

@@ -9,8 +9,9 @@ step is ~300 small ops whose Python and dispatch overhead rivals the arithmetic 
   run gemv kernels for a few rows and a GEMM for prefill, fp32 activations;
 - ``CpuAttention``: rotary + KV-cache write + attention of one new token in one C call, and plain ops
   for single queries elsewhere (faster than SDPA's CPU kernels there);
-- ``CpuDecodeStep``: the model's ``decode_step``, a whole one-token decoding step of Phi-1/1.5/2, every
-  layer, in one C call (the Phi-3 family decodes through the modules);
+- ``CpuDecodeStep``: the model's ``decode_step``, a whole one-token decoding step, every layer, in one C
+  call: Phi-1/1.5/2's parallel LayerNorm blocks and the Phi-3 family's RMSNorm blocks (fused qkv, SwiGLU on
+  the fused gate|up, grouped-query attention reading each KV head once per group, the sliding window);
 - activations in fp32 (norms become fp32) and an fp16 KV cache for narrower weights, as llama.cpp.
 
 Without a C compiler or an AVX2/FMA/F16C CPU (or with ``PHIKIT_NO_KERNELS=1``) every piece falls back to
@@ -29,6 +30,7 @@ from phikit import kernels
 from phikit.backends import autotune
 from phikit.models.common import CausalLM, RMSNorm, rope_tables
 from phikit.models.phi import PhiAttention, PhiDecoderLayer, PhiForCausalLM, PhiMLP
+from phikit.models.phi3 import Phi3DecoderLayer, Phi3ForCausalLM
 from phikit.quantize import QuantizedLinear, int4_scales_and_zeros, quantize_weight, unpack_nibbles
 
 
@@ -225,16 +227,16 @@ class CpuMLP(PhiMLP):
 
 
 class CpuDecodeStep:
-    """A Phi-1/1.5/2 model's ``decode_step`` on the CPU: every decoder layer in one C call
-    (``phikit_decode_layers``) when the layers qualify, else the model's forward.
+    """A model's ``decode_step`` on the CPU: every decoder layer in one C call (``phikit_decode_layers``) when
+    the layers qualify, else the model's forward.
 
-    The C call reads a ctypes array of pointers to every layer's LayerNorm and linear weights, built on first
-    use and rebuilt when the model's ``version`` changes (``phikit.models.changed``: an adapter loaded,
-    merged or wrapped), not by inspecting the modules each step. A layer qualifies when its six linears have
-    a ``kernel_args`` form (DenseLinear, int8/int4; not LoRA wrappers), its LayerNorm is fp32, the MLP is
-    gelu_new and nothing hooks it."""
+    The C call reads a ctypes array of pointers to every layer's norm and linear weights, built on first use
+    and rebuilt when the model's ``version`` changes (``phikit.models.changed``: an adapter loaded, merged or
+    wrapped), not by inspecting the modules each step. A layer qualifies when its linears have a
+    ``kernel_args`` form (DenseLinear, int8/int4; not LoRA wrappers), its norms are fp32, Phi-2's MLP is
+    gelu_new, and nothing hooks it."""
 
-    def __init__(self, model: PhiForCausalLM):
+    def __init__(self, model: CausalLM):
         self.model = model
         self.version: int | None = None
         self.array = None
@@ -263,41 +265,48 @@ class CpuDecodeStep:
         cos, sin = rope_tables(model.config, positions, x.dtype)
         start = input_pos[:, 0] if per_row else int(input_pos[0])
         hidden = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start)
-        return model.lm_head(model.model.final_layernorm(hidden))
+        return model.lm_head(model.model.output_norm(hidden))
 
     def plan(self) -> ctypes.Array | None:
         """The pointer array of the model as it is now (None: a layer does not qualify)."""
         if self.version != self.model.version:
             self.version = self.model.version
+            config = self.model.config
             layers = self.model.model.layers
-            args = [_layer_args(layer) for layer in layers]
-            if any(a is None for a in args):
+            args = None if config.hidden_size % 8 else [_layer_args(layer) for layer in layers]
+            if args is None or any(a is None for a in args):
                 self.array, self.keep = None, []
             else:
                 self.array = kernels.plan_array(args)
-                self.keep = [t for a in args for group in a for t in group if isinstance(t, torch.Tensor)]
+                tensors = [t for _, norms, linears in args for t in (*norms, *(x for lin in linears for x in lin))]
+                self.keep = [t for t in tensors if isinstance(t, torch.Tensor)]
         return self.array
 
 
-def _layer_args(layer) -> list | None:
-    """One decoder layer as the C step reads it: the LayerNorm's (weight, bias) and six linears' ``kernel_args``."""
-    if type(layer) is not PhiDecoderLayer:
+def _layer_args(layer) -> tuple | None:
+    """One decoder layer as the C step reads it (``kernels.plan_array``): its kind, its norms' fp32 weights
+    (Phi: the LayerNorm's weight and bias; Phi-3: the two RMSNorms') and its linears' ``kernel_args``."""
+    if type(layer) is PhiDecoderLayer:
+        attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+        if attn.config.qk_layernorm or getattr(mlp, "approximate", None) != "tanh" or norm.bias is None:
+            return None
+        kind, norms = "phi", (norm.weight, norm.bias)
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2)
+    elif type(layer) is Phi3DecoderLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        kind, norms = "phi3", (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    else:
         return None
-    attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
-    if attn.config.qk_layernorm or getattr(mlp, "approximate", None) != "tanh":
-        return None
-    modules = (layer, attn, mlp, norm, attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2)
+    modules = (layer, attn, mlp, *(m for m in layer.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))), *linears)
     if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
         return None
-    if norm.weight is None or norm.weight.dtype != torch.float32 or norm.bias is None:
+    if any(t is None or t.dtype != torch.float32 for t in norms):
         return None
-    args = [(norm.weight, norm.bias)]
-    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.dense, mlp.fc1, mlp.fc2):
-        linear = kernel_args(module)
-        if linear is None:
-            return None
-        args.append(linear)
-    return args
+    args = [kernel_args(module) for module in linears]
+    if any(a is None for a in args):
+        return None
+    return kind, norms, args
 
 
 def kernel_args(module: nn.Module) -> tuple | None:
@@ -323,7 +332,7 @@ def kernel_args(module: nn.Module) -> tuple | None:
 
 def install(model: CausalLM) -> CausalLM:
     """Swap the CPU modules into ``model`` in place (same parameters and names), install its decoding step
-    (Phi-1/1.5/2: ``CpuDecodeStep``) and set its CPU layout: activations fp32 whatever the stored weights
+    (``CpuDecodeStep``) and set its CPU layout: activations fp32 whatever the stored weights
     (norms become fp32, a few KB, so embeddings, the KV cache and every element-wise op follow; AVX2 has no
     bf16 arithmetic, so bf16 activations would only add conversions); weights keep their stored dtype.
 
@@ -344,7 +353,7 @@ def install(model: CausalLM) -> CausalLM:
             module.float()
         elif isinstance(module, (nn.Linear, QuantizedLinear)):
             narrow = narrow or module.weight.dtype != torch.float32
-    if isinstance(model, PhiForCausalLM):
+    if isinstance(model, (PhiForCausalLM, Phi3ForCausalLM)):
         model.decode_step = CpuDecodeStep(model)
     if narrow and kernels.available():
         model.kv_cache_dtype = torch.float16

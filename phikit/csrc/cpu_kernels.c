@@ -34,7 +34,9 @@ void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w
 void phikit_gemv_i8(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale, const float *bias, float *y);
 void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G, const uint16_t *scale, const uint16_t *minimum, const float *bias, float *y);
 void phikit_gelu_tanh(float *x, int64_t n);
-void phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache, void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out, int64_t cache_f16);
+int64_t phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache, void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out, int64_t cache_f16);
+void phikit_rms_norm(const float *x, int64_t B, int64_t n, const float *w, float eps, float *y);
+void phikit_silu_mul(const float *gate_up, int64_t B, int64_t n, float *y);
 void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y);
 void phikit_gemm_vnni(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y);
 int64_t phikit_features(void);
@@ -580,10 +582,15 @@ static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f
     }
 }
 
-void phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin,
-                             int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache,
-                             void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out,
-                             int64_t cache_f16) {
+/* One new token per row: rotary on q and k, k and v written at slot pos[b], then softmax attention of each
+ * query head over slots first[b] .. pos[b] (first > 0: a sliding window). Grouped-query heads: the G = H / KV
+ * query heads of a KV head are done together, so each cached key and value is read once per group, not once
+ * per query head (at long contexts the cache is what a step reads). Each head's arithmetic is the same as
+ * alone. Returns 0, or DECODE_NO_MEMORY (scores buffer) with nothing written after the cache. */
+int64_t phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                                int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache,
+                                void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out,
+                                int64_t cache_f16) {
     const int f16 = cache_f16 != 0;
     /* write the rotated keys and the values first, so every head sees them */
     for (int64_t b = 0; b < B; b++) {
@@ -597,40 +604,99 @@ void phikit_attention_decode(const float *q, const float *k, const float *v, con
         }
     }
     float scale = 1.0f / sqrtf((float)D);
-    int64_t nv = D / 8;
+    int64_t nv = D / 8, G = H / KV, failed = 0;
 #pragma omp parallel for schedule(static) collapse(2)
     for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < H; h++) {
-            int64_t kvh = h / (H / KV), n = pos[b] + 1 - first[b];
+        for (int64_t kvh = 0; kvh < KV; kvh++) {
+            int64_t n = pos[b] + 1 - first[b], stride = n + 8;
             int64_t base = ((b * KV + kvh) * S + first[b]) * D; /* element index of the first attended row */
-            float qh[D], scores[n + 8];
-            for (int64_t i = 0; i < D; i++) qh[i] = q[(b * H + h) * D + i] * scale;
-            rope(qh, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
-            __m256 mx = _mm256_set1_ps(-INFINITY);
-            for (int64_t j = 0; j < n; j++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t i = 0; i < nv; i++)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), load_kv(k_cache, base + j * D + 8 * i, f16), acc);
-                scores[j] = hsum(acc);
+            float *scores = malloc(sizeof(float) * (size_t)(G * stride + G * D * 2));
+            if (scores == NULL) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
             }
-            float m = -INFINITY;
-            for (int64_t j = 0; j < n; j++) m = fmaxf(m, scores[j]);
-            for (int64_t j = n; j < n + 8; j++) scores[j] = -INFINITY;
-            mx = _mm256_set1_ps(m);
-            __m256 total = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n; j += 8) {
-                __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mx));
-                _mm256_storeu_ps(scores + j, e);
-                total = _mm256_add_ps(total, e);
+            float *qh = scores + G * stride, *o = qh + G * D; /* G heads' queries and outputs */
+            for (int64_t g = 0; g < G; g++) {
+                for (int64_t i = 0; i < D; i++) qh[g * D + i] = q[(b * H + kvh * G + g) * D + i] * scale;
+                rope(qh + g * D, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
             }
-            float inv = 1.0f / hsum(total);
-            __m256 o[16];
-            for (int64_t i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n; j++) {
-                __m256 p = _mm256_set1_ps(scores[j] * inv);
-                for (int64_t i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, load_kv(v_cache, base + j * D + 8 * i, f16), o[i]);
+            for (int64_t j = 0; j < n; j++) /* each key once for the group */
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < nv; i++)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + 8 * i),
+                                              load_kv(k_cache, base + j * D + 8 * i, f16), acc);
+                    scores[g * stride + j] = hsum(acc);
+                }
+            for (int64_t g = 0; g < G; g++) {
+                float *sc = scores + g * stride, m = -INFINITY;
+                for (int64_t j = 0; j < n; j++) m = fmaxf(m, sc[j]);
+                for (int64_t j = n; j < n + 8; j++) sc[j] = -INFINITY;
+                __m256 mx = _mm256_set1_ps(m), total = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j += 8) {
+                    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mx));
+                    _mm256_storeu_ps(sc + j, e);
+                    total = _mm256_add_ps(total, e);
+                }
+                float inv = 1.0f / hsum(total);
+                for (int64_t j = 0; j < n; j++) sc[j] *= inv;
             }
-            for (int64_t i = 0; i < nv; i++) _mm256_storeu_ps(out + (b * H + h) * D + 8 * i, o[i]);
+            if (G == 1) { /* one head: its output in registers */
+                __m256 acc[16];
+                for (int64_t i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++) {
+                    __m256 p = _mm256_set1_ps(scores[j]);
+                    for (int64_t i = 0; i < nv; i++)
+                        acc[i] = _mm256_fmadd_ps(p, load_kv(v_cache, base + j * D + 8 * i, f16), acc[i]);
+                }
+                for (int64_t i = 0; i < nv; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+            } else { /* each value once for the group; the G outputs stay in L1 */
+                for (int64_t i = 0; i < G * D; i++) o[i] = 0.0f;
+                for (int64_t j = 0; j < n; j++)
+                    for (int64_t i = 0; i < nv; i++) {
+                        __m256 val = load_kv(v_cache, base + j * D + 8 * i, f16);
+                        for (int64_t g = 0; g < G; g++) {
+                            float *og = o + g * D + 8 * i;
+                            _mm256_storeu_ps(og, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * stride + j]), val,
+                                                                 _mm256_loadu_ps(og)));
+                        }
+                    }
+            }
+            for (int64_t g = 0; g < G; g++)
+                memcpy(out + (b * H + kvh * G + g) * D, o + g * D, sizeof(float) * (size_t)D);
+            free(scores);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w per row of n values (n % 8 == 0), in fp32 (transformers' RMSNorm). */
+void phikit_rms_norm(const float *x, int64_t B, int64_t n, const float *w, float eps, float *y) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * n;
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(ss) / (float)n + eps));
+        for (int64_t i = 0; i < n; i += 8)
+            _mm256_storeu_ps(y + b * n + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), r)));
+    }
+}
+
+/* SwiGLU on a fused gate|up projection: y[b][i] = up * silu(gate), gate = gate_up[b][i], up = gate_up[b][n + i]
+ * (n % 8 == 0); silu(g) = g / (1 + exp(-g)). */
+void phikit_silu_mul(const float *gate_up, int64_t B, int64_t n, float *y) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t b = 0; b < B; b++) {
+        const float *gr = gate_up + b * 2 * n, *ur = gr + n;
+        for (int64_t i = 0; i < n; i += 8) {
+            __m256 g = _mm256_loadu_ps(gr + i);
+            __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g)); /* exp256 clamps to +-88 */
+            __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(y + b * n + i, _mm256_mul_ps(_mm256_loadu_ps(ur + i), silu));
         }
     }
 }
@@ -1156,8 +1222,15 @@ typedef struct {
     const float *bias;
 } Linear;
 
+enum { LAYER_PHI = 0, LAYER_PHI3 = 1 };
+
+/* One decoder layer. LAYER_PHI (Phi-1/1.5/2): x + attention(LN(x)) + MLP(LN(x)), one LayerNorm (ln_weight,
+ * ln_bias), q k v dense, gelu MLP fc1 fc2. LAYER_PHI3 (Phi-3/3.5/4): x + attention(RMSNorm(x)), then
+ * + MLP(RMSNorm(x)) with ln_weight and ln2_weight (input_layernorm, post_attention_layernorm); q is the
+ * fused qkv_proj (k, v unused), dense o_proj, fc1 the fused gate_up_proj (SwiGLU), fc2 down_proj. */
 struct Layer {
-    const float *ln_weight, *ln_bias;
+    int64_t arch;
+    const float *ln_weight, *ln_bias, *ln2_weight;
     Linear q, k, v, dense, fc1, fc2;
 };
 
@@ -1193,8 +1266,9 @@ static void layer_norm(const float *x, int64_t n, const float *w, const float *b
 
 /* x (B, hidden) in place; caches (L, B, KV, S, D), each layer's (B, KV, S, D) contiguous and layer_cache
  * values after the previous one's (fp32, or fp16 with cache_f16); cos/sin (B, R) at each row's position;
- * pos/first as in phikit_attention_decode. */
-/* Returns 0, DECODE_NO_MEMORY (its buffer could not be allocated: x untouched) or DECODE_UNKNOWN_KIND. */
+ * pos/first as in phikit_attention_decode; inter the MLP's width (Phi-3: half of gate_up_proj's rows).
+ * Returns 0, DECODE_NO_MEMORY (a buffer could not be allocated: x untouched unless attention's failed, and
+ * then the step is void) or DECODE_UNKNOWN_KIND (nothing done). */
 int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
                              float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin,
                              int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache,
@@ -1202,30 +1276,57 @@ int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B
     int64_t layer_bytes = layer_cache * (cache_f16 ? 2 : 4);
     int64_t qn = H * D, kvn = KV * D;
     for (int64_t l = 0; l < L; l++) { /* every kind known before anything is written */
-        const Linear *all[6] = {&layers[l].q, &layers[l].k, &layers[l].v, &layers[l].dense, &layers[l].fc1,
-                                &layers[l].fc2};
-        for (int i = 0; i < 6; i++)
+        const Layer *ly = layers + l;
+        const Linear *all[6] = {&ly->q, &ly->dense, &ly->fc1, &ly->fc2, &ly->k, &ly->v};
+        int used = ly->arch == LAYER_PHI ? 6 : 4;
+        if (ly->arch != LAYER_PHI && ly->arch != LAYER_PHI3) return DECODE_UNKNOWN_KIND;
+        for (int i = 0; i < used; i++)
             if (all[i]->kind < KIND_F32 || all[i]->kind > KIND_BF16_DP) return DECODE_UNKNOWN_KIND;
     }
-    float *h = malloc(sizeof(float) * (size_t)(B * (hidden + qn + 2 * kvn + qn + 2 * hidden + inter)));
+    /* h: normed x; qkv: Phi-3's fused projection; q k v; a: attention; attn, mlp: the two branches; up: the
+     * MLP's hidden (Phi-3: gate | up, 2 x inter); act: Phi-3's SwiGLU output */
+    int64_t qkvn = qn + 2 * kvn;
+    float *h = malloc(sizeof(float) * (size_t)(B * (hidden + qkvn + qkvn + qn + 2 * hidden + 3 * inter)));
     if (h == NULL) return DECODE_NO_MEMORY;
-    float *q = h + B * hidden, *k = q + B * qn, *v = k + B * kvn, *a = v + B * kvn;
-    float *attn = a + B * qn, *mlp = attn + B * hidden, *up = mlp + B * hidden;
+    float *qkv = h + B * hidden, *q = qkv + B * qkvn, *k = q + B * qn, *v = k + B * kvn, *a = v + B * kvn;
+    float *attn = a + B * qn, *mlp = attn + B * hidden, *up = mlp + B * hidden, *act = up + 2 * B * inter;
+    int64_t status = 0;
     for (int64_t l = 0; l < L; l++) {
         const Layer *ly = layers + l;
-        for (int64_t b = 0; b < B; b++)
-            layer_norm(x + b * hidden, hidden, ly->ln_weight, ly->ln_bias, eps, h + b * hidden);
-        linear(&ly->q, h, B, q);
-        linear(&ly->k, h, B, k);
-        linear(&ly->v, h, B, v);
-        phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, (char *)k_cache + l * layer_bytes,
-                                (char *)v_cache + l * layer_bytes, S, pos, first, a, cache_f16);
+        void *kc = (char *)k_cache + l * layer_bytes, *vc = (char *)v_cache + l * layer_bytes;
+        if (ly->arch == LAYER_PHI) {
+            for (int64_t b = 0; b < B; b++)
+                layer_norm(x + b * hidden, hidden, ly->ln_weight, ly->ln_bias, eps, h + b * hidden);
+            linear(&ly->q, h, B, q);
+            linear(&ly->k, h, B, k);
+            linear(&ly->v, h, B, v);
+            status = phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, kc, vc, S, pos, first, a, cache_f16);
+            if (status) break;
+            linear(&ly->dense, a, B, attn);
+            linear(&ly->fc1, h, B, up);
+            phikit_gelu_tanh(up, B * inter);
+            linear(&ly->fc2, up, B, mlp);
+            for (int64_t i = 0; i < B * hidden; i++) x[i] = (attn[i] + mlp[i]) + x[i];
+            continue;
+        }
+        phikit_rms_norm(x, B, hidden, ly->ln_weight, eps, h);
+        linear(&ly->q, h, B, qkv);
+        for (int64_t b = 0; b < B; b++) {
+            const float *row = qkv + b * qkvn;
+            memcpy(q + b * qn, row, sizeof(float) * (size_t)qn);
+            memcpy(k + b * kvn, row + qn, sizeof(float) * (size_t)kvn);
+            memcpy(v + b * kvn, row + qn + kvn, sizeof(float) * (size_t)kvn);
+        }
+        status = phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, kc, vc, S, pos, first, a, cache_f16);
+        if (status) break;
         linear(&ly->dense, a, B, attn);
+        for (int64_t i = 0; i < B * hidden; i++) x[i] = x[i] + attn[i];
+        phikit_rms_norm(x, B, hidden, ly->ln2_weight, eps, h);
         linear(&ly->fc1, h, B, up);
-        phikit_gelu_tanh(up, B * inter);
-        linear(&ly->fc2, up, B, mlp);
-        for (int64_t i = 0; i < B * hidden; i++) x[i] = (attn[i] + mlp[i]) + x[i];
+        phikit_silu_mul(up, B, inter, act);
+        linear(&ly->fc2, act, B, mlp);
+        for (int64_t i = 0; i < B * hidden; i++) x[i] = x[i] + mlp[i];
     }
     free(h);
-    return 0;
+    return status;
 }

@@ -17,6 +17,7 @@ from torch import nn
 
 from phikit.errors import PhikitError
 from phikit.lora import _check_fits, _is_lora, read_adapter
+from phikit.models import changed
 
 
 class AdapterSet:
@@ -94,4 +95,5 @@ def load_adapters(model: nn.Module, named: dict[str, str | Path], max_rows: int)
         parent, _, leaf = module_name.rpartition(".")
         wrapped = MultiLoRALinear(base, adapters, a.to(device), b.to(device))
         setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
+    changed(model)  # a decoding step built from the plain layers (one C call, a CUDA graph) is rebuilt
     return adapters
