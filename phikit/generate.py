@@ -150,7 +150,7 @@ def generate_tokens(
     # padding instead; not done.)
     cache = model.new_cache(batch, total, model.dtype if padded else None)
     slots = torch.arange(longest, device=device)
-    logits = model(ids, slots, cache, positions, padding_mask, last_only=True)[:, -1].float()
+    logits = model.prefill(ids, slots, cache, positions, padding_mask)[:, -1].float()
     next_position = positions[:, -1:] + 1
     slot = slots[-1:] + 1  # on the device, advanced in place: no host-to-device copy per step
     for step in range(config.max_new_tokens):
@@ -165,7 +165,7 @@ def generate_tokens(
         if step in again:  # every slot again, with the long factors for the rows that reached the switch
             every = torch.arange(ids.shape[1], device=device)
             rope = (valid[:, : ids.shape[1]].long().cumsum(-1) - 1).clamp(min=0)
-            logits = model(ids, every, cache, rope, padding_mask, last_only=True)
+            logits = model.prefill(ids, every, cache, rope, padding_mask)
         elif static:  # a slot per row: the static-shape step
             logits = decode_step(token[:, None], slot.expand(batch, 1), cache, next_position, padding_mask)
         else:
@@ -236,7 +236,7 @@ class DraftModel:
         device = self.model.device
         new = torch.tensor([seq[self.pos :]], device=device)
         slots = torch.arange(self.pos, len(seq), device=device)
-        logits = self.model(new, slots, self.cache, last_only=True)[0, -1]
+        logits = self.model.prefill(new, slots, self.cache)[0, -1]
         self.pos = len(seq)
         drafts = []
         for i in range(k):
@@ -264,7 +264,7 @@ def speculative_tokens(
     cache = model.new_cache(1, len(prompt) + config.max_new_tokens + config.draft_tokens + 1)
     device = model.device
     slots = torch.arange(len(prompt), device=device)
-    logits = model(torch.tensor([prompt], device=device), slots, cache, last_only=True)[0, -1]
+    logits = model.prefill(torch.tensor([prompt], device=device), slots, cache)[0, -1]
     seq = list(prompt) + [int(logits.argmax())]
     produced, pos = 1, len(prompt)  # pos: cache slot of seq[-1], not yet written
     yield torch.tensor(seq[-1:])

@@ -26,6 +26,9 @@ def test_generate_prints_only_the_completion(tiny, capsys):
     expected = load(folder, dtype="fp32", device="cpu").generate("Say hi", template="instruct", max_new_tokens=12)
     assert out == expected.text + "\n"
     assert "tok/s" in err and "peak memory" in err and "loaded" in err
+    tokens = expected.prompt_tokens + len(expected.token_ids)
+    per_token = 2 * 2 * 4 * 16 * 4  # keys and values x 2 layers x 4 heads x 16 dims x fp32 (fp32 weights)
+    assert f"KV cache {per_token * tokens / 1e6:.1f} MB for {tokens} tokens" in err, err
 
 
 def test_stream_prints_the_same_text(tiny, capsys):

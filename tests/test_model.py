@@ -89,6 +89,11 @@ def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(checkpoint_f
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=1e-6)
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=0, atol=1e-6)
+    chunked = model.new_cache(2, 16)  # ``prefill`` in chunks of 5: the same last logits and cache
+    with torch.no_grad():
+        got = model.prefill(ids, torch.arange(12), chunked, positions, mask, chunk=5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked.k, caches[0].k, rtol=0, atol=1e-5)
 
 
 def test_left_padded_rows_match_unpadded(tiny):
@@ -122,3 +127,11 @@ def test_a_slot_per_row_takes_one_token_per_row(tiny):
     cache = model.new_cache(2, 16)
     with pytest.raises(ValueError, match="one new token per row"):
         model(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[3], [4]]), cache)
+
+
+def test_kv_cache_bytes_are_what_a_cache_holds(tiny):
+    folder, _ = tiny
+    model = load_model(folder, dtype="fp32", device="cpu")
+    for dtype in (None, torch.float16):
+        cache = model.new_cache(3, 40, dtype)
+        assert model.kv_cache_bytes(40, 3, dtype) == cache.k.nbytes + cache.v.nbytes

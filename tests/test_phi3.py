@@ -452,3 +452,24 @@ def test_greedy_tokens_equal_with_and_without_the_kernels(phi3_factory):
         return json.loads(done.stdout)
 
     assert tokens() == tokens(PHIKIT_NO_KERNELS="1")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_prompt_prefilled_in_chunks_equals_one_forward(phi3_factory, variant):
+    """``prefill`` in chunks of 7 over a 45-token prompt (past the 16-token window and LongRoPE's switch):
+    the same last logits and the same cache as one forward, and decoding goes on from it equally; the
+    chunks of a LongRoPE prompt past the switch take the long factors from the first chunk, as one forward."""
+    folder, hf = phi3_factory(variant)
+    model = load_model(folder, dtype="fp32", device="cpu")
+    ids = random_ids(45, hf.config.vocab_size, batch=2, seed=4)
+    slots = torch.arange(45)
+    with torch.no_grad():
+        whole, chunked = model.new_cache(2, 50), model.new_cache(2, 50)
+        expected = model(ids, slots, whole, last_only=True)
+        got = model.prefill(ids, slots, chunked, chunk=7)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(chunked.k, whole.k, rtol=0, atol=1e-5)
+        nxt = expected.argmax(-1)
+        torch.testing.assert_close(
+            model(nxt, torch.tensor([45]), chunked), model(nxt, torch.tensor([45]), whole), rtol=0, atol=1e-4
+        )

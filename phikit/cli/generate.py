@@ -171,8 +171,10 @@ def run(args: argparse.Namespace) -> None:
         if stats.steps:
             speed += f" | drafts accepted {stats.accepted}/{stats.drafted}"
         peak = peak_memory_bytes(phi.model.device) / 1e9
+        longest = max((c.prompt_tokens + len(c.token_ids) for c in results), default=0)
+        cache = phi.model.kv_cache_bytes(longest) / 1e6
         print(
             f"{sum(c.prompt_tokens for c in results)} prompt + {new} new tokens in {elapsed:.2f} s | "
-            f"{speed} | peak memory {peak:.2f} GB",
+            f"{speed} | peak memory {peak:.2f} GB | KV cache {cache:.1f} MB for {longest} tokens",
             file=sys.stderr,
         )

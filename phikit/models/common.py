@@ -143,15 +143,19 @@ class Slots:
         return None if self.mask is None else self.mask[:, :, -queries:]
 
 
-def rope_tables(config, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    config, positions: torch.Tensor, dtype: torch.dtype, longest: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of rotary position embedding for ``positions`` (batch, seq) -> each (batch, 1, seq, rotary_dim),
     computed in fp32 as transformers does (inverse frequencies theta^(-2i/dim); cat(freqs, freqs)).
 
     LongRoPE (``config.longrope``: short and long factors, the attention factor, the original context): the
     inverse frequencies are divided per dim by the short factors while a row's longest position still fits
     the original context and by the long ones once it passes it (transformers' rule, per row here), and
-    cos/sin are multiplied by the attention factor at every length. Callers recompute the cache when a
-    sequence crosses that point (``generate``), as transformers' Phi-3 does."""
+    cos/sin are multiplied by the attention factor at every length. ``longest`` (batch,): the row's longest
+    position where the positions are a chunk of a longer prompt (``CausalLM.prefill``), else their own
+    maximum. Callers recompute the cache when a sequence crosses that point (``generate``), as
+    transformers' Phi-3 does."""
     dim = config.rotary_dim
     exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.int64).float() / dim
     base = config.rope_theta**exponents
@@ -163,7 +167,8 @@ def rope_tables(config, positions: torch.Tensor, dtype: torch.dtype) -> tuple[to
     else:
         short = 1.0 / (torch.tensor(longrope.short_factor, dtype=torch.float32, device=positions.device) * base)
         long = 1.0 / (torch.tensor(longrope.long_factor, dtype=torch.float32, device=positions.device) * base)
-        longer = positions.amax(dim=-1, keepdim=True)[..., None] >= longrope.original_max_position_embeddings
+        reach = positions.amax(dim=-1) if longest is None else longest.to(positions.device)
+        longer = reach[:, None, None] >= longrope.original_max_position_embeddings
         freqs = positions[..., None].float() * torch.where(longer, long, short)
         scale = longrope.attention_factor
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
@@ -222,6 +227,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+PREFILL_CHUNK = 512  # prompt tokens per forward in ``CausalLM.prefill`` (llama.cpp's default micro-batch)
+
+
 class CausalLM(nn.Module):
     """What every family's ``...ForCausalLM`` shares: the calling convention, the cache, the head, the
     decoding step a backend installs, and the structure version that step is keyed by.
@@ -242,14 +250,45 @@ class CausalLM(nn.Module):
         padding_mask: torch.Tensor | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
+        rope_longest: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) in the model's dtype; ``last_only`` computes just the last position;
         ``hidden_only`` returns the final hidden states instead, before ``lm_head`` (for a loss that applies
-        the head itself). ``input_pos``/``positions``/``padding_mask``: see ``Slots.build``."""
-        h = self.model(input_ids, input_pos, cache, positions, padding_mask, last_only and not self.training)
+        the head itself). ``input_pos``/``positions``/``padding_mask``: see ``Slots.build``;
+        ``rope_longest``: see ``rope_tables``."""
+        last = last_only and not self.training
+        h = self.model(input_ids, input_pos, cache, positions, padding_mask, last, rope_longest=rope_longest)
         if last_only:
             h = h[:, -1:]
         return h if hidden_only else self.lm_head(h)
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        chunk: int | None = None,
+    ) -> torch.Tensor:
+        """Write a prompt's keys and values into ``cache`` at slots ``input_pos`` (seq,), ``chunk`` tokens
+        (default ``PREFILL_CHUNK``) per forward, and return the last position's logits (batch, 1, vocab).
+
+        Equal to one forward over the whole prompt (LongRoPE's factors are chosen by the prompt's longest
+        position, not the chunk's), while no forward holds more than a chunk's activations and attention
+        works on a chunk's queries at a time: a 32k-token prompt never makes a 32k-row activation or a
+        32k x 32k score matrix, and only the last position meets the head."""
+        chunk = chunk or PREFILL_CHUNK
+        t = input_ids.shape[1]
+        if positions is None:
+            positions = input_pos.expand(input_ids.shape[0], t)
+        longest = positions.amax(dim=-1) if getattr(self.config, "longrope", None) else None
+        logits = None
+        for start in range(0, t, chunk):
+            end = min(start + chunk, t)
+            part = input_ids[:, start:end], input_pos[start:end], cache, positions[:, start:end], padding_mask
+            logits = self(*part, last_only=True, rope_longest=longest)
+        return logits
 
     def decode_step(self, input_ids, input_pos, cache, positions=None, padding_mask=None) -> torch.Tensor:
         """One new token per row: logits (batch, 1, vocab). A backend may install a faster equal step."""
@@ -261,6 +300,13 @@ class CausalLM(nn.Module):
         dtype = dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
         layers, kv_heads, head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
         return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device)
+
+    def kv_cache_bytes(self, tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        """The bytes ``new_cache(batch_size, tokens, dtype)`` holds: keys and values of every layer."""
+        c = self.config
+        dtype = dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        return per_token * tokens * batch_size
 
     @property
     def device(self) -> torch.device:

@@ -99,7 +99,16 @@ class PhiModel(nn.Module):
     def output_norm(self) -> nn.Module:
         return self.final_layernorm
 
-    def forward(self, input_ids, input_pos=None, cache=None, positions=None, padding_mask=None, last_only=False):
+    def forward(
+        self,
+        input_ids,
+        input_pos=None,
+        cache=None,
+        positions=None,
+        padding_mask=None,
+        last_only=False,
+        rope_longest=None,
+    ):
         """Final hidden states (batch, seq, hidden); with ``last_only`` (a chunk into a cache) those of the
         last position, (batch, 1, hidden), every position's keys/values still cached."""
         slots = Slots.build(input_ids, input_pos, cache, positions, padding_mask)
@@ -107,7 +116,7 @@ class PhiModel(nn.Module):
         x = self.embed_tokens(input_ids).to(self.final_layernorm.weight.dtype)
         if self.training:
             x = self.embed_dropout(x)
-        cos, sin = rope_tables(self.config, slots.positions, x.dtype)
+        cos, sin = rope_tables(self.config, slots.positions, x.dtype, rope_longest)
         last_only = last_only and cache is not None and not slots.per_row and x.shape[1] > 1
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):

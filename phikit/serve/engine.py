@@ -330,7 +330,7 @@ class Engine:
         new = torch.tensor([ids[start:]], device=device)
         slots = torch.arange(start, len(ids), device=device)
         if not r.prompt_logprobs:
-            logits = self.model(new, slots, row, last_only=True)[:, -1].float()
+            logits = self.model.prefill(new, slots, row)[:, -1].float()
             if self.switch is None or len(ids) <= self.switch:
                 self.prefix_cache.store(r.adapter, ids, row.k[:, 0, :, : len(ids)], row.v[:, 0, :, : len(ids)])
             return logits
@@ -358,7 +358,7 @@ class Engine:
                 self._select_adapters([r.adapter])
                 ids = torch.tensor([r.prompt_ids + r.generated], device=self.model.device)
                 every = torch.arange(ids.shape[1], device=self.model.device)
-                logits = self.model(ids, every, self.cache.rows(r.slot), last_only=True)[:, -1].float()
+                logits = self.model.prefill(ids, every, self.cache.rows(r.slot))[:, -1].float()
                 r.position += 1
                 self._emit(r, self._sample(r, logits))
         if not any(self.slots):
