@@ -176,9 +176,9 @@ def test_unwritable_cache_and_a_killed_compiler_fall_back_cleanly(tmp_path):
 
 
 def test_a_cpu_without_avx2_falls_back_and_says_so_once(monkeypatch, capsys):
-    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels.build.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels.build, "_tried", False)
+    monkeypatch.setattr(kernels.build, "_lib", None)
     monkeypatch.delenv("PHIKIT_NO_KERNELS", raising=False)
     assert kernels.library() is None and kernels.library() is None
     err = capsys.readouterr().err
@@ -190,9 +190,15 @@ def test_the_c_signatures_are_declared_once_and_match_the_definitions():
     checks against the definitions), and the library's ctypes signatures are those lines."""
     import re
 
-    source = kernels.SOURCE.read_text()
-    defined = set(re.findall(r"^(?:void|int64_t) (phikit_\w+)\(", source.split("/* END PHIKIT_API */")[1], re.M))
+    csrc = kernels.SOURCE.parent
+    parts = [p for p in sorted(csrc.rglob("*")) if p.suffix in (".c", ".h")]
+    source = "\n".join(p.read_text() for p in parts if p.name != "phikit.h")
+    header = (csrc / "phikit.h").read_text()
+    assert header.count("/* PHIKIT_API") == 1 and "/* PHIKIT_API" not in source  # declared once, in the header
+    defined = set(re.findall(r"^(?:void|int64_t) (phikit_\w+)\(", source, re.M))
     defined |= set(re.findall(r"^DEFINE_GEMV\((phikit_\w+),", source, re.M))
+    included = set(re.findall(r'^#include "([\w/.]+)"', source + header, re.M))  # every part is built
+    assert included == {p.relative_to(csrc).as_posix() for p in parts if p.name != "cpu_kernels.c"}
     declared = kernels.signatures()
     assert defined == set(declared)
     assert declared["phikit_decode_layers"][0] is ctypes.c_int64 and len(declared["phikit_gemm"][1]) == 12

@@ -80,7 +80,7 @@ def _machine_key() -> str:
     except OSError:
         pass
     flags = " ".join(sorted(kernels.cpu_flags()))
-    source = hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest()[:12]
+    source = kernels.source_digest()[:12]
     text = "|".join([cpu, flags, str(torch.get_num_threads()), torch.__version__, source, kernels.isa() or "none"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

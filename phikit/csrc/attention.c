@@ -1,0 +1,141 @@
+/* ---- attention for one new token (decoding), batch rows in parallel with heads ----
+ * q (B, H*D) and k, v (B, KV*D) are this token's projections before rotary embedding; cos/sin (B, R)
+ * are the rotary tables at each row's position (R = rotary dims, rotated GPT-NeoX style on the first R
+ * of each head). Keys/values go into the caches (B, KV, S, D) at slot pos[b]; the query attends to
+ * slots first[b] .. pos[b] (first[b] > 0 skips left padding). Scores and softmax in fp32; D % 8 == 0. */
+static void rope(float *x, const float *cos, const float *sin, int64_t R) {
+    int64_t half = R / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* One cache row of D values: fp32, or fp16 (cache_f16) as llama.cpp keeps its KV cache: half the bytes a
+ * long context reads per token, at fp16's 11-bit precision (ample for keys and values of unit-scale
+ * activations; the scores and the softmax stay fp32). */
+static inline __m256 load_kv(const void *c, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + i)))
+               : _mm256_loadu_ps((const float *)c + i);
+}
+
+/* The horizontal sums of 8 vectors as one vector: (hsum(a[0]), ..., hsum(a[7])), in 7 adds and 2 permutes
+ * instead of 8 separate reductions (the scores of 8 keys). The order of additions differs from hsum's. */
+static inline __m256 hsum8(const __m256 a[8]) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 lo = _mm256_hadd_ps(s01, s23), hi = _mm256_hadd_ps(s45, s67); /* each 128-bit half: 4 partial sums */
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f16) {
+    for (int64_t j = 0; j < D; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        if (f16)
+            _mm_storeu_si128((__m128i *)((uint16_t *)c + i + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        else
+            _mm256_storeu_ps((float *)c + i + j, v);
+    }
+}
+
+/* One new token per row: rotary on q and k, k and v written at slot pos[b], then softmax attention of each
+ * query head over slots first[b] .. pos[b] (first > 0: a sliding window). Grouped-query heads: the G = H / KV
+ * query heads of a KV head are done together, so each cached key and value is read once per group, not once
+ * per query head (at long contexts the cache is what a step reads). Each head's arithmetic is the same as
+ * alone. Returns 0, or DECODE_NO_MEMORY (scores buffer) with nothing written after the cache. */
+int64_t phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                                int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache,
+                                void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out,
+                                int64_t cache_f16) {
+    const int f16 = cache_f16 != 0;
+    /* write the rotated keys and the values first, so every head sees them */
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < KV; h++) {
+            float kr[D];
+            for (int64_t i = 0; i < D; i++) kr[i] = k[(b * KV + h) * D + i];
+            rope(kr, cos + b * R, sin + b * R, R);
+            int64_t slot = ((b * KV + h) * S + pos[b]) * D;
+            store_kv(k_cache, slot, kr, D, f16);
+            store_kv(v_cache, slot, v + (b * KV + h) * D, D, f16);
+        }
+    }
+    float scale = 1.0f / sqrtf((float)D);
+    int64_t nv = D / 8, G = H / KV, failed = 0;
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t kvh = 0; kvh < KV; kvh++) {
+            int64_t n = pos[b] + 1 - first[b], stride = n + 8;
+            int64_t base = ((b * KV + kvh) * S + first[b]) * D; /* element index of the first attended row */
+            float *scores = malloc(sizeof(float) * (size_t)(G * stride + G * D * 2));
+            if (scores == NULL) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            float *qh = scores + G * stride, *o = qh + G * D; /* G heads' queries and outputs */
+            for (int64_t g = 0; g < G; g++) {
+                for (int64_t i = 0; i < D; i++) qh[g * D + i] = q[(b * H + kvh * G + g) * D + i] * scale;
+                rope(qh + g * D, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
+            }
+            int64_t j = 0;
+            for (; j + 8 <= n; j += 8) /* 8 keys at a time, each once for the group: no horizontal sum per key */
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 a[8];
+                    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < nv; i++) {
+                        __m256 qv = _mm256_loadu_ps(qh + g * D + 8 * i);
+                        for (int t = 0; t < 8; t++)
+                            a[t] = _mm256_fmadd_ps(qv, load_kv(k_cache, base + (j + t) * D + 8 * i, f16), a[t]);
+                    }
+                    _mm256_storeu_ps(scores + g * stride + j, hsum8(a));
+                }
+            for (; j < n; j++) /* the last few keys one by one */
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < nv; i++)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + 8 * i),
+                                              load_kv(k_cache, base + j * D + 8 * i, f16), acc);
+                    scores[g * stride + j] = hsum(acc);
+                }
+            for (int64_t g = 0; g < G; g++) {
+                float *sc = scores + g * stride, m = -INFINITY;
+                for (int64_t j = 0; j < n; j++) m = fmaxf(m, sc[j]);
+                for (int64_t j = n; j < n + 8; j++) sc[j] = -INFINITY;
+                __m256 mx = _mm256_set1_ps(m), total = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j += 8) {
+                    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mx));
+                    _mm256_storeu_ps(sc + j, e);
+                    total = _mm256_add_ps(total, e);
+                }
+                float inv = 1.0f / hsum(total);
+                for (int64_t j = 0; j < n; j++) sc[j] *= inv;
+            }
+            if (G == 1) { /* one head: its output in registers */
+                __m256 acc[16];
+                for (int64_t i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++) {
+                    __m256 p = _mm256_set1_ps(scores[j]);
+                    for (int64_t i = 0; i < nv; i++)
+                        acc[i] = _mm256_fmadd_ps(p, load_kv(v_cache, base + j * D + 8 * i, f16), acc[i]);
+                }
+                for (int64_t i = 0; i < nv; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+            } else { /* each value once for the group; the G outputs stay in L1 */
+                for (int64_t i = 0; i < G * D; i++) o[i] = 0.0f;
+                for (int64_t j = 0; j < n; j++)
+                    for (int64_t i = 0; i < nv; i++) {
+                        __m256 val = load_kv(v_cache, base + j * D + 8 * i, f16);
+                        for (int64_t g = 0; g < G; g++) {
+                            float *og = o + g * D + 8 * i;
+                            _mm256_storeu_ps(og, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * stride + j]), val,
+                                                                 _mm256_loadu_ps(og)));
+                        }
+                    }
+            }
+            for (int64_t g = 0; g < G; g++)
+                memcpy(out + (b * H + kvh * G + g) * D, o + g * D, sizeof(float) * (size_t)D);
+            free(scores);
+        }
+    }
+    return failed ? -1 : 0;
+}

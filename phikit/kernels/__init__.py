@@ -1,0 +1,113 @@
+"""CPU kernels (``phikit/csrc``), compiled on first use with the system C compiler and called via ctypes.
+
+A plain C library rather than a torch C++ extension: it compiles in about a second without torch's
+headers or ninja, and the call overhead (~1 us) is small next to a matrix-vector product. The library
+links the same ``libgomp.so.1`` that torch loaded, so both share one OpenMP thread pool.
+
+Builds: one per instruction set, with explicit flags, never ``-march=native``: ``avx2`` (AVX2 + FMA + F16C,
+the baseline) and ``avx512`` (plus AVX-512 F/BW/VL/DQ, and BF16/VNNI where the CPU has them), the widest
+the CPU's flags allow picked at run time (``PHIKIT_CPU_ISA=avx2`` forces the baseline). A build is keyed
+by the source, the compiler's version and the flags, and cached in ``$PHIKIT_CACHE/kernels`` (default
+``~/.cache/phikit/kernels``) only where that folder and the library are the current user's and writable by
+no one else; otherwise the library is built in a private temporary folder and loaded from there.
+
+Where things are (one concern per module; ``from phikit import kernels`` gives all of them):
+
+- ``build``: what the CPU has (``isa``, ``cpu_flags``), building, caching and loading the library
+  (``library``, ``available``, ``has``), its C signatures read once from ``csrc/phikit.h`` (``signatures``);
+- ``ops``: the operations, each a checked wrapper of one C entry point (``gemv``, ``gemm``, ``gemm_vnni``,
+  ``attention_decode``, ``rms_norm``, ``silu_mul``, ``gelu_tanh_``, ``dequant_bf16``) and the one-call
+  decoding step (``plan_array``, ``decode_layers``);
+- ``memory``: weight memory (``empty_weight`` and huge pages), quantizing while loading (``quantize``),
+  bf16 conversion (``to_bf16``).
+
+The C side has the same map: ``csrc/cpu_kernels.c`` lists its parts, one file per operation, generic
+AVX2 code with AVX-512 overrides beside it in ``csrc/avx512/``. A new operation: its C function in the
+part it belongs to, one line in ``phikit.h``'s PHIKIT_API block, a checked wrapper in ``ops.py``.
+
+Every call goes through a wrapper that checks each tensor's device, dtype, shape and contiguity (and the
+cache slots' range) before any pointer reaches C: a mistake is a ValueError, never a read past a buffer.
+
+Everything here is optional: without an x86-64 AVX2/FMA/F16C CPU or a working C compiler (``CC`` may
+hold a command with arguments, e.g. ``ccache gcc``), or with ``PHIKIT_NO_KERNELS=1``, ``available()`` is
+False, callers use PyTorch ops instead, and phikit says why once on stderr.
+"""
+
+from phikit.kernels.build import (
+    FEATURE_BF16_DP,
+    FEATURE_VNNI,
+    MAX_ROWS,
+    SOURCE,
+    available,
+    cache_dir,
+    compile_flags,
+    cpu_flags,
+    has,
+    isa,
+    library,
+    open_library,
+    signatures,
+    source_digest,
+    unavailable_reason,
+)
+from phikit.kernels.memory import HUGE_PAGE, can_quantize, empty_weight, huge_pages_wanted, quantize, to_bf16
+from phikit.kernels.ops import (
+    GEMM_KINDS,
+    LAYER_KINDS,
+    PLAN_KINDS,
+    attention_decode,
+    check,
+    check_linear,
+    decode_layers,
+    dequant_bf16,
+    gelu_tanh_,
+    gemm,
+    gemm_vnni,
+    gemv,
+    gemv_bf16_dp,
+    plan_array,
+    rms_norm,
+    silu_mul,
+    step_tables,
+)
+
+__all__ = [
+    "FEATURE_BF16_DP",
+    "FEATURE_VNNI",
+    "GEMM_KINDS",
+    "HUGE_PAGE",
+    "LAYER_KINDS",
+    "MAX_ROWS",
+    "PLAN_KINDS",
+    "SOURCE",
+    "attention_decode",
+    "available",
+    "cache_dir",
+    "can_quantize",
+    "check",
+    "check_linear",
+    "compile_flags",
+    "cpu_flags",
+    "decode_layers",
+    "dequant_bf16",
+    "empty_weight",
+    "gelu_tanh_",
+    "gemm",
+    "gemm_vnni",
+    "gemv",
+    "gemv_bf16_dp",
+    "has",
+    "huge_pages_wanted",
+    "isa",
+    "library",
+    "open_library",
+    "plan_array",
+    "quantize",
+    "rms_norm",
+    "signatures",
+    "silu_mul",
+    "source_digest",
+    "step_tables",
+    "to_bf16",
+    "unavailable_reason",
+]
