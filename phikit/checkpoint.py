@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import platform
 import re
@@ -196,7 +197,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(file: Path, convert=None) -> Iterator[tuple[str, torch.Tensor]]:
+def read_safetensors(file: Path, convert=None, mapped=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of one safetensors file, each read into its own buffer.
 
     Written by hand instead of ``safetensors.safe_open``: its memory map keeps every page it touched
@@ -204,6 +205,11 @@ def read_safetensors(file: Path, convert=None) -> Iterator[tuple[str, torch.Tens
     tensor by tensor holds weights + one tensor. The header is checked against the file size, so a
     truncated download is caught before any tensor is read. ``convert(tensor)`` (optional) runs on each
     tensor in the reading thread, while it is still in cache (fp16 -> bf16 in place when loading bf16).
+
+    ``mapped(dtype)`` (optional): True for the stored dtypes whose tensors are instead views of their own
+    private memory maps of the file (``_map_tensor``; ``convert`` is not applied to them), no copy: a weight
+    kept as stored costs no read buffer, and one that is quantized or converted later is read where the page
+    cache holds it and unmapped once dropped.
     """
     size = file.stat().st_size
     with open(file, "rb") as f:
@@ -229,6 +235,9 @@ def read_safetensors(file: Path, convert=None) -> Iterator[tuple[str, torch.Tens
 
         def read(info: dict) -> torch.Tensor | None:
             begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if mapped is not None and mapped(dtype):
+                return _map_tensor(fd, data_start + begin, end - begin, dtype, info["shape"])
             buffer = kernels.empty_weight((end - begin,), torch.uint8)
             view, done = memoryview(buffer.numpy()), 0
             while done < end - begin:
@@ -253,6 +262,31 @@ def read_safetensors(file: Path, convert=None) -> Iterator[tuple[str, torch.Tens
                 yield name, tensor
 
 
+MADV_POPULATE_READ = 22  # Linux's madvise: map a range's pages readable now (no copy-on-write break)
+
+
+def _map_tensor(fd: int, start: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor viewing bytes ``start .. start + nbytes`` of an open file through a private, writable (copy on
+    write) memory map of just those pages, populated at once where the OS can (Linux 5.14+: MADV_POPULATE_READ,
+    which reads what the page cache does not hold yet and maps its pages; MAP_POPULATE would copy every page
+    of a writable private map), so first use does not fault page by page. The map lives
+    as long as the tensor: a weight kept as stored costs the page cache's pages and nothing more (loading
+    a bf16 checkpoint as bf16 copies nothing), and a tensor dropped after quantizing or converting it is
+    unmapped with it. As with llama.cpp's memory-mapped models, the file must not be truncated while
+    mapped weights are in use."""
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    page = mmap.ALLOCATIONGRANULARITY
+    base = start // page * page
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    mapping = mmap.mmap(fd, start + nbytes - base, flags=mmap.MAP_PRIVATE, prot=prot, offset=base)
+    try:
+        mapping.madvise(MADV_POPULATE_READ)
+    except (OSError, AttributeError, ValueError):
+        pass  # an older kernel (before 5.14) or another OS: pages fault in on first use
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start - base).view(dtype).reshape(shape)
+
+
 def _read_ahead(files: list[Path]) -> None:
     """Ask the kernel to start reading every weight file into the page cache now (posix_fadvise
     WILLNEED), so the disk streams while tensors are converted and placed, instead of one read at a time:
@@ -272,14 +306,15 @@ def _read_ahead(files: list[Path]) -> None:
             os.close(fd)
 
 
-def iter_tensors(files: list[Path], convert=None) -> Iterator[tuple[str, torch.Tensor, bool]]:
+def iter_tensors(files: list[Path], convert=None, mapped=None) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(name, tensor, owned) of every weight, shard after shard; ``owned``: the tensor has memory of its own
     that nothing else views (safetensors), so it may be converted in place. A .bin file's tensors may share
-    storage (tied weights), so they are not. ``convert``: see ``read_safetensors`` (safetensors only)."""
+    storage (tied weights), so they are not. ``convert``, ``mapped``: see ``read_safetensors`` (safetensors
+    only)."""
     _read_ahead(files)
     for file in files:
         if file.suffix != ".bin":
-            for name, tensor in read_safetensors(file, convert):
+            for name, tensor in read_safetensors(file, convert, mapped):
                 yield name, tensor, True
             continue
         try:
@@ -390,7 +425,14 @@ def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -
     convert = None
     if on_tensor is None and prepare is None and dtype == torch.bfloat16 and device.type == "cpu":
         convert = _fp16_to_bf16  # plain bf16 loading: every floating weight converts in the reading threads
-    for name, tensor, owned in iter_tensors(weight_files(folder), convert):
+
+    # Tensors other than those converted in the reading threads (fp16 -> bf16 in place in a read buffer; in a
+    # map each page written would be copied first) are views of the files' pages, no read buffer: kept as stored
+    # they are the weights (a bf16 checkpoint loaded as bf16 copies nothing), else read once and unmapped.
+    def mapped(stored: torch.dtype) -> bool:
+        return convert is None or stored != torch.float16
+
+    for name, tensor, owned in iter_tensors(weight_files(folder), convert, mapped):
         pairs = convert_legacy(name, tensor, config) if config.legacy_layout else [(name, tensor)]
         for key, value in pairs:
             if key not in expected:

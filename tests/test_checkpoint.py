@@ -84,7 +84,7 @@ def test_sharded_checkpoint_loads_like_single_file(checkpoint_factory, tiny):
     )
 
 
-@pytest.mark.parametrize("stored", [torch.float16, torch.float32])
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32, torch.bfloat16])  # bf16: mapped, no copy
 def test_bf16_load_has_the_bits_of_transformers_bf16_load(checkpoint_factory, stored):
     from transformers import PhiForCausalLM as HFPhi
 
@@ -93,6 +93,48 @@ def test_bf16_load_has_the_bits_of_transformers_bf16_load(checkpoint_factory, st
     theirs = HFPhi.from_pretrained(folder, dtype=torch.bfloat16).state_dict()
     for name, t in theirs.items():
         assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], t), name
+
+
+def _mapped_bytes(folder) -> int:
+    """Bytes of this process's memory maps of files in ``folder`` (Linux /proc/self/maps)."""
+    total = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip().startswith(str(folder)):
+                begin, end = (int(x, 16) for x in parts[0].split("-"))
+                total += end - begin
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_weights_kept_as_stored_are_the_files_pages_and_quantized_ones_are_unmapped(checkpoint_factory):
+    """A weight loaded in the dtype it is stored in views the file's pages (no read buffer, no copy); one
+    that is quantized while loading is read from its map and unmapped with it, so the file's pages do not
+    stay in the process (peak memory of a quantized load: the quantized weights, not a shard more)."""
+    import gc
+
+    from phikit.api import load
+
+    folder, hf = checkpoint_factory(dtype=torch.bfloat16, hidden_size=256, intermediate_size=1024)
+    stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    quantized = load(folder, dtype="bf16", device="cpu", quantize="int8")
+    gc.collect()
+    embedding = quantized.model.model.embed_tokens.weight
+    small = sum(t.numel() * 2 + 8192 for t in hf.state_dict().values() if t.dim() == 1)  # norms, biases
+    kept = embedding.numel() * 2 + small  # and the embedding: kept as stored, mapped
+    assert _mapped_bytes(folder) <= kept < stored / 2
+    del quantized, embedding
+    gc.collect()
+    model = load_model(folder, dtype="bf16", device="cpu")
+    assert _mapped_bytes(folder) >= stored * 0.95  # every weight is a view of the file
+    weight = model.model.layers[0].mlp.fc1.weight
+    assert torch.equal(weight, hf.model.layers[0].mlp.fc1.weight.to(torch.bfloat16))
+    weight.data.add_(1)  # a private map: writing changes the process's copy, never the file
+    assert torch.equal(
+        load_model(folder, dtype="bf16", device="cpu").model.layers[0].mlp.fc1.weight,
+        hf.model.layers[0].mlp.fc1.weight.to(torch.bfloat16),
+    )
 
 
 def legacy_state_dict(hf, layout: str) -> dict[str, torch.Tensor]:
