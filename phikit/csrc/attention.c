@@ -20,15 +20,6 @@ static inline __m256 load_kv(const void *c, int64_t i, int f16) {
                : _mm256_loadu_ps((const float *)c + i);
 }
 
-/* The horizontal sums of 8 vectors as one vector: (hsum(a[0]), ..., hsum(a[7])), in 7 adds and 2 permutes
- * instead of 8 separate reductions (the scores of 8 keys). The order of additions differs from hsum's. */
-static inline __m256 hsum8(const __m256 a[8]) {
-    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 lo = _mm256_hadd_ps(s01, s23), hi = _mm256_hadd_ps(s45, s67); /* each 128-bit half: 4 partial sums */
-    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-}
-
 static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f16) {
     for (int64_t j = 0; j < D; j += 8) {
         __m256 v = _mm256_loadu_ps(x + j);
@@ -78,19 +69,7 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
                 for (int64_t i = 0; i < D; i++) qh[g * D + i] = q[(b * H + kvh * G + g) * D + i] * scale;
                 rope(qh + g * D, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
             }
-            int64_t j = 0;
-            for (; j + 8 <= n; j += 8) /* 8 keys at a time, each once for the group: no horizontal sum per key */
-                for (int64_t g = 0; g < G; g++) {
-                    __m256 a[8];
-                    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
-                    for (int64_t i = 0; i < nv; i++) {
-                        __m256 qv = _mm256_loadu_ps(qh + g * D + 8 * i);
-                        for (int t = 0; t < 8; t++)
-                            a[t] = _mm256_fmadd_ps(qv, load_kv(k_cache, base + (j + t) * D + 8 * i, f16), a[t]);
-                    }
-                    _mm256_storeu_ps(scores + g * stride + j, hsum8(a));
-                }
-            for (; j < n; j++) /* the last few keys one by one */
+            for (int64_t j = 0; j < n; j++) /* each key once for the group */
                 for (int64_t g = 0; g < G; g++) {
                     __m256 acc = _mm256_setzero_ps();
                     for (int64_t i = 0; i < nv; i++)
