@@ -233,6 +233,19 @@ def main() -> None:
         "-r", "--repetitions", type=int, default=5, help="llama-bench -r, runs averaged per test (default: %(default)s)"
     )
     ap.add_argument(
+        "-d",
+        "--depths",
+        default="",
+        help="llama-bench -d: comma-separated tokens of context before the decode test (e.g. 4096,16384); "
+        "the rows then give decode speed at each depth (default: none, an empty context)",
+    )
+    ap.add_argument(
+        "-fa",
+        "--flash-attn",
+        default="",
+        help="llama-bench -fa: 0, 1 or 0,1 to measure both (default: llama-bench's own)",
+    )
+    ap.add_argument(
         "--llama-cpp-python",
         metavar="VERSION",
         help="sdist version to fetch (default: the one already here, else PyPI's latest)",
@@ -273,6 +286,10 @@ def main() -> None:
         "-o",
         "json",
     ]
+    if args.depths:
+        cmd += ["-d", args.depths]
+    if args.flash_attn:
+        cmd += ["-fa", args.flash_attn]
     for t in types:
         cmd += ["-m", str(files[t])]
     done = step(f"running llama-bench on {', '.join(types)} ({args.threads} threads)")
@@ -290,18 +307,15 @@ def main() -> None:
     rows = []
     for t in types:
         mine = [r for r in records if type_of.get(r["model_filename"]) == t]
-        pp = next(r for r in mine if r["n_prompt"] > 0 and r["n_gen"] == 0)
-        tg = next(r for r in mine if r["n_gen"] > 0 and r["n_prompt"] == 0)
-        rows.append(
-            {
-                "type": t.upper(),
-                "size_gb": pp["model_size"] / 1e9,
-                "prefill_tok_s": pp["avg_ts"],
-                "prefill_stddev": pp["stddev_ts"],
-                "decode_tok_s": tg["avg_ts"],
-                "decode_stddev": tg["stddev_ts"],
-            }
-        )
+        pp = [r for r in mine if r["n_prompt"] > 0 and r["n_gen"] == 0]
+        for tg in (r for r in mine if r["n_gen"] > 0 and r["n_prompt"] == 0):
+            row = {"type": t.upper(), "size_gb": tg["model_size"] / 1e9}
+            if pp:
+                row.update(prefill_tok_s=pp[0]["avg_ts"], prefill_stddev=pp[0]["stddev_ts"])
+            row.update(decode_tok_s=tg["avg_ts"], decode_stddev=tg["stddev_ts"])
+            if args.depths or args.flash_attn:
+                row.update(depth=tg.get("n_depth", 0), flash_attn=tg.get("flash_attn"))
+            rows.append(row)
 
     first = records[0]
     print(
@@ -313,10 +327,16 @@ def main() -> None:
         markdown_table(
             rows,
             [
-                ("type", "type"),
-                ("size_gb", "size GB"),
-                ("prefill_tok_s", "prefill tok/s"),
-                ("decode_tok_s", "decode tok/s"),
+                c
+                for c in [
+                    ("type", "type"),
+                    ("size_gb", "size GB"),
+                    ("depth", "context before decode"),
+                    ("flash_attn", "flash attention"),
+                    ("prefill_tok_s", "prefill tok/s"),
+                    ("decode_tok_s", "decode tok/s"),
+                ]
+                if any(c[0] in r for r in rows)
             ],
         )
     )

@@ -1,6 +1,14 @@
 """phikit vs llama.cpp vs transformers on one checkpoint, this machine, same run: prefill and decode tok/s.
 
     python benchmarks/bench_vs_llamacpp.py [--model DIR] [--rounds 3] [--prompt-tokens 512] [--new-tokens 128]
+    python benchmarks/bench_vs_llamacpp.py --family phi3 [--depths 4096,16384,32768]
+
+--family phi2 (the default) measures a random full-size Phi-2; --family phi3 random full-size Phi-3-mini
+(Phi-3.5-mini's shape: 32 x 3072, 32 heads of 96, LongRoPE to 128k) and Phi-4-mini (24 query / 8 key-value
+heads of 128, partial rotary 0.75, tied embeddings, vocabulary 200064), each made once in benchmarks/_work
+with the real tokenizer from ../shared/data. --depths adds decode after that many tokens of context for
+phikit (--depth-precision) and llama.cpp (llama-bench -d, flash attention off and on); phikit's cache is
+filled with random keys and values (a step's cost does not depend on them), llama-bench prefills.
 
 Pairs compared (same bits per weight): phikit bf16 / llama.cpp F16, phikit int8 (per-channel) / Q8_0,
 phikit int4 (group 64, fp16 scale + minimum: 4.5 bits) / Q4_0 (group 32, fp16 scale: 4.5 bits).
@@ -24,15 +32,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import isa_flags, machine, markdown_table, random_phi2, save_json  # noqa: E402
+from common import (  # noqa: E402
+    isa_flags,
+    kv_bytes_per_token,
+    linear_weights,
+    machine,
+    markdown_table,
+    random_phi2,
+    random_phi3,
+    save_json,
+)
 
 from phikit.bench import BenchSettings, run_one  # noqa: E402
 
 PAIRS = [("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")]
-# bytes of weights a decoding step reads (Phi-2's linear layers and lm_head: 2.648e9 weights; int8 adds a
-# per-row scale, int4 (group 64) an fp16 scale and minimum per group: 4.5 bits)
-LINEAR_WEIGHTS = 32 * (4 * 2560 * 2560 + 2 * 2560 * 10240) + 51200 * 2560
-WEIGHT_BYTES = {"bf16": 2.0 * LINEAR_WEIGHTS, "int8": 1.0 * LINEAR_WEIGHTS, "int4": 4.5 / 8 * LINEAR_WEIGHTS}
+# bytes per weight a decoding step reads through the linear layers and the output head (int8 adds a per-row
+# scale, int4 (group 64) an fp16 scale and minimum per group: 4.5 bits); Phi-2: 2.648e9 such weights
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 4.5 / 8}
+FAMILIES = {"phi2": ["phi2"], "phi3": ["phi3-mini", "phi4-mini"]}
 
 
 def sum_bandwidth() -> float:
@@ -77,45 +94,53 @@ def llama(model: Path, gguf_type: str, prompt: int, new: int) -> dict:
         return json.loads(out.read_text())["rows"][0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="checkpoint folder (default: random full-size Phi-2, made once)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--pairs", default=",".join(p for p, _ in PAIRS), help="phikit precisions to include")
-    ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--out", type=Path, default=HERE / "results_vs_llamacpp.json")
-    args = ap.parse_args()
-    model = (args.model or random_phi2()).resolve()
-    pairs = [p for p in PAIRS if p[0] in args.pairs.split(",")]
+def llama_depths(model: Path, gguf_type: str, depths: list[int], new: int) -> list[dict]:
+    """Decode after each depth with llama-bench (flash attention off and on), one repetition."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        cmd = [sys.executable, str(HERE / "bench_llamacpp.py"), "--model", str(model), "--types", gguf_type]
+        cmd += ["-p", "0", "-n", str(new), "-r", "1", "-d", ",".join(map(str, depths)), "-fa", "0,1", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"llama.cpp depth run failed:\n{proc.stderr[-2000:]}")
+        return json.loads(out.read_text())["rows"]
+
+
+def bench_model(model: Path, args, pairs) -> dict:
+    """Interleaved rounds on one checkpoint; returns the rows and samples."""
     settings = BenchSettings(str(model), [], prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=1)
     samples: dict[tuple[str, str], list[dict]] = {}
     bandwidth: list[float] = []
     for r in range(args.rounds):
         bandwidth.append(sum_bandwidth())
-        print(f"round {r + 1}/{args.rounds}: tensor.sum {bandwidth[-1]:.1f} GB/s", file=sys.stderr, flush=True)
+        print(
+            f"{model.name} round {r + 1}/{args.rounds}: tensor.sum {bandwidth[-1]:.1f} GB/s",
+            file=sys.stderr,
+            flush=True,
+        )
         for precision, gguf_type in pairs:
-            print(f"round {r + 1}/{args.rounds}: phikit {precision}", file=sys.stderr, flush=True)
+            print(f"{model.name} round {r + 1}/{args.rounds}: phikit {precision}", file=sys.stderr, flush=True)
             row = run_one(settings, "phikit", precision)
             if "error" in row:
                 raise SystemExit(f"phikit {precision} failed: {row['error']}")
             samples.setdefault(("phikit", precision), []).append(row)
-            print(f"round {r + 1}/{args.rounds}: llama.cpp {gguf_type}", file=sys.stderr, flush=True)
+            print(f"{model.name} round {r + 1}/{args.rounds}: llama.cpp {gguf_type}", file=sys.stderr, flush=True)
             samples.setdefault(("llama.cpp", gguf_type), []).append(
                 llama(model, gguf_type, args.prompt_tokens, args.new_tokens)
             )
         if not args.no_transformers:
-            print(f"round {r + 1}/{args.rounds}: transformers bf16", file=sys.stderr, flush=True)
+            print(f"{model.name} round {r + 1}/{args.rounds}: transformers bf16", file=sys.stderr, flush=True)
             row = run_one(settings, "transformers", "bf16")
             if "error" in row:
                 raise SystemExit(f"transformers bf16 failed: {row['error']}")
             samples.setdefault(("transformers", "bf16"), []).append(row)
     base = statistics.median(x["decode_tok_s"] for x in samples.get(("transformers", "bf16"), [{"decode_tok_s": 0}]))
     gbs = statistics.median(bandwidth)
+    weights = linear_weights(model)
     rows = []
     for (engine, precision), runs in samples.items():
         row = {
+            "model": model.name,
             "engine": engine,
             "precision": precision,
             "runs": len(runs),
@@ -126,7 +151,7 @@ def main() -> None:
             row["peak_memory_gb"] = max(x["peak_memory_gb"] for x in runs)
             row["load_s"] = statistics.median(x["load_s"] for x in runs)
         if engine == "phikit":
-            limit = gbs * 1e9 / WEIGHT_BYTES[precision]
+            limit = gbs * 1e9 / (BYTES_PER_WEIGHT[precision] * weights)
             row["decode_of_bandwidth_limit"] = f"{row['decode_tok_s'] / limit:.0%}"
             row["prefill_paths"] = runs[-1].get("prefill_paths", {})
         if base:
@@ -135,11 +160,102 @@ def main() -> None:
     order = {"phikit": 0, "llama.cpp": 1, "transformers": 2}
     rank = {p: i for i, pair in enumerate(PAIRS) for p in pair}
     rows.sort(key=lambda r: (rank.get(r["precision"], 9), order[r["engine"]]))
-    isa = isa_flags()
+    result = {"model": str(model), "rows": rows, "sum_bandwidth_gb_s": bandwidth, "linear_weights": weights}
+    result["samples"] = {f"{e} {p}": v for (e, p), v in samples.items()}
+    if args.depths:
+        result["depth_rows"] = depth_rows(model, args, gbs, weights)
+    return result
+
+
+def depth_rows(model: Path, args, gbs: float, weights: int) -> list[dict]:
+    """Decode after each depth: phikit (--depth-precision) then llama.cpp (its pair, flash attention off/on)."""
+    precision = args.depth_precision
+    gguf_type = dict(PAIRS)[precision]
+    depths = [int(d) for d in args.depths.split(",")]
+    print(f"{model.name}: phikit {precision} decode after {depths} tokens", file=sys.stderr, flush=True)
+    settings = BenchSettings(
+        str(model), [], prompt_tokens=16, new_tokens=args.depth_new_tokens, repeats=1, depths=depths
+    )
+    mine = run_one(settings, "phikit", precision)
+    if "error" in mine:
+        raise SystemExit(f"phikit {precision} at depth failed: {mine['error']}")
+    per_token = kv_bytes_per_token(model)
+    rows = []
+    for d in depths:
+        limit = gbs * 1e9 / (BYTES_PER_WEIGHT[precision] * weights + per_token * d)
+        tok_s = mine["decode_at_depth_tok_s"][str(d)]
+        rows.append(
+            {
+                "model": model.name,
+                "engine": "phikit",
+                "precision": precision,
+                "depth": d,
+                "decode_tok_s": tok_s,
+                "kv_cache_gb": per_token * d / 1e9,
+                "decode_of_bandwidth_limit": f"{tok_s / limit:.0%}",
+            }
+        )
     print(
-        f"\nMachine: {machine()}\nCPU flags: {isa}\nModel: {model}; prefill {args.prompt_tokens} tokens, decode "
-        f"{args.new_tokens} tokens, batch 1; medians of {args.rounds} interleaved rounds; tensor.sum bandwidth "
-        f"{gbs:.1f} GB/s (rounds: {', '.join(f'{b:.1f}' for b in bandwidth)})\n"
+        f"{model.name}: llama.cpp {gguf_type} decode after {depths} tokens (prefills them)", file=sys.stderr, flush=True
+    )
+    for r in llama_depths(model, gguf_type, depths, args.depth_new_tokens):
+        rows.append(
+            {
+                "model": model.name,
+                "engine": f"llama.cpp (flash attention {'on' if r.get('flash_attn') else 'off'})",
+                "precision": gguf_type,
+                "depth": r["depth"],
+                "decode_tok_s": r["decode_tok_s"],
+                "kv_cache_gb": per_token * r["depth"] / 1e9,
+            }
+        )
+    for r in rows:
+        theirs = [x["decode_tok_s"] for x in rows if x["engine"] != "phikit" and x["depth"] == r["depth"]]
+        if r["engine"] == "phikit" and theirs:
+            r["vs_best_llama_cpp"] = f"{r['decode_tok_s'] / max(theirs):.2f}x"
+    rows.sort(key=lambda r: (r["depth"], r["engine"]))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="checkpoint folder (default: the family's random full-size ones)")
+    ap.add_argument(
+        "--family", choices=sorted(FAMILIES), default="phi2", help="which random checkpoints (default phi2)"
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--pairs", default=",".join(p for p, _ in PAIRS), help="phikit precisions to include")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--depths", default="", help="also decode after these many tokens of context, e.g. 4096,16384")
+    ap.add_argument("--depth-precision", choices=[p for p, _ in PAIRS], default="int4")
+    ap.add_argument("--depth-new-tokens", type=int, default=32, help="tokens decoded after each depth (default 32)")
+    ap.add_argument("--out", type=Path, help="results file (default: benchmarks/results_vs_llamacpp[_FAMILY].json)")
+    args = ap.parse_args()
+    if args.model:
+        models = [args.model.resolve()]
+    else:
+        models = [random_phi2() if v == "phi2" else random_phi3(v) for v in FAMILIES[args.family]]
+    out = args.out or HERE / (
+        "results_vs_llamacpp.json" if args.family == "phi2" else f"results_vs_llamacpp_{args.family}.json"
+    )
+    pairs = [p for p in PAIRS if p[0] in args.pairs.split(",")]
+    isa = isa_flags()
+    results = []
+    for model in models:
+        results.append(bench_model(model, args, pairs))
+        report(results[-1], args, isa)
+        save_json(out, {"command": " ".join(sys.argv), "machine": machine(), "cpu_flags": isa, "models": results})
+
+
+def report(result: dict, args, isa: str) -> None:
+    bandwidth = result["sum_bandwidth_gb_s"]
+    print(
+        f"\nMachine: {machine()}\nCPU flags: {isa}\nModel: {result['model']} ({result['linear_weights'] / 1e9:.3f}e9 "
+        f"weights read per decoded token); prefill {args.prompt_tokens} tokens, decode {args.new_tokens} tokens, "
+        f"batch 1; medians of {args.rounds} interleaved rounds; tensor.sum bandwidth "
+        f"{statistics.median(bandwidth):.1f} GB/s (rounds: {', '.join(f'{b:.1f}' for b in bandwidth)})\n"
     )
     columns = [
         ("engine", "engine"),
@@ -151,22 +267,23 @@ def main() -> None:
         ("peak_memory_gb", "peak mem GB"),
         ("load_s", "load s"),
     ]
-    print(markdown_table(rows, columns))
-    for row in rows:
+    print(markdown_table(result["rows"], columns))
+    for row in result["rows"]:
         if row.get("prefill_paths"):
             chosen = ", ".join(f"{k.split(':')[1]} {v}" for k, v in row["prefill_paths"].items())
-            print(f"\nphikit {row['precision']} prefill paths (autotune): {chosen}")
-    save_json(
-        args.out,
-        {
-            "command": " ".join(sys.argv),
-            "model": str(model),
-            "rows": rows,
-            "cpu_flags": isa,
-            "sum_bandwidth_gb_s": bandwidth,
-            "samples": {f"{e} {p}": v for (e, p), v in samples.items()},
-        },
-    )
+            print(f"\nphikit {row['precision']} prefill paths: {chosen}")
+    if result.get("depth_rows"):
+        print("\nDecode after a long context (bandwidth limit counts the weights and the fp16 KV cache's bytes):\n")
+        depth_columns = [
+            ("depth", "context tokens"),
+            ("engine", "engine"),
+            ("precision", "precision"),
+            ("decode_tok_s", "decode tok/s"),
+            ("kv_cache_gb", "KV cache GB"),
+            ("decode_of_bandwidth_limit", "decode / bandwidth limit"),
+            ("vs_best_llama_cpp", "vs best llama.cpp"),
+        ]
+        print(markdown_table(result["depth_rows"], depth_columns))
 
 
 if __name__ == "__main__":

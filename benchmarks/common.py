@@ -104,6 +104,111 @@ def random_phi2(folder: Path = WORK / "phi2-random", device: str = "cpu", **over
     return folder
 
 
+SHARED_DATA = SHARED_TOKENIZER.parent
+
+
+def _longrope(rotary_dim: int) -> dict:
+    """LongRoPE settings shaped as the Hub's 128k configs (factors made up: speed does not depend on them)."""
+    half = rotary_dim // 2
+    return {
+        "type": "longrope",
+        "short_factor": [1.0 + 0.05 * i for i in range(half)],
+        "long_factor": [1.0 + 1.2 * i for i in range(half)],
+    }
+
+
+# Full-size shapes of the Phi-3 family (the Hub's config.json values; LongRoPE factors made up). "phi3-mini"
+# is Phi-3.5-mini-instruct / Phi-3-mini-128k: 32 x 3072, 32 heads of 96 (MHA), 128k with LongRoPE.
+PHI3_SHAPES = {
+    "phi3-mini": dict(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling=_longrope(96),
+        sliding_window=262144,
+        bos_token_id=1,
+        eos_token_id=32000,
+        pad_token_id=32000,
+    ),
+    "phi4-mini": dict(
+        vocab_size=200064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        partial_rotary_factor=0.75,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling=_longrope(96),
+        sliding_window=262144,
+        tie_word_embeddings=True,
+        bos_token_id=199999,
+        eos_token_id=199999,
+        pad_token_id=199999,
+    ),
+}
+PHI3_TOKENIZERS = {"phi3-mini": "phi3-tokenizer", "phi4-mini": "phi4-mini-tokenizer"}
+
+
+def random_phi3(variant: str, folder: Path | None = None) -> Path:
+    """Write (once) a full-size Phi-3-family checkpoint with random bf16 weights (as the Hub ships them) and
+    the real tokenizer from ../shared/data; ``variant`` is a key of ``PHI3_SHAPES``."""
+    folder = folder or WORK / f"{variant}-random"
+    if (folder / "config.json").is_file():
+        return folder
+    import gzip
+
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tokenizer = SHARED_DATA / PHI3_TOKENIZERS[variant]
+    if not tokenizer.is_dir():
+        raise SystemExit(f"need the tokenizer at {tokenizer} (../shared/data)")
+    print(f"creating a random full-size {variant} checkpoint in {folder} (once) ...", file=sys.stderr)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Phi3ForCausalLM._from_config(Phi3Config(**PHI3_SHAPES[variant]), dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    del model
+    for f in tokenizer.iterdir():
+        if f.name == "tokenizer.json.gz":
+            (tmp / "tokenizer.json").write_bytes(gzip.decompress(f.read_bytes()))
+        elif f.is_file() and f.name != "PROVENANCE.md":
+            shutil.copyfile(f, tmp / f.name)
+    tmp.rename(folder)
+    return folder
+
+
+def linear_weights(model: Path) -> int:
+    """Weights a decoding step reads through linear layers (every layer's projections and the output head,
+    tied or not), from the checkpoint's config.json: the bandwidth limit's numerator."""
+    c = json.loads((model / "config.json").read_text())
+    hidden, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * (heads + 2 * kv) + heads * head_dim * hidden
+    mlp = 2 * hidden * inter + inter * hidden if c["model_type"] == "phi3" else 2 * hidden * inter
+    return layers * (attention + mlp) + c["vocab_size"] * hidden
+
+
+def kv_bytes_per_token(model: Path, element: int = 2) -> int:
+    """Bytes of keys and values one token adds to the cache (fp16: ``element`` 2), all layers."""
+    c = json.loads((model / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return 2 * c["num_hidden_layers"] * kv * head_dim * element
+
+
 def copy_tokenizer(folder: Path) -> None:
     """Put the shared tokenizer's files (not its ``reference/`` folder) into the checkpoint ``folder``."""
     if not SHARED_TOKENIZER.is_dir():

@@ -44,6 +44,7 @@ class BenchSettings:
     compare_transformers: bool = False
     perplexity_data: str | None = None
     threads: int | None = None
+    depths: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -88,12 +89,7 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         cache = model.new_cache(1, len(ids) + 1)
         t = time.perf_counter()
         with torch.inference_mode():
-            model(
-                torch.tensor([ids], device=model.device),
-                torch.arange(len(ids), device=model.device),
-                cache,
-                last_only=True,
-            )
+            model.prefill(torch.tensor([ids], device=model.device), torch.arange(len(ids), device=model.device), cache)
         sync()
         return time.perf_counter() - t
 
@@ -114,6 +110,33 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         first = 1 if len(stamps) > 2 else 0
         return (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
 
+    def decode_after(depth: int) -> float:
+        """tokens/s of ``new_tokens`` decoding steps after ``depth`` tokens of context. The cache holds random
+        keys and values rather than a prefill's (a step's cost does not depend on them; a 32k-token prefill
+        would take minutes on a small CPU), as many bytes as a real context's."""
+        cache = model.new_cache(1, depth + s.new_tokens + 1)
+        block = torch.randn(
+            cache.k.shape[:3] + (min(depth, 256), cache.k.shape[-1]), generator=torch.Generator().manual_seed(0)
+        )
+        for t in (cache.k, cache.v):
+            for start in range(0, depth, block.shape[3]):
+                n = min(block.shape[3], depth - start)
+                t[:, :, :, start : start + n] = block[:, :, :, :n]
+        token = torch.tensor([[ids[0]]], device=model.device)
+        slot = torch.tensor([depth], device=model.device)
+        position = torch.tensor([[depth]], device=model.device)
+        stamps = []
+        with torch.inference_mode():
+            for _ in range(s.new_tokens):
+                logits = model.decode_step(token, slot, cache, position, None)
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                sync()
+                stamps.append(time.perf_counter())
+                slot += 1
+                position += 1
+        first = 1 if len(stamps) > 2 else 0
+        return (len(stamps) - 1 - first) / (stamps[-1] - stamps[first])
+
     prefill()
     for _ in generate_tokens(model, [ids[:16]], GenerationConfig(max_new_tokens=8), phi.tokenizer.pad_id):
         pass  # warm-up
@@ -129,8 +152,12 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         "decode_tok_s": 1 / decode_s,
         "peak_memory_gb": peak_memory_bytes(model.device) / 1e9,
         **loaded,
+        "kv_cache_mb": model.kv_cache_bytes(len(ids) + 1) / 1e6,  # the prefill's cache
         "kernels": kernel_names(model),
     }
+    if s.depths:
+        row["decode_at_depth_tok_s"] = {str(d): decode_after(d) for d in s.depths}
+        row["kv_cache_mb_at_depth"] = {str(d): model.kv_cache_bytes(d) / 1e6 for d in s.depths}
     if model.device.type == "cpu":
         from phikit.backends import autotune
 
@@ -305,9 +332,16 @@ def markdown(report: dict) -> str:
         ("decode_tok_s", "decode tok/s"),
         ("loaded_memory_gb", "loaded GB"),
         ("peak_memory_gb", "peak mem GB"),
+        ("kv_cache_mb", "KV cache MB"),
+        ("decode_at_depth", "decode tok/s after N tokens (KV cache MB)"),
         ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
         ("perplexity", "perplexity"),
     ]
+    for r in report["rows"]:
+        if "decode_at_depth_tok_s" in r:
+            r["decode_at_depth"] = ", ".join(
+                f"{d}: {v:.2f} ({r['kv_cache_mb_at_depth'][d]:.0f})" for d, v in r["decode_at_depth_tok_s"].items()
+            )
     cols = [c for c in cols if any(c[0] in r for r in report["rows"])]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in report["rows"]:

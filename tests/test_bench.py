@@ -36,6 +36,8 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
             "--repeats",
             "1",
             "--compare-transformers",
+            "--depth",
+            "48,96",
             "--json",
             str(out),
         ]
@@ -56,6 +58,17 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_memory_gb"] > 0
         assert "decode_vs_transformers_bf16" in r
     assert "| phikit | int4 |" in stdout
+    for r in rows[:2]:  # decode after 48 and 96 tokens of context, with the cache those hold
+        assert set(r["decode_at_depth_tok_s"]) == {"48", "96"} and min(r["decode_at_depth_tok_s"].values()) > 0
+        assert r["kv_cache_mb_at_depth"]["96"] == pytest.approx(2 * r["kv_cache_mb_at_depth"]["48"])
+    assert "decode tok/s after N tokens" in stdout
+
+
+@pytest.mark.parametrize("depth", ["abc", "0", "1000"])
+def test_bench_refuses_a_depth_it_cannot_measure(tiny, capsys, depth):
+    folder, _ = tiny  # a context of 256 tokens
+    assert main(["bench", "--model", str(folder), "--precisions", "fp32", "--depth", depth]) == 2
+    assert "--depth" in capsys.readouterr().err
 
 
 def test_perplexity_matches_transformers_loss(tiny):

@@ -37,6 +37,13 @@ def add_parser(sub) -> None:
         help="also run transformers generate on the same checkpoint (bf16 and each dense precision; on a GPU "
         "also nf4 through bitsandbytes)",
     )
+    b.add_argument(
+        "--depth",
+        default="",
+        metavar="N[,N...]",
+        help="also decode after N tokens of context (e.g. 4096,16384: llama-bench's -d); the cache holds random "
+        "keys and values instead of a prefill's, as many bytes as a real context's",
+    )
     b.add_argument("--perplexity-data", metavar="FILE", help="also report perplexity on FILE (.txt or .jsonl)")
     b.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     b.set_defaults(func=run)
@@ -60,6 +67,12 @@ def run(args: argparse.Namespace) -> None:
     from phikit.models import read_config
 
     context = read_config(resolve_model_path(args.model) / "config.json").max_position_embeddings
+    try:
+        depths = [int(d) for d in args.depth.split(",") if d.strip()]
+    except ValueError:
+        raise PhikitError(f"--depth {args.depth!r}: give whole numbers of tokens, e.g. 4096,16384") from None
+    if any(d < 1 or d + args.new_tokens > context for d in depths):
+        raise PhikitError(f"--depth: each depth must be at least 1 and, with --new-tokens, within {context} tokens")
     if args.prompt_tokens + args.new_tokens > context:
         raise PhikitError(
             f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the model's context of "
@@ -76,6 +89,7 @@ def run(args: argparse.Namespace) -> None:
         args.compare_transformers,
         args.perplexity_data,
         args.threads,
+        depths,
     )
     from phikit.checkpoint import atomic_write
 
