@@ -256,13 +256,20 @@ def test_rms_norm_and_swiglu_equal_pytorch():
 
 @needs_kernels
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_grouped_query_attention_with_a_window_equals_pytorch(cache_dtype):
-    """Two rows at their own positions, 6 query heads on 2 KV heads, rotary on 16 of 32 dims, the second row
-    under a sliding window (first attended slot > 0): the C step against rotary + SDPA over the same slots."""
+@pytest.mark.parametrize(
+    "h, kv, d",
+    # groups of 3 (Phi-4-mini's 24/8), 4 (Phi-4's 40/10), 2, 5 and 8 query heads a KV head, heads of 32 to 128
+    # dims (the AVX-512 loops' chunks of 8, 4, 2 and 1 x 16 dims), one head a KV head, and 72 dims (AVX2 loop)
+    [(6, 2, 32), (12, 4, 128), (8, 2, 128), (4, 2, 96), (10, 2, 80), (16, 2, 64), (2, 2, 32), (6, 2, 72)],
+)
+def test_grouped_query_attention_with_a_window_equals_pytorch(cache_dtype, h, kv, d):
+    """Two rows at their own positions, query heads in groups on fewer KV heads, rotary on half the dims, the
+    second row under a sliding window (first attended slot > 0): the C step against rotary + SDPA over the
+    same slots."""
     from phikit.models.common import apply_rope
 
     torch.manual_seed(0)
-    b, h, kv, d, r, slots = 2, 6, 2, 32, 16, 24
+    b, r, slots = 2, d // 2, 24
     q, k, v = torch.randn(b, h, d), torch.randn(b, kv, d), torch.randn(b, kv, d)
     k_cache = torch.randn(b, kv, slots, d).to(cache_dtype)
     v_cache = torch.randn(b, kv, slots, d).to(cache_dtype)

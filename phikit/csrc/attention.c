@@ -30,6 +30,17 @@ static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f
     }
 }
 
+#if defined(__AVX512F__)
+#include "avx512/attention_group.h" /* grouped-query heads with zmm registers: group_scores, group_values */
+#define GROUP_ATTENTION(G, D) ((G) > 1 && (G) <= 8 && (D) % 16 == 0 && (D) <= 128)
+#else
+#define GROUP_ATTENTION(G, D) 0
+static inline void group_scores(const void *k, int64_t b, int64_t n, int64_t D, int64_t G, const float *q,
+                                float *s, int64_t st, int f16) {}
+static inline int group_values(const void *v, int64_t b, int64_t n, int64_t D, int64_t G, const float *s,
+                               int64_t st, float *o, int f16) { return 0; }
+#endif
+
 /* One new token per row: rotary on q and k, k and v written at slot pos[b], then softmax attention of each
  * query head over slots first[b] .. pos[b] (first > 0: a sliding window). Grouped-query heads: the G = H / KV
  * query heads of a KV head are done together, so each cached key and value is read once per group, not once
@@ -69,14 +80,18 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
                 for (int64_t i = 0; i < D; i++) qh[g * D + i] = q[(b * H + kvh * G + g) * D + i] * scale;
                 rope(qh + g * D, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
             }
-            for (int64_t j = 0; j < n; j++) /* each key once for the group */
-                for (int64_t g = 0; g < G; g++) {
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int64_t i = 0; i < nv; i++)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + 8 * i),
-                                              load_kv(k_cache, base + j * D + 8 * i, f16), acc);
-                    scores[g * stride + j] = hsum(acc);
-                }
+            if (GROUP_ATTENTION(G, D)) {
+                group_scores(k_cache, base, n, D, G, qh, scores, stride, f16);
+            } else {
+                for (int64_t j = 0; j < n; j++) /* each key once for the group */
+                    for (int64_t g = 0; g < G; g++) {
+                        __m256 acc = _mm256_setzero_ps();
+                        for (int64_t i = 0; i < nv; i++)
+                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + 8 * i),
+                                                  load_kv(k_cache, base + j * D + 8 * i, f16), acc);
+                        scores[g * stride + j] = hsum(acc);
+                    }
+            }
             for (int64_t g = 0; g < G; g++) {
                 float *sc = scores + g * stride, m = -INFINITY;
                 for (int64_t j = 0; j < n; j++) m = fmaxf(m, sc[j]);
@@ -99,6 +114,8 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
                         acc[i] = _mm256_fmadd_ps(p, load_kv(v_cache, base + j * D + 8 * i, f16), acc[i]);
                 }
                 for (int64_t i = 0; i < nv; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+            } else if (GROUP_ATTENTION(G, D) && group_values(v_cache, base, n, D, G, scores, stride, o, f16)) {
+                /* done with the outputs in registers */
             } else { /* each value once for the group; the G outputs stay in L1 */
                 for (int64_t i = 0; i < G * D; i++) o[i] = 0.0f;
                 for (int64_t j = 0; j < n; j++)
