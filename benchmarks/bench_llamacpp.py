@@ -267,7 +267,7 @@ def main() -> None:
     gguf_dir = LLAMA / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     files = {t: gguf_dir / f"{model.name}-{t}.gguf" for t in ["f16", *types]}
-    if not files["f16"].is_file():
+    if not files["f16"].is_file() and not all(files[t].is_file() for t in types):  # the F16 file may be removed
         convert(src, model, files["f16"])
     for t in types:
         if not files[t].is_file():

@@ -10,10 +10,10 @@
 2. phikit loads it with ``quantize="int4"`` (group 64): each weight is read into its own buffer, quantized
    and dropped before the next, so the bf16 model never exists either; peak RSS (ru_maxrss of the
    process, loading plus prefill and decoding) is compared with the int4 weights' bytes.
-3. llama.cpp: the converter writes Q8_0 (15.6 GB; an F16 file would not fit on the disk next to the
-   checkpoint), and llama-quantize --allow-requantize makes Q4_0 of it (the same format and speed as
-   Q4_0 from F16; only the values differ, and they are random). llama-bench measures it, interleaved with
-   phikit, each round: phikit then llama.cpp.
+3. llama.cpp: the converter writes TQ2_0 (ternary, about 6 GB: an F16 file, 29 GB, would not fit on this
+   disk next to the checkpoint), and llama-quantize --allow-requantize makes Q4_0 of it: the same format,
+   size and speed as Q4_0 from F16, only the (random) values differ. llama-bench measures it, interleaved
+   with phikit, each round: phikit then llama.cpp.
 
 Writes benchmarks/results_phi4_int4.json and prints a Markdown table.
 """
@@ -125,35 +125,35 @@ def random_phi4(folder: Path = WORK / "phi4-random") -> Path:
 
 
 def q4_0_gguf(model: Path) -> tuple[Path, Path]:
-    """llama.cpp's Q4_0 of the checkpoint (made once: converter Q8_0, then llama-quantize) and its bin/."""
+    """llama.cpp's Q4_0 of the checkpoint (made once: converter TQ2_0, then llama-quantize) and its bin/."""
     src = bench_llamacpp.source(None)
     bin_dir = bench_llamacpp.build(src)
     out_dir = bench_llamacpp.LLAMA / "gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
-    q8, q4 = out_dir / f"{model.name}-q8_0.gguf", out_dir / f"{model.name}-q4_0.gguf"
+    intermediate, q4 = out_dir / f"{model.name}-tq2_0.gguf", out_dir / f"{model.name}-q4_0.gguf"
     if q4.is_file():
         return q4, bin_dir
-    if not q8.is_file():
-        tmp = q8.with_name(q8.stem + ".tmp.gguf")
+    if not intermediate.is_file():
+        tmp = intermediate.with_name(intermediate.stem + ".tmp.gguf")
         env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
-        print(f"converting {model} to {q8.name} ...", file=sys.stderr, flush=True)
+        print(f"converting {model} to {intermediate.name} ...", file=sys.stderr, flush=True)
         args = [
             sys.executable,
             str(src / "convert_hf_to_gguf.py"),
             "--outtype",
-            "q8_0",
+            "tq2_0",
             "--outfile",
             str(tmp),
             str(model),
         ]
         bench_llamacpp.run([*bench_llamacpp.NICE, *args], "convert-phi4", env)
-        tmp.rename(q8)
+        tmp.rename(intermediate)
     tmp = q4.with_name(q4.stem + ".tmp.gguf")
-    print(f"quantizing {q8.name} to Q4_0 ...", file=sys.stderr, flush=True)
-    cmd = [str(bin_dir / "llama-quantize"), "--allow-requantize", str(q8), str(tmp), "Q4_0", "2"]
+    print(f"quantizing {intermediate.name} to Q4_0 ...", file=sys.stderr, flush=True)
+    cmd = [str(bin_dir / "llama-quantize"), "--allow-requantize", str(intermediate), str(tmp), "Q4_0", "2"]
     bench_llamacpp.run([*bench_llamacpp.NICE, *cmd], "quantize-phi4")
     tmp.rename(q4)
-    q8.unlink()  # 15.6 GB no longer needed
+    intermediate.unlink()  # no longer needed
     return q4, bin_dir
 
 
