@@ -1,15 +1,6 @@
 """CPU kernels (``phikit/csrc``), compiled on first use with the system C compiler and called via ctypes.
 
-A plain C library rather than a torch C++ extension: it compiles in about a second without torch's
-headers or ninja, and the call overhead (~1 us) is small next to a matrix-vector product. The library
-links the same ``libgomp.so.1`` that torch loaded, so both share one OpenMP thread pool.
-
-Builds: one per instruction set, with explicit flags, never ``-march=native``: ``avx2`` (AVX2 + FMA + F16C,
-the baseline) and ``avx512`` (plus AVX-512 F/BW/VL/DQ, and BF16/VNNI where the CPU has them), the widest
-the CPU's flags allow picked at run time (``PHIKIT_CPU_ISA=avx2`` forces the baseline). A build is keyed
-by the source, the compiler's version and the flags, and cached in ``$PHIKIT_CACHE/kernels`` (default
-``~/.cache/phikit/kernels``) only where that folder and the library are the current user's and writable by
-no one else; otherwise the library is built in a private temporary folder and loaded from there.
+A plain C library (why, and how it is built and cached per instruction set: ``build``'s docstring).
 
 Where things are (one concern per module; ``from phikit import kernels`` gives all of them):
 
@@ -25,12 +16,8 @@ The C side has the same map: ``csrc/cpu_kernels.c`` lists its parts, one file pe
 AVX2 code with AVX-512 overrides beside it in ``csrc/avx512/``. A new operation: its C function in the
 part it belongs to, one line in ``phikit.h``'s PHIKIT_API block, a checked wrapper in ``ops.py``.
 
-Every call goes through a wrapper that checks each tensor's device, dtype, shape and contiguity (and the
-cache slots' range) before any pointer reaches C: a mistake is a ValueError, never a read past a buffer.
-
-Everything here is optional: without an x86-64 AVX2/FMA/F16C CPU or a working C compiler (``CC`` may
-hold a command with arguments, e.g. ``ccache gcc``), or with ``PHIKIT_NO_KERNELS=1``, ``available()`` is
-False, callers use PyTorch ops instead, and phikit says why once on stderr.
+Every call is checked before any pointer reaches C (``ops``), and everything here is optional: where the
+library cannot be built, ``available()`` is False and callers use PyTorch ops (``build``).
 """
 
 from phikit.kernels.build import (

@@ -11,9 +11,6 @@ by the source, the compiler's version and the flags, and cached in ``$PHIKIT_CAC
 ``~/.cache/phikit/kernels``) only where that folder and the library are the current user's and writable by
 no one else; otherwise the library is built in a private temporary folder and loaded from there.
 
-Every call goes through a wrapper that checks each tensor's device, dtype, shape and contiguity (and the
-cache slots' range) before any pointer reaches C: a mistake is a ValueError, never a read past a buffer.
-
 Everything here is optional: without an x86-64 AVX2/FMA/F16C CPU or a working C compiler (``CC`` may
 hold a command with arguments, e.g. ``ccache gcc``), or with ``PHIKIT_NO_KERNELS=1``, ``available()`` is
 False, callers use PyTorch ops instead, and phikit says why once on stderr.
