@@ -25,14 +25,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_llamacpp  # noqa: E402
-from bench_vs_llamacpp import sum_bandwidth  # noqa: E402
+from bench_vs_llamacpp import llama, sum_bandwidth  # noqa: E402
 from common import SHARED_DATA, WORK, isa_flags, linear_weights, machine, markdown_table, save_json  # noqa: E402
 
 from phikit.bench import BenchSettings, run_one  # noqa: E402
@@ -124,15 +123,16 @@ def random_phi4(folder: Path = WORK / "phi4-random") -> Path:
     return folder
 
 
-def q4_0_gguf(model: Path) -> tuple[Path, Path]:
-    """llama.cpp's Q4_0 of the checkpoint (made once: converter TQ2_0, then llama-quantize) and its bin/."""
+def q4_0_gguf(model: Path) -> Path:
+    """llama.cpp's Q4_0 of the checkpoint, made once (converter TQ2_0, then llama-quantize) where
+    bench_llamacpp.py looks for it, so its llama-bench runs take it as is."""
     src = bench_llamacpp.source(None)
     bin_dir = bench_llamacpp.build(src)
     out_dir = bench_llamacpp.LLAMA / "gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
     intermediate, q4 = out_dir / f"{model.name}-tq2_0.gguf", out_dir / f"{model.name}-q4_0.gguf"
     if q4.is_file():
-        return q4, bin_dir
+        return q4
     if not intermediate.is_file():
         tmp = intermediate.with_name(intermediate.stem + ".tmp.gguf")
         env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
@@ -154,18 +154,7 @@ def q4_0_gguf(model: Path) -> tuple[Path, Path]:
     bench_llamacpp.run([*bench_llamacpp.NICE, *cmd], "quantize-phi4")
     tmp.rename(q4)
     intermediate.unlink()  # no longer needed
-    return q4, bin_dir
-
-
-def llama_bench(bin_dir: Path, gguf: Path, prompt: int, new: int) -> dict:
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", "2", "-p", str(prompt), "-n", str(new)]
-    proc = subprocess.run([*cmd, "-r", "1", "-o", "json"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"llama-bench failed:\n{proc.stderr[-2000:]}")
-    records = json.loads(proc.stdout)
-    pp = next(r for r in records if r["n_prompt"] > 0)
-    tg = next(r for r in records if r["n_gen"] > 0)
-    return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "size_gb": tg["model_size"] / 1e9}
+    return q4
 
 
 def main() -> None:
@@ -176,7 +165,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results_phi4_int4.json")
     args = ap.parse_args()
     model = random_phi4()
-    gguf, bin_dir = q4_0_gguf(model)
+    q4_0_gguf(model)
     weights = linear_weights(model)
     int4_gb = weights * 4.5 / 8 / 1e9  # group 64: 4 bits + an fp16 scale and minimum per 64 weights
     embedding_gb = PHI4["vocab_size"] * PHI4["hidden_size"] * 2 / 1e9  # stays bf16
@@ -194,13 +183,13 @@ def main() -> None:
             raise SystemExit(f"phikit int4 failed: {row['error']}")
         mine.append(row)
         print(f"round {r + 1}/{args.rounds}: llama.cpp Q4_0", file=sys.stderr, flush=True)
-        theirs.append(llama_bench(bin_dir, gguf, args.prompt_tokens, args.new_tokens))
+        theirs.append(llama(model, "q4_0", args.prompt_tokens, args.new_tokens))
     gbs = statistics.median(bandwidth)
 
     def med(rows, key):
         return statistics.median(x[key] for x in rows)
 
-    limit = gbs / (int4_gb + 0.0)  # tokens/s if every int4 weight byte is read once per token
+    limit = gbs / int4_gb  # tokens/s if every int4 weight byte is read once per token
     peak = max(x["peak_memory_gb"] for x in mine)
     rows = [
         {

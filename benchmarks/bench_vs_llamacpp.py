@@ -36,7 +36,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     isa_flags,
-    kv_bytes_per_token,
     linear_weights,
     machine,
     markdown_table,
@@ -193,10 +192,10 @@ def depth_rows(model: Path, args, gbs: float, weights: int) -> list[dict]:
     mine = run_one(settings, "phikit", precision)
     if "error" in mine:
         raise SystemExit(f"phikit {precision} at depth failed: {mine['error']}")
-    per_token = kv_bytes_per_token(model)
+    kv_bytes = {int(d): mb * 1e6 for d, mb in mine["kv_cache_mb_at_depth"].items()}  # the model's own count
     rows = []
     for d in depths:
-        limit = gbs * 1e9 / (BYTES_PER_WEIGHT[precision] * weights + per_token * d)
+        limit = gbs * 1e9 / (BYTES_PER_WEIGHT[precision] * weights + kv_bytes[d])
         tok_s = mine["decode_at_depth_tok_s"][str(d)]
         rows.append(
             {
@@ -205,7 +204,7 @@ def depth_rows(model: Path, args, gbs: float, weights: int) -> list[dict]:
                 "precision": precision,
                 "depth": d,
                 "decode_tok_s": tok_s,
-                "kv_cache_gb": per_token * d / 1e9,
+                "kv_cache_gb": kv_bytes[d] / 1e9,
                 "decode_of_bandwidth_limit": f"{tok_s / limit:.0%}",
             }
         )
@@ -220,7 +219,7 @@ def depth_rows(model: Path, args, gbs: float, weights: int) -> list[dict]:
                 "precision": gguf_type,
                 "depth": r["depth"],
                 "decode_tok_s": r["decode_tok_s"],
-                "kv_cache_gb": per_token * r["depth"] / 1e9,
+                "kv_cache_gb": kv_bytes[r["depth"]] / 1e9,  # fp16, as phikit's
             }
         )
     for r in rows:

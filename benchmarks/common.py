@@ -200,15 +200,6 @@ def linear_weights(model: Path) -> int:
     return layers * (attention + mlp) + c["vocab_size"] * hidden
 
 
-def kv_bytes_per_token(model: Path, element: int = 2) -> int:
-    """Bytes of keys and values one token adds to the cache (fp16: ``element`` 2), all layers."""
-    c = json.loads((model / "config.json").read_text())
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    return 2 * c["num_hidden_layers"] * kv * head_dim * element
-
-
 def copy_tokenizer(folder: Path) -> None:
     """Put the shared tokenizer's files (not its ``reference/`` folder) into the checkpoint ``folder``."""
     if not SHARED_TOKENIZER.is_dir():
