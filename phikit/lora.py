@@ -11,6 +11,7 @@ PEFT's: targets as names, full module paths ("all-linear" as saved) or a regex, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -170,8 +171,12 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.in_features, self.out_features = in_features, out_features
 
+    disabled = False  # set by adapters_disabled: the layer is then its base alone
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.disabled:
+            return result
         dtype = self.lora_A.weight.dtype
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(dtype)))) * self.scaling
         return result + update.to(result.dtype)
@@ -179,6 +184,20 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """B @ A * scaling: what merging adds to the base weight (out, in), fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block every LoRA layer of ``model`` computes its base layer alone (PEFT's
+    ``disable_adapter``): the base model without a second copy of its weights (DPO's reference)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,220 @@
+"""A fine-tuning recipe's settings: the YAML keys, typed and checked the same way from YAML and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from phikit.errors import PhikitError
+
+METHODS = ("sft", "dpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo", "robust")
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning recipe. Field names are the YAML keys (and ``--key value`` CLI overrides)."""
+
+    method: str = "sft"  # sft | dpo | orpo (preference pairs: phikit.train.preference)
+    model: str = "microsoft/phi-2"
+    output_dir: str = "runs/finetune"
+    data: str = "timdettmers/openassistant-guanaco"
+    # text | alpaca | messages | sharegpt | prompt_completion (sft); preference (dpo, orpo); empty: by method
+    data_format: str | None = None
+    columns: dict[str, str] | None = None  # the format's field -> the data's column, e.g. {prompt: question}
+    template: str = "guanaco"
+    split: str = "train"
+    eval_data: str | None = None  # a file or dataset; with a Hub dataset, eval_split picks its split
+    eval_split: str | None = None
+    eval_fraction: float = 0.0  # hold this much of the training data out when there is no eval data
+    responses_only: bool = False
+    skip_bad_rows: bool = False
+    max_examples: int | None = None
+    seq_len: int = 1024
+    packing: bool = True
+    dtype: str = "auto"  # compute dtype of the frozen base: bf16, fp16 (with loss scaling), fp32
+    device: str = "auto"
+    quantize: str | None = None  # nf4 (QLoRA: bitsandbytes on CUDA, our NF4 on CPU), int8, int4
+    lora_r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    # default: the attention projections of the model's family; names, full paths, "all-linear" or a regex
+    lora_targets: list[str] | str | None = None
+    batch_size: int = 1
+    grad_accum: int = 12
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 100
+    epochs: float = 3
+    max_steps: int | None = None
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes, CUDA)
+    gradient_checkpointing: bool = True
+    eval_every: int = 50
+    save_every: int = 50
+    save_total_limit: int = 2
+    log_every: int = 1
+    seed: int = 42
+    resume: bool = False
+    # preference tuning (TRL's names and defaults): DPO's beta (strength of the pull to the reference) or
+    # ORPO's lambda (weight of the odds-ratio term); DPO's loss; the share of pairs taken as mislabelled
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | robust
+    label_smoothing: float = 0.0
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the method trains on preference pairs (chosen / rejected) rather than single texts."""
+        return self.method in ("dpo", "orpo")
+
+    @property
+    def format(self) -> str:
+        """The data format in effect: ``data_format``, or the method's own (text for sft, preference for pairs)."""
+        return self.data_format or ("preference" if self.pairs else "text")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+        raw: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise PhikitError(f"{path}: recipe not found")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise PhikitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(raw, dict):
+                raise PhikitError(f"{path}: expected a mapping of settings")
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise PhikitError(
+                f"{path or 'overrides'}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        source = str(path or "overrides")
+        config = cls(**{name: cls.coerce(name, value, source) for name, value in raw.items()})
+        config.validate(str(path or "config"))
+        return config
+
+    @classmethod
+    def coerce(cls, name: str, value, source: str = "config"):
+        """``value`` (from YAML, or a command-line string) as the setting's type, the same way for both:
+        booleans from true/false/yes/no/on/off/1/0, integers only when whole, numbers from text (YAML reads
+        1e-4 as a string), ``lora_targets`` from a list, a comma list, "all-linear", a module name or a regex,
+        ``columns`` from a mapping or "field=column,..."; anything else is a PhikitError naming the key."""
+        kind = str({f.name: f for f in dataclasses.fields(cls)}[name].type)
+        optional = "None" in kind
+
+        def fail(expected: str):
+            return PhikitError(f"{source}: {name} must be {expected}, got {value!r}")
+
+        if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            if not optional:
+                raise fail("given")
+            return None
+        if name == "lora_targets":
+            return _lora_targets(value, fail)
+        if name == "columns":
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise fail("field=column pairs separated by commas")
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in [*value, *value.values()]):
+                raise fail("a mapping from the format's fields to the data's column names")
+            return value
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise fail("true or false")
+        if kind.startswith("int"):
+            if isinstance(value, bool):
+                raise fail("a whole number")
+            try:
+                number = float(value) if isinstance(value, str) else value
+            except ValueError:
+                raise fail("a whole number") from None
+            if not isinstance(number, (int, float)) or not math.isfinite(number) or number != int(number):
+                raise fail("a whole number")
+            return int(number)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise fail("a number")
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise fail("a number") from None
+        if not isinstance(value, str):
+            raise fail("text")
+        return value
+
+    def validate(self, source: str) -> None:
+        finite = all(
+            isinstance(v, (int, float)) and math.isfinite(v)
+            for v in (self.lr, self.weight_decay, self.max_grad_norm, self.epochs, self.lora_alpha, self.eval_fraction)
+        )
+        checks = [
+            (finite, "lr, weight_decay, max_grad_norm, epochs, lora_alpha and eval_fraction must be finite numbers"),
+            (self.seq_len >= 8, "seq_len must be at least 8"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1 (or empty: from epochs)"),
+            (self.save_every >= 1 and self.eval_every >= 1, "save_every and eval_every must be at least 1"),
+            (self.log_every >= 1 and self.warmup_steps >= 0, "log_every must be >= 1 and warmup_steps >= 0"),
+            (self.save_total_limit >= 0, "save_total_limit must be >= 0 (0: keep every checkpoint)"),
+            (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+            (self.lora_r >= 1 and self.lora_alpha > 0, "lora_r must be >= 1 and lora_alpha > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (not Path(self.output_dir).is_file(), f"output_dir {self.output_dir} is a file, not a folder"),
+            (self.scheduler in ("linear", "cosine", "constant"), "scheduler must be linear, cosine or constant"),
+            (
+                self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+                "optimizer must be adamw, adamw_8bit or paged_adamw_8bit",
+            ),
+            (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32"),
+            (self.quantize in (None, "nf4", "int8", "int4"), "quantize must be nf4, int8, int4 or empty"),
+            (self.epochs > 0 or self.max_steps, "set epochs > 0 or max_steps"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.loss_type in DPO_LOSSES, f"loss_type must be one of {', '.join(DPO_LOSSES)}"),
+            (math.isfinite(self.beta) and self.beta > 0, "beta must be a positive number"),
+            (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
+            (
+                (self.format == "preference") == self.pairs,
+                f"method {self.method} trains on "
+                + ("preference pairs: data_format preference (or leave it empty)" if self.pairs else "single texts")
+                + f", not data_format {self.format}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PhikitError(f"{source}: {message}")
+
+
+def _lora_targets(value, fail) -> list[str] | str:
+    """LoRA targets as PEFT takes them: a list of module names or paths; one string that is "all-linear" or
+    a regex (matched against whole module names); a comma list or a single module name as a list."""
+    from phikit.lora import KNOWN_TARGETS
+
+    if isinstance(value, str):
+        text = value.strip()
+        if "," in text:
+            return [t.strip() for t in text.split(",") if t.strip()]
+        if re.fullmatch(r"[\w.]+", text) and text.rsplit(".", 1)[-1] in KNOWN_TARGETS:  # a name or a path
+            return [text]
+        return text  # all-linear, or a regex
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise fail("a list of module names, 'all-linear' or a regular expression")

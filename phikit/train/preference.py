@@ -1,0 +1,168 @@
+"""Preference pairs for DPO and ORPO: read, checked (file and line, as SFT data), tokenized, batched.
+
+Rows, in any file or dataset ``phikit.data.read_rows`` reads (TRL's preference formats):
+  {"prompt": "...", "chosen": "...", "rejected": "..."}          text, used as written (the prompt ends where
+                                                                  the reply starts, as TRL does)
+  {"prompt": [messages], "chosen": [messages], "rejected": [...]} conversations, rendered with the recipe's
+                                                                  template (``template: chat``: the model's own)
+  {"chosen": "...", "rejected": "..."}                             two transcripts of one conversation (HH-RLHF's
+                                                                  "\\n\\nHuman: ...\\n\\nAssistant: ..."): the prompt
+                                                                  is their shared start, up to its last
+                                                                  "Assistant:"
+  {"chosen": [messages], "rejected": [messages]}                   the shared leading messages are the prompt
+Only the replies are trained on (the prompt's tokens are masked), each reply ends with the EOS, and pairs
+are never packed: a batch holds every chosen sequence, then every rejected one, right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from phikit.data import IGNORE, apply_columns, read_rows
+from phikit.errors import PhikitError
+from phikit.templates import get_template
+from phikit.tokenizer import Tokenizer
+
+
+@dataclass
+class PairExample:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def split_pair(row: dict) -> tuple[str | list, str | list, str | list]:
+    """(prompt, chosen reply, rejected reply) of a row in one of the four forms above."""
+    if not isinstance(row, dict):
+        raise ValueError("expected a JSON object")
+    if "__error__" in row:
+        raise ValueError(row["__error__"])
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            return _shared_transcript(chosen, rejected)
+        if _is_messages(chosen) and _is_messages(rejected):
+            return _shared_messages(chosen, rejected)
+        raise ValueError('expected "chosen" and "rejected" (strings or message lists), with or without "prompt"')
+    if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+        return prompt, chosen, rejected
+    if _is_messages(prompt) and prompt and all(_is_messages(r) or isinstance(r, str) for r in (chosen, rejected)):
+        return prompt, chosen, rejected
+    raise ValueError('expected "prompt", "chosen" and "rejected" all strings, or a message list and replies')
+
+
+def _shared_transcript(chosen: str, rejected: str) -> tuple[str, str, str]:
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind("Assistant:", 0, shared)
+    if cut < 0 or shared == len(chosen) == len(rejected):
+        raise ValueError(
+            'the "chosen" and "rejected" transcripts do not share a prompt ending in "Assistant:"; give a "prompt" '
+            "field"
+        )
+    cut += len("Assistant:")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _shared_messages(chosen: list, rejected: list) -> tuple[list, list, list]:
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or len(chosen) != shared + 1 or len(rejected) != shared + 1:
+        raise ValueError('"chosen" and "rejected" must share their leading messages and differ in the last one')
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def encode_pair(prompt, chosen, rejected, tokenizer: Tokenizer, template) -> PairExample:
+    """Token ids of the prompt and of each reply (ending with the EOS). Text is tokenized as written; a
+    conversation is rendered with ``template`` and cut where its last reply starts (as SFT's segments)."""
+    if isinstance(prompt, str):
+        return PairExample(
+            tokenizer.encode(prompt), *(_with_eos(tokenizer.encode(r), tokenizer) for r in (chosen, rejected))
+        )
+    sides = []
+    for reply in (chosen, rejected):
+        messages = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
+        if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "assistant":
+            raise ValueError("each reply must be one assistant message (or a string)")
+        segments = template.conversation_segments(list(prompt) + messages)
+        last = max(i for i, (_, trained) in enumerate(segments) if trained)
+        ids = [[t for text, _ in part for t in tokenizer.encode(text)] for part in (segments[:last], segments[last:])]
+        sides.append((ids[0], _with_eos(ids[1], tokenizer)))
+    if sides[0][0] != sides[1][0]:
+        raise ValueError("the prompt renders differently before the chosen and the rejected reply")
+    return PairExample(sides[0][0], sides[0][1], sides[1][1])
+
+
+def _with_eos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
+    return ids if ids and ids[-1] == tokenizer.eos_id else ids + [tokenizer.eos_id]
+
+
+def fit_pair(pair: PairExample, seq_len: int) -> tuple[PairExample, bool]:
+    """The pair within ``seq_len`` tokens a sequence (and whether it was cut): the prompt loses its start
+    while the longer reply would get less than half the length, then the replies lose their ends."""
+    longest = max(len(pair.chosen), len(pair.rejected))
+    if len(pair.prompt) + longest <= seq_len:
+        return pair, False
+    prompt = pair.prompt
+    room = seq_len - len(prompt)
+    wanted = min(longest, seq_len // 2)
+    if room < wanted:
+        prompt = prompt[len(prompt) - (seq_len - wanted) :] if seq_len > wanted else []
+        room = seq_len - len(prompt)
+    return PairExample(prompt, pair.chosen[:room], pair.rejected[:room]), True
+
+
+def load_pairs(
+    source: str,
+    tokenizer: Tokenizer,
+    template: str = "guanaco",
+    split: str = "train",
+    seq_len: int = 1024,
+    skip_bad_rows: bool = False,
+    limit: int | None = None,
+    columns: dict[str, str] | None = None,
+) -> tuple[list[PairExample], int, int]:
+    """(pairs, malformed rows skipped, pairs cut to ``seq_len``) of a data source; a malformed row raises a
+    PhikitError naming file and line unless ``skip_bad_rows``."""
+    chat = get_template(template, tokenizer)
+    pairs: list[PairExample] = []
+    skipped = cut = 0
+    for where, row in read_rows(source, split):
+        try:
+            pair = encode_pair(*split_pair(apply_columns(row, columns)), tokenizer, chat)
+        except ValueError as e:
+            if skip_bad_rows:
+                skipped += 1
+                continue
+            raise PhikitError(f"{where}: {e} (preference pairs); fix the row or set skip_bad_rows") from None
+        pair, was_cut = fit_pair(pair, seq_len)
+        pairs.append(pair)
+        cut += was_cut
+        if limit and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise PhikitError(f"{source}: no usable preference pairs ({skipped} malformed)")
+    return pairs, skipped, cut
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) of 2 x len(pairs) sequences, every chosen one first, then every rejected one (TRL's
+    order), right-padded; labels are IGNORE on the prompts and the padding."""
+    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    longest = max(len(a) + len(b) for a, b in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), longest), IGNORE, dtype=torch.long)
+    for row, (prompt, reply) in enumerate(sequences):
+        ids[row, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
+        labels[row, len(prompt) : len(prompt) + len(reply)] = torch.tensor(reply)
+    return ids, labels

@@ -1,0 +1,475 @@
+"""Fine-tuning as a recipe in named phases (torchtune's recipes are the model): ``setup`` (output folder,
+processes, seeds), ``setup_data`` (read and check the data before any weight loads), ``setup_model`` (the base,
+quantized or not, with a LoRA adapter), ``setup_optimizer``, ``resume``, ``train_step``, ``evaluate``,
+``save_checkpoint`` and ``train``, the loop that calls them. SFT, DPO and ORPO share every phase but their data
+and their loss: a method is a subclass that gives ``setup_data``, ``collate`` and ``loss``.
+
+Checkpoints are written atomically every ``save_every`` steps; ``resume`` continues from the newest one to the
+same result as an uninterrupted run, because the data order depends only on (seed, epoch) and the RNG states
+are restored. Under ``torchrun --nproc-per-node N`` the same loop runs DDP (gloo on CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from phikit.errors import PhikitError
+from phikit.train.config import TrainConfig
+from phikit.train.losses import causal_lm_loss, dpo_loss, frozen_head, orpo_loss, sequence_logps
+from phikit.train.state import (
+    MetricsLog,
+    _check_resume,
+    _set_rng_state,
+    checkpoints,
+    read_trainer_state,
+    save_checkpoint,
+)
+
+# ---- distributed helpers ----
+
+
+def _world() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (one small all-reduce under DDP): a rank that stopped alone
+    would leave the others waiting for it in the next collective, for ever."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+# ---- schedule and optimizer ----
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        if config.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1 - progress)
+
+    return factor
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if device.type != "cuda":
+        raise PhikitError(f"optimizer {config.optimizer} needs bitsandbytes on a CUDA GPU; use adamw on CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _mean(rows: list[dict]) -> dict:
+    """The mean of each metric over micro-batches."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+
+
+# ---- the recipe ----
+
+
+class SFTRecipe:
+    """Supervised fine-tuning: next-token cross-entropy on (packed) texts. The base of the other methods."""
+
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        self.step = 0
+        self.cursor = {"epoch": 0, "batch": 0}
+
+    # -- phases --
+
+    def setup(self) -> None:
+        """Device, processes, the output folder (a finished or running run is never overwritten), seeds."""
+        from phikit.checkpoint import resolve_device
+
+        config = self.config
+        self.rank, self.world, local_rank = _world()
+        device = resolve_device(config.device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+        self.main_process = self.rank == 0
+        self.out = out = Path(config.output_dir)
+        self.existing = existing = checkpoints(out) if out.exists() else []
+        if self.main_process and out.exists() and not config.resume and (existing or (out / "adapter").exists()):
+            how = "pass --resume to continue it, or " if existing else "it finished; "
+            raise PhikitError(f"{out} already holds a run; {how}choose another output_dir")
+        if config.resume and not existing:
+            raise PhikitError(f"--resume: no checkpoint-* folder in {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        if config.resume:
+            _check_resume(existing[-1], config)
+
+    def setup_data(self) -> None:
+        """Training and evaluation sequences, read and checked with the checkpoint's tokenizer before any
+        weight is loaded: a bad row costs seconds, not a model load."""
+        from phikit.data import load_examples, pack_examples, split_eval, truncate_examples
+
+        config = self.config
+        args = (self.tokenizer, config.format, config.template)
+        examples, self.skipped = load_examples(
+            config.data,
+            *args,
+            config.split,
+            config.responses_only,
+            config.skip_bad_rows,
+            config.max_examples,
+            config.columns,
+        )
+        if config.eval_data or config.eval_split:
+            source, split = config.eval_data or config.data, config.eval_split or "test"
+            held = load_examples(
+                source, *args, split, config.responses_only, config.skip_bad_rows, None, config.columns
+            )[0]
+        else:
+            examples, held = split_eval(examples, config.eval_fraction, config.seed)
+        pad = self.tokenizer.pad_id
+        if config.packing:
+            self.train_set, self.eval_set = (
+                pack_examples(examples, config.seq_len, pad),
+                (pack_examples(held, config.seq_len, pad) if held else []),
+            )
+        else:
+            self.train_set, self.eval_set = (
+                truncate_examples(examples, config.seq_len),
+                truncate_examples(held, config.seq_len),
+            )
+
+    def setup_model(self) -> None:
+        """The base model (quantized as asked) with a fresh LoRA adapter, or the checkpoint's when resuming."""
+        from phikit.api import load
+        from phikit.lora import LoRAConfig, inject_lora, load_adapter
+        from phikit.models import family_of
+
+        config = self.config
+        dtype = config.dtype
+        if dtype == "auto":
+            cuda = self.device.type == "cuda"
+            dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        self.dtype = dtype
+        phi = load(
+            self.folder,
+            dtype=dtype,
+            device=self.device,
+            quantize=config.quantize,
+            progress=self.main_process and self.progress,
+        )
+        model = self.model = phi.model
+        targets = config.lora_targets or list(family_of(model.config).attention_names)
+        if config.resume:
+            load_adapter(model, self.existing[-1])
+            for name, p in model.named_parameters():
+                p.requires_grad_(".lora_" in name)
+        else:
+            inject_lora(model, LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets))
+        model.model.gradient_checkpointing = config.gradient_checkpointing
+        model.train()
+        self.head = frozen_head(model.lm_head)  # a frozen head's weights, dequantized once for the whole run
+        self.net = model
+        if self.world > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+        self.amp_dtype = amp_dtype if self.device.type == "cuda" else None
+
+    def setup_optimizer(self) -> None:
+        """AdamW (or bitsandbytes' 8-bit ones on CUDA) over the adapter, the schedule over the run's steps,
+        and a loss scaler with fp16."""
+        from phikit.data import epoch_batches
+        from phikit.lora import trainable_parameters
+
+        config = self.config
+        per_epoch = len(epoch_batches(self.train_set, config.batch_size, config.seed, 0, self.rank, self.world))
+        per_epoch //= config.grad_accum
+        if per_epoch == 0:
+            raise PhikitError(
+                f"{config.data}: too little data for one optimizer step "
+                f"({len(self.train_set)} {self.unit}, batch {config.batch_size} x grad_accum {config.grad_accum})"
+            )
+        self.total_steps = config.max_steps or math.ceil(per_epoch * config.epochs)
+        self.params = trainable_parameters(self.model)
+        self.optimizer = make_optimizer(config, self.params, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "fp16" else None
+
+    def resume(self) -> None:
+        """Optimizer, schedule, scaler, RNG and data position from the newest checkpoint."""
+        state = read_trainer_state(self.existing[-1] / "trainer_state.pt")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.cursor = state["step"], state["cursor"]
+        _set_rng_state(state["rng"])
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; the step's metrics (means over them)."""
+        from phikit.data import epoch_batches
+
+        config, world = self.config, self.world
+        self.optimizer.zero_grad(set_to_none=True)
+        rows = []
+        for micro in range(config.grad_accum):
+            if self.cursor["batch"] >= len(self.batches):
+                self.cursor = {"epoch": self.cursor["epoch"] + 1, "batch": 0}
+                self.batches = epoch_batches(
+                    self.train_set, config.batch_size, config.seed, self.cursor["epoch"], self.rank, world
+                )
+            batch = self.collate(self.batches[self.cursor["batch"]])
+            self.cursor["batch"] += 1
+            sync = world == 1 or micro == config.grad_accum - 1
+            context = self.net.no_sync() if not sync and world > 1 else contextlib.nullcontext()
+            with context:
+                with self.autocast():
+                    loss, metrics, _ = self.loss(self.net, batch)
+                if not _finite_everywhere(loss, world):  # every rank stops together: none waits at a barrier
+                    self.bar.close()
+                    last = checkpoints(self.out)
+                    value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
+                    fp16 = " or use bf16 instead of fp16" if self.dtype == "fp16" else ""
+                    raise PhikitError(
+                        f"loss became {value} at step {self.step + 1}; lower lr{fp16}; last checkpoint: "
+                        f"{last[-1] if last else 'none'}"
+                    )
+                scaled = loss / config.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            rows.append({"loss": loss.item(), **metrics})
+            self.tokens_seen += int(batch[0].numel())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm else None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {**_mean(rows), "grad_norm": float(grad_norm) if grad_norm is not None else None}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The method's loss and metrics over the held-out data, weighted by each batch's size."""
+        was_training = self.model.training
+        self.model.eval()
+        totals: dict[str, float] = {}
+        weight = 0
+        for batch in self.eval_batches:
+            tensors = self.collate(batch)
+            with self.autocast():
+                loss, metrics, n = self.loss(self.model, tensors)
+            for k, v in {"loss": float(loss), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+            weight += n
+        self.model.train(was_training)
+        return {f"eval_{k}": v / max(weight, 1) for k, v in totals.items()}
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.out,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            dict(self.cursor),
+            self.config,
+            self.config.save_total_limit,
+        )
+
+    def save_adapter(self) -> Path:
+        """The final adapter, output_dir/adapter (PEFT's format), written whole and renamed."""
+        from phikit.checkpoint import replace_folder
+        from phikit.lora import save_adapter
+
+        final = self.out / "adapter"
+        if self.main_process:
+            tmp = self.out / ".adapter.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(self.model, tmp, base_model=self.config.model)
+            replace_folder(tmp, final)
+        return final
+
+    def train(self) -> Path:
+        """Every phase in order, then steps until the run's end; returns the final adapter's folder."""
+        from phikit.checkpoint import resolve_model_path
+        from phikit.data import epoch_batches
+        from phikit.tokenizer import Tokenizer
+
+        config = self.config
+        self.setup()
+        self.folder = resolve_model_path(config.model)
+        self.tokenizer = Tokenizer(self.folder)
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimizer()
+        if config.resume:
+            self.resume()
+        size = config.batch_size
+        self.eval_batches = [self.eval_set[i : i + size] for i in range(0, len(self.eval_set), size)]
+        log = MetricsLog(self.out, self.main_process, self.step if config.resume else None)
+        if self.main_process and self.skipped:
+            print(f"skipped {self.skipped} malformed row(s) of {config.data}")
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"fine-tuning ({config.method})",
+            unit="step",
+            disable=not (self.main_process and self.progress),
+        )
+        self.batches = epoch_batches(self.train_set, size, config.seed, self.cursor["epoch"], self.rank, self.world)
+        self.tokens_seen, started = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            elapsed = time.perf_counter() - started
+            rate = self.tokens_seen * self.world / elapsed if elapsed > 0 else 0.0
+            lr = self.scheduler.get_last_lr()[0]
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+            if self.step % config.log_every == 0 or self.step == self.total_steps:
+                log.write(self.step, **metrics, lr=lr, tokens_per_s=rate, epoch=self.cursor["epoch"])
+            if self.eval_batches and (self.step % config.eval_every == 0 or self.step == self.total_steps):
+                evaluated = self.evaluate()
+                if "eval_loss" in evaluated and config.method == "sft":
+                    evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
+                log.write(self.step, **evaluated)
+                self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+            if self.main_process and (self.step % config.save_every == 0) and self.step < self.total_steps:
+                self.save_checkpoint()
+            if self.world > 1:
+                torch.distributed.barrier()
+        self.bar.close()
+        log.close()
+        final = self.save_adapter()
+        if self.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return final
+
+    # -- what a method changes --
+
+    unit = "sequences"
+
+    def autocast(self):
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
+
+    def collate(self, batch: list) -> tuple[torch.Tensor, ...]:
+        """A batch of examples as tensors on the device (ids first)."""
+        from phikit.data import collate
+
+        return tuple(t.to(self.device) for t in collate(batch, self.tokenizer.pad_id))
+
+    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict, int]:
+        """The loss to minimise on one micro-batch, its metrics (floats) and its weight in a held-out mean
+        (SFT: the labelled tokens, as its loss is per token)."""
+        ids, labels = batch
+        loss, count = causal_lm_loss(model, ids, labels, self.head)
+        return loss, {}, count
+
+
+class PreferenceRecipe(SFTRecipe):
+    """DPO (the base model, adapter disabled, as the reference: no second copy of the weights, as TRL with
+    PEFT) and ORPO (no reference) on preference pairs. The reference's log-probs of a pair never change
+    (the base is frozen and has no dropout), so each is computed once and kept for later epochs."""
+
+    unit = "pairs"
+
+    def setup_data(self) -> None:
+        from phikit.data import split_eval
+        from phikit.train.preference import load_pairs
+
+        config = self.config
+        args = (self.tokenizer, config.template)
+        pairs, self.skipped, cut = load_pairs(
+            config.data, *args, config.split, config.seq_len, config.skip_bad_rows, config.max_examples, config.columns
+        )
+        if config.eval_data or config.eval_split:
+            source, split = config.eval_data or config.data, config.eval_split or "test"
+            held = load_pairs(source, *args, split, config.seq_len, config.skip_bad_rows, None, config.columns)[0]
+        else:
+            pairs, held = split_eval(pairs, config.eval_fraction, config.seed)
+        if cut and self.main_process:
+            print(f"{cut} of {len(pairs)} pair(s) were cut to seq_len {config.seq_len} tokens")
+        self.train_set, self.eval_set = pairs, held
+        self.reference: dict[int, tuple[float, float]] = {}
+
+    def setup_model(self) -> None:
+        super().setup_model()
+        if self.config.method == "dpo" and getattr(self.model.lora_config, "modules_to_save", None):
+            raise PhikitError("DPO's reference is the base with the adapter off: modules_to_save is not supported")
+
+    def collate(self, batch: list) -> tuple:
+        from phikit.train.preference import collate_pairs
+
+        ids, labels = collate_pairs(batch, self.tokenizer.pad_id)
+        return ids.to(self.device), labels.to(self.device), batch
+
+    def reference_logps(self, batch: list, ids, labels) -> torch.Tensor:
+        """Summed log-probs of every sequence of the batch under the base model (the adapter switched off),
+        from the cache where the pair was seen before."""
+        from phikit.lora import adapters_disabled
+
+        keys = [id(p) for p in batch]
+        if not all(k in self.reference for k in keys):
+            with torch.no_grad(), adapters_disabled(self.model), self.autocast():
+                sums, _ = sequence_logps(self.model, ids, labels, self.head)
+            n = len(batch)
+            for i, k in enumerate(keys):
+                self.reference[k] = (float(sums[i]), float(sums[n + i]))
+        chosen = [self.reference[k][0] for k in keys]
+        rejected = [self.reference[k][1] for k in keys]
+        return torch.tensor(chosen + rejected, dtype=torch.float32, device=ids.device)
+
+    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict]:
+        ids, labels, pairs = batch
+        config = self.config
+        sums, counts = sequence_logps(model, ids, labels, self.head)
+        n = len(pairs)
+        if config.method == "orpo":
+            return (*orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], config.beta), n)
+        reference = self.reference_logps(pairs, ids, labels)
+        loss, metrics = dpo_loss(
+            sums[:n],
+            sums[n:],
+            reference[:n],
+            reference[n:],
+            config.beta,
+            config.loss_type,
+            config.label_smoothing,
+            counts[:n],
+            counts[n:],
+        )
+        return loss, metrics, n
+
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe}
+
+
+def finetune(config: TrainConfig, progress: bool = True) -> Path:
+    """Run a fine-tuning recipe; returns the folder of the final adapter (``output_dir/adapter``)."""
+    return RECIPES[config.method](config, progress).train()

@@ -1,0 +1,152 @@
+"""What a run leaves on disk and reads back: checkpoints (adapter + optimizer, scheduler, loss-scaler and RNG
+states + data position), written whole and renamed, and the metrics log."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from phikit.errors import PhikitError
+from phikit.train.config import TrainConfig
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, scheduler, scaler, cursor: dict, config: TrainConfig, limit: int
+) -> Path:
+    """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed.
+    ``trainer_state.pt`` holds only tensors and plain values, so resuming reads it with
+    ``torch.load(weights_only=True)``: a file planted in a checkpoint folder cannot run code."""
+    from phikit.checkpoint import replace_folder, user_mode
+    from phikit.lora import save_adapter
+
+    final = out / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-"))
+    user_mode(tmp, directory=True)
+    try:
+        save_adapter(model, tmp, base_model=config.model)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(),
+                "cursor": cursor,
+                "config": dataclasses.asdict(config),
+            },
+            tmp / "trainer_state.pt",
+        )
+        replace_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(out)[:-limit] if limit > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+RESUME_SETTINGS = ("method", "model", "quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _check_resume(checkpoint: Path, config: TrainConfig) -> None:
+    """``--resume`` continues the run a checkpoint was saved by: settings that shape the adapter or what it
+    trains on top of must be the checkpoint's, else a PhikitError naming each that differs."""
+    saved = read_trainer_state(checkpoint / "trainer_state.pt").get("config", {})
+    differ = [
+        f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
+        for key in RESUME_SETTINGS
+        if key in saved and saved[key] != getattr(config, key)
+    ]
+    if differ:
+        raise PhikitError(
+            f"--resume: {checkpoint} was trained with other settings ({'; '.join(differ)}); resume with its "
+            "settings or start a new output_dir"
+        )
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer state, unpickled with ``weights_only=True`` (tensors and plain values only)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PhikitError(
+            f"{path}: refusing to resume from it: it is corrupt or holds more than tensors and plain values "
+            f"({reason}); remove that checkpoint folder to resume from an earlier one"
+        ) from None
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoint-<step> folders in step order (``checkpoint-4.bak`` and the like are not)."""
+    found = [
+        p
+        for p in out.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir() and (p / "trainer_state.pt").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class MetricsLog:
+    """metrics.jsonl, plus TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+        """A fresh run starts a new file; a resumed one keeps the lines up to its checkpoint's step, so
+        every step appears once (the killed run may have logged steps past its last checkpoint)."""
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            kept = []
+            if resume_step is not None and self.path.is_file():
+                for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        if json.loads(line)["step"] <= resume_step:
+                            kept.append(line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+            from phikit.checkpoint import atomic_write
+
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
