@@ -12,17 +12,18 @@ from phikit.errors import PhikitError
 def add_parser(sub) -> None:
     f = sub.add_parser(
         "finetune",
-        help="LoRA/QLoRA fine-tuning from a YAML recipe: supervised (sft), DPO or ORPO",
+        help="LoRA/QLoRA fine-tuning from a YAML recipe: supervised (sft), DPO, ORPO or GRPO",
         description="Fine-tune with LoRA (QLoRA with quantize: nf4) from a recipe; any recipe key "
         "can be overridden on the command line, e.g. --lr 2e-4 --max_steps 100. method: sft (texts, the "
         "default), dpo or orpo (preference pairs {prompt, chosen, rejected}, or HH-RLHF's {chosen, rejected} "
-        "transcripts; beta, loss_type sigmoid|ipo|robust, label_smoothing as TRL's). "
+        "transcripts; beta, loss_type sigmoid|ipo|robust, label_smoothing as TRL's) or grpo (prompts, "
+        "num_generations sampled completions each, reward_funcs: answer, regex, length or package.module:function). "
         "Writes checkpoints, metrics.jsonl and the final PEFT-format adapter to "
         "output_dir/adapter. Runs DDP under torchrun --nproc-per-node N.",
         epilog="Recipes: recipes/phi2-qlora-guanaco.yaml (the reference QLoRA run), "
         "recipes/tiny-cpu.yaml (a small CPU run), recipes/tiny-phi3-chat-cpu.yaml (a Phi-3-family model on "
         "chat messages in its own chat template), recipes/tiny-guanaco-cpu.yaml and tiny-alpaca-cpu.yaml, "
-        "recipes/tiny-dpo-cpu.yaml (DPO on a CPU).",
+        "recipes/tiny-dpo-cpu.yaml (DPO on a CPU), recipes/tiny-grpo-cpu.yaml (GRPO on arithmetic).",
     )
     f.add_argument("--config", "-c", type=Path, help="recipe YAML (see recipes/)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")

@@ -1,14 +1,25 @@
-"""Fine-tuning with LoRA / QLoRA: supervised (SFT) and preference tuning (DPO, ORPO), one recipe in named
-phases driven by a YAML file (``phikit.train.recipe``); settings in ``config``, losses in ``losses``,
-preference pairs in ``preference``, checkpoints and metrics in ``state``."""
+"""Fine-tuning with LoRA / QLoRA: supervised (SFT), preference tuning (DPO, ORPO) and RL with verifiable
+rewards (GRPO), one recipe in named phases driven by a YAML file (``phikit.train.recipe``); settings in
+``config``, losses in ``losses``, preference pairs in ``preference``, GRPO's prompts and samples in ``grpo``
+and its rewards in ``rewards``, checkpoints and metrics in ``state``."""
 
-from phikit.train.config import DPO_LOSSES, METHODS, TrainConfig
-from phikit.train.losses import causal_lm_loss, dpo_loss, orpo_loss, sequence_logps, token_logps
-from phikit.train.recipe import RECIPES, PreferenceRecipe, SFTRecipe, _finite_everywhere, finetune
+from phikit.train.config import DPO_LOSSES, GRPO_LOSSES, METHODS, TrainConfig
+from phikit.train.losses import (
+    causal_lm_loss,
+    dpo_loss,
+    group_advantages,
+    grpo_loss,
+    orpo_loss,
+    sequence_logps,
+    token_logps,
+)
+from phikit.train.recipe import RECIPES, GRPORecipe, PreferenceRecipe, SFTRecipe, _finite_everywhere, finetune
 from phikit.train.state import MetricsLog, checkpoints, read_trainer_state
 
 __all__ = [
     "DPO_LOSSES",
+    "GRPO_LOSSES",
+    "GRPORecipe",
     "METHODS",
     "RECIPES",
     "MetricsLog",
@@ -20,6 +31,8 @@ __all__ = [
     "checkpoints",
     "dpo_loss",
     "finetune",
+    "group_advantages",
+    "grpo_loss",
     "orpo_loss",
     "read_trainer_state",
     "sequence_logps",

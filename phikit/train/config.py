@@ -12,19 +12,21 @@ import yaml
 
 from phikit.errors import PhikitError
 
-METHODS = ("sft", "dpo", "orpo")
+METHODS = ("sft", "dpo", "orpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
+GRPO_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
 
 @dataclass
 class TrainConfig:
     """A fine-tuning recipe. Field names are the YAML keys (and ``--key value`` CLI overrides)."""
 
-    method: str = "sft"  # sft | dpo | orpo (preference pairs: phikit.train.preference)
+    method: str = "sft"  # sft | dpo | orpo (preference pairs: phikit.train.preference) | grpo (prompts + rewards)
     model: str = "microsoft/phi-2"
     output_dir: str = "runs/finetune"
     data: str = "timdettmers/openassistant-guanaco"
-    # text | alpaca | messages | sharegpt | prompt_completion (sft); preference (dpo, orpo); empty: by method
+    # text | alpaca | messages | sharegpt | prompt_completion (sft); preference (dpo, orpo); prompts (grpo);
+    # empty: the method's own
     data_format: str | None = None
     columns: dict[str, str] | None = None  # the format's field -> the data's column, e.g. {prompt: question}
     template: str = "guanaco"
@@ -62,11 +64,24 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 42
     resume: bool = False
-    # preference tuning (TRL's names and defaults): DPO's beta (strength of the pull to the reference) or
-    # ORPO's lambda (weight of the odds-ratio term); DPO's loss; the share of pairs taken as mislabelled
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | robust
+    # preference and RL tuning (TRL's names and defaults): DPO's beta (strength of the pull to the reference,
+    # 0.1), ORPO's lambda (weight of the odds-ratio term, 0.1) or GRPO's KL coefficient (0: no reference);
+    # the loss (DPO: sigmoid | ipo | robust; GRPO: dapo | grpo | bnpo | dr_grpo); DPO's share of pairs taken
+    # as mislabelled
+    beta: float | None = None
+    loss_type: str | None = None
     label_smoothing: float = 0.0
+    # GRPO: completions sampled per prompt, their length and temperature; reward functions (built-ins
+    # answer | regex | length, or "package.module:function" called as TRL calls them), their weights, the
+    # pattern of the regex reward; the ratio's clip; how rewards are scaled into advantages
+    num_generations: int = 8
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    reward_funcs: list[str] | None = None
+    reward_weights: list[float] | None = None
+    reward_regex: str | None = None
+    epsilon: float = 0.2
+    scale_rewards: str = "group"  # group | batch | none
 
     @property
     def pairs(self) -> bool:
@@ -75,8 +90,16 @@ class TrainConfig:
 
     @property
     def format(self) -> str:
-        """The data format in effect: ``data_format``, or the method's own (text for sft, preference for pairs)."""
-        return self.data_format or ("preference" if self.pairs else "text")
+        """The data format in effect: ``data_format``, or the method's own (text for sft, preference for pairs,
+        prompts for grpo)."""
+        return self.data_format or {"grpo": "prompts"}.get(self.method, "preference" if self.pairs else "text")
+
+    def __post_init__(self):
+        """The method's defaults where the recipe left ``beta`` and ``loss_type`` empty (TRL's)."""
+        if self.beta is None:
+            self.beta = 0.0 if self.method == "grpo" else 0.1
+        if self.loss_type is None:
+            self.loss_type = "dapo" if self.method == "grpo" else "sigmoid"
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
@@ -121,6 +144,21 @@ class TrainConfig:
             return None
         if name == "lora_targets":
             return _lora_targets(value, fail)
+        if name in ("reward_funcs", "reward_weights"):
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if not isinstance(items, list) or not items:
+                raise fail("a list (or a comma-separated list)")
+            if name == "reward_funcs":
+                if not all(isinstance(v, str) and v.strip() for v in items):
+                    raise fail("a list of reward names or package.module:function paths")
+                return items
+            try:
+                weights = [float(v) for v in items if not isinstance(v, bool)]
+            except (TypeError, ValueError):
+                raise fail("a list of numbers") from None
+            if len(weights) != len(items) or not all(math.isfinite(w) for w in weights):
+                raise fail("a list of finite numbers")
+            return weights
         if name == "columns":
             if isinstance(value, str):
                 pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
@@ -188,14 +226,30 @@ class TrainConfig:
             (self.quantize in (None, "nf4", "int8", "int4"), "quantize must be nf4, int8, int4 or empty"),
             (self.epochs > 0 or self.max_steps, "set epochs > 0 or max_steps"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
-            (self.loss_type in DPO_LOSSES, f"loss_type must be one of {', '.join(DPO_LOSSES)}"),
-            (math.isfinite(self.beta) and self.beta > 0, "beta must be a positive number"),
+            (
+                self.loss_type in (GRPO_LOSSES if self.method == "grpo" else DPO_LOSSES),
+                f"loss_type must be one of {', '.join(GRPO_LOSSES if self.method == 'grpo' else DPO_LOSSES)}",
+            ),
+            (
+                math.isfinite(self.beta) and (self.beta >= 0 if self.method == "grpo" else self.beta > 0),
+                "beta must be a positive number (GRPO: >= 0)",
+            ),
+            (self.num_generations >= 2, "num_generations must be at least 2 (advantages compare a group)"),
+            (self.max_completion_length >= 1, "max_completion_length must be at least 1"),
+            (math.isfinite(self.temperature) and self.temperature > 0, "temperature must be a positive number"),
+            (0 < self.epsilon < 1, "epsilon must be in (0, 1)"),
+            (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
+            (self.method != "grpo" or bool(self.reward_funcs), "method grpo needs reward_funcs"),
+            (
+                self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs or []),
+                "reward_weights must have one weight per reward function",
+            ),
             (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
             (
-                (self.format == "preference") == self.pairs,
+                (self.format == "preference") == self.pairs and (self.format == "prompts") == (self.method == "grpo"),
                 f"method {self.method} trains on "
-                + ("preference pairs: data_format preference (or leave it empty)" if self.pairs else "single texts")
-                + f", not data_format {self.format}",
+                + {"dpo": "preference pairs", "orpo": "preference pairs", "grpo": "prompts"}.get(self.method, "texts")
+                + f", not data_format {self.format} (leave data_format empty for the method's own)",
             ),
         ]
         for ok, message in checks:

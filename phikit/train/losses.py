@@ -36,22 +36,25 @@ def frozen_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     return None
 
 
-def token_logps(model, ids: torch.Tensor, labels: torch.Tensor, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(
+    model, ids: torch.Tensor, labels: torch.Tensor, head=None, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each labelled next token, the index of the sequence it belongs to): the labels
     are shifted, not the logits, so the full logits are not copied. With a frozen head (LoRA's usual case) the
     head is applied by ``head_token_logps`` to the labelled positions only, a chunk at a time; otherwise (a
     trained ``lm_head``) through the model as usual. ``head``: ``frozen_head``'s answer, when the caller keeps
-    it across steps (a quantized head is then dequantized once)."""
+    it across steps (a quantized head is then dequantized once). ``temperature``: of the distribution the
+    tokens were sampled from (GRPO), dividing the logits."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
     rows = (targets != -100).nonzero().squeeze(1)
     sequence = rows // ids.shape[1]
     head = head or frozen_head(unwrap(model).lm_head)
     if head is None:
         logits = model(ids)
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows).float()
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows).float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[rows][:, None]).squeeze(1), sequence
     hidden = model(ids, hidden_only=True)
-    return head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, targets, rows), sequence
+    return head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, targets, rows, temperature), sequence
 
 
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, head=None) -> tuple[torch.Tensor, int]:
@@ -69,8 +72,10 @@ def sequence_logps(model, ids, labels, head=None) -> tuple[torch.Tensor, torch.T
     return sums, counts
 
 
-def head_token_logps(hidden, weight, bias, targets, rows, chunk_bytes: int = 1 << 26) -> torch.Tensor:
-    """log_softmax(hidden[rows] @ weight.T + bias)[targets[rows]], one value per row, fp32.
+def head_token_logps(
+    hidden, weight, bias, targets, rows, temperature: float = 1.0, chunk_bytes: int = 1 << 26
+) -> torch.Tensor:
+    """log_softmax((hidden[rows] @ weight.T + bias) / temperature)[targets[rows]], one value per row, fp32.
 
     Written by hand because the (positions, vocab) logits are the largest tensors of LoRA training on a
     small model (1,024 x 51,200 fp32 = 210 MB per sequence, held for backward, plus the softmax's): here
@@ -78,13 +83,13 @@ def head_token_logps(hidden, weight, bias, targets, rows, chunk_bytes: int = 1 <
     and the gradient for ``hidden`` is computed in the same pass, so backward costs no second head matmul.
     The head itself gets no gradient (it is frozen)."""
     return _HeadLogProbs.apply(
-        hidden, weight.detach(), None if bias is None else bias.detach(), targets, rows, chunk_bytes
+        hidden, weight.detach(), None if bias is None else bias.detach(), targets, rows, temperature, chunk_bytes
     )
 
 
 class _HeadLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, chunk_bytes):
+    def forward(ctx, hidden, weight, bias, targets, rows, temperature, chunk_bytes):
         want_grad = ctx.needs_input_grad[0]
         # the head's own dtype where it is 16-bit (as autocast would run it), else the hidden states'; the
         # softmax in fp32; autocast off so that every dtype here is the one written
@@ -98,12 +103,14 @@ class _HeadLogProbs(torch.autograd.Function):
             for start in range(0, len(rows), chunk):
                 index = rows[start : start + chunk]
                 x, t = hidden.index_select(0, index).to(dtype), targets.index_select(0, index)
-                logp = torch.log_softmax(F.linear(x, weight, bias).float(), dim=-1)
+                logits = F.linear(x, weight, bias).float()
+                logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
                 out[start : start + len(index)] = logp.gather(1, t[:, None]).squeeze(1)
                 if want_grad:  # d logp[t] / d logits = one-hot - softmax
                     probs = logp.exp_()
                     probs[torch.arange(len(t), device=t.device), t] -= 1
-                    grad[start : start + len(index)] = (probs.to(dtype) @ weight).neg_().to(grad.dtype)
+                    part = (probs.to(dtype) @ weight).neg_()
+                    grad[start : start + len(index)] = (part if temperature == 1 else part / temperature).to(grad.dtype)
         ctx.save_for_backward(grad, rows)
         ctx.positions = hidden.shape[0]
         return out
@@ -113,7 +120,7 @@ class _HeadLogProbs(torch.autograd.Function):
         grad, rows = ctx.saved_tensors
         full = torch.zeros(ctx.positions, grad.shape[-1], dtype=grad.dtype, device=grad.device)
         full.index_copy_(0, rows, grad * upstream.to(grad.dtype)[:, None])
-        return full, None, None, None, None, None
+        return full, None, None, None, None, None, None
 
 
 # ---- preference losses: inputs are per-pair summed log-probs (chosen, rejected) and completion lengths ----
@@ -189,3 +196,60 @@ def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
         "logps/chosen": float(chosen_logps.detach().mean()),
         "logps/rejected": float(rejected_logps.detach().mean()),
     }
+
+
+# ---- GRPO: inputs are per-token log-probs of sampled completions, flat, with each token's sequence ----
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> torch.Tensor:
+    """Each completion's reward minus its group's mean, divided by the group's (``batch``: the batch's)
+    standard deviation with Bessel's correction + 1e-4 (``none``: not divided), as TRL's GRPOTrainer; rows
+    come in groups of ``group`` consecutive completions of one prompt."""
+    grouped = rewards.view(-1, group)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale == "group":
+        advantages = advantages / (grouped.std(dim=1).repeat_interleave(group) + 1e-4)
+    elif scale == "batch":
+        advantages = advantages / ((rewards.std() if rewards.numel() > 1 else torch.zeros(())) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    sequence: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 0.2,
+    loss_type: str = "dapo",
+    beta: float = 0.0,
+    reference: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    step_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's clipped surrogate (Shao et al. 2024) with one update per sample, so the old policy is the
+    current one detached (TRL's default num_iterations 1): per token -min(r A, clip(r, 1 - e, 1 + e) A), plus
+    beta x the k3 estimate of KL to ``reference`` x r where beta > 0 (r is 1 but carries the gradient that
+    makes it the unbiased reverse-KL gradient: DeepSeek-V3.2, TRL's default). Summed per ``loss_type`` as TRL: ``grpo``
+    mean over each sequence's tokens then over sequences; ``bnpo`` over this batch's tokens; ``dr_grpo`` over
+    sequences x ``max_completion_length``; ``dapo`` over ``step_tokens``, the tokens of every micro-batch of
+    the optimizer step (so their sum is a mean over the step's tokens)."""
+    ratio = torch.exp(logps - logps.detach())
+    a = advantages[sequence].to(logps.dtype)
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    metrics: dict[str, float] = {}
+    if beta:
+        delta = reference - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl * ratio  # x ratio (1, differentiable): the unbiased reverse-KL gradient
+        metrics["kl"] = float(kl.detach().mean()) if len(kl) else 0.0
+    sequences = len(advantages)
+    if loss_type == "grpo":
+        sums = torch.zeros(sequences, dtype=per_token.dtype, device=per_token.device).index_add(0, sequence, per_token)
+        counts = torch.bincount(sequence, minlength=sequences).clamp(min=1)
+        loss = (sums / counts).mean()
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (sequences * max_completion_length)
+    elif loss_type == "dapo" and step_tokens:
+        loss = per_token.sum() / max(step_tokens, 1)
+    else:  # bnpo
+        loss = per_token.sum() / max(len(per_token), 1)
+    return loss, metrics

@@ -226,21 +226,29 @@ class SFTRecipe:
         self.step, self.cursor = state["step"], state["cursor"]
         _set_rng_state(state["rng"])
 
-    def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; the step's metrics (means over them)."""
+    def next_batches(self) -> list:
+        """The step's ``grad_accum`` micro-batches, collated (in order of the epoch's shuffled batches)."""
         from phikit.data import epoch_batches
 
-        config, world = self.config, self.world
-        self.optimizer.zero_grad(set_to_none=True)
-        rows = []
-        for micro in range(config.grad_accum):
+        config = self.config
+        out = []
+        for _ in range(config.grad_accum):
             if self.cursor["batch"] >= len(self.batches):
                 self.cursor = {"epoch": self.cursor["epoch"] + 1, "batch": 0}
                 self.batches = epoch_batches(
-                    self.train_set, config.batch_size, config.seed, self.cursor["epoch"], self.rank, world
+                    self.train_set, config.batch_size, config.seed, self.cursor["epoch"], self.rank, self.world
                 )
-            batch = self.collate(self.batches[self.cursor["batch"]])
+            out.append(self.collate(self.batches[self.cursor["batch"]]))
             self.cursor["batch"] += 1
+        return out
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; the step's metrics (means over them)."""
+        config, world = self.config, self.world
+        batches = self.next_batches()
+        self.optimizer.zero_grad(set_to_none=True)
+        rows = []
+        for micro, batch in enumerate(batches):
             sync = world == 1 or micro == config.grad_accum - 1
             context = self.net.no_sync() if not sync and world > 1 else contextlib.nullcontext()
             with context:
@@ -467,7 +475,105 @@ class PreferenceRecipe(SFTRecipe):
         return loss, metrics, n
 
 
-RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe}
+class GRPORecipe(SFTRecipe):
+    """GRPO: each micro-batch is ``batch_size`` prompts x ``num_generations`` completions sampled with
+    phikit's batched generation from the adapter being trained, scored by the reward functions, with
+    advantages normalised within each prompt's group; the step's micro-batches are all sampled before the
+    first update (TRL's generation batch). With ``beta`` > 0 the reference is the base with the adapter
+    off, as for DPO."""
+
+    unit = "prompts"
+
+    def setup_data(self) -> None:
+        from phikit.data import split_eval
+        from phikit.train.grpo import load_prompts
+        from phikit.train.rewards import reward_functions
+
+        config = self.config
+        if config.seq_len <= config.max_completion_length:
+            raise PhikitError("seq_len must be longer than max_completion_length (a prompt needs room)")
+        self.functions = reward_functions(config.reward_funcs, config.reward_regex, config.max_completion_length)
+        weights = config.reward_weights or [1.0] * len(self.functions)
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        args = (self.tokenizer, config.template)
+        room = config.seq_len - config.max_completion_length
+        prompts, self.skipped = load_prompts(
+            config.data, *args, config.split, room, config.skip_bad_rows, config.max_examples, config.columns
+        )
+        if config.eval_data or config.eval_split:
+            source, split = config.eval_data or config.data, config.eval_split or "test"
+            held = load_prompts(source, *args, split, room, config.skip_bad_rows, None, config.columns)[0]
+        else:
+            prompts, held = split_eval(prompts, config.eval_fraction, config.seed)
+        self.train_set, self.eval_set = prompts, held
+        self.step_tokens = None
+
+    def next_batches(self) -> list:
+        batches = super().next_batches()
+        self.step_tokens = sum(int((b[1] != -100).sum()) for b in batches)
+        return batches
+
+    def collate(self, batch: list) -> tuple:
+        """Sample the group of every prompt, score it: (ids, labels, advantages, metrics)."""
+        from phikit.train.grpo import sample_completions, score, sequences
+        from phikit.train.losses import group_advantages
+
+        config, tokenizer = self.config, self.tokenizer
+        group = config.num_generations
+        prompts = [p.ids for p in batch for _ in range(group)]
+        seed = int(torch.randint(0, 2**62, (1,)))  # from the run's RNG, so a resumed run samples the same
+        completions = sample_completions(
+            self.model,
+            prompts,
+            config.max_completion_length,
+            config.temperature,
+            seed,
+            tokenizer.stop_ids,
+            tokenizer.pad_id,
+        )
+        texts = [tokenizer.decode([t for t in c if t not in tokenizer.stop_ids]) for c in completions]
+        rewards, means = score(self.functions, batch, group, texts, completions)
+        total = torch.nansum(rewards * self.weights[:, None], dim=0)
+        advantages = group_advantages(total, group, config.scale_rewards)
+        ids, labels = sequences(prompts, completions, tokenizer.pad_id)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        ended = sum(bool(c) and c[-1] in tokenizer.stop_ids for c in completions) / len(completions)
+        metrics = {
+            "reward": float(total.mean()),
+            "reward_std": float(total.view(-1, group).std(dim=1).mean()),
+            **means,
+            "completions/mean_length": float(lengths.mean()),
+            "completions/ended": ended,
+        }
+        return ids.to(self.device), labels.to(self.device), advantages.to(self.device), metrics
+
+    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict, int]:
+        from phikit.lora import adapters_disabled
+        from phikit.train.losses import grpo_loss, token_logps
+
+        ids, labels, advantages, metrics = batch
+        config = self.config
+        logps, sequence = token_logps(model, ids, labels, self.head, config.temperature)
+        reference = None
+        if config.beta:
+            with torch.no_grad(), adapters_disabled(self.model):
+                reference, _ = token_logps(self.model, ids, labels, self.head, config.temperature)
+        training = model.training and self.step_tokens
+        loss, extra = grpo_loss(
+            logps,
+            sequence,
+            advantages,
+            config.epsilon,
+            config.loss_type,
+            config.beta,
+            reference,
+            config.max_completion_length,
+            self.step_tokens / config.grad_accum if training else len(logps),
+        )
+        return loss, {**metrics, **extra}, len(advantages)
+
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe, "grpo": GRPORecipe}
 
 
 def finetune(config: TrainConfig, progress: bool = True) -> Path:

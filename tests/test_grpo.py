@@ -1,0 +1,192 @@
+"""GRPO: the loss and its LoRA gradients equal TRL's GRPOTrainer on the same fixed completions and advantages
+(each loss type, with and without the KL term, with a sampling temperature), advantages as TRL normalises
+rewards, reward functions built in and the user's own, and a recipe on which the mean reward rises."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_preference import _policy, _same_adapter
+
+import phikit
+from phikit.errors import PhikitError
+from phikit.train import TrainConfig, finetune, group_advantages
+from phikit.train.rewards import reward_functions
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def constant_reward(completions, **_):  # named by test_user_reward_functions_are_loaded_by_path
+    return [0.5] * len(completions)
+
+
+def _completions(tokenizer):
+    """Four fixed prompt + completion rows, prompts of equal length (TRL left-pads prompts, phikit right-pads
+    whole rows: equal prompts put every token at the same position in both)."""
+    prompts = ["### Human: What is 2 plus 2?### Assistant:", "### Human: What is 3 plus 5?### Assistant:"]
+    replies = [" 4.", " 5, maybe.", " 8.", " eight or so"]
+    prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(2)]
+    assert len({len(p) for p in prompt_ids}) == 1
+    completions = [tokenizer.encode(r) + [tokenizer.eos_id] for r in replies]
+    completions[3] = completions[3][:-1]  # one completion cut at the length limit: no EOS
+    return prompt_ids, completions
+
+
+@pytest.mark.parametrize(
+    "loss_type, beta, temperature",
+    [("dapo", 0.0, 1.0), ("grpo", 0.0, 1.0), ("bnpo", 0.0, 0.7), ("dr_grpo", 0.0, 1.0), ("dapo", 0.04, 0.7)],
+)
+def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, temperature):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from phikit.lora import adapters_disabled
+    from phikit.train.grpo import sequences
+    from phikit.train.losses import frozen_head, token_logps
+    from phikit.train.recipe import GRPORecipe
+
+    model, lora = _policy(tiny)
+    tokenizer = phikit.load(tiny[0], dtype="fp32", device="cpu").tokenizer
+    prompt_ids, completions = _completions(tokenizer)
+    advantages = torch.tensor([0.9, -0.9, 1.2, -0.4])
+    limit = 12
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        loss_type=loss_type,
+        beta=beta,
+        temperature=temperature,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=limit,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,  # TRL's configs default to bf16 autocast; the parity is in fp32
+    )
+    data = Dataset.from_list([{"prompt": "a"}] * 4)
+    trainer = GRPOTrainer(
+        copy.deepcopy(tiny[1]),
+        reward_funcs=constant_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(tiny[0]),
+        peft_config=lora,
+    )
+    _same_adapter(trainer, model)
+    trainer.current_gradient_accumulation_steps = 1
+    width = max(len(c) for c in completions)
+    completion_ids = torch.full((4, width), tokenizer.pad_id)
+    completion_mask = torch.zeros(4, width, dtype=torch.long)
+    for i, c in enumerate(completions):
+        completion_ids[i, : len(c)], completion_mask[i, : len(c)] = torch.tensor(c), 1
+    ids, labels = sequences(prompt_ids, completions, tokenizer.pad_id)
+    inputs = {
+        "prompt_ids": torch.tensor(prompt_ids),
+        "prompt_mask": torch.ones(4, len(prompt_ids[0]), dtype=torch.long),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    if beta:  # the reference: phikit's model with the adapter off, laid out as TRL keeps it
+        with torch.no_grad(), adapters_disabled(model):
+            reference, sequence = token_logps(model, ids, labels, frozen_head(model.lm_head), temperature)
+        inputs["ref_per_token_logps"] = torch.zeros(4, width)
+        for i in range(4):
+            inputs["ref_per_token_logps"][i, : len(completions[i])] = reference[sequence == i]
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+
+    recipe = GRPORecipe(
+        TrainConfig(
+            method="grpo",
+            reward_funcs=["answer"],
+            loss_type=loss_type,
+            beta=beta,
+            temperature=temperature,
+            max_completion_length=limit,
+            grad_accum=1,
+        )
+    )
+    recipe.model, recipe.head = model, frozen_head(model.lm_head)
+    recipe.step_tokens = int(completion_mask.sum())
+    ours, metrics, n = recipe.loss(model, (ids, labels, advantages, {"reward": 0.0}))
+    ours.backward()
+    assert n == 4 and metrics["reward"] == 0.0
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+    a = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    b = {
+        n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+        for n, p in trainer.model.named_parameters()
+        if "lora_" in n and ".default" in n
+    }
+    assert a.keys() == b.keys() and len(a) == 8
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_advantages_are_normalised_as_trls():
+    from trl.trainer.utils import nanstd
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5, 2.0, 2.0, 2.0, 2.0])
+    grouped = rewards.view(-1, 4)
+    expected = (rewards - grouped.mean(1).repeat_interleave(4)) / (nanstd(grouped, dim=1).repeat_interleave(4) + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, 4), expected)
+    assert group_advantages(rewards, 4)[4:].abs().max() == 0  # a group that agrees teaches nothing
+    torch.testing.assert_close(group_advantages(rewards, 4, "none"), rewards - grouped.mean(1).repeat_interleave(4))
+
+
+def test_built_in_rewards():
+    [(_, answer), (_, regex), (_, length)] = reward_functions(["answer", "regex", "length"], r"\s*-?\d+", 8)
+    assert answer(completions=[" 7.", " it is 7", " 8", "none"], answer=[7, 7, 7, 7]) == [1.0, 1.0, 0.0, 0.0]
+    assert regex(completions=[" 12.", "twelve"]) == [1.0, 0.0]
+    assert length(completion_ids=[[1] * 6, [1] * 7, [1] * 8]) == [0.0, -0.5, -1.0]
+
+
+def test_user_reward_functions_are_loaded_by_path():
+    [(name, function)] = reward_functions(["test_grpo:constant_reward"], None, 8)
+    assert name == "constant_reward" and function(completions=["a"]) == [0.5]
+    for bad, message in [
+        (["nosuch.module:f"], "cannot load"),
+        (["plain"], "unknown reward"),
+        (["regex"], "needs reward_regex"),
+    ]:
+        with pytest.raises(PhikitError, match=message):
+            reward_functions(bad, None, 8)
+    with pytest.raises(PhikitError, match="method grpo needs reward_funcs"):
+        TrainConfig(method="grpo").validate("recipe")
+    with pytest.raises(PhikitError, match="one weight per reward"):
+        TrainConfig(method="grpo", reward_funcs=["answer"], reward_weights=[1.0, 2.0]).validate("recipe")
+
+
+def test_the_mean_reward_rises_on_the_arithmetic_recipe(tiny, tmp_path):
+    """SFT on the tiny instructions (a base that ends its answers), merged, then the GRPO recipe: sampled with
+    phikit's batched generation, its mean reward (exact answers + answering with a number) rises."""
+    from phikit.api import merge_adapter
+
+    sft = TrainConfig.from_yaml(
+        REPO / "recipes" / "tiny-cpu.yaml",
+        {
+            "model": str(tiny[0]),
+            "output_dir": str(tmp_path / "sft"),
+            "data": str(REPO / "recipes/data/tiny-instructions.jsonl"),
+        },
+    )
+    base = merge_adapter(tiny[0], finetune(sft, progress=False), tmp_path / "base")
+    recipe = TrainConfig.from_yaml(
+        REPO / "recipes" / "tiny-grpo-cpu.yaml",
+        {"model": str(base), "output_dir": str(tmp_path / "grpo"), "data": str(REPO / "recipes/data/arithmetic.jsonl")},
+    )
+    finetune(recipe, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    assert len(rewards) == 20 and all("rewards/answer" in r and "completions/mean_length" in r for r in rows)
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:2]) / 2 + 0.3, rewards
+    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
