@@ -221,26 +221,32 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's key names (with the whole ``modules_to_save`` layers, as PEFT saves)."""
+def lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names (with the whole ``modules_to_save`` layers, as PEFT saves),
+    from the model's parameters or from ``state``, its full state dict (gathered from sharded processes)."""
     config = getattr(model, "lora_config", None)
     saved = config.modules_to_save if config is not None else []
+    named = state.items() if state is not None else model.named_parameters()
     return {
-        PEFT_PREFIX + name: p.detach()
-        for name, p in model.named_parameters()
-        if ".lora_" in name or _saved(saved, name.rsplit(".", 1)[0])
+        PEFT_PREFIX + name: p.detach() for name, p in named if ".lora_" in name or _saved(saved, name.rsplit(".", 1)[0])
     }
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's format), each atomically."""
+def save_adapter(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    base_model: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's format), each atomically; ``state``: the
+    model's full state dict where its parameters are shards (FSDP)."""
     from safetensors.torch import save_file
 
     config = getattr(model, "lora_config", None)
     if config is None:
         raise PhikitError("the model has no LoRA adapter to save")
     folder = Path(folder)
-    state = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    state = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, state).items()}
     atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(
         folder / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(config.to_peft(base_model), indent=2))

@@ -186,7 +186,8 @@ def test_the_mean_reward_rises_on_the_arithmetic_recipe(tiny, tmp_path):
     )
     finetune(recipe, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in rows if "reward" in r]
-    assert len(rewards) == 20 and all("rewards/answer" in r and "completions/mean_length" in r for r in rows)
+    steps = [r for r in rows if "reward" in r]
+    rewards = [r["reward"] for r in steps]
+    assert len(rewards) == 20 and all("rewards/answer" in r and "completions/mean_length" in r for r in steps)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:2]) / 2 + 0.3, rewards
     assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()

@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
         "transcripts; beta, loss_type sigmoid|ipo|robust, label_smoothing as TRL's) or grpo (prompts, "
         "num_generations sampled completions each, reward_funcs: answer, regex, length or package.module:function). "
         "Writes checkpoints, metrics.jsonl and the final PEFT-format adapter to "
-        "output_dir/adapter. Runs DDP under torchrun --nproc-per-node N.",
+        "output_dir/adapter (--lora false: every weight trains, output_dir/model is an HF folder). Runs DDP under "
+        "torchrun --nproc-per-node N, or FSDP2 with --fsdp (gloo on CPU, NCCL on GPUs).",
         epilog="Recipes: recipes/phi2-qlora-guanaco.yaml (the reference QLoRA run), "
         "recipes/tiny-cpu.yaml (a small CPU run), recipes/tiny-phi3-chat-cpu.yaml (a Phi-3-family model on "
         "chat messages in its own chat template), recipes/tiny-guanaco-cpu.yaml and tiny-alpaca-cpu.yaml, "
@@ -27,6 +28,12 @@ def add_parser(sub) -> None:
     )
     f.add_argument("--config", "-c", type=Path, help="recipe YAML (see recipes/)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    f.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) instead "
+        "of copying the model into each (DDP); with --lora false, full fine-tuning",
+    )
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     f.set_defaults(func=run)
 
@@ -37,6 +44,8 @@ def run(args: argparse.Namespace) -> None:
     overrides = parse_overrides(args.overrides)
     if args.resume:
         overrides["resume"] = True
+    if args.fsdp:
+        overrides["fsdp"] = True
     config = TrainConfig.from_yaml(args.config, overrides)
     final = finetune(config, progress=not args.quiet)
     print(f"adapter written to {final}", file=sys.stderr)

@@ -42,6 +42,8 @@ class TrainConfig:
     dtype: str = "auto"  # compute dtype of the frozen base: bf16, fp16 (with loss scaling), fp32
     device: str = "auto"
     quantize: str | None = None  # nf4 (QLoRA: bitsandbytes on CUDA, our NF4 on CPU), int8, int4
+    lora: bool = True  # false: full fine-tuning (every weight trains; saves output_dir/model, an HF folder)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over torchrun's processes (FSDP2)
     lora_r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.05
@@ -226,6 +228,12 @@ class TrainConfig:
             (self.quantize in (None, "nf4", "int8", "int4"), "quantize must be nf4, int8, int4 or empty"),
             (self.epochs > 0 or self.max_steps, "set epochs > 0 or max_steps"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.lora or self.quantize is None, "full fine-tuning (lora: false) needs an unquantized base"),
+            (
+                self.lora or not (self.method == "dpo" or (self.method == "grpo" and self.beta)),
+                f"{self.method}'s reference is the base with the adapter off: it needs lora (full fine-tuning "
+                "would need a second copy of the model)",
+            ),
             (
                 self.loss_type in (GRPO_LOSSES if self.method == "grpo" else DPO_LOSSES),
                 f"loss_type must be one of {', '.join(GRPO_LOSSES if self.method == 'grpo' else DPO_LOSSES)}",

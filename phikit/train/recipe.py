@@ -12,6 +12,7 @@ are restored. Under ``torchrun --nproc-per-node N`` the same loop runs DDP (gloo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -92,6 +93,7 @@ class SFTRecipe:
     def __init__(self, config: TrainConfig, progress: bool = True):
         self.config = config
         self.progress = progress
+        self.rank, self.world, self.sharded = 0, 1, False  # until setup() and setup_model() say otherwise
         self.step = 0
         self.cursor = {"epoch": 0, "batch": 0}
 
@@ -160,7 +162,9 @@ class SFTRecipe:
             )
 
     def setup_model(self) -> None:
-        """The base model (quantized as asked) with a fresh LoRA adapter, or the checkpoint's when resuming."""
+        """The base model (quantized as asked) with a fresh LoRA adapter, or the checkpoint's when resuming;
+        with ``lora: false`` every weight trains (resumed from the checkpoint's). Then wrapped for the
+        processes: FSDP2 shards (``fsdp``) or DDP."""
         from phikit.api import load
         from phikit.lora import LoRAConfig, inject_lora, load_adapter
         from phikit.models import family_of
@@ -171,8 +175,9 @@ class SFTRecipe:
             cuda = self.device.type == "cuda"
             dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
         self.dtype = dtype
+        weights = self.existing[-1] if config.resume and not config.lora else self.folder
         phi = load(
-            self.folder,
+            weights,
             dtype=dtype,
             device=self.device,
             quantize=config.quantize,
@@ -180,7 +185,10 @@ class SFTRecipe:
         )
         model = self.model = phi.model
         targets = config.lora_targets or list(family_of(model.config).attention_names)
-        if config.resume:
+        if not config.lora:
+            for p in model.parameters():
+                p.requires_grad_(p.is_floating_point())
+        elif config.resume:
             load_adapter(model, self.existing[-1])
             for name, p in model.named_parameters():
                 p.requires_grad_(".lora_" in name)
@@ -190,11 +198,56 @@ class SFTRecipe:
         model.train()
         self.head = frozen_head(model.lm_head)  # a frozen head's weights, dequantized once for the whole run
         self.net = model
-        if self.world > 1:
+        self.sharded = config.fsdp and self.world > 1
+        if self.sharded:
+            self.shard()
+        elif self.world > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
         self.amp_dtype = amp_dtype if self.device.type == "cuda" else None
+
+    def shard(self) -> None:
+        """FSDP2 (``fully_shard``): each decoder layer, then the rest, sharded over the processes, so each holds
+        about 1/N of the weights, gradients and optimizer state, and gathers a layer's weights only while it
+        runs. A frozen output layer (LoRA's case) stays whole on every process: the loss applies it outside the
+        model's forward, a chunk of positions at a time."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if self.config.quantize:
+            raise PhikitError("fsdp shards full-precision weights; quantize (QLoRA) runs with DDP instead")
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        head = self.model.lm_head
+        ignored = set(head.parameters()) if self.head is not None else None
+        fully_shard(self.model, mesh=mesh, ignored_params=ignored)
+
+    def full_state(self) -> dict:
+        """The model's whole state dict: gathered onto the first process (the others get an empty one) where
+        it is sharded, which every process must call together."""
+        if not self.sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def memory(self) -> dict:
+        """MB of parameters and of optimizer state this process holds (the largest over processes)."""
+        from torch.distributed.tensor import DTensor
+
+        def local(t):
+            t = t.to_local() if isinstance(t, DTensor) else t
+            return t.numel() * t.element_size()
+
+        params = sum(local(p) for p in {id(p): p for p in self.model.parameters()}.values())
+        state = sum(local(v) for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+        sizes = torch.tensor([params, state], dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+        return {"memory/params_mb": float(sizes[0]) / 1e6, "memory/optimizer_mb": float(sizes[1]) / 1e6}
 
     def setup_optimizer(self) -> None:
         """AdamW (or bitsandbytes' 8-bit ones on CUDA) over the adapter, the schedule over the run's steps,
@@ -219,7 +272,13 @@ class SFTRecipe:
     def resume(self) -> None:
         """Optimizer, schedule, scaler, RNG and data position from the newest checkpoint."""
         state = read_trainer_state(self.existing[-1] / "trainer_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # saved whole (by parameter name): each process takes its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -249,8 +308,8 @@ class SFTRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         rows = []
         for micro, batch in enumerate(batches):
-            sync = world == 1 or micro == config.grad_accum - 1
-            context = self.net.no_sync() if not sync and world > 1 else contextlib.nullcontext()
+            sync = world == 1 or micro == config.grad_accum - 1 or self.sharded
+            context = self.net.no_sync() if not sync else contextlib.nullcontext()
             with context:
                 with self.autocast():
                     loss, metrics, _ = self.loss(self.net, batch)
@@ -270,6 +329,8 @@ class SFTRecipe:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm else None
+        if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -296,34 +357,64 @@ class SFTRecipe:
         self.model.train(was_training)
         return {f"eval_{k}": v / max(weight, 1) for k, v in totals.items()}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """checkpoint-<step>/ (phikit.train.state.save_checkpoint): the adapter or, with full fine-tuning, the
+        whole model as an HF folder, and the trainer's state; every process calls it (a sharded model is
+        gathered first), the first one writes."""
+        model_state = self.full_state()
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        if not self.main_process:
+            return None
+        trainer_state = {
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "cursor": dict(self.cursor),
+            "config": dataclasses.asdict(self.config),
+        }
         return save_checkpoint(
             self.out,
             self.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            dict(self.cursor),
-            self.config,
+            lambda folder: self.write_weights(folder, model_state),
+            trainer_state,
             self.config.save_total_limit,
         )
 
-    def save_adapter(self) -> Path:
-        """The final adapter, output_dir/adapter (PEFT's format), written whole and renamed."""
-        from phikit.checkpoint import replace_folder
+    def write_weights(self, folder: Path, state: dict) -> None:
+        """The trained weights into ``folder``: a PEFT adapter, or (full fine-tuning) an HF checkpoint folder."""
+        from phikit.checkpoint import save_checkpoint as save_hf
         from phikit.lora import save_adapter
 
-        final = self.out / "adapter"
+        if self.config.lora:
+            save_adapter(self.model, folder, base_model=self.config.model, state=state)
+            return
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # transformers ties it on load
+        save_hf(folder, state, self.model.config.to_hf_dict(), self.folder, overwrite=True)
+
+    def save_final(self) -> Path:
+        """output_dir/adapter (PEFT's format) or, with full fine-tuning, output_dir/model (an HF folder),
+        written whole and renamed; every process calls it."""
+        from phikit.checkpoint import replace_folder
+
+        state = self.full_state()
+        final = self.out / ("adapter" if self.config.lora else "model")
         if self.main_process:
-            tmp = self.out / ".adapter.tmp"
+            tmp = self.out / f".{final.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_adapter(self.model, tmp, base_model=self.config.model)
+            tmp.mkdir()
+            self.write_weights(tmp, state)
             replace_folder(tmp, final)
         return final
 
     def train(self) -> Path:
-        """Every phase in order, then steps until the run's end; returns the final adapter's folder."""
+        """Every phase in order, then steps until the run's end; returns the final adapter's (or model's) folder."""
         from phikit.checkpoint import resolve_model_path
         from phikit.data import epoch_batches
         from phikit.tokenizer import Tokenizer
@@ -350,7 +441,7 @@ class SFTRecipe:
             disable=not (self.main_process and self.progress),
         )
         self.batches = epoch_batches(self.train_set, size, config.seed, self.cursor["epoch"], self.rank, self.world)
-        self.tokens_seen, started = 0, time.perf_counter()
+        self.tokens_seen, started, logged = 0, time.perf_counter(), False
         while self.step < self.total_steps:
             metrics = self.train_step()
             elapsed = time.perf_counter() - started
@@ -358,6 +449,9 @@ class SFTRecipe:
             lr = self.scheduler.get_last_lr()[0]
             self.bar.update()
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+            if not logged:  # what each process holds, once the optimizer has its state
+                log.write(self.step, **self.memory())
+                logged = True
             if self.step % config.log_every == 0 or self.step == self.total_steps:
                 log.write(self.step, **metrics, lr=lr, tokens_per_s=rate, epoch=self.cursor["epoch"])
             if self.eval_batches and (self.step % config.eval_every == 0 or self.step == self.total_steps):
@@ -366,13 +460,13 @@ class SFTRecipe:
                     evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
                 log.write(self.step, **evaluated)
                 self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
-            if self.main_process and (self.step % config.save_every == 0) and self.step < self.total_steps:
+            if self.step % config.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
             if self.world > 1:
                 torch.distributed.barrier()
         self.bar.close()
         log.close()
-        final = self.save_adapter()
+        final = self.save_final()
         if self.world > 1:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
@@ -397,6 +491,10 @@ class SFTRecipe:
         (SFT: the labelled tokens, as its loss is per token)."""
         ids, labels = batch
         loss, count = causal_lm_loss(model, ids, labels, self.head)
+        if self.world > 1 and model.training:  # a mean over every process's tokens, as one process would take
+            total = torch.tensor([count], dtype=torch.float64, device=ids.device)
+            torch.distributed.all_reduce(total)
+            loss = loss * (count * self.world / max(float(total), 1.0))
         return loss, {}, count
 
 
@@ -443,7 +541,7 @@ class PreferenceRecipe(SFTRecipe):
         from phikit.lora import adapters_disabled
 
         keys = [id(p) for p in batch]
-        if not all(k in self.reference for k in keys):
+        if self.sharded or not all(k in self.reference for k in keys):  # sharded: every process runs it together
             with torch.no_grad(), adapters_disabled(self.model), self.autocast():
                 sums, _ = sequence_logps(self.model, ids, labels, self.head)
             n = len(batch)
@@ -490,6 +588,8 @@ class GRPORecipe(SFTRecipe):
         from phikit.train.rewards import reward_functions
 
         config = self.config
+        if config.fsdp and self.world > 1:
+            raise PhikitError("grpo samples with the inference path, which needs whole weights: run it without fsdp")
         if config.seq_len <= config.max_completion_length:
             raise PhikitError("seq_len must be longer than max_completion_length (a prompt needs room)")
         self.functions = reward_functions(config.reward_funcs, config.reward_regex, config.max_completion_length)

@@ -3,7 +3,6 @@ states + data position), written whole and renamed, and the metrics log."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import re
@@ -31,32 +30,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, scaler, cursor: dict, config: TrainConfig, limit: int
-) -> Path:
-    """checkpoint-<step>/ with the adapter and everything needed to resume, written as a whole and renamed.
-    ``trainer_state.pt`` holds only tensors and plain values, so resuming reads it with
-    ``torch.load(weights_only=True)``: a file planted in a checkpoint folder cannot run code."""
+def save_checkpoint(out: Path, step: int, write_weights, trainer_state: dict, limit: int) -> Path:
+    """checkpoint-<step>/, written as a whole and renamed: the weights (``write_weights(folder)``: a PEFT
+    adapter, or a whole HF checkpoint with full fine-tuning) and ``trainer_state.pt`` (optimizer, schedule,
+    RNG, data position, settings: everything needed to resume). ``trainer_state.pt`` holds only tensors and
+    plain values, so resuming reads it with ``torch.load(weights_only=True)``: a file planted in a checkpoint
+    folder cannot run code. Keeps the newest ``limit`` checkpoints (0: all)."""
     from phikit.checkpoint import replace_folder, user_mode
-    from phikit.lora import save_adapter
 
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-"))
     user_mode(tmp, directory=True)
     try:
-        save_adapter(model, tmp, base_model=config.model)
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _rng_state(),
-                "cursor": cursor,
-                "config": dataclasses.asdict(config),
-            },
-            tmp / "trainer_state.pt",
-        )
+        write_weights(tmp)
+        torch.save({"step": step, "rng": _rng_state(), **trainer_state}, tmp / "trainer_state.pt")
         replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,7 +53,17 @@ def save_checkpoint(
     return final
 
 
-RESUME_SETTINGS = ("method", "model", "quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+RESUME_SETTINGS = (
+    "method",
+    "model",
+    "quantize",
+    "lora",
+    "fsdp",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+)
 
 
 def _check_resume(checkpoint: Path, config: TrainConfig) -> None:
