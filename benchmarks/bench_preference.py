@@ -181,7 +181,6 @@ def run_trl(method: str, model: Path, data: Path, args) -> list[float]:
                 output_dir=tmp,
                 beta=0.1,
                 max_length=args.seq_len,
-                max_prompt_length=args.seq_len,
                 per_device_train_batch_size=args.batch_size,
                 **common,
             )

@@ -92,11 +92,19 @@ def process_logits(logits: torch.Tensor, config: GenerationConfig, seen: torch.T
 def sample_next(
     logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Next token per row (batch,): argmax when temperature is 0, else a draw from the processed logits."""
+    """Next token per row (batch,): argmax when temperature is 0, else a draw from the processed logits.
+
+    The draw inverts each row's cumulative distribution at one uniform number (searched with ``right=True``,
+    so a token of probability 0 is never drawn). Written so rather than with ``torch.multinomial``, which
+    draws an exponential number for every token of the vocabulary: with a seeded generator that was 15.6 ms
+    for 16 rows of 50,304 tokens on this 2-core CPU, 89% of a small model's sampling time (GRPO's groups)."""
     logits = process_logits(logits, config, seen)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    cumulative = logits.softmax(dim=-1).cumsum(dim=-1)  # a token of probability 0 adds exactly 0: a flat step
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=cumulative.dtype)
+    token = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)
+    return token.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 def rope_switch(model: CausalLM) -> int | None:

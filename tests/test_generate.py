@@ -280,3 +280,23 @@ def test_long_stop_strings_hold_back_only_a_possible_start():
     stream = TextStream(_Pieces(["Hello", " ###", " Hum", "an: xx", "x"]), (stop,))
     assert [stream.push(i) for i in range(5)] == ["Hello", " ", "", "", ""]
     assert stream.finish() == "### Human: xxx" and not stream.stopped
+
+
+def test_sampling_draws_tokens_with_their_probabilities():
+    """sample_next inverts each row's cumulative distribution: over many draws each token's share is its
+    probability (transformers' multinomial draw would give the same distribution), a token filtered out
+    (top-k) is never drawn, and a seeded generator repeats its draws."""
+    from phikit.generate import GenerationConfig, sample_next
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]]).repeat(20000, 1)
+    config = GenerationConfig(temperature=1.0)
+    tokens = sample_next(logits, config, None, torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    torch.testing.assert_close(shares, logits[0].softmax(-1).double(), atol=0.01, rtol=0)
+    assert shares[4] == 0
+    top2 = sample_next(
+        logits[:2000], GenerationConfig(temperature=1.0, top_k=2), None, torch.Generator().manual_seed(1)
+    )
+    assert set(top2.tolist()) == {0, 1}
+    again = sample_next(logits, config, None, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
