@@ -2,7 +2,7 @@
 model, data, LoRA and steps, each engine in its own process; and DPO on real pairs with held-out accuracy.
 
     python benchmarks/bench_preference.py [--methods dpo,orpo,grpo] [--steps 20] [--layers 4 --hidden 640]
-    python benchmarks/bench_preference.py --real [--real-steps 250]       # DPO on hh-rlhf-2k, 199 test pairs
+    python benchmarks/bench_preference.py --methods "" --real [--real-steps 200]   # DPO on hh-rlhf-2k, 199 test pairs
 
 Model: a small Phi-2-shaped checkpoint with random weights and Phi-2's tokenizer (benchmarks/common.py
 small_phi). DPO and ORPO: ../shared/data/hh-rlhf-2k's {prompt, chosen, rejected} pairs (HH-RLHF harmless-base)
@@ -15,12 +15,12 @@ models start from the same weights; the first --warmup steps are not timed. Spee
 and tokens a second (pairs x their mean tokens, prompt + chosen + prompt + rejected; GRPO: steps an hour).
 Peak RSS is the worker process's, before and after the first step (Linux: the mark is reset there).
 
---real: phikit DPO for --real-steps on the 1,996 training pairs (seq-len 512: longer pairs keep the end of
-their prompt), evaluated on the 199 test pairs every 50 steps (eval_rewards/accuracies: the chosen reply's
-implicit reward above the rejected one's); the untrained value is 0 by construction (policy = reference), so
-the table also gives the base model's own preference: the share of test pairs whose chosen reply it finds
-more likely (summed log-probs). Writes the curves as benchmarks/results_preference_dpo_hh.png when matplotlib
-is installed.
+--real: phikit DPO for --real-steps (batch 4, lr --real-lr, cosine) on the 1,996 training pairs (--real-seq-len
+256: longer pairs keep the end of their prompt, then lose the ends of their replies), evaluated on the 199
+test pairs every 50 steps (eval_rewards/accuracies: the chosen reply's implicit reward above the rejected
+one's). Its untrained value is 0 by construction (policy = reference), so the results also give the base
+model's own preference: the share of test pairs whose chosen reply it finds more likely (summed log-probs).
+Writes the curves as benchmarks/results_preference_dpo_hh.png when matplotlib is installed.
 
 Prints Markdown tables and writes benchmarks/results_preference.json.
 """
@@ -235,7 +235,7 @@ def worker(engine: str, method: str, model: Path, data: Path, args) -> dict:
 # ---- DPO on the real pairs ----
 
 
-def base_preference(model: Path) -> float:
+def base_preference(model: Path, seq_len: int) -> float:
     """Share of the 199 test pairs whose chosen reply the untrained model finds more likely (summed log-probs
     of the reply given the prompt)."""
     import torch
@@ -245,7 +245,7 @@ def base_preference(model: Path) -> float:
     from phikit.train.preference import collate_pairs, load_pairs
 
     phi = phikit.load(model, dtype="fp32", device="cpu")
-    pairs = load_pairs(str(HH / "test.prompt.jsonl"), phi.tokenizer, seq_len=512)[0]
+    pairs = load_pairs(str(HH / "test.prompt.jsonl"), phi.tokenizer, seq_len=seq_len)[0]
     wins = 0
     with torch.no_grad():
         for i in range(0, len(pairs), 8):
@@ -273,7 +273,7 @@ def real_dpo(model: Path, args) -> dict:
             eval_data=str(HH / "test.prompt.jsonl"),
             dtype="fp32",
             device="cpu",
-            seq_len=512,
+            seq_len=args.real_seq_len,
             batch_size=4,
             grad_accum=1,
             lr=args.real_lr,
@@ -299,7 +299,7 @@ def real_dpo(model: Path, args) -> dict:
     return {
         "steps": args.real_steps,
         "seconds": seconds,
-        "base_preference": base_preference(model),
+        "base_preference": base_preference(model, args.real_seq_len),
         "evals": [
             {k: r[k] for k in ("step", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")} for r in evals
         ],
@@ -343,7 +343,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=640)
     ap.add_argument("--real", action="store_true", help="also DPO on hh-rlhf-2k with held-out accuracy")
-    ap.add_argument("--real-steps", type=int, default=250)
+    ap.add_argument("--real-steps", type=int, default=200)
+    ap.add_argument("--real-seq-len", type=int, default=256)
     ap.add_argument("--real-lr", type=float, default=2e-4)
     ap.add_argument("--out", type=Path, default=HERE / "results_preference.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -369,7 +370,7 @@ def main() -> None:
     passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)]
     passthrough += ["--batch-size", str(args.batch_size), "--completion-tokens", str(args.completion_tokens)]
     passthrough += ["--layers", str(args.layers), "--hidden", str(args.hidden)]
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m]:
         data = work / ("prompts.jsonl" if method == "grpo" else "pairs.jsonl")
         for engine in ("phikit", "trl"):
             print(f"{method}: {engine}", file=sys.stderr, flush=True)

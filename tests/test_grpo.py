@@ -49,9 +49,8 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
     from trl import GRPOConfig, GRPOTrainer
 
     from phikit.lora import adapters_disabled
-    from phikit.train.grpo import sequences
+    from phikit.train.grpo import GRPORecipe, sequences
     from phikit.train.losses import frozen_head, token_logps
-    from phikit.train.recipe import GRPORecipe
 
     model, lora = _policy(tiny)
     tokenizer = phikit.load(tiny[0], dtype="fp32", device="cpu").tokenizer

@@ -160,7 +160,7 @@ def _batch(tokenizer, rows):
 
 def _recipe(model, **settings):
     from phikit.train.losses import frozen_head
-    from phikit.train.recipe import PreferenceRecipe
+    from phikit.train.preference import PreferenceRecipe
 
     recipe = PreferenceRecipe(TrainConfig(**settings))
     recipe.model, recipe.head, recipe.amp_dtype, recipe.device = (

@@ -4,6 +4,7 @@ rewards (GRPO), one recipe in named phases driven by a YAML file (``phikit.train
 and its rewards in ``rewards``, checkpoints and metrics in ``state``."""
 
 from phikit.train.config import DPO_LOSSES, GRPO_LOSSES, METHODS, TrainConfig
+from phikit.train.grpo import GRPORecipe
 from phikit.train.losses import (
     causal_lm_loss,
     dpo_loss,
@@ -13,8 +14,18 @@ from phikit.train.losses import (
     sequence_logps,
     token_logps,
 )
-from phikit.train.recipe import RECIPES, GRPORecipe, PreferenceRecipe, SFTRecipe, _finite_everywhere, finetune
+from phikit.train.preference import PreferenceRecipe
+from phikit.train.recipe import SFTRecipe, _finite_everywhere
 from phikit.train.state import MetricsLog, checkpoints, read_trainer_state
+
+RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe, "grpo": GRPORecipe}
+
+
+def finetune(config: TrainConfig, progress: bool = True):
+    """Run a fine-tuning recipe (its ``method``'s); returns the folder of the final adapter
+    (``output_dir/adapter``) or, with full fine-tuning, model (``output_dir/model``)."""
+    return RECIPES[config.method](config, progress).train()
+
 
 __all__ = [
     "DPO_LOSSES",

@@ -3,6 +3,7 @@ phikit's own batched generation, scored by the reward functions and turned into 
 
 Rows: {"prompt": "..." | [messages], ...}: text is used as written, messages are rendered with the recipe's
 template and its generation prompt; every other column goes to the reward functions (e.g. "answer").
+``GRPORecipe`` is GRPO's fine-tuning recipe.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from phikit.data import IGNORE, apply_columns, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
+from phikit.train.losses import group_advantages, grpo_loss, token_logps
+from phikit.train.recipe import SFTRecipe
 
 
 @dataclass
@@ -124,3 +127,98 @@ def sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: in
         ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
         labels[row, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
     return ids, labels
+
+
+class GRPORecipe(SFTRecipe):
+    """GRPO: each micro-batch is ``batch_size`` prompts x ``num_generations`` completions sampled with
+    phikit's batched generation from the adapter being trained, scored by the reward functions, with
+    advantages normalised within each prompt's group; the step's micro-batches are all sampled before the
+    first update (TRL's generation batch). With ``beta`` > 0 the reference is the base with the adapter
+    off, as for DPO."""
+
+    unit = "prompts"
+
+    def setup_data(self) -> None:
+        from phikit.data import split_eval
+        from phikit.train.rewards import reward_functions
+
+        config = self.config
+        if config.fsdp and self.world > 1:
+            raise PhikitError("grpo samples with the inference path, which needs whole weights: run it without fsdp")
+        if config.seq_len <= config.max_completion_length:
+            raise PhikitError("seq_len must be longer than max_completion_length (a prompt needs room)")
+        self.functions = reward_functions(config.reward_funcs, config.reward_regex, config.max_completion_length)
+        weights = config.reward_weights or [1.0] * len(self.functions)
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        args = (self.tokenizer, config.template)
+        room = config.seq_len - config.max_completion_length
+        prompts, self.skipped = load_prompts(
+            config.data, *args, config.split, room, config.skip_bad_rows, config.max_examples, config.columns
+        )
+        if config.eval_data or config.eval_split:
+            source, split = config.eval_data or config.data, config.eval_split or "test"
+            held = load_prompts(source, *args, split, room, config.skip_bad_rows, None, config.columns)[0]
+        else:
+            prompts, held = split_eval(prompts, config.eval_fraction, config.seed)
+        self.train_set, self.eval_set = prompts, held
+        self.step_tokens = None
+
+    def next_batches(self) -> list:
+        batches = super().next_batches()
+        self.step_tokens = sum(int((b[1] != -100).sum()) for b in batches)
+        return batches
+
+    def collate(self, batch: list) -> tuple:
+        """Sample the group of every prompt, score it: (ids, labels, advantages, metrics)."""
+        config, tokenizer = self.config, self.tokenizer
+        group = config.num_generations
+        prompts = [p.ids for p in batch for _ in range(group)]
+        seed = int(torch.randint(0, 2**62, (1,)))  # from the run's RNG, so a resumed run samples the same
+        completions = sample_completions(
+            self.model,
+            prompts,
+            config.max_completion_length,
+            config.temperature,
+            seed,
+            tokenizer.stop_ids,
+            tokenizer.pad_id,
+        )
+        texts = [tokenizer.decode([t for t in c if t not in tokenizer.stop_ids]) for c in completions]
+        rewards, means = score(self.functions, batch, group, texts, completions)
+        total = torch.nansum(rewards * self.weights[:, None], dim=0)
+        advantages = group_advantages(total, group, config.scale_rewards)
+        ids, labels = sequences(prompts, completions, tokenizer.pad_id)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        ended = sum(bool(c) and c[-1] in tokenizer.stop_ids for c in completions) / len(completions)
+        metrics = {
+            "reward": float(total.mean()),
+            "reward_std": float(total.view(-1, group).std(dim=1).mean()),
+            **means,
+            "completions/mean_length": float(lengths.mean()),
+            "completions/ended": ended,
+        }
+        return ids.to(self.device), labels.to(self.device), advantages.to(self.device), metrics
+
+    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict, int]:
+        from phikit.lora import adapters_disabled
+
+        ids, labels, advantages, metrics = batch
+        config = self.config
+        logps, sequence = token_logps(model, ids, labels, self.head, config.temperature)
+        reference = None
+        if config.beta:
+            with torch.no_grad(), adapters_disabled(self.model):
+                reference, _ = token_logps(self.model, ids, labels, self.head, config.temperature)
+        training = model.training and self.step_tokens
+        loss, extra = grpo_loss(
+            logps,
+            sequence,
+            advantages,
+            config.epsilon,
+            config.loss_type,
+            config.beta,
+            reference,
+            config.max_completion_length,
+            self.step_tokens / config.grad_accum if training else len(logps),
+        )
+        return loss, {**metrics, **extra}, len(advantages)

@@ -12,6 +12,7 @@ Rows, in any file or dataset ``phikit.data.read_rows`` reads (TRL's preference f
   {"chosen": [messages], "rejected": [messages]}                   the shared leading messages are the prompt
 Only the replies are trained on (the prompt's tokens are masked), each reply ends with the EOS, and pairs
 are never packed: a batch holds every chosen sequence, then every rejected one, right-padded.
+``PreferenceRecipe`` is the fine-tuning recipe of DPO and ORPO on them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from phikit.data import IGNORE, apply_columns, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
+from phikit.train.losses import dpo_loss, orpo_loss, sequence_logps
+from phikit.train.recipe import SFTRecipe
 
 
 @dataclass
@@ -166,3 +169,75 @@ def collate_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, 
         ids[row, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
         labels[row, len(prompt) : len(prompt) + len(reply)] = torch.tensor(reply)
     return ids, labels
+
+
+class PreferenceRecipe(SFTRecipe):
+    """DPO (the base model, adapter disabled, as the reference: no second copy of the weights, as TRL with
+    PEFT) and ORPO (no reference) on preference pairs. The reference's log-probs of a pair never change
+    (the base is frozen and has no dropout), so each is computed once and kept for later epochs."""
+
+    unit = "pairs"
+
+    def setup_data(self) -> None:
+        from phikit.data import split_eval
+
+        config = self.config
+        args = (self.tokenizer, config.template)
+        pairs, self.skipped, cut = load_pairs(
+            config.data, *args, config.split, config.seq_len, config.skip_bad_rows, config.max_examples, config.columns
+        )
+        if config.eval_data or config.eval_split:
+            source, split = config.eval_data or config.data, config.eval_split or "test"
+            held = load_pairs(source, *args, split, config.seq_len, config.skip_bad_rows, None, config.columns)[0]
+        else:
+            pairs, held = split_eval(pairs, config.eval_fraction, config.seed)
+        if cut and self.main_process:
+            print(f"{cut} of {len(pairs)} pair(s) were cut to seq_len {config.seq_len} tokens")
+        self.train_set, self.eval_set = pairs, held
+        self.reference: dict[int, tuple[float, float]] = {}
+
+    def setup_model(self) -> None:
+        super().setup_model()
+        if self.config.method == "dpo" and getattr(self.model.lora_config, "modules_to_save", None):
+            raise PhikitError("DPO's reference is the base with the adapter off: modules_to_save is not supported")
+
+    def collate(self, batch: list) -> tuple:
+        ids, labels = collate_pairs(batch, self.tokenizer.pad_id)
+        return ids.to(self.device), labels.to(self.device), batch
+
+    def reference_logps(self, batch: list, ids, labels) -> torch.Tensor:
+        """Summed log-probs of every sequence of the batch under the base model (the adapter switched off),
+        from the cache where the pair was seen before."""
+        from phikit.lora import adapters_disabled
+
+        keys = [id(p) for p in batch]
+        if self.sharded or not all(k in self.reference for k in keys):  # sharded: every process runs it together
+            with torch.no_grad(), adapters_disabled(self.model), self.autocast():
+                sums, _ = sequence_logps(self.model, ids, labels, self.head)
+            n = len(batch)
+            for i, k in enumerate(keys):
+                self.reference[k] = (float(sums[i]), float(sums[n + i]))
+        chosen = [self.reference[k][0] for k in keys]
+        rejected = [self.reference[k][1] for k in keys]
+        return torch.tensor(chosen + rejected, dtype=torch.float32, device=ids.device)
+
+    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict]:
+        ids, labels, pairs = batch
+        config = self.config
+        sums, counts = sequence_logps(model, ids, labels, self.head)
+        n = len(pairs)
+        if config.method == "orpo":
+            return (*orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], config.beta), n)
+        reference = self.reference_logps(pairs, ids, labels)
+        loss, metrics = dpo_loss(
+            sums[:n],
+            sums[n:],
+            reference[:n],
+            reference[n:],
+            config.beta,
+            config.loss_type,
+            config.label_smoothing,
+            counts[:n],
+            counts[n:],
+        )
+        return loss, metrics, n

@@ -1,8 +1,9 @@
 """Fine-tuning as a recipe in named phases (torchtune's recipes are the model): ``setup`` (output folder,
 processes, seeds), ``setup_data`` (read and check the data before any weight loads), ``setup_model`` (the base,
 quantized or not, with a LoRA adapter), ``setup_optimizer``, ``resume``, ``train_step``, ``evaluate``,
-``save_checkpoint`` and ``train``, the loop that calls them. SFT, DPO and ORPO share every phase but their data
-and their loss: a method is a subclass that gives ``setup_data``, ``collate`` and ``loss``.
+``save_checkpoint`` and ``train``, the loop that calls them. SFT, DPO, ORPO and GRPO share every phase but their
+data and their loss: a method is a subclass that gives ``setup_data``, ``collate`` and ``loss``
+(``phikit.train.preference.PreferenceRecipe``, ``phikit.train.grpo.GRPORecipe``).
 
 Checkpoints are written atomically every ``save_every`` steps; ``resume`` continues from the newest one to the
 same result as an uninterrupted run, because the data order depends only on (seed, epoch) and the RNG states
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from phikit.errors import PhikitError
 from phikit.train.config import TrainConfig
-from phikit.train.losses import causal_lm_loss, dpo_loss, frozen_head, orpo_loss, sequence_logps
+from phikit.train.losses import causal_lm_loss, frozen_head
 from phikit.train.state import (
     MetricsLog,
     _check_resume,
@@ -115,7 +116,12 @@ class SFTRecipe:
         self.main_process = self.rank == 0
         self.out = out = Path(config.output_dir)
         self.existing = existing = checkpoints(out) if out.exists() else []
-        if self.main_process and out.exists() and not config.resume and (existing or (out / "adapter").exists()):
+        if (
+            self.main_process
+            and out.exists()
+            and not config.resume
+            and (existing or (out / "adapter").exists() or (out / "model").exists())
+        ):
             how = "pass --resume to continue it, or " if existing else "it finished; "
             raise PhikitError(f"{out} already holds a run; {how}choose another output_dir")
         if config.resume and not existing:
@@ -496,186 +502,3 @@ class SFTRecipe:
             torch.distributed.all_reduce(total)
             loss = loss * (count * self.world / max(float(total), 1.0))
         return loss, {}, count
-
-
-class PreferenceRecipe(SFTRecipe):
-    """DPO (the base model, adapter disabled, as the reference: no second copy of the weights, as TRL with
-    PEFT) and ORPO (no reference) on preference pairs. The reference's log-probs of a pair never change
-    (the base is frozen and has no dropout), so each is computed once and kept for later epochs."""
-
-    unit = "pairs"
-
-    def setup_data(self) -> None:
-        from phikit.data import split_eval
-        from phikit.train.preference import load_pairs
-
-        config = self.config
-        args = (self.tokenizer, config.template)
-        pairs, self.skipped, cut = load_pairs(
-            config.data, *args, config.split, config.seq_len, config.skip_bad_rows, config.max_examples, config.columns
-        )
-        if config.eval_data or config.eval_split:
-            source, split = config.eval_data or config.data, config.eval_split or "test"
-            held = load_pairs(source, *args, split, config.seq_len, config.skip_bad_rows, None, config.columns)[0]
-        else:
-            pairs, held = split_eval(pairs, config.eval_fraction, config.seed)
-        if cut and self.main_process:
-            print(f"{cut} of {len(pairs)} pair(s) were cut to seq_len {config.seq_len} tokens")
-        self.train_set, self.eval_set = pairs, held
-        self.reference: dict[int, tuple[float, float]] = {}
-
-    def setup_model(self) -> None:
-        super().setup_model()
-        if self.config.method == "dpo" and getattr(self.model.lora_config, "modules_to_save", None):
-            raise PhikitError("DPO's reference is the base with the adapter off: modules_to_save is not supported")
-
-    def collate(self, batch: list) -> tuple:
-        from phikit.train.preference import collate_pairs
-
-        ids, labels = collate_pairs(batch, self.tokenizer.pad_id)
-        return ids.to(self.device), labels.to(self.device), batch
-
-    def reference_logps(self, batch: list, ids, labels) -> torch.Tensor:
-        """Summed log-probs of every sequence of the batch under the base model (the adapter switched off),
-        from the cache where the pair was seen before."""
-        from phikit.lora import adapters_disabled
-
-        keys = [id(p) for p in batch]
-        if self.sharded or not all(k in self.reference for k in keys):  # sharded: every process runs it together
-            with torch.no_grad(), adapters_disabled(self.model), self.autocast():
-                sums, _ = sequence_logps(self.model, ids, labels, self.head)
-            n = len(batch)
-            for i, k in enumerate(keys):
-                self.reference[k] = (float(sums[i]), float(sums[n + i]))
-        chosen = [self.reference[k][0] for k in keys]
-        rejected = [self.reference[k][1] for k in keys]
-        return torch.tensor(chosen + rejected, dtype=torch.float32, device=ids.device)
-
-    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict]:
-        ids, labels, pairs = batch
-        config = self.config
-        sums, counts = sequence_logps(model, ids, labels, self.head)
-        n = len(pairs)
-        if config.method == "orpo":
-            return (*orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], config.beta), n)
-        reference = self.reference_logps(pairs, ids, labels)
-        loss, metrics = dpo_loss(
-            sums[:n],
-            sums[n:],
-            reference[:n],
-            reference[n:],
-            config.beta,
-            config.loss_type,
-            config.label_smoothing,
-            counts[:n],
-            counts[n:],
-        )
-        return loss, metrics, n
-
-
-class GRPORecipe(SFTRecipe):
-    """GRPO: each micro-batch is ``batch_size`` prompts x ``num_generations`` completions sampled with
-    phikit's batched generation from the adapter being trained, scored by the reward functions, with
-    advantages normalised within each prompt's group; the step's micro-batches are all sampled before the
-    first update (TRL's generation batch). With ``beta`` > 0 the reference is the base with the adapter
-    off, as for DPO."""
-
-    unit = "prompts"
-
-    def setup_data(self) -> None:
-        from phikit.data import split_eval
-        from phikit.train.grpo import load_prompts
-        from phikit.train.rewards import reward_functions
-
-        config = self.config
-        if config.fsdp and self.world > 1:
-            raise PhikitError("grpo samples with the inference path, which needs whole weights: run it without fsdp")
-        if config.seq_len <= config.max_completion_length:
-            raise PhikitError("seq_len must be longer than max_completion_length (a prompt needs room)")
-        self.functions = reward_functions(config.reward_funcs, config.reward_regex, config.max_completion_length)
-        weights = config.reward_weights or [1.0] * len(self.functions)
-        self.weights = torch.tensor(weights, dtype=torch.float32)
-        args = (self.tokenizer, config.template)
-        room = config.seq_len - config.max_completion_length
-        prompts, self.skipped = load_prompts(
-            config.data, *args, config.split, room, config.skip_bad_rows, config.max_examples, config.columns
-        )
-        if config.eval_data or config.eval_split:
-            source, split = config.eval_data or config.data, config.eval_split or "test"
-            held = load_prompts(source, *args, split, room, config.skip_bad_rows, None, config.columns)[0]
-        else:
-            prompts, held = split_eval(prompts, config.eval_fraction, config.seed)
-        self.train_set, self.eval_set = prompts, held
-        self.step_tokens = None
-
-    def next_batches(self) -> list:
-        batches = super().next_batches()
-        self.step_tokens = sum(int((b[1] != -100).sum()) for b in batches)
-        return batches
-
-    def collate(self, batch: list) -> tuple:
-        """Sample the group of every prompt, score it: (ids, labels, advantages, metrics)."""
-        from phikit.train.grpo import sample_completions, score, sequences
-        from phikit.train.losses import group_advantages
-
-        config, tokenizer = self.config, self.tokenizer
-        group = config.num_generations
-        prompts = [p.ids for p in batch for _ in range(group)]
-        seed = int(torch.randint(0, 2**62, (1,)))  # from the run's RNG, so a resumed run samples the same
-        completions = sample_completions(
-            self.model,
-            prompts,
-            config.max_completion_length,
-            config.temperature,
-            seed,
-            tokenizer.stop_ids,
-            tokenizer.pad_id,
-        )
-        texts = [tokenizer.decode([t for t in c if t not in tokenizer.stop_ids]) for c in completions]
-        rewards, means = score(self.functions, batch, group, texts, completions)
-        total = torch.nansum(rewards * self.weights[:, None], dim=0)
-        advantages = group_advantages(total, group, config.scale_rewards)
-        ids, labels = sequences(prompts, completions, tokenizer.pad_id)
-        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
-        ended = sum(bool(c) and c[-1] in tokenizer.stop_ids for c in completions) / len(completions)
-        metrics = {
-            "reward": float(total.mean()),
-            "reward_std": float(total.view(-1, group).std(dim=1).mean()),
-            **means,
-            "completions/mean_length": float(lengths.mean()),
-            "completions/ended": ended,
-        }
-        return ids.to(self.device), labels.to(self.device), advantages.to(self.device), metrics
-
-    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict, int]:
-        from phikit.lora import adapters_disabled
-        from phikit.train.losses import grpo_loss, token_logps
-
-        ids, labels, advantages, metrics = batch
-        config = self.config
-        logps, sequence = token_logps(model, ids, labels, self.head, config.temperature)
-        reference = None
-        if config.beta:
-            with torch.no_grad(), adapters_disabled(self.model):
-                reference, _ = token_logps(self.model, ids, labels, self.head, config.temperature)
-        training = model.training and self.step_tokens
-        loss, extra = grpo_loss(
-            logps,
-            sequence,
-            advantages,
-            config.epsilon,
-            config.loss_type,
-            config.beta,
-            reference,
-            config.max_completion_length,
-            self.step_tokens / config.grad_accum if training else len(logps),
-        )
-        return loss, {**metrics, **extra}, len(advantages)
-
-
-RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe, "grpo": GRPORecipe}
-
-
-def finetune(config: TrainConfig, progress: bool = True) -> Path:
-    """Run a fine-tuning recipe; returns the folder of the final adapter (``output_dir/adapter``)."""
-    return RECIPES[config.method](config, progress).train()
