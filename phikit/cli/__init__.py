@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": "evaluate",
     "bench": "bench",
     "perplexity": "perplexity",
+    "plot": "plot",
 }
 
 

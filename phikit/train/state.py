@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -107,14 +108,17 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 class MetricsLog:
-    """metrics.jsonl, plus TensorBoard when it is installed."""
+    """metrics.jsonl, the live dashboard.html beside it (``phikit.plots``, rewritten at most every few
+    seconds and once at the end), plus TensorBoard when it is installed."""
 
     def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
         """A fresh run starts a new file; a resumed one keeps the lines up to its checkpoint's step, so
         every step appears once (the killed run may have logged steps past its last checkpoint)."""
         self.enabled = enabled
+        self.out = out
         self.path = out / "metrics.jsonl"
         self.tb = None
+        self.drawn = 0.0  # time.monotonic() of the last dashboard
         if enabled:
             kept = []
             if resume_step is not None and self.path.is_file():
@@ -143,7 +147,17 @@ class MetricsLog:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        self.draw(live=True)
+
+    def draw(self, live: bool) -> None:
+        """Rewrite dashboard.html (while live, at most every ``plots.REFRESH_S`` seconds)."""
+        from phikit import plots
+
+        if self.enabled and (not live or time.monotonic() - self.drawn >= plots.REFRESH_S):
+            plots.write_dashboard(self.out, live=live)
+            self.drawn = time.monotonic()
 
     def close(self) -> None:
+        self.draw(live=False)
         if self.tb is not None:
             self.tb.close()

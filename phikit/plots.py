@@ -1,0 +1,225 @@
+"""Pictures of training runs: a live, self-contained ``dashboard.html`` beside each run's metrics.jsonl, and
+``phikit plot``'s PNG/SVG curves comparing runs.
+
+The dashboard is one HTML file with the metrics embedded and a small script that draws them as SVG line
+charts: nothing is fetched from the network (a browser opening a file:// page could not read metrics.jsonl
+anyway), and while the run trains the page reloads itself every few seconds to show the file rewritten
+since. Charts: every numeric metric, grouped (loss with held-out loss, learning rate, grad norm, tokens/s,
+memory; DPO/ORPO rewards, accuracies and margins; GRPO's rewards and completion lengths), each against step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from phikit.errors import PhikitError
+
+# chart title -> the metrics it draws (held-out ones are the same names with "eval_" in front)
+GROUPS = [
+    ("loss", ["loss"]),
+    ("learning rate", ["lr"]),
+    ("grad norm", ["grad_norm"]),
+    ("tokens/s", ["tokens_per_s"]),
+    ("memory (MB a process)", ["memory/params_mb", "memory/optimizer_mb"]),
+    ("rewards (DPO/ORPO: beta x log-ratio)", ["rewards/chosen", "rewards/rejected"]),
+    ("reward accuracy", ["rewards/accuracies"]),
+    ("reward margin", ["rewards/margins"]),
+    ("log-probs", ["logps/chosen", "logps/rejected"]),
+    ("reward (GRPO)", ["reward", "reward_std"]),
+    ("completion length (GRPO)", ["completions/mean_length"]),
+]
+REFRESH_S = 5
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a line that does not parse, such as a half-written last one, is skipped)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] for every finite numeric value."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if math.isfinite(value):
+                    out.setdefault(key, []).append((row["step"], float(value)))
+    return out
+
+
+def charts(names: set[str]) -> list[tuple[str, list[str]]]:
+    """(title, metrics) of each chart with data: the groups above (with their held-out twins), then one chart
+    for each other metric."""
+    out, used = [], set()
+    for title, keys in GROUPS:
+        present = []
+        for k in (k for key in keys for k in (key, f"eval_{key}")):
+            if k in names and k not in used and k not in present:
+                present.append(k)
+        if present:
+            out.append((title, present))
+            used.update(present)
+    for name in sorted(names - used):
+        if name.startswith("eval_") and name[5:] in used:
+            continue
+        out.append((name, [name]))
+    return out
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">{refresh}
+<title>phikit: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+h1 {{ font-size: 1.2em; }} .meta {{ color: #666; font-size: 0.9em; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 1em; }}
+figure {{ margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 0.5em; }}
+figcaption {{ font-weight: 600; margin-bottom: 0.3em; }}
+.legend span {{ margin-right: 1em; font-size: 0.85em; }}
+svg text {{ font-size: 11px; fill: #555; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="meta" id="meta"></p>
+<div class="grid" id="charts"></div>
+<script type="application/json" id="data">{data}</script>
+<script>
+"use strict";
+const DATA = JSON.parse(document.getElementById("data").textContent);
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+const NS = "http://www.w3.org/2000/svg";
+function el(name, attrs, parent) {{
+  const e = document.createElementNS(NS, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (parent) parent.appendChild(e);
+  return e;
+}}
+function fmt(v) {{
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-2 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
+}}
+function chart(title, keys) {{
+  const fig = document.createElement("figure");
+  const cap = document.createElement("figcaption");
+  cap.textContent = title;
+  fig.appendChild(cap);
+  const W = 420, H = 220, L = 60, R = 10, T = 10, B = 30;
+  const svg = el("svg", {{width: "100%", viewBox: `0 0 ${{W}} ${{H}}`, role: "img", "aria-label": title}}, fig);
+  const points = keys.flatMap(k => DATA.series[k]);
+  let [x0, x1] = [Math.min(...points.map(p => p[0])), Math.max(...points.map(p => p[0]))];
+  let [y0, y1] = [Math.min(...points.map(p => p[1])), Math.max(...points.map(p => p[1]))];
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) {{ y0 -= 0.5; y1 += 0.5; }}
+  const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
+  const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
+  el("line", {{x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999"}}, svg);
+  el("line", {{x1: L, y1: T, x2: L, y2: H - B, stroke: "#999"}}, svg);
+  for (const [y, v] of [[sy(y0), y0], [sy(y1), y1], [sy((y0 + y1) / 2), (y0 + y1) / 2]]) {{
+    el("text", {{x: L - 4, y: y + 4, "text-anchor": "end"}}, svg).textContent = fmt(v);
+  }}
+  el("text", {{x: L, y: H - 8}}, svg).textContent = "step " + x0;
+  el("text", {{x: W - R, y: H - 8, "text-anchor": "end"}}, svg).textContent = "step " + x1;
+  const legend = document.createElement("div");
+  legend.className = "legend";
+  keys.forEach((k, i) => {{
+    const pts = DATA.series[k];
+    const color = COLORS[i % COLORS.length];
+    const d = pts.map((p, j) => (j ? "L" : "M") + sx(p[0]).toFixed(1) + " " + sy(p[1]).toFixed(1)).join(" ");
+    el("path", {{d: d, fill: "none", stroke: color, "stroke-width": 1.5}}, svg);
+    if (pts.length < 40) pts.forEach(p => el("circle", {{cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color}}, svg));
+    const s = document.createElement("span");
+    s.style.color = color;
+    const last = pts[pts.length - 1];
+    s.textContent = `${{k}} (last ${{fmt(last[1])}} at step ${{last[0]}})`;
+    legend.appendChild(s);
+  }});
+  fig.appendChild(legend);
+  return fig;
+}}
+const grid = document.getElementById("charts");
+for (const [title, keys] of DATA.charts) grid.appendChild(chart(title, keys));
+const state = DATA.live ? "; reloads every {refresh_s} s" : "; run finished";
+document.getElementById("meta").textContent = `${{DATA.rows}} rows of metrics.jsonl, written ${{DATA.written}}` + state;
+</script></body></html>
+"""
+
+
+def dashboard_html(rows: list[dict], title: str, live: bool) -> str:
+    """The page for ``rows`` (metrics.jsonl's); ``live``: it reloads itself every REFRESH_S seconds."""
+    data = series(rows)
+    payload = {
+        "series": data,
+        "charts": charts(set(data)),
+        "rows": len(rows),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "live": live,
+    }
+    text = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")  # no early </script>
+    refresh = f'\n<meta http-equiv="refresh" content="{REFRESH_S}">' if live else ""
+    escaped = title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return PAGE.format(refresh=refresh, title=escaped, data=text, refresh_s=REFRESH_S)
+
+
+def write_dashboard(run: Path, live: bool = False) -> Path:
+    """run/dashboard.html from run/metrics.jsonl, written atomically."""
+    from phikit.checkpoint import atomic_write
+
+    rows = read_metrics(run / "metrics.jsonl")
+    html = dashboard_html(rows, f"fine-tuning run {run.resolve().name}", live)
+    atomic_write(run / "dashboard.html", lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    return run / "dashboard.html"
+
+
+def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> Path:
+    """One PNG or SVG (by ``out``'s suffix) with a panel per chart, each run a line: runs compared."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PhikitError("phikit plot needs matplotlib: pip install matplotlib (or .[bench])") from None
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise PhikitError(f"{out}: write a .png or .svg file")
+    data = {}
+    for run in runs:
+        path = run / "metrics.jsonl" if run.is_dir() else run
+        if not path.is_file():
+            raise PhikitError(f"{run}: no metrics.jsonl (give a run's output_dir or its metrics.jsonl)")
+        label = path.parent.name if path.name == "metrics.jsonl" else path.stem
+        data[label] = series(read_metrics(path))
+    names = set().union(*(set(s) for s in data.values()))
+    panels = charts(names) if not metrics else [(m, [m]) for m in metrics if m in names]
+    if not panels:
+        raise PhikitError(f"nothing to plot: {'none of ' + ', '.join(metrics) if metrics else 'no numeric metrics'}")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for label, runs_series in data.items():
+            for key in keys:
+                if key in runs_series:
+                    steps, values = zip(*runs_series[key])
+                    name = label if len(keys) == 1 else f"{label}: {key}"
+                    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, lw=1, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    from phikit.checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=100))
+    plt.close(fig)
+    return out
