@@ -64,6 +64,7 @@ class TrainConfig:
     save_every: int = 50
     save_total_limit: int = 2
     log_every: int = 1
+    report_to: list[str] | None = None  # tensorboard, wandb, mlflow, trackio (phikit.train.report); none
     seed: int = 42
     resume: bool = False
     # preference and RL tuning (TRL's names and defaults): DPO's beta (strength of the pull to the reference,
@@ -146,6 +147,17 @@ class TrainConfig:
             return None
         if name == "lora_targets":
             return _lora_targets(value, fail)
+        if name == "report_to":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise fail("a list of trackers (tensorboard, wandb, mlflow, trackio) or none")
+            items = [v.strip().lower() for v in items if v.strip() and v.strip().lower() != "none"]
+            from phikit.train.report import TRACKERS
+
+            unknown = [v for v in items if v not in TRACKERS]
+            if unknown:
+                raise fail(f"trackers among {', '.join(TRACKERS)} (or none); not {', '.join(unknown)}")
+            return items or None
         if name in ("reward_funcs", "reward_weights"):
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
             if not isinstance(items, list) or not items:

@@ -131,6 +131,10 @@ class SFTRecipe:
         random.seed(config.seed)
         if config.resume:
             _check_resume(existing[-1], config)
+        if self.main_process and config.report_to:  # a tracker that is not installed fails now, not after loading
+            from phikit.train.report import check_trackers
+
+            check_trackers(config.report_to)
 
     def setup_data(self) -> None:
         """Training and evaluation sequences, read and checked with the checkpoint's tokenizer before any
@@ -436,7 +440,13 @@ class SFTRecipe:
             self.resume()
         size = config.batch_size
         self.eval_batches = [self.eval_set[i : i + size] for i in range(0, len(self.eval_set), size)]
-        log = MetricsLog(self.out, self.main_process, self.step if config.resume else None)
+        log = MetricsLog(
+            self.out,
+            self.main_process,
+            self.step if config.resume else None,
+            config.report_to,
+            dataclasses.asdict(config),
+        )
         if self.main_process and self.skipped:
             print(f"skipped {self.skipped} malformed row(s) of {config.data}")
         self.bar = tqdm(

@@ -109,15 +109,22 @@ def checkpoints(out: Path) -> list[Path]:
 
 class MetricsLog:
     """metrics.jsonl, the live dashboard.html beside it (``phikit.plots``, rewritten at most every few
-    seconds and once at the end), plus TensorBoard when it is installed."""
+    seconds and once at the end), and the trackers of ``report_to`` (``phikit.train.report``)."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(
+        self,
+        out: Path,
+        enabled: bool,
+        resume_step: int | None = None,
+        report_to: list[str] | None = None,
+        config: dict | None = None,
+    ):
         """A fresh run starts a new file; a resumed one keeps the lines up to its checkpoint's step, so
         every step appears once (the killed run may have logged steps past its last checkpoint)."""
         self.enabled = enabled
         self.out = out
         self.path = out / "metrics.jsonl"
-        self.tb = None
+        self.trackers: list = []
         self.drawn = 0.0  # time.monotonic() of the last dashboard
         if enabled:
             kept = []
@@ -129,24 +136,18 @@ class MetricsLog:
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue
             from phikit.checkpoint import atomic_write
+            from phikit.train.report import open_trackers
 
             atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
+            self.trackers = open_trackers(report_to or [], out, out.resolve().name, config or {})
 
     def write(self, step: int, **values) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(step, values)
         self.draw(live=True)
 
     def draw(self, live: bool) -> None:
@@ -159,5 +160,5 @@ class MetricsLog:
 
     def close(self) -> None:
         self.draw(live=False)
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
