@@ -326,7 +326,8 @@ def _report_markdown(title: str, by_label: dict[str, dict[str, dict]], ids: dict
     return "\n".join(rows) + "\n"
 
 
-_STYLE = """
+_STYLE = """.charts { display: flex; flex-wrap: wrap; gap: 1.5em; margin-top: 1.5em; }
+
 body { font-family: system-ui, sans-serif; margin: 2em; }
 table { border-collapse: collapse; width: 100%; table-layout: fixed; }
 th, td { border: 1px solid #ccc; padding: 0.5em; vertical-align: top; text-align: left; }
@@ -361,8 +362,28 @@ def _report_html(title: str, by_label: dict[str, dict[str, dict]], ids: dict[str
                 cells.append(f'<td><pre>{esc(r["text"])}</pre><div class="{css}">{esc(_meta(r))}</div></td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     summaries = "".join(f"<td>{esc(_summary_meta(_summary(by_label[label])))}</td>" for label in labels)
-    out += [f'<tr class="summary"><td>summary</td>{summaries}</tr>', "</tbody></table>", "</body></html>"]
+    out += [f'<tr class="summary"><td>summary</td>{summaries}</tr>', "</tbody></table>"]
+    out += ['<div class="charts">', *_report_charts(by_label, ids), "</div>", "</body></html>"]
     return "\n".join(out) + "\n"
+
+
+def _report_charts(by_label: dict[str, dict[str, dict]], ids: dict[str, str]) -> list[str]:
+    """Inline SVG charts under the table: each answer's length in tokens, prompt by prompt and model by
+    model, and how each model's answers ended (at EOS, at a turn marker or stop string, cut at the budget)."""
+    from phikit.plots import bars_svg
+
+    labels = list(by_label)
+    lengths = {label: [by_label[label].get(i, {}).get("tokens", 0) for i in ids] for label in labels}
+    endings = {"EOS": [], "turn marker": [], "budget": []}
+    for label in labels:
+        results = by_label[label].values()
+        endings["EOS"].append(sum(r.get("ended_at") == "eos" for r in results))
+        endings["turn marker"].append(sum(r.get("ended_at") == "marker" for r in results))
+        endings["budget"].append(sum(not r["stopped_by_itself"] for r in results))
+    return [
+        bars_svg("answer length (tokens) per prompt", list(ids), lengths),
+        bars_svg("how the answers ended", labels, endings, stacked=True),
+    ]
 
 
 # --- lm-evaluation-harness -----------------------------------------------------------------------------

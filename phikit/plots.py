@@ -1,5 +1,5 @@
-"""Pictures of training runs: a live, self-contained ``dashboard.html`` beside each run's metrics.jsonl, and
-``phikit plot``'s PNG/SVG curves comparing runs.
+"""Pictures: a live, self-contained ``dashboard.html`` beside each training run's metrics.jsonl,
+``phikit plot``'s PNG/SVG curves comparing runs, and ``phikit bench --plot``'s bars.
 
 The dashboard is one HTML file with the metrics embedded and a small script that draws them as SVG line
 charts: nothing is fetched from the network (a browser opening a file:// page could not read metrics.jsonl
@@ -182,15 +182,9 @@ def write_dashboard(run: Path, live: bool = False) -> Path:
 
 def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> Path:
     """One PNG or SVG (by ``out``'s suffix) with a panel per chart, each run a line: runs compared."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PhikitError("phikit plot needs matplotlib: pip install matplotlib (or .[bench])") from None
     if out.suffix.lower() not in (".png", ".svg"):
         raise PhikitError(f"{out}: write a .png or .svg file")
+    plt = _pyplot()
     data = {}
     for run in runs:
         path = run / "metrics.jsonl" if run.is_dir() else run
@@ -223,3 +217,107 @@ def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> 
     atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=100))
     plt.close(fig)
     return out
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PhikitError("drawing needs matplotlib: pip install matplotlib (or .[bench])") from None
+    return plt
+
+
+def plot_bench(report: dict, out: Path) -> Path:
+    """``phikit bench``'s report as bars: prefill and decode tokens/s and peak memory per precision, a
+    color per engine (phikit, transformers), one PNG or SVG by ``out``'s suffix."""
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise PhikitError(f"{out}: write a .png or .svg file")
+    rows = [r for r in report["rows"] if "error" not in r]
+    if not rows:
+        raise PhikitError("nothing to draw: every measurement failed")
+    plt = _pyplot()
+    precisions = list(dict.fromkeys(r["precision"] for r in rows))
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    panels = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s"), ("peak_memory_gb", "peak GB")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    width = 0.8 / len(engines)
+    for ax, (key, title) in zip(axes, panels):
+        for i, engine in enumerate(engines):
+            values = {r["precision"]: r.get(key, 0.0) for r in rows if r["engine"] == engine}
+            xs = [j + i * width for j, p in enumerate(precisions) if p in values]
+            bars = ax.bar(xs, [values[p] for p in precisions if p in values], width, label=engine)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(precisions))], precisions)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    settings = report.get("settings", {})
+    fig.suptitle(
+        f"{Path(str(settings.get('model', ''))).name}: prompt {settings.get('prompt_tokens')} tokens, "
+        f"{settings.get('new_tokens')} new; {report.get('machine', '')}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    from phikit.checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=100))
+    plt.close(fig)
+    return out
+
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+
+
+def _esc(text: str) -> str:
+    import html
+
+    return html.escape(str(text), quote=True)
+
+
+def bars_svg(title: str, categories: list[str], series: dict[str, list[float]], stacked: bool = False) -> str:
+    """An inline SVG bar chart (no script, nothing fetched): a group of bars per category, a color per
+    series; ``stacked`` piles the series up instead (counts that add up to a whole)."""
+    width, height, left, bottom, top = (
+        max(360, 70 + 26 * len(categories) * (1 if stacked else len(series))),
+        230,
+        46,
+        40,
+        28,
+    )
+    totals = [sum(v[i] for v in series.values()) for i in range(len(categories))] if stacked else []
+    peak = max(totals or [x for v in series.values() for x in v] or [1.0]) or 1.0
+    plot_w, plot_h = width - left - 10, height - top - bottom
+    group = plot_w / max(len(categories), 1)
+    bar = group * 0.8 / (1 if stacked else max(len(series), 1))
+    out = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
+        f'<text x="{left}" y="16" font-size="13" font-weight="600">{_esc(title)}</text>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#999"/>',
+        f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:.3g}</text>',
+        f'<text x="{left - 4}" y="{top + plot_h}" font-size="10" text-anchor="end">0</text>',
+    ]
+    for i, category in enumerate(categories):
+        x0 = left + i * group + group * 0.1
+        base = 0.0
+        for j, (name, values) in enumerate(series.items()):
+            h = values[i] / peak * plot_h
+            x = x0 if stacked else x0 + j * bar
+            y = top + plot_h - h - (base / peak * plot_h if stacked else 0)
+            out.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{COLORS[j % len(COLORS)]}">'
+                f"<title>{_esc(name)}, {_esc(category)}: {values[i]:.4g}</title></rect>"
+            )
+            base += values[i] if stacked else 0
+        out.append(
+            f'<text x="{x0 + group * 0.4:.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">'
+            f"{_esc(category[:14])}</text>"
+        )
+    for j, name in enumerate(series):
+        out.append(
+            f'<text x="{left + 110 * j}" y="{height - 6}" font-size="11" fill="{COLORS[j % len(COLORS)]}">'
+            f"&#9632; {_esc(name)}</text>"
+        )
+    return "".join(out) + "</svg>"

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,14 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
             "48,96",
             "--json",
             str(out),
+            "--plot",
+            str(tmp_path / "bench.png"),
         ]
     )
     stdout = capsys.readouterr().out
     assert code == 0
+    head = (tmp_path / "bench.png").read_bytes()[:24]  # 3 panels of bars, 15 x 3.8 inches at 100 dpi
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (1500, 380)
     report = json.loads(out.read_text())
     assert {"date", "machine", "settings", "rows"} <= report.keys()
     rows = report["rows"]

@@ -186,6 +186,20 @@ def test_report_has_every_prompt_and_column_and_escapes_html(phi, tmp_path):
     assert "&nbsp;&nbsp;&nbsp;&nbsp;indented" in markdown
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temporaries
 
+    # under the table: answer lengths (a bar per prompt and column) and endings (3 kinds stacked per column)
+    charts = page.split('<div class="charts">', 1)[1]
+    assert charts.count("<svg") == 2 and charts.count("<rect") == 2 * len(base) + 3 * 2
+    assert "int4 &lt;&amp;&gt;" in charts and "<&>" not in charts
+    assert "<script" not in charts and "http" not in charts.replace("http://www.w3.org/2000/svg", "")
+    from test_plots import chromium
+
+    if chromium():  # the page renders without console errors in a real browser
+        import subprocess
+
+        cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--dump-dom"]
+        proc = subprocess.run([*cmd, html_path.as_uri()], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.count("<svg") == 2 and "CONSOLE" not in proc.stderr, proc.stderr[-2000:]
+
 
 def test_phikit_imports_without_lm_eval():
     code = textwrap.dedent(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from phikit.cli.common import EPILOG, add_group_size_arg, add_model_arg, at_least, output_file
@@ -46,6 +47,12 @@ def add_parser(sub) -> None:
     )
     b.add_argument("--perplexity-data", metavar="FILE", help="also report perplexity on FILE (.txt or .jsonl)")
     b.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    b.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="also draw tokens/s and memory per precision and engine as bars (.png or .svg; needs matplotlib)",
+    )
     b.set_defaults(func=run)
 
 
@@ -61,6 +68,10 @@ def run(args: argparse.Namespace) -> None:
     at_least(args.threads, 1, "--threads")
     if args.json is not None:
         output_file(args.json, "--json")
+    if args.plot is not None:
+        output_file(args.plot, "--plot")
+        if args.plot.suffix.lower() not in (".png", ".svg"):
+            raise PhikitError(f"--plot {args.plot}: write a .png or .svg file")
     if args.perplexity_data and not Path(args.perplexity_data).is_file():
         raise PhikitError(f"{args.perplexity_data}: data file not found")
     from phikit.checkpoint import resolve_model_path
@@ -104,3 +115,7 @@ def run(args: argparse.Namespace) -> None:
     )
     print(markdown(report))
     save(report)
+    if args.plot:
+        from phikit.plots import plot_bench
+
+        print(f"wrote {plot_bench(report, args.plot)}", file=sys.stderr)
