@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_preference import _policy, _same_adapter
+from test_preference import _policy, _same_adapter, assert_lora_grads_equal
 
 import phikit
 from phikit.errors import PhikitError
@@ -120,15 +120,7 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
     ours.backward()
     assert n == 4 and metrics["reward"] == 0.0
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
-    a = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
-    b = {
-        n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-        for n, p in trainer.model.named_parameters()
-        if "lora_" in n and ".default" in n
-    }
-    assert a.keys() == b.keys() and len(a) == 8
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_lora_grads_equal(model, trainer.model)
 
 
 def test_advantages_are_normalised_as_trls():

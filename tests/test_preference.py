@@ -173,12 +173,17 @@ def _recipe(model, **settings):
     return recipe
 
 
-def _lora_grads(model, peft: bool):
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" in name and p.grad is not None:
-            out[name.removeprefix("base_model.model.").replace(".default", "")] = p.grad
-    return out
+def assert_lora_grads_equal(model, peft_model) -> None:
+    """Every LoRA gradient of phikit's model equals the PEFT model's (its default adapter) within 1e-5."""
+    ours = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    theirs = {
+        n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+        for n, p in peft_model.named_parameters()
+        if "lora_" in n and ".default" in n
+    }
+    assert ours.keys() == theirs.keys() and len(ours) == 8
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)])
@@ -220,10 +225,7 @@ def test_dpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, smoothing)
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert our_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
-    a, b = _lora_grads(model, False), _lora_grads(trainer.model, True)
-    assert a.keys() == b.keys() and len(a) == 8
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_lora_grads_equal(model, trainer.model)
 
 
 def test_orpo_loss_and_gradients_equal_trls(tiny, tmp_path):
@@ -265,10 +267,7 @@ def test_orpo_loss_and_gradients_equal_trls(tiny, tmp_path):
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio"):
         assert our_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
-    a, b = _lora_grads(model, False), _lora_grads(trainer.model, True)
-    assert a.keys() == b.keys() and len(a) == 8
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_lora_grads_equal(model, trainer.model)
 
 
 # ---- the recipe end to end ----
