@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> None:
         overrides["fsdp"] = True
     config = TrainConfig.from_yaml(args.config, overrides)
     final = finetune(config, progress=not args.quiet)
-    print(f"adapter written to {final}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process wrote it
+        print(f"{'adapter' if final.name == 'adapter' else 'model'} written to {final}", file=sys.stderr)
 
 
 def parse_overrides(tokens: list[str]) -> dict:

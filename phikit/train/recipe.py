@@ -485,6 +485,13 @@ class SFTRecipe:
         final = self.save_final()
         if self.world > 1:
             torch.distributed.barrier()
+            # what holds the process group (FSDP's sharded modules, DDP, the optimizer's sharded state) goes
+            # first: a gloo group destroyed under them aborted a process at exit ("terminate called without
+            # an active exception") now and then
+            import gc
+
+            self.net = self.model = self.optimizer = self.scheduler = self.params = None
+            gc.collect()
             torch.distributed.destroy_process_group()
         return final
 
