@@ -13,6 +13,11 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
+# Before the run: `bash benchmarks/gpu_wheels.sh` where pip works, so that the git-ignored .whl/ (the extra
+# wheels, about 52 MB) and .device/ (Phi-2's tokenizer and 300 guanaco rows, about 4 MB) travel with the
+# working tree (the device tool's `carry: [".whl", ".device"]`). The script checks both, and that torch sees a
+# GPU, first: without them it stops within seconds, saying why in one line of summary.md.
+#
 # The Python it runs (python3, or $PYTHON) needs torch with CUDA/ROCm, transformers, peft, accelerate,
 # safetensors, tokenizers, huggingface_hub, numpy, pyyaml, tqdm and pytest; the rest (bitsandbytes,
 # fastapi, uvicorn, pydantic, datasets, gguf, trl, openai and what they need) it installs from wheels in
@@ -27,15 +32,32 @@ OUT_DIR=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 PY=${PYTHON:-python3}
-read -r -a LIMITS <<<"${PHIKIT_CHECK_LIMITS:-100 40 75 90 180}"
 LOG=$OUT_DIR/check.log
 SUMMARY=$OUT_DIR/summary.md
+STAGES=5
+stop() {  # stop REASON: one line in summary.md (and on the terminal), exit 2
+  echo "GPU check stopped before any stage: $1" | tee "$SUMMARY" >&2
+  exit 2
+}
+read -r -a LIMITS <<<"${PHIKIT_CHECK_LIMITS:-100 40 75 90 180}"
+[ "${#LIMITS[@]}" -eq "$STAGES" ] ||
+  stop "PHIKIT_CHECK_LIMITS has ${#LIMITS[@]} values, one per stage is $STAGES (tests phi2 decode qlora bench)"
+for limit in "${LIMITS[@]}"; do
+  [[ $limit =~ ^[0-9]+$ ]] || stop "PHIKIT_CHECK_LIMITS: '$limit' is not a whole number of seconds"
+done
 WORK=${PHIKIT_BENCH_WORK:-/tmp/phikit_gpu_check}
 export PHIKIT_BENCH_WORK=$WORK HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 first_dir() { for d in "$@"; do [ -e "$d" ] && { echo "$d"; return; }; done; echo "$1"; }
 export PHIKIT_BENCH_TOKENIZER=${PHIKIT_BENCH_TOKENIZER:-$(first_dir ../shared/data/phi2-tokenizer .device/phi2-tokenizer)}
 DATA=${PHIKIT_CHECK_DATA:-$(first_dir ../shared/data/guanaco-1k/train.jsonl .device/guanaco.jsonl)}
+
+[ -e ../shared/data/phi2-tokenizer ] || [ -e .device/phi2-tokenizer ] ||
+  stop "no .device/ (nor ../shared/data): run bash benchmarks/gpu_wheels.sh where pip works, and carry .device"
+ls .whl/*.whl >/dev/null 2>&1 || [ -n "${PHIKIT_CHECK_NO_WHEELS:-}" ] ||
+  stop "no .whl/*.whl: run bash benchmarks/gpu_wheels.sh where pip works and carry .whl (or set PHIKIT_CHECK_NO_WHEELS=1 where everything is installed)"
+timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$LOG" 2>&1 ||
+  stop "torch sees no CUDA/ROCm GPU ($PY: $(timeout 30 "$PY" -c 'import torch; print(torch.__version__)' 2>&1 | tail -1))"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/phikit_site \
@@ -49,8 +71,9 @@ fi
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
   echo '```'
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || rocm-smi 2>/dev/null | head -5
-  "$PY" - <<'EOF'
+  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null ||
+    timeout 20 rocm-smi 2>/dev/null | head -5
+  timeout 60 "$PY" - <<'EOF'
 import importlib, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda, "| hip", torch.version.hip)
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none", torch.cuda.get_device_capability() if torch.cuda.is_available() else "")
@@ -71,23 +94,38 @@ stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log its output,
   shift 2
   local start=$SECONDS
   echo "=== $name (limit ${limit}s) ===" >>"$LOG"
+  local mark
+  mark=$(wc -l <"$LOG")
   timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
-  [ $rc -eq 124 ] && rc="124 (time limit)"
+  case $rc in
+  124 | 137) rc="$rc (time limit)" ;;  # 137: killed after the grace period
+  0) tail -n +"$((mark + 1))" "$LOG" | grep -Eq '^(=+ )?[0-9]+ skipped(,| in )' && rc="0 (every test skipped)" ;;
+  esac
   echo "| $name | $rc | $((SECONDS - start)) |" >>"$SUMMARY"
   echo "=== $name: exit $rc after $((SECONDS - start))s ===" >>"$LOG"
 }
 
-stage tests "${LIMITS[0]}" "$PY" -m pytest -q -m gpu tests/test_gpu.py --tb=short -p no:cacheprovider -rfEs
+# compiling off (a test about compiling turns it on itself); -v: a cut stage still names the tests that passed
+stage tests "${LIMITS[0]}" env PHIKIT_CUDA_COMPILE=0 "$PY" -m pytest -v -m gpu tests/test_gpu.py --tb=short \
+  -p no:cacheprovider -rfEs
 stage phi2 "${LIMITS[1]}" "$PY" -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from common import random_phi2
 print(random_phi2(device='cuda'))"
 PHI2=$WORK/phi2-random
+make_phi2() {  # a later stage re-creates the checkpoint where the phi2 stage did not finish it
+  [ -f "$PHI2/config.json" ] || timeout 120 "$PY" -c "
+import sys; sys.path.insert(0, 'benchmarks')
+from common import random_phi2
+random_phi2(device='cuda')" >>"$LOG" 2>&1
+}
+make_phi2
 stage decode "${LIMITS[2]}" "$PY" benchmarks/bench_gpu_decode.py --model "$PHI2" --precisions bf16,int4 \
   --json "$OUT_DIR/decode.json"
 stage qlora "${LIMITS[3]}" "$PY" benchmarks/bench_finetune.py --gpu --steps 20 --data "$DATA" \
   --out "$OUT_DIR/finetune.json"
+make_phi2
 stage bench "${LIMITS[4]}" "$PY" -m phikit bench --model "$PHI2" --precisions fp16,bf16,int8,int4,nf4 \
   --compare-transformers --prompt-tokens 128 --new-tokens 64 --repeats 2 --json "$OUT_DIR/bench.json"
 
