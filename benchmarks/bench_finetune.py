@@ -356,7 +356,12 @@ def main() -> None:
             str(args.hidden),
             *(["--gpu", "--data", args.data] if args.gpu else []),
         ]
-        rows.append(run_worker(Path(__file__), flags))
+        try:
+            rows.append(run_worker(Path(__file__), flags))
+        except RuntimeError as e:  # the other engine's row is still worth keeping
+            print(e, file=sys.stderr)
+            rows.append({"engine": engine, "error": str(e).splitlines()[0], "tokens_per_s": float("nan")})
+        save_json(args.out, {"command": " ".join(sys.argv), "rows": rows})  # each worker's row as it finishes
     rows[0]["speedup"] = f"{rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x"
     rows[1]["engine"] = "transformers+peft+trl SFTTrainer"
     what = (

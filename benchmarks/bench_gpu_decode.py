@@ -86,7 +86,8 @@ def decode_tok_s(model, tokenizer_pad: int, new_tokens: int = 64) -> float:
     return statistics.median(rates)
 
 
-def decode_rows(model_path: str, precisions: list[str]) -> list[dict]:
+def decode_rows(model_path: str, precisions: list[str], on_row=None) -> list[dict]:
+    """Decode tok/s per precision and mode; ``on_row(rows)`` after each, so a cut run keeps what it measured."""
     rows = []
     for precision in precisions:
         quantize = precision if precision in ("int8", "int4", "nf4") else None
@@ -103,6 +104,8 @@ def decode_rows(model_path: str, precisions: list[str]) -> list[dict]:
             row["seconds_with_capture_and_compile"] = time.perf_counter() - started
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+            if on_row is not None:
+                on_row(rows)
         del phi, model
         torch.cuda.empty_cache()
     return rows
@@ -118,11 +121,17 @@ def main() -> None:
     report["kernels"] = kernel_rows()
     for row in report["kernels"]:
         print(json.dumps(row), file=sys.stderr, flush=True)
-    if args.json:  # kernels first: a later failure keeps them
-        args.json.write_text(json.dumps(report, indent=2))
-    report["decode"] = decode_rows(args.model, args.precisions.split(","))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+
+    def save(rows=None) -> None:  # kernels first, then row by row: a stage cut short keeps what it measured
+        if rows is not None:
+            report["decode"] = rows
+        if args.json:
+            tmp = args.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(args.json)
+
+    save()
+    save(decode_rows(args.model, args.precisions.split(","), on_row=save))
     print(json.dumps(report, indent=2))
 
 

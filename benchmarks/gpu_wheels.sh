@@ -25,8 +25,12 @@ SHARED=../shared/data
 if [ -d "$SHARED/phi2-tokenizer" ]; then
   mkdir -p .device/phi2-tokenizer
   for f in tokenizer.json tokenizer_config.json special_tokens_map.json added_tokens.json; do
-    cp "$SHARED/phi2-tokenizer/$f" .device/phi2-tokenizer/
+    # 0644, not the source's read-only mode: a second run by a user who is not root can overwrite them
+    install -m 0644 "$SHARED/phi2-tokenizer/$f" .device/phi2-tokenizer/
   done
   head -300 "$SHARED/guanaco-1k/train.jsonl" >.device/guanaco.jsonl
+elif [ ! -e .device/phi2-tokenizer ]; then
+  echo "gpu_wheels.sh: no $SHARED here, so no .device/ (the tokenizer and rows gpu_check.sh needs):" \
+    "run it once where ../shared/data exists, or set PHIKIT_BENCH_TOKENIZER and PHIKIT_CHECK_DATA there" >&2
 fi
 du -sh .whl .device 2>/dev/null

@@ -292,10 +292,12 @@ def run_bench(s: BenchSettings, progress: bool = True, on_row=None) -> dict:
     ``on_row(report)`` is called with the report so far after each measurement."""
     from tqdm.auto import tqdm
 
-    jobs = [("phikit", p) for p in s.precisions]
+    jobs = []
     if s.compare_transformers:  # transformers' NF4 is bitsandbytes' CUDA path: compared on a GPU only
         nf4 = ("nf4",) if _device_type(s.device) == "cuda" else ()
         jobs += [("transformers", p) for p in dict.fromkeys(["bf16", *s.precisions]) if p in (*DENSE, *nf4)]
+    # the baselines (the ratios' denominators) first: a run cut short still has them
+    jobs += [("phikit", p) for p in s.precisions]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "settings": asdict(s), "rows": []}
     bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for engine, precision in bar:
