@@ -409,6 +409,12 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, labels
 
 
+def prompt_reply_batch(prompts: list[list[int]], replies: list[list[int]], pad_id: int):
+    """(ids, labels) of prompt + reply rows (``collate``'s right padding): labels on the replies only, as
+    preference pairs and GRPO's completions are trained."""
+    return collate([Example(p + r, [IGNORE] * len(p) + r) for p, r in zip(prompts, replies)], pad_id)
+
+
 def epoch_batches(
     examples: list[Example], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
 ) -> list[list[Example]]:

@@ -48,8 +48,9 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from phikit.data import prompt_reply_batch
     from phikit.lora import adapters_disabled
-    from phikit.train.grpo import GRPORecipe, sequences
+    from phikit.train.grpo import GRPORecipe
     from phikit.train.losses import frozen_head, token_logps
 
     model, lora = _policy(tiny)
@@ -85,7 +86,7 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
     completion_mask = torch.zeros(4, width, dtype=torch.long)
     for i, c in enumerate(completions):
         completion_ids[i, : len(c)], completion_mask[i, : len(c)] = torch.tensor(c), 1
-    ids, labels = sequences(prompt_ids, completions, tokenizer.pad_id)
+    ids, labels = prompt_reply_batch(prompt_ids, completions, tokenizer.pad_id)
     inputs = {
         "prompt_ids": torch.tensor(prompt_ids),
         "prompt_mask": torch.ones(4, len(prompt_ids[0]), dtype=torch.long),

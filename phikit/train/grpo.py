@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phikit.data import IGNORE, apply_columns, read_rows
+from phikit.data import apply_columns, prompt_reply_batch, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
@@ -118,17 +118,6 @@ def score(functions, prompts: list[PromptExample], group: int, completions: list
     return rewards, means
 
 
-def sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, labels) of prompt + completion rows, right-padded; labels only on the completions."""
-    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(prompts), longest), IGNORE, dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
-        labels[row, len(prompt) : len(prompt) + len(completion)] = torch.tensor(completion)
-    return ids, labels
-
-
 class GRPORecipe(SFTRecipe):
     """GRPO: each micro-batch is ``batch_size`` prompts x ``num_generations`` completions sampled with
     phikit's batched generation from the adapter being trained, scored by the reward functions, with
@@ -139,7 +128,6 @@ class GRPORecipe(SFTRecipe):
     unit = "prompts"
 
     def setup_data(self) -> None:
-        from phikit.data import split_eval
         from phikit.train.rewards import reward_functions
 
         config = self.config
@@ -150,17 +138,14 @@ class GRPORecipe(SFTRecipe):
         self.functions = reward_functions(config.reward_funcs, config.reward_regex, config.max_completion_length)
         weights = config.reward_weights or [1.0] * len(self.functions)
         self.weights = torch.tensor(weights, dtype=torch.float32)
-        args = (self.tokenizer, config.template)
         room = config.seq_len - config.max_completion_length
-        prompts, self.skipped = load_prompts(
-            config.data, *args, config.split, room, config.skip_bad_rows, config.max_examples, config.columns
-        )
-        if config.eval_data or config.eval_split:
-            source, split = config.eval_data or config.data, config.eval_split or "test"
-            held = load_prompts(source, *args, split, room, config.skip_bad_rows, None, config.columns)[0]
-        else:
-            prompts, held = split_eval(prompts, config.eval_fraction, config.seed)
-        self.train_set, self.eval_set = prompts, held
+
+        def load(source, split, limit):
+            return load_prompts(
+                source, self.tokenizer, config.template, split, room, config.skip_bad_rows, limit, config.columns
+            )
+
+        self.train_set, self.eval_set = self.read_data(load)
         self.step_tokens = None
 
     def next_batches(self) -> list:
@@ -187,7 +172,7 @@ class GRPORecipe(SFTRecipe):
         rewards, means = score(self.functions, batch, group, texts, completions)
         total = torch.nansum(rewards * self.weights[:, None], dim=0)
         advantages = group_advantages(total, group, config.scale_rewards)
-        ids, labels = sequences(prompts, completions, tokenizer.pad_id)
+        ids, labels = prompt_reply_batch(prompts, completions, tokenizer.pad_id)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         ended = sum(bool(c) and c[-1] in tokenizer.stop_ids for c in completions) / len(completions)
         metrics = {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from phikit.data import IGNORE, apply_columns, read_rows
+from phikit.data import apply_columns, prompt_reply_batch, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
@@ -161,14 +161,8 @@ def load_pairs(
 def collate_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels) of 2 x len(pairs) sequences, every chosen one first, then every rejected one (TRL's
     order), right-padded; labels are IGNORE on the prompts and the padding."""
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    longest = max(len(a) + len(b) for a, b in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), longest), IGNORE, dtype=torch.long)
-    for row, (prompt, reply) in enumerate(sequences):
-        ids[row, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
-        labels[row, len(prompt) : len(prompt) + len(reply)] = torch.tensor(reply)
-    return ids, labels
+    prompts = [p.prompt for p in pairs] * 2
+    return prompt_reply_batch(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
 class PreferenceRecipe(SFTRecipe):
@@ -179,21 +173,18 @@ class PreferenceRecipe(SFTRecipe):
     unit = "pairs"
 
     def setup_data(self) -> None:
-        from phikit.data import split_eval
-
         config = self.config
-        args = (self.tokenizer, config.template)
-        pairs, self.skipped, cut = load_pairs(
-            config.data, *args, config.split, config.seq_len, config.skip_bad_rows, config.max_examples, config.columns
-        )
-        if config.eval_data or config.eval_split:
-            source, split = config.eval_data or config.data, config.eval_split or "test"
-            held = load_pairs(source, *args, split, config.seq_len, config.skip_bad_rows, None, config.columns)[0]
-        else:
-            pairs, held = split_eval(pairs, config.eval_fraction, config.seed)
-        if cut and self.main_process:
-            print(f"{cut} of {len(pairs)} pair(s) were cut to seq_len {config.seq_len} tokens")
-        self.train_set, self.eval_set = pairs, held
+        cut: list[int] = []  # pairs cut to seq_len, per source read (the training data first)
+
+        def load(source, split, limit):
+            args = (config.template, split, config.seq_len, config.skip_bad_rows, limit, config.columns)
+            pairs, skipped, cut_here = load_pairs(source, self.tokenizer, *args)
+            cut.append(cut_here)
+            return pairs, skipped
+
+        self.train_set, self.eval_set = self.read_data(load)
+        if cut[0] and self.main_process:
+            print(f"{cut[0]} of {len(self.train_set)} pair(s) were cut to seq_len {config.seq_len} tokens")
         self.reference: dict[int, tuple[float, float]] = {}
 
     def setup_model(self) -> None:

@@ -136,29 +136,39 @@ class SFTRecipe:
 
             check_trackers(config.report_to)
 
+    def read_data(self, load) -> tuple[list, list]:
+        """(training items, held-out items): ``load(source, split, limit)`` -> (items, malformed rows skipped)
+        reads the data (``self.skipped`` keeps its count); the held-out ones are ``eval_data``/``eval_split``'s,
+        else ``eval_fraction`` of the training data. Every method reads its data so."""
+        from phikit.data import split_eval
+
+        config = self.config
+        items, self.skipped = load(config.data, config.split, config.max_examples)
+        if config.eval_data or config.eval_split:
+            return items, load(config.eval_data or config.data, config.eval_split or "test", None)[0]
+        return split_eval(items, config.eval_fraction, config.seed)
+
     def setup_data(self) -> None:
         """Training and evaluation sequences, read and checked with the checkpoint's tokenizer before any
         weight is loaded: a bad row costs seconds, not a model load."""
-        from phikit.data import load_examples, pack_examples, split_eval, truncate_examples
+        from phikit.data import load_examples, pack_examples, truncate_examples
 
         config = self.config
-        args = (self.tokenizer, config.format, config.template)
-        examples, self.skipped = load_examples(
-            config.data,
-            *args,
-            config.split,
-            config.responses_only,
-            config.skip_bad_rows,
-            config.max_examples,
-            config.columns,
-        )
-        if config.eval_data or config.eval_split:
-            source, split = config.eval_data or config.data, config.eval_split or "test"
-            held = load_examples(
-                source, *args, split, config.responses_only, config.skip_bad_rows, None, config.columns
-            )[0]
-        else:
-            examples, held = split_eval(examples, config.eval_fraction, config.seed)
+
+        def load(source, split, limit):
+            return load_examples(
+                source,
+                self.tokenizer,
+                config.format,
+                config.template,
+                split,
+                config.responses_only,
+                config.skip_bad_rows,
+                limit,
+                config.columns,
+            )
+
+        examples, held = self.read_data(load)
         pad = self.tokenizer.pad_id
         if config.packing:
             self.train_set, self.eval_set = (
