@@ -138,15 +138,9 @@ def train_with_trl(net, tok, dataset, lora: dict, **settings) -> dict:
     target_modules) for WARMUP + --steps optimizer steps, a timestamp per step; ``settings`` are the
     SFTConfig fields the two baselines set differently. Returns the losses and the step stamps."""
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamp(stamps)
-
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
             output_dir=tmp,
@@ -162,7 +156,7 @@ def train_with_trl(net, tok, dataset, lora: dict, **settings) -> dict:
             args=config,
             train_dataset=dataset,
             processing_class=tok,
-            callbacks=[Clock()],
+            callbacks=[trl_clock(stamps)],
             peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
         )
         trainer.train()
@@ -265,22 +259,39 @@ def stamp(stamps: list[float]) -> None:
     PEAK_KB["after_first_step"] = peak_rss_kb()
 
 
+def phikit_clock() -> list[float]:
+    """Timestamps of phikit's optimizer steps (``stamp``), taken where each step's loss is logged."""
+    import phikit.train as train
+
+    stamps: list[float] = []
+    original = train.MetricsLog.write
+
+    def timed_write(self, step, **values):  # one call with the loss per optimizer step
+        if "loss" in values:
+            stamp(stamps)
+        return original(self, step, **values)
+
+    train.MetricsLog.write = timed_write
+    return stamps
+
+
+def trl_clock(stamps: list[float]):
+    """A transformers Trainer callback that ``stamp``s each optimizer step into ``stamps``."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamp(stamps)
+
+    return Clock()
+
+
 def worker(engine: str, model: Path, args) -> dict:
     import torch
 
     torch.manual_seed(0)
     if engine == "phikit":
-        import phikit.train as train
-
-        stamps: list[float] = []
-        original = train.MetricsLog.write
-
-        def timed_write(self, step, **values):  # one call per optimizer step: a timestamp per step
-            if "loss" in values:
-                stamp(stamps)
-            return original(self, step, **values)
-
-        train.MetricsLog.write = timed_write
+        stamps = phikit_clock()
         result = run_phikit_recipe(args) if args.recipe else run_phikit(model, args)
         result["step_stamps"] = stamps
     else:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_finetune import PEAK_KB, peak_rss_kb, stamp  # noqa: E402
+from bench_finetune import PEAK_KB, peak_rss_kb, phikit_clock, trl_clock  # noqa: E402
 from common import WORK, isa_flags, machine, markdown_table, run_worker, save_json, small_phi  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -81,18 +81,9 @@ def arithmetic_rows() -> list[dict]:
 
 
 def run_phikit(method: str, model: Path, data: Path, args) -> list[float]:
-    import phikit.train as train
     from phikit.train import TrainConfig, finetune
 
-    stamps: list[float] = []
-    original = train.MetricsLog.write
-
-    def timed_write(self, step, **values):  # one call with the loss per optimizer step
-        if "loss" in values:
-            stamp(stamps)
-        return original(self, step, **values)
-
-    train.MetricsLog.write = timed_write
+    stamps = phikit_clock()
     with tempfile.TemporaryDirectory() as tmp:
         settings = dict(
             method=method,
@@ -134,16 +125,11 @@ def run_trl(method: str, model: Path, data: Path, args) -> list[float]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, PhiForCausalLM, TrainerCallback
+    from transformers import AutoTokenizer, PhiForCausalLM
 
     from phikit.train.rewards import answer_reward, regex_reward
 
     stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamp(stamps)
-
     tok = AutoTokenizer.from_pretrained(model)
     tok.pad_token = tok.eos_token
     net = PhiForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -208,7 +194,7 @@ def run_trl(method: str, model: Path, data: Path, args) -> list[float]:
                 processing_class=tok,
                 peft_config=lora,
             )
-        trainer.add_callback(Clock())
+        trainer.add_callback(trl_clock(stamps))
         trainer.train()
     return stamps
 

@@ -182,8 +182,7 @@ def write_dashboard(run: Path, live: bool = False) -> Path:
 
 def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> Path:
     """One PNG or SVG (by ``out``'s suffix) with a panel per chart, each run a line: runs compared."""
-    if out.suffix.lower() not in (".png", ".svg"):
-        raise PhikitError(f"{out}: write a .png or .svg file")
+    check_picture(out)
     plt = _pyplot()
     data = {}
     for run in runs:
@@ -212,6 +211,17 @@ def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> 
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
+    return _save(plt, fig, out)
+
+
+def check_picture(out: Path) -> None:
+    """A picture is written as .png or .svg (by its suffix); anything else is refused before any work."""
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise PhikitError(f"{out}: write a .png or .svg file")
+
+
+def _save(plt, fig, out: Path) -> Path:
+    """The figure into ``out`` (PNG or SVG by its suffix), written atomically, and closed."""
     from phikit.checkpoint import atomic_write
 
     atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=100))
@@ -233,8 +243,7 @@ def _pyplot():
 def plot_bench(report: dict, out: Path) -> Path:
     """``phikit bench``'s report as bars: prefill and decode tokens/s and peak memory per precision, a
     color per engine (phikit, transformers), one PNG or SVG by ``out``'s suffix."""
-    if out.suffix.lower() not in (".png", ".svg"):
-        raise PhikitError(f"{out}: write a .png or .svg file")
+    check_picture(out)
     rows = [r for r in report["rows"] if "error" not in r]
     if not rows:
         raise PhikitError("nothing to draw: every measurement failed")
@@ -260,11 +269,7 @@ def plot_bench(report: dict, out: Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    from phikit.checkpoint import atomic_write
-
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=100))
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]

@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> None:
     if args.json is not None:
         output_file(args.json, "--json")
     if args.plot is not None:
-        output_file(args.plot, "--plot")
-        if args.plot.suffix.lower() not in (".png", ".svg"):
-            raise PhikitError(f"--plot {args.plot}: write a .png or .svg file")
+        from phikit.plots import check_picture
+
+        check_picture(output_file(args.plot, "--plot"))
     if args.perplexity_data and not Path(args.perplexity_data).is_file():
         raise PhikitError(f"{args.perplexity_data}: data file not found")
     from phikit.checkpoint import resolve_model_path
