@@ -32,6 +32,7 @@ GROUPS = [
     ("completion length (GRPO)", ["completions/mean_length"]),
 ]
 REFRESH_S = 5
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]  # the dashboard's and the SVG bars'
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -96,7 +97,7 @@ svg text {{ font-size: 11px; fill: #555; }}
 <script>
 "use strict";
 const DATA = JSON.parse(document.getElementById("data").textContent);
-const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+const COLORS = {colors};
 const NS = "http://www.w3.org/2000/svg";
 function el(name, attrs, parent) {{
   const e = document.createElementNS(NS, name);
@@ -167,7 +168,7 @@ def dashboard_html(rows: list[dict], title: str, live: bool) -> str:
     text = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")  # no early </script>
     refresh = f'\n<meta http-equiv="refresh" content="{REFRESH_S}">' if live else ""
     escaped = title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return PAGE.format(refresh=refresh, title=escaped, data=text, refresh_s=REFRESH_S)
+    return PAGE.format(refresh=refresh, title=escaped, data=text, refresh_s=REFRESH_S, colors=json.dumps(COLORS))
 
 
 def write_dashboard(run: Path, live: bool = False) -> Path:
@@ -270,9 +271,6 @@ def plot_bench(report: dict, out: Path) -> Path:
     )
     fig.tight_layout()
     return _save(plt, fig, out)
-
-
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
 
 
 def _esc(text: str) -> str:
