@@ -249,14 +249,25 @@ def _ending(tokenizer: Tokenizer, completion) -> str:
 
 
 def write_report(
-    columns: dict[str, list[dict]], out_dir: str | os.PathLike, title: str = "phikit eval"
+    columns: dict[str, list[dict]],
+    out_dir: str | os.PathLike,
+    title: str = "phikit eval",
+    perplexities: dict[str, Perplexity] | None = None,
+    perplexity_data: str | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` in ``out_dir``: one row per prompt, one column per label
     ("base", "fine-tuned", "int4", ...) with each answer, its tokens, time and whether it stopped by
     itself, and a summary row. Rows follow the first column's order; a prompt missing from a column
-    shows as a dash. Each file is written atomically, so a report is never half-written."""
+    shows as a dash. Each file is written atomically, so a report is never half-written.
+
+    ``perplexities`` (label -> each model's perplexity on the same text, named by ``perplexity_data``)
+    adds a row under the summary and a bar chart, so what quantizing or fine-tuning did to the numbers
+    sits beside what it did to the answers."""
     if not columns:
         raise PhikitError("write_report needs at least one column of results")
+    unknown = set(perplexities or {}) - set(columns)
+    if unknown:
+        raise PhikitError(f"perplexities for label(s) {', '.join(sorted(unknown))} that have no column of results")
     out_dir = Path(out_dir)
     by_label = {label: {r["id"]: r for r in results} for label, results in columns.items()}
     ids: dict[str, str] = {}  # id -> prompt, in order of first appearance
@@ -264,8 +275,9 @@ def write_report(
         for r in results:
             ids.setdefault(r["id"], r["prompt"])
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    markdown = _report_markdown(title, by_label, ids)
-    page = _report_html(title, by_label, ids)
+    perplexities = perplexities or {}
+    markdown = _report_markdown(title, by_label, ids, perplexities, perplexity_data)
+    page = _report_html(title, by_label, ids, perplexities, perplexity_data)
     atomic_write(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     atomic_write(html_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return md_path, html_path
@@ -299,6 +311,14 @@ def _summary_meta(s: dict) -> str:
     )
 
 
+def _perplexity_meta(p: Perplexity | None) -> str:
+    return "—" if p is None else f"{p.perplexity:.2f} (nll {p.nll:.4f} over {p.tokens} tokens)"
+
+
+def _perplexity_heading(data: str | None) -> str:
+    return f"perplexity on {data}" if data else "perplexity"
+
+
 def _markdown_cell(text: str) -> str:
     """Text safe inside a Markdown table cell: HTML escaped (renderers pass raw HTML through), pipes and
     newlines encoded, leading spaces kept so code stays indented."""
@@ -307,7 +327,13 @@ def _markdown_cell(text: str) -> str:
     return "<br>".join("&nbsp;" * (len(line) - len(line.lstrip(" "))) + line.lstrip(" ") for line in lines)
 
 
-def _report_markdown(title: str, by_label: dict[str, dict[str, dict]], ids: dict[str, str]) -> str:
+def _report_markdown(
+    title: str,
+    by_label: dict[str, dict[str, dict]],
+    ids: dict[str, str],
+    perplexities: dict[str, Perplexity],
+    perplexity_data: str | None,
+) -> str:
     labels = list(by_label)
     rows = [
         f"# {_markdown_cell(title)}",
@@ -323,6 +349,9 @@ def _report_markdown(title: str, by_label: dict[str, dict[str, dict]], ids: dict
         rows.append("| " + " | ".join(cells) + " |")
     summaries = [_summary_meta(_summary(by_label[label])) for label in labels]
     rows.append("| **summary** | " + " | ".join(f"**{s}**" for s in summaries) + " |")
+    if perplexities:
+        cells = [_markdown_cell(_perplexity_meta(perplexities.get(label))) for label in labels]
+        rows.append(f"| **{_markdown_cell(_perplexity_heading(perplexity_data))}** | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -338,7 +367,13 @@ tr.summary td { font-weight: bold; background: #f4f4f4; }
 """
 
 
-def _report_html(title: str, by_label: dict[str, dict[str, dict]], ids: dict[str, str]) -> str:
+def _report_html(
+    title: str,
+    by_label: dict[str, dict[str, dict]],
+    ids: dict[str, str],
+    perplexities: dict[str, Perplexity],
+    perplexity_data: str | None,
+) -> str:
     def esc(text: str) -> str:
         return html.escape(text, quote=True)
 
@@ -362,14 +397,24 @@ def _report_html(title: str, by_label: dict[str, dict[str, dict]], ids: dict[str
                 cells.append(f'<td><pre>{esc(r["text"])}</pre><div class="{css}">{esc(_meta(r))}</div></td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     summaries = "".join(f"<td>{esc(_summary_meta(_summary(by_label[label])))}</td>" for label in labels)
-    out += [f'<tr class="summary"><td>summary</td>{summaries}</tr>', "</tbody></table>"]
-    out += ['<div class="charts">', *_report_charts(by_label, ids), "</div>", "</body></html>"]
+    out.append(f'<tr class="summary"><td>summary</td>{summaries}</tr>')
+    if perplexities:
+        cells = "".join(f"<td>{esc(_perplexity_meta(perplexities.get(label)))}</td>" for label in labels)
+        out.append(f'<tr class="summary"><td>{esc(_perplexity_heading(perplexity_data))}</td>{cells}</tr>')
+    charts = _report_charts(by_label, ids, perplexities, perplexity_data)
+    out += ["</tbody></table>", '<div class="charts">', *charts, "</div>", "</body></html>"]
     return "\n".join(out) + "\n"
 
 
-def _report_charts(by_label: dict[str, dict[str, dict]], ids: dict[str, str]) -> list[str]:
+def _report_charts(
+    by_label: dict[str, dict[str, dict]],
+    ids: dict[str, str],
+    perplexities: dict[str, Perplexity],
+    perplexity_data: str | None,
+) -> list[str]:
     """Inline SVG charts under the table: each answer's length in tokens, prompt by prompt and model by
-    model, and how each model's answers ended (at EOS, at a turn marker or stop string, cut at the budget)."""
+    model, how each model's answers ended (at EOS, at a turn marker or stop string, cut at the budget) and,
+    when measured, each model's perplexity (a bar per model; the legend names the text)."""
     from phikit.plots import bars_svg
 
     labels = list(by_label)
@@ -380,10 +425,15 @@ def _report_charts(by_label: dict[str, dict[str, dict]], ids: dict[str, str]) ->
         endings["EOS"].append(sum(r.get("ended_at") == "eos" for r in results))
         endings["turn marker"].append(sum(r.get("ended_at") == "marker" for r in results))
         endings["budget"].append(sum(not r["stopped_by_itself"] for r in results))
-    return [
+    charts = [
         bars_svg("answer length (tokens) per prompt", list(ids), lengths),
         bars_svg("how the answers ended", labels, endings, stacked=True),
     ]
+    measured = [label for label in labels if label in perplexities]
+    if measured:
+        values = [perplexities[label].perplexity for label in measured]
+        charts.append(bars_svg("perplexity", measured, {perplexity_data or "perplexity": values}))
+    return charts
 
 
 # --- lm-evaluation-harness -----------------------------------------------------------------------------

@@ -201,6 +201,76 @@ def test_report_has_every_prompt_and_column_and_escapes_html(phi, tmp_path):
         assert proc.stdout.count("<svg") == 2 and "CONSOLE" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_eval_report_shows_each_models_perplexity_side_by_side(tiny, tmp_path, capsys):
+    """`phikit eval --perplexity` puts each compared model's perplexity, as `perplexity()` measures it on the
+    same file, in the table and in a bar chart with a bar per model."""
+    import xml.etree.ElementTree as ET
+
+    from phikit.cli import main
+    from phikit.evaluate import perplexity, read_text
+
+    folder, _ = tiny
+    suite, text = tmp_path / "suite.yaml", tmp_path / "text.txt"
+    suite.write_text("template: instruct\nmax_new_tokens: 4\nprompts:\n  - {id: hi, prompt: Say hi}\n")
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 80)  # ~800 tokens: several windows
+    out = tmp_path / "out"
+    args = ["eval", "-m", folder, "--dtype", "fp32", "--device", "cpu", "--suite", suite, "--out", out]
+    code = main([str(a) for a in [*args, "--perplexity", text, "--compare", "int8 <&>:quantize=int8"]])
+    assert code == 0, capsys.readouterr().err
+    expected = {}
+    for label, quantize in (("base", None), ("int8 <&>", "int8")):
+        model = phikit.load(folder, dtype="fp32", device="cpu", quantize=quantize)
+        expected[label] = perplexity(model.model, read_text(text, model.tokenizer))
+    assert expected["base"].perplexity != expected["int8 <&>"].perplexity
+
+    measured = json.loads((out / "perplexity.json").read_text())
+    assert measured["data"] == str(text)
+    for label, p in expected.items():
+        assert measured["models"][label] == pytest.approx(vars(p), rel=1e-6)
+
+    page, markdown = (out / "report.html").read_text(), (out / "report.md").read_text()
+    table = _Table()
+    table.feed(page)
+    header, *rows = table.rows
+    assert header == ["prompt", "base", "int8 <&>"]
+    assert rows[-1][0] == "perplexity on text.txt" and rows[-2][0] == "summary"
+    for cell, p in zip(rows[-1][1:], expected.values()):
+        assert cell == f"{p.perplexity:.2f} (nll {p.nll:.4f} over {p.tokens} tokens)"
+    row = markdown.splitlines()[-1]
+    assert row.startswith("| **perplexity on text.txt** |") and row.count("|") == 4
+    assert all(f"{p.perplexity:.2f} (nll {p.nll:.4f} over {p.tokens} tokens)" in row for p in expected.values())
+
+    charts = page.split('<div class="charts">', 1)[1]
+    assert "<&>" not in page and "<&>" not in markdown
+    svgs = [ET.fromstring("<svg" + part.split("</svg>")[0] + "</svg>") for part in charts.split("<svg")[1:]]
+    assert len(svgs) == 3
+    chart = svgs[-1]
+    assert chart.get("aria-label") == "perplexity"
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = chart.findall(f"{ns}rect")
+    assert len(bars) == 2  # one per model
+    for bar, (label, p) in zip(bars, expected.items()):
+        assert bar.find(f"{ns}title").text == f"text.txt, {label}: {p.perplexity:.4g}"
+    heights = [float(bar.get("height")) for bar in bars]
+    ratio = expected["base"].perplexity / expected["int8 <&>"].perplexity
+    assert heights[0] / heights[1] == pytest.approx(ratio, rel=1e-2)  # bars drawn to scale from zero
+    assert [t.text for t in chart.findall(f"{ns}text")][-3:] == ["base", "int8 <&>", "\u25a0 text.txt"]
+    from test_plots import chromium
+
+    if chromium():  # the page renders without console errors in a real browser
+        cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--dump-dom"]
+        proc = subprocess.run([*cmd, (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+        assert proc.stdout.count("<svg") == 3 and "CONSOLE" not in proc.stderr, proc.stderr[-2000:]
+
+    # without --perplexity the report has neither the row nor the chart; with --lm-eval it is an error
+    assert main([str(a) for a in args]) == 0
+    assert "perplexity" not in (out / "report.html").read_text()
+    assert main([str(a) for a in [*args, "--perplexity", text, "--lm-eval", "hellaswag"]]) == 2
+    assert "--perplexity goes with a prompt suite" in capsys.readouterr().err
+    with pytest.raises(PhikitError, match="label\\(s\\) int4 that have no column"):
+        write_report({"base": []}, tmp_path / "x", perplexities={"int4": expected["base"]})
+
+
 def test_phikit_imports_without_lm_eval():
     code = textwrap.dedent(
         """

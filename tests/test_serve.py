@@ -281,7 +281,7 @@ def test_a_body_too_large_gets_413_and_a_stalled_body_408(phi):
         assert r.status_code == 413
         with socket.create_connection(("127.0.0.1", s.port)) as raw:
             raw.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b'Content-Length: 100\r\n\r\n{"prompt": '
             )
             raw.settimeout(10)
@@ -425,6 +425,8 @@ def test_api_key_rules(phi):
         (["--max-tokens", "0"], "--max-tokens"),
         (["--max-batch", "0"], "--max-batch"),
         (["--api-key", ""], "--api-key is empty"),
+        (["--cors-origin", "app.example"], "--cors-origin app.example"),
+        (["--cors-origin", "https://app.example/chat"], "no path"),
     ],
 )
 def test_serve_flags_are_checked_before_the_model_loads(flags, fragment, capsys):

@@ -384,6 +384,11 @@ def test_metrics_in_prometheus_format(server):
         "phikit_time_to_first_token_seconds_bucket",
     ):
         assert name in text, name
+    counts = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(counts["phikit_time_to_first_token_seconds_count"]) >= 1
+    assert float(counts["phikit_generation_tokens_total"]) >= 3
+    httpx.get(f"{server.url}/ui/chat.css")
+    assert 'phikit_requests_total{endpoint="/ui/{file}",status="200"}' in httpx.get(f"{server.url}/metrics").text
 
 
 def test_langchain_batches_prompts_and_chats(server, phi):

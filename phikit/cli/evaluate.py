@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from phikit.cli.common import add_model_args, at_least, input_file, load_model
@@ -36,6 +37,13 @@ def add_parser(sub) -> None:
     )
     ev.add_argument("--template", "-t", help="override the suite's template")
     ev.add_argument("--max-new-tokens", "-n", type=int, help="override the suite's max_new_tokens")
+    ev.add_argument(
+        "--perplexity",
+        type=Path,
+        metavar="FILE",
+        help="also measure each model's perplexity on FILE (.txt or .jsonl, as phikit perplexity does with "
+        "its default windows) and show them side by side in the report",
+    )
     ev.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks instead of a suite")
     ev.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples")
     ev.add_argument("--limit", type=float, help="lm-eval: examples per task (or a fraction)")
@@ -74,6 +82,10 @@ def run(args: argparse.Namespace) -> None:
     at_least(args.batch_size, 1, "--batch-size")
     if args.suite is not None:
         input_file(args.suite, "--suite")
+    if args.perplexity is not None:
+        if args.lm_eval:
+            raise PhikitError("--perplexity goes with a prompt suite; with --lm-eval add a perplexity task (wikitext)")
+        input_file(args.perplexity, "--perplexity")
     base = {
         "model": args.model,
         "adapter": args.adapter,
@@ -103,13 +115,21 @@ def run(args: argparse.Namespace) -> None:
     suite = evaluate.load_suite(args.suite)  # a bad suite fails before any model loads
     variants = [(args.label, base)] + [parse_compare(c, base) for c in args.compare]
     overrides = {k: v for k, v in (("template", args.template), ("max_new_tokens", args.max_new_tokens)) if v}
-    columns = {}
+    columns, perplexities = {}, {}
     for label, options in variants:
         print(f"[{label}] loading {options['model']} ...", file=sys.stderr)
         phi = load_model(args, **options)
+        if args.perplexity is not None:  # first, so a file that is not text fails before the suite runs
+            ids = evaluate.read_text(args.perplexity, phi.tokenizer)  # each model's own tokenizer: they may differ
+            perplexities[label] = evaluate.perplexity(phi.model, ids, progress=True)
+            print(f"[{label}] perplexity {perplexities[label].perplexity:.2f}", file=sys.stderr)
         columns[label] = evaluate.run_suite(phi, suite, progress=True, **overrides)
         del phi
         gc.collect()
-    md, html = evaluate.write_report(columns, args.out)
+    data = args.perplexity.name if args.perplexity is not None else None
+    md, html = evaluate.write_report(columns, args.out, perplexities=perplexities, perplexity_data=data)
     atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(columns, indent=2)))
+    if perplexities:
+        measured = {"data": str(args.perplexity), "models": {k: asdict(v) for k, v in perplexities.items()}}
+        atomic_write(args.out / "perplexity.json", lambda tmp: tmp.write_text(json.dumps(measured, indent=2)))
     print(f"wrote {md} and {html}", file=sys.stderr)

@@ -14,8 +14,10 @@ def add_parser(sub) -> None:
     sv = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server with continuous batching",
-        description="Serve /v1/completions and /v1/chat/completions (streaming too), /v1/models "
-        "and /health. Concurrent requests are decoded together (continuous batching).",
+        description="Serve a chat page at / and OpenAI's /v1/completions and /v1/chat/completions (streaming "
+        "too), /v1/models, /health and /metrics. Concurrent requests are decoded together (continuous batching). "
+        "Only local host names, IP addresses and --allowed-host names are answered (a guard against DNS "
+        "rebinding); browsers on other sites are refused unless --cors-origin names them.",
         epilog=EPILOG,
     )
     add_model_args(sv)
@@ -58,6 +60,22 @@ def add_parser(sub) -> None:
         action="store_true",
         help="require the --api-key on /metrics too (/health always answers without it)",
     )
+    sv.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
+    sv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to answer besides localhost, IP addresses and this machine's name (repeatable; "
+        "'*' answers any, which lets any web page you visit that rebinds its DNS name reach the server)",
+    )
+    sv.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://app.example:8443) whose pages may call the API from the browser (repeatable)",
+    )
     sv.set_defaults(func=run)
 
 
@@ -92,11 +110,18 @@ def run(args: argparse.Namespace) -> None:
         prefix_cache_mb=args.prefix_cache_mb,
         max_prompts=args.max_prompts,
         protect_metrics=args.protect_metrics,
+        ui=not args.no_ui,
+        allowed_hosts=[args.host, *args.allowed_host],
+        cors_origins=args.cors_origin,
     )
     cache = app.state.engine.cache
     gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    if args.host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    where = "API" if args.no_ui else f"chat page: http://{host}:{args.port}/ · API"
     print(
-        f"serving {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB)",
+        f"serving {name}: {where}: http://{host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB)",
         file=sys.stderr,
     )
     serve(app, args.host, args.port)
@@ -123,6 +148,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise PhikitError(f"--max-prompts {args.max_prompts}: must be at least 1")
     if args.protect_metrics and args.api_key is None:
         raise PhikitError("--protect-metrics puts /metrics behind the API key: give --api-key too")
+    for origin in args.cors_origin:
+        scheme, _, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not rest or "/" in rest.rstrip("/"):
+            raise PhikitError(f"--cors-origin {origin}: give an origin such as https://app.example:8443 (no path)")
     if args.api_key is not None and not args.api_key.strip():
         raise PhikitError("--api-key is empty; give a non-empty key, or leave --api-key out to serve without one")
     try:

@@ -189,7 +189,6 @@ class Engine:
         self.started = 0  # requests that got a slot
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.adapters = adapters  # adapters.AdapterSet or None
-        self.on_token = None  # callable(request) after each generated token (metrics)
         self.switch = rope_switch(model)  # a LongRoPE row reaching it is prefilled again
 
     def start(self) -> Engine:
@@ -445,8 +444,6 @@ class Engine:
             r.counts[token] = r.counts.get(token, 0) + 1
             piece = r.stream.push(token)
             r.deliver(("token", (token, piece, entry)))
-            if self.on_token is not None:
-                self.on_token(r)
             if r.grammar is not None:
                 r.grammar.accept(token)
             if r.stream.stopped or (r.grammar is not None and r.grammar.finished()):

@@ -11,14 +11,19 @@ a bool, a bool not a string (``"prompt": [true]`` and ``"include_usage": "yes"``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from phikit.generate import GenerationConfig
 from phikit.templates import ChatTemplate, Template
 
 MAX_CHOICES = 16  # n (and best_of) per prompt
+TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key: ASCII digits only (str.isdigit takes "²" and "١")
 
 
 class APIError(Exception):
@@ -57,6 +62,32 @@ def check_text(text: str, param: str) -> None:
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows, against which a body converts itself: the context in tokens, the vocabulary,
+    max_tokens when a request gives none."""
+
+    context: int
+    vocab: int
+    default_max_tokens: int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One prompt's generation settings, converted from a body: tokens to generate (0 with echo: score
+    only), the sampler's config, and the stop strings."""
+
+    max_tokens: int
+    config: GenerationConfig
+    stops: tuple[str, ...]
+
+    def seeded(self, j: int) -> GenerationConfig:
+        """The config of the ``j``-th of several choices: a given seed moves on per choice."""
+        if self.config.seed is None or j == 0:
+            return self.config
+        return replace(self.config, seed=self.config.seed + j)
 
 
 class ResponseFormat(BaseModel):
@@ -111,6 +142,67 @@ class _Common(BaseModel):
     functions: list[Any] | None = None
     function_call: Any = None
 
+    kind: ClassVar[str]
+
+    def choices(self) -> tuple[int, int]:
+        """(n, best_of): choices returned per prompt and generated per prompt."""
+        n = self.n or 1
+        best_of = getattr(self, "best_of", None) or n
+        if best_of < n:
+            raise APIError(400, "best_of must be at least n", param="best_of")
+        if self.stream and best_of > n:
+            raise APIError(400, "best_of larger than n cannot be streamed", param="best_of")
+        return n, best_of
+
+    def sampling(self, prompt_len: int, limits: Limits) -> Sampling:
+        """This body's settings for a prompt of ``prompt_len`` tokens (vLLM's ``to_sampling_params``)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+        for s in stops:
+            check_text(s, "stop")
+        context = limits.context
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is None:
+            max_tokens = max(min(limits.default_max_tokens, context - prompt_len), 1)
+        if prompt_len >= context or prompt_len + max_tokens > context:
+            raise APIError(
+                400,
+                f"this model's context is {context} tokens; the prompt has {prompt_len} and "
+                f"max_tokens is {max(max_tokens, 0)}; shorten the prompt or lower max_tokens",
+                param="max_tokens" if prompt_len < context else "prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens == 0 and not self.echoes():
+            raise APIError(400, "max_tokens 0 generates nothing; use echo to score a prompt", param="max_tokens")
+        temperature = 1.0 if self.temperature is None else self.temperature
+        config = GenerationConfig(
+            max_new_tokens=max(max_tokens, 1), temperature=temperature, top_p=self.top_p or 1.0, seed=self.seed
+        )
+        return Sampling(max_tokens, config, tuple(stops))
+
+    def bias(self, vocab: int) -> dict[int, float] | None:
+        """logit_bias as token id -> bias; keys are ASCII digits (not "-0", "²", "١" or 4,300 digits, which
+        int() takes or chokes on)."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            valid = TOKEN_ID.fullmatch(key) is not None and int(key) < vocab
+            if not valid or not (math.isfinite(value) and -100 <= value <= 100):
+                raise APIError(
+                    400, f"logit_bias: {key[:20]!r}: token ids 0..{vocab - 1}, biases -100..100", param="logit_bias"
+                )
+            out[int(key)] = float(value)
+        return out
+
+    def echoes(self) -> bool:
+        return False
+
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives per generated token to report (0: the chosen token's only; None: no log-probabilities)."""
+        raise NotImplementedError
+
     def check_unsupported(self) -> None:
         if self.audio is not None or "audio" in (self.modalities or []):
             raise unsupported("audio" if self.audio is not None else "modalities", "audio output")
@@ -125,11 +217,26 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
+    kind: ClassVar[str] = "completion"
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+
+    def prompts(self) -> list:
+        """The prompts: each a text or a list of token ids."""
+        prompt = self.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return prompts
+
+    def echoes(self) -> bool:
+        return bool(self.echo)
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -164,9 +271,19 @@ class Message(BaseModel):
 
 
 class ChatBody(_Common):
+    kind: ClassVar[str] = "chat"
     messages: list[Message] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def prompts(self, template: Template | ChatTemplate) -> list[str]:
+        """The conversation rendered for the reply: one prompt."""
+        return [render_messages(self.messages, template)]
+
+    def top_logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def render_messages(messages: list[Message], template: Template | ChatTemplate) -> str:
