@@ -283,6 +283,23 @@ def test_regenerate_edit_and_the_adapter_picker_answer_as_the_api(trained, drive
         assert data["format"] == "phikit-chat"
         assert [m["content"] for m in data["conversations"][0]["messages"]] == [m["content"] for m in messages]
 
+        # JSON-schema mode sends the schema as response_format: the reply is the API's under the same schema
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        driver.find_element("id", "json-mode").click()
+        set_field(driver, "json-schema", json.dumps(schema))
+        driver.find_element("id", "new-chat").click()
+        send(driver, QUESTION)
+        last_reply(driver)
+        fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        body = {
+            "messages": [{"role": "user", "content": QUESTION}],
+            "temperature": 0,
+            "max_tokens": 40,
+            "response_format": fmt,
+        }
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert stored_messages(driver)[-1]["content"] == reply and reply.startswith('{"n"')
+
 
 def _json_or_none(path):
     try:
@@ -351,6 +368,7 @@ def test_hosts_origins_and_content_types_are_checked(phi):
             "phi.lan",
             "PHI.LAN:80",
             "x.localhost",
+            "localhost.",
         ):
             assert status({"Host": host}) == 200, host
         refused = httpx.get(models, headers={"Host": "evil.example"})
@@ -387,3 +405,32 @@ def test_hosts_origins_and_content_types_are_checked(phi):
         allowed = httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://app.example"})
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
         assert httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://evil.example"}).status_code == 403
+
+
+@needs_browser
+def test_a_refused_request_leaves_the_conversation_usable(trained, driver):
+    """A reply refused before any text (here temperature -1) leaves no turn behind, only the error; the next
+    message joins the unanswered one and is answered as the API answers that turn. A schema that is not
+    JSON is said before anything is sent, and the typed text stays in the composer."""
+    folder, _ = trained
+    with serve(folder) as server:
+        open_page(driver, server)
+        set_field(driver, "max-tokens", 30)
+        set_field(driver, "temperature", -1)
+        send(driver, "Hello")
+        error = wait_for(lambda: driver.find_element("id", "error").text, what="the error")
+        assert "temperature" in error and not driver.find_elements("css selector", ".message.assistant")
+        set_field(driver, "temperature", 0)
+        send(driver, "there")
+        last_reply(driver)
+        messages = stored_messages(driver)
+        assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello\n\nthere"
+        assert messages[1]["content"] == api_reply(server, "Hello\n\nthere", max_tokens=30)["message"]["content"]
+        assert not driver.find_element("id", "error").is_displayed()
+
+        driver.find_element("id", "json-mode").click()
+        set_field(driver, "json-schema", "{not json")
+        send(driver, "keep me")
+        assert "not valid JSON" in wait_for(lambda: driver.find_element("id", "error").text, what="the error")
+        assert driver.find_element("id", "input").get_attribute("value") == "keep me"
+        assert len(stored_messages(driver)) == 2

@@ -120,8 +120,12 @@ def run(args: argparse.Namespace) -> None:
     if args.host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     where = "API" if args.no_ui else f"chat page: http://{host}:{args.port}/ · API"
+    extras = [f"adapters {', '.join(named)}"] if named else []
+    extras += ["the API needs --api-key's key"] if args.api_key else []
     print(
-        f"serving {name}: {where}: http://{host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB)",
+        f"serving {name}: {where}: http://{host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB"
+        + "".join(f"; {e}" for e in extras)
+        + ")",
         file=sys.stderr,
     )
     serve(app, args.host, args.port)

@@ -364,6 +364,8 @@ class Engine:
             return
         self._compact()
         rows = max(i for i, r in enumerate(self.slots) if r is not None) + 1  # rows 0..rows-1 run, every one active
+        if getattr(self.model.decode_step, "static", False):  # a compiled / graph-captured step: a shape per batch
+            rows = min(1 << (rows - 1).bit_length(), len(self.slots))  # so 1, 2, 4, 8 rows (free rows ride along)
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
         adapters = [-1] * rows

@@ -24,7 +24,8 @@ def _hostname(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.removesuffix(".")  # "localhost." is the fully qualified "localhost"
 
 
 def _is_ip(name: str) -> bool:

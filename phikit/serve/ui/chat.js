@@ -20,7 +20,13 @@
   function loadStore() {
     try {
       const s = JSON.parse(localStorage.getItem(STORE));
-      if (s && Array.isArray(s.conversations)) return s;
+      if (s && Array.isArray(s.conversations)) {
+        for (const c of s.conversations) { // a reply the last page left streaming was cut there
+          c.messages = c.messages.filter((m) => m.state !== "streaming" || m.content);
+          for (const m of c.messages) if (m.state === "streaming") m.state = "stopped";
+        }
+        return s;
+      }
     } catch (e) { /* a damaged store starts afresh */ }
     return { conversations: [], current: null };
   }
@@ -77,12 +83,14 @@
 
   async function errorOf(response) {
     let message = response.status + " " + response.statusText;
+    let body = null;
     try {
-      const body = await response.json();
+      body = await response.json();
       if (body && body.error && body.error.message) message = body.error.message;
     } catch (e) { /* not JSON */ }
     const error = new Error(message);
     error.status = response.status;
+    error.code = body && body.error ? body.error.code : null;
     return error;
   }
 
@@ -124,21 +132,16 @@
     const messages = [];
     if (conversation.system.trim()) messages.push({ role: "system", content: conversation.system });
     for (const m of conversation.messages) {
-      const reply = m.role === "assistant" && m.content && m.state !== "error" && m.state !== "streaming";
-      if (m.role === "user" || reply) {
+      if (m.role === "user" || (m.role === "assistant" && m.content && m.state !== "streaming")) {
         messages.push({ role: m.role, content: m.content });
       }
     }
-    const body = {
-      model: $("model").value || undefined,
-      messages,
-      stream: true,
-      stream_options: { include_usage: true },
-      temperature: Number($("temperature").value),
-      top_p: Number($("top-p").value),
-    };
-    const most = $("max-tokens").value.trim(); // empty: the server's default, which fits the context
-    if (most) body.max_tokens = Math.round(Number(most));
+    const body = { model: $("model").value || undefined, messages, stream: true, stream_options: { include_usage: true } };
+    // an empty field is the server's default (max tokens: what fits the context)
+    for (const [id, key] of [["temperature", "temperature"], ["top-p", "top_p"], ["max-tokens", "max_tokens"]]) {
+      const text = $(id).value.trim();
+      if (text) body[key] = key === "max_tokens" ? Math.round(Number(text)) : Number(text);
+    }
     if ($("json-mode").checked) {
       const text = $("json-schema").value.trim();
       if (!text) {
@@ -163,12 +166,14 @@
     setBusy(true);
     const started = performance.now();
     let first = null;
+    let saved = started;
     message.state = "streaming";
     message.chunks = 0;
+    const body = requestBody(conversation);
+    message.model = body.model || "";
     try {
       const response = await fetch("v1/chat/completions", {
-        method: "POST", headers: headers(), body: JSON.stringify(requestBody(conversation)),
-        signal: controller.signal,
+        method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
       });
       if (!response.ok) throw await errorOf(response);
       const reader = response.body.getReader();
@@ -196,6 +201,10 @@
               message.content += choice.delta.content;
               message.chunks += 1;
               updateMessage(message);
+              if (performance.now() - saved > 500) { // a reload midway keeps what came
+                saved = performance.now();
+                save();
+              }
             }
             if (choice.finish_reason) message.finish = choice.finish_reason;
           }
@@ -207,7 +216,11 @@
         message.state = "stopped";
       } else {
         message.state = "error";
-        message.error = e.message;
+        message.error = e.code === "context_length_exceeded"
+          ? "this conversation no longer fits the model's context: start a new chat, or edit an earlier " +
+            "message to shorten it (" + e.message + ")"
+          : e.message;
+        if (e.status === undefined) loadModels(); // the server may be gone: say so at the top
       }
     } finally {
       const ended = performance.now();
@@ -217,9 +230,19 @@
       if (first !== null && tokens > 1 && ended > first) message.stats.tokens_per_s = (tokens - 1) / ((ended - first) / 1000);
       running = null;
       setBusy(false);
+      if (message.state === "error" && !message.content) failed(conversation, message);
       save();
       updateMessage(message);
     }
+  }
+
+  // A reply that failed before any text (a refused request, an unreachable server) leaves no turn behind:
+  // the error shows above the composer, and the conversation ends with the user's message, which the
+  // next message joins or Regenerate answers.
+  function failed(conversation, message) {
+    conversation.messages.splice(conversation.messages.indexOf(message), 1);
+    showError(message.error);
+    if (current() === conversation) render();
   }
 
   function setBusy(busy) {
@@ -230,25 +253,36 @@
 
   // ---- actions ----
 
+  // Sends the composer's text; false when nothing could be sent (the text stays in the composer).
   function send(text) {
-    if (running || !text.trim()) return;
+    if (running || !text.trim()) return false;
+    try {
+      requestBody({ system: "", messages: [] }); // a bad schema is said before anything is added
+    } catch (e) {
+      showError(e.message);
+      return false;
+    }
     showError("");
     const conversation = current() || newConversation();
     if (!conversation.messages.length) conversation.title = text.trim().slice(0, 48);
-    conversation.messages.push({ role: "user", content: text });
+    const last = conversation.messages[conversation.messages.length - 1];
+    if (last && last.role === "user") last.content += "\n\n" + text; // its reply failed: one turn, not two
+    else conversation.messages.push({ role: "user", content: text });
     reply(conversation);
+    return true;
   }
 
   function reply(conversation) {
     const message = { role: "assistant", content: "", state: "streaming" };
     try {
-      requestBody(conversation); // a bad schema is said before anything is added
+      requestBody(conversation);
     } catch (e) {
       showError(e.message);
       save();
       render();
       return;
     }
+    showError("");
     conversation.messages.push(message);
     save();
     render();
@@ -308,6 +342,11 @@
   }
 
   function render() {
+    renderList();
+    renderConversation();
+  }
+
+  function renderList() {
     const list = $("conversations");
     list.textContent = "";
     for (const c of store.conversations) {
@@ -327,13 +366,16 @@
       }));
       li.lastChild.title = "delete this conversation";
       li.addEventListener("click", () => {
-        if (running) return;
+        if (running) return status("a reply is streaming: wait for it, or press Stop");
         store.current = c.id;
         save();
         render();
       });
       list.appendChild(li);
     }
+  }
+
+  function renderConversation() {
     const conversation = current();
     $("system").value = conversation ? conversation.system : "";
     const messages = $("messages");
@@ -359,9 +401,7 @@
     const actions = document.createElement("span");
     actions.className = "actions";
     if (m.role === "user") actions.appendChild(button("Edit", () => edit(index, el)));
-    if (m.role === "assistant" && index === conversation.messages.length - 1) {
-      actions.appendChild(button("Regenerate", regenerate));
-    }
+    if (index === conversation.messages.length - 1) actions.appendChild(button("Regenerate", regenerate));
     head.appendChild(actions);
     const content = document.createElement("div");
     content.className = "content";
@@ -392,6 +432,7 @@
     const parts = [];
     if (m.usage) parts.push(m.usage.completion_tokens + " tokens", "prompt " + m.usage.prompt_tokens);
     else if (m.chunks) parts.push("~" + m.chunks + " tokens");
+    if (m.model) parts.unshift(m.model);
     if (m.stats && m.stats.tokens_per_s) parts.push(m.stats.tokens_per_s.toFixed(1) + " tok/s");
     if (m.stats && m.stats.first_token_s !== null && m.stats.first_token_s !== undefined) {
       parts.push("first token " + m.stats.first_token_s.toFixed(2) + " s");
@@ -522,16 +563,17 @@
       loadModels();
     });
     $("system").addEventListener("input", () => {
-      const conversation = current() || newConversation();
+      let conversation = current();
+      if (!conversation) {
+        conversation = newConversation();
+        renderList();
+      }
       conversation.system = $("system").value;
       save();
     });
     $("composer").addEventListener("submit", (event) => {
       event.preventDefault();
-      const text = $("input").value;
-      if (running || !text.trim()) return;
-      $("input").value = "";
-      send(text);
+      if (send($("input").value)) $("input").value = "";
     });
     $("input").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -541,7 +583,7 @@
     });
     $("stop").addEventListener("click", () => running && running.controller.abort());
     $("new-chat").addEventListener("click", () => {
-      if (running) return;
+      if (running) return status("a reply is streaming: wait for it, or press Stop");
       newConversation();
       render();
       $("input").focus();
@@ -553,6 +595,7 @@
     $("export").addEventListener("click", () => {
       const c = current();
       if (c) download("phikit-chat-" + c.id + ".json", exported([c]));
+      else showError("no conversation to export yet");
     });
     $("export-all").addEventListener("click", () => download("phikit-chats.json", exported(store.conversations)));
     render();
