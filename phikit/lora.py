@@ -162,7 +162,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         in_features, out_features = base_layer.in_features, base_layer.out_features
-        device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
+        device = getattr(base_layer, "device", None)  # a quantized layer's buffers may live on the host
+        if not isinstance(device, torch.device):
+            device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -426,7 +428,7 @@ def _replace_whole(model: nn.Module, module_name: str, tensors: dict[str, torch.
         bias = getattr(module, "bias", None)
         dtype = getattr(model, "dtype", torch.float32)
         linear = nn.Linear(
-            module.in_features, module.out_features, bias=bias is not None, device=weight.device, dtype=dtype
+            module.in_features, module.out_features, bias=bias is not None, device=module.device, dtype=dtype
         )
         if bias is not None:
             linear.bias.data.copy_(bias)

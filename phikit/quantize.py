@@ -182,6 +182,13 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.kernel = None
         self.packed = None
+        self.home: torch.device | None = None  # set where a backend moved the buffers off the compute device
+
+    @property
+    def device(self) -> torch.device:
+        """Where the layer computes: the buffers' device, unless a backend keeps its kernel's own layout there
+        and moved the checkpoint's buffers to the host (``backends/cuda.py``)."""
+        return self.home if self.home is not None else self.weight.device
 
     @classmethod
     def from_weight(
@@ -232,7 +239,7 @@ class QuantizedLinear(nn.Module):
             y = self.kernel(self, x)
             if y is not None:
                 return y
-        weight = self.dequantized().to(x.dtype)
+        weight = self.dequantized().to(x.device, x.dtype)  # a GPU backend may keep the buffers on the host
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -197,3 +197,108 @@ def test_kernel_names_say_what_runs(tiny):
     folder, _ = tiny
     assert backends.kernel_names(phikit.load(folder, device="cpu", quantize="int8").model) == ["int8: cpu.int8_linear"]
     assert backends.kernel_names(phikit.load(folder, dtype="bf16", device="cpu").model)[0].startswith("bfloat16: ")
+
+
+def test_cuda_int8_fallback_gives_bitsandbytes_fp16_activations(monkeypatch):
+    """bitsandbytes 0.50's CUDA int8 quantizer takes float16 only ("A must be float16"): bf16 activations
+    are converted for it, and the answer comes back in the activations' dtype."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    layer = _layer("int8")
+    real = bnbf.int8_vectorwise_quant
+
+    def fp16_only(A, *args, **kw):
+        assert A.dtype == torch.float16, "A must be float16"
+        return real(A, *args, **kw)
+
+    monkeypatch.setattr(bnbf, "int8_vectorwise_quant", fp16_only)
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda *a: (_ for _ in ()).throw(RuntimeError()))
+    layer.packed = cuda.prepare_int8(layer)
+    layer.kernel = cuda.int8_linear
+    assert layer.packed.name.startswith("bitsandbytes")
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert layer(x).dtype == torch.bfloat16
+    assert _relative_error(layer, x) < 2e-2
+
+
+@pytest.mark.parametrize("faster", ["torch _weight_int8pack_mm", "bitsandbytes int8_linear_matmul"])
+def test_cuda_int8_kernel_is_chosen_by_timing_once_per_shape(monkeypatch, faster):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(cuda, "_int8_choice", {})
+    timed = []
+
+    def seconds(run, x):
+        name = run.args[1].name
+        timed.append(name)
+        return 1.0 if name == faster else 2.0
+
+    monkeypatch.setattr(cuda, "_seconds", seconds)
+    for _ in range(3):
+        layer = _layer("int8")
+        layer.packed = cuda.prepare_int8(layer)
+        layer.kernel = cuda.int8_linear
+        assert layer.packed.name == faster
+        assert _relative_error(layer, torch.randn(2, K, dtype=torch.bfloat16)) < 2e-2
+    assert len(timed) == 2  # both timed once; the next layers of that shape reuse the choice
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_without_bitsandbytes_the_cuda_entries_fall_back_to_the_reference(monkeypatch, capsys, fmt):
+    monkeypatch.setattr(cuda, "bnb_available", lambda: False)
+    monkeypatch.setattr(cuda, "_warned", set())
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda *a: (_ for _ in ()).throw(RuntimeError()))
+    layer = _layer(fmt)
+    layer.packed = cuda.PREPARE[fmt](layer)
+    layer.kernel = backends.KERNELS[(fmt, "cuda")]
+    assert layer.packed is cuda.REFERENCE
+    assert _relative_error(layer, torch.randn(2, K)) < 1e-5  # dequantized and multiplied
+    assert "bitsandbytes is not usable here" in capsys.readouterr().err
+
+
+def test_a_kernel_with_its_own_layout_leaves_the_checkpoint_layout_on_the_host(monkeypatch):
+    """On the GPU only the kernel's layout stays (tinygemm's or bitsandbytes'); the checkpoint's buffers
+    move to the host (``meta`` here, so that any read of them by the kernel would fail), the layer still
+    computes where it did, LoRA attaches there, and the state dict keeps its names."""
+    pytest.importorskip("bitsandbytes")
+    from phikit.lora import LoRALinear
+
+    layer = _layer("int4")
+    names = set(layer.state_dict())
+    layer.packed = cuda.prepare_int4(layer)
+    layer.kernel = backends.KERNELS[("int4", "cuda")]
+    x = torch.randn(1, 1, K, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        before = layer(x)
+    assert layer.packed.own_layout
+    cuda.keep_kernel_layout_only(layer, host="meta")
+    assert layer.weight.is_meta and layer.device == torch.device("cpu")
+    with torch.inference_mode():
+        assert torch.equal(layer(x), before)
+    assert set(layer.state_dict()) == names
+    assert backends.bind_kernel(layer).kernel is backends.KERNELS[("int4", "cpu")]  # by where it computes
+    assert LoRALinear(layer, r=2, alpha=2, dropout=0.0).lora_A.weight.device == torch.device("cpu")
+
+
+def test_past_the_recompile_limit_decoding_says_so_and_runs_uncompiled(tiny, monkeypatch, capsys):
+    """Dynamo would otherwise run the layer eager without a word: here the limit is 1 compile, the second
+    batch shape needs another, and the step says so once on stderr, turns compiling off and stays correct."""
+    import torch._dynamo
+
+    monkeypatch.setattr(cuda, "_cuda_layers", {})
+    monkeypatch.setattr(cuda, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    torch._dynamo.reset()
+    try:
+        folder, _ = tiny
+        plain = load_model(folder, dtype="fp32", device="cpu")
+        model = graphed(load_model(folder, dtype="fp32", device="cpu"), compiled=True)
+        assert torch._dynamo.config.fail_on_recompile_limit_hit  # install made the limit loud
+        for prompts in (PROMPTS, PROMPTS[:1]):
+            assert greedy(model, prompts) == greedy(plain, prompts)
+    finally:
+        torch._dynamo.reset()
+    assert "decoding uncompiled" in capsys.readouterr().err
+    assert not any(getattr(m, "compiled", False) for m in model.modules())

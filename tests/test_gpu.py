@@ -132,7 +132,9 @@ def test_quantized_layers_match_their_dequantized_reference(fmt, limit):
     layer.packed = cuda.PREPARE[fmt](layer)
     if fmt == "int4" and cuda.tinygemm_supported(weight.device):
         assert "tinygemm" in layer.packed.name
-    reference = layer.dequantized()
+    if fmt == "int8" and layer.packed.name.startswith("bitsandbytes"):  # timed faster: int8 activations too
+        limit = 2e-2
+    reference = layer.dequantized().to(weight.device)
     if fmt == "nf4":
         import bitsandbytes.functional as bnbf
 

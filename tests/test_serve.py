@@ -508,3 +508,42 @@ def test_the_prefix_cache_lives_in_one_arena_finds_blocks_by_hash_and_reuses_the
     cache.copy_into(row, blocks)
     k, v = kv(prompts[-2])
     assert tokens == 32 and torch.equal(row.k[:, 0, :, :32], k) and torch.equal(row.v[:, 0, :, :32], v)
+
+
+def test_a_static_shape_step_sees_batches_rounded_to_powers_of_two(phi):
+    """A compiled or CUDA-graph step (``static``) compiles or captures once per batch size: the engine rounds
+    its rows up to 1, 2, 4, 8 (free rows decoded along, their results unused); every reply still equals
+    generating it alone."""
+    import torch
+
+    from phikit.serve.engine import Engine, Request
+
+    engine = Engine(phi.model, phi.tokenizer, max_batch=6, max_queue=4)
+    prompts, budgets = ["Hello there", "The sky is", "Once upon a time", "Paris is", "def add(a, b):"], [3, 9, 5, 7, 4]
+    replies = {i: [] for i in range(len(prompts))}
+    batches = []
+    step = phi.model.decode_step
+
+    class Static:
+        static = True
+
+        def __call__(self, ids, *rest):
+            batches.append(ids.shape[0])
+            return step(ids, *rest)
+
+    phi.model.decode_step = Static()
+    try:
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            deliver = lambda event, i=i: replies[i].append(event[1][0]) if event[0] == "token" else None  # noqa: E731
+            config = GenerationConfig(max_new_tokens=budget)
+            engine.submit(Request(phi.tokenizer.encode(prompt), budget, config, (), deliver, time.time() + 60))
+        with torch.inference_mode():
+            engine._admit()
+            while any(engine.slots):
+                engine._decode_step()
+    finally:
+        phi.model.decode_step = step
+    assert set(batches) <= {1, 2, 4, 6} and batches[0] == 6 and 4 in batches and 2 in batches
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        alone = phi.generate(prompt, max_new_tokens=budget)
+        assert [t for t in replies[i] if t is not None] == alone.token_ids

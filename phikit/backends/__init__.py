@@ -36,7 +36,7 @@ def quantizer(device: torch.device):
 
 def bind_kernel(layer: QuantizedLinear) -> QuantizedLinear:
     """Give a quantized layer the kernel for its format and device (None: the dequantized reference)."""
-    layer.kernel = KERNELS.get((layer.format, layer.weight.device.type))
+    layer.kernel = KERNELS.get((layer.format, layer.device.type))
     return layer
 
 

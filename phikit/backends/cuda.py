@@ -13,8 +13,15 @@ and decoding steps replayed from CUDA graphs.
   ``mode="reduce-overhead"``; graphs are keyed by the cache's layout, the batch and the model's ``version``
   (bumped when adapters are loaded or merged). The decoder layer of that step is first compiled by
   ``torch.compile`` (one layer's code, reused by every layer: seconds, not minutes) so its element-wise ops
-  fuse. Prefill stays eager: it is never recompiled per length. ``PHIKIT_CUDA_GRAPHS=0`` /
-  ``PHIKIT_CUDA_COMPILE=0`` turn either off.
+  fuse. Prefill stays eager: it is never recompiled per length. The compile specialises on the first
+  shape and, on a second, recompiles once with dynamic shapes (torch's automatic dynamic), so the server's
+  batch sizes (rounded up to powers of two by its engine) and generation's cache lengths (rounded up to 256)
+  do not compile once each; past torch's recompile limit it fails loudly, turning compiling off with one
+  line on stderr, instead of running eager unseen. ``PHIKIT_CUDA_GRAPHS=0`` / ``PHIKIT_CUDA_COMPILE=0``
+  turn either off.
+- Memory: a weight whose kernel keeps its own layout (tinygemm's int4, bitsandbytes' NF4) has the
+  checkpoint's layout moved to host memory, where ``state_dict`` (saving) and the autograd path read it: the
+  GPU holds one layout. int8 kernels read the checkpoint's codes themselves.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import collections
 import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from phikit.models import CausalLM
-from phikit.quantize import QuantizedLinear, int4_scales_and_zeros, unpack_nibbles
+from phikit.quantize import QuantizedLinear, bnb_available, int4_scales_and_zeros, unpack_nibbles
 
 MAX_GRAPHS = 8  # captured decoding steps kept (the server's batch sizes, a generate call's cache)
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for the decoder layers (the CPU twin tests use aot_eager)
@@ -37,10 +45,22 @@ COMPILE_BACKEND = "inductor"  # torch.compile's backend for the decoder layers (
 
 @dataclass
 class Packed:
-    """A kernel's own layout of a layer's weight, made once at load time; ``name`` says which kernel."""
+    """A kernel's own layout of a layer's weight, made once at load time; ``name`` says which kernel.
+    ``own_layout``: the kernel reads these tensors only, not the layer's checkpoint buffers."""
 
     name: str
     tensors: tuple
+    own_layout: bool = False
+
+
+REFERENCE = Packed("reference (dequantized per call: bitsandbytes is not usable here)", ())
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"phikit: {message}", file=sys.stderr)
 
 
 def _needs_grad(x: torch.Tensor) -> bool:
@@ -58,8 +78,12 @@ def _add_bias(y: torch.Tensor, layer: nn.Module, x: torch.Tensor) -> torch.Tenso
 
 
 def tinygemm_supported(device: torch.device) -> bool:
-    """PyTorch's int4 CUDA kernel needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer."""
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+    """PyTorch's int4 kernel needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer; on ROCm its
+    availability is not assumed either way: ``prepare_int4`` tries it on the first layer against the
+    reference and falls back to bitsandbytes where it fails."""
+    if device.type != "cuda":
+        return False
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _inner_k_tiles(k: int) -> int | None:
@@ -67,12 +91,16 @@ def _inner_k_tiles(k: int) -> int | None:
 
 
 def _bnb_4bit(layer: QuantizedLinear, why: str) -> Packed:
-    """bitsandbytes NF4 (double quantization, blocks of 64) made from the layer's dequantized weight."""
+    """bitsandbytes NF4 (double quantization, blocks of 64) made from the layer's dequantized weight; the
+    reference where bitsandbytes cannot be imported (said once on stderr, not at the first forward)."""
+    if not bnb_available():
+        _warn_once(f"bitsandbytes is not usable here: {layer.format} layers run dequantized (slow){why}")
+        return REFERENCE
     import bitsandbytes.functional as bnbf
 
     weight = layer.dequantized().to(torch.bfloat16)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
-    return Packed(f"bitsandbytes matmul_4bit nf4{why}", (packed, state))
+    return Packed(f"bitsandbytes matmul_4bit nf4{why}", (packed, state), own_layout=True)
 
 
 def _run_bnb_4bit(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -114,14 +142,14 @@ def prepare_int4(layer: QuantizedLinear) -> Packed:
                 run = functools.partial(_int4pack_mm, packed=packed, group_size=layer.group_size, scales=scales)
                 if _high_nibble_first or _matches_reference(layer, run):
                     _high_nibble_first[:] = [high_first]
-                    return Packed("torch _weight_int4pack_mm (tinygemm)", (packed, scales))
+                    return Packed("torch _weight_int4pack_mm (tinygemm)", (packed, scales), own_layout=True)
             except (RuntimeError, NotImplementedError):
                 break
     return _bnb_4bit(layer, " (int4 re-quantized: tinygemm needs an sm80+ NVIDIA GPU)")
 
 
 def int4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
-    if _needs_grad(x):
+    if _needs_grad(x) or layer.packed is REFERENCE:
         return None
     if layer.packed.name.startswith("bitsandbytes"):
         return _run_bnb_4bit(layer, x)
@@ -130,34 +158,66 @@ def int4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
     return _add_bias(y, layer, x)
 
 
+_int8_choice: dict[tuple, str] = {}  # (device, out, in) -> the faster int8 kernel, timed once per process
+
+
+def _seconds(run, x: torch.Tensor, repeats: int = 20) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    run(x)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run(x)
+    sync()
+    return time.perf_counter() - start
+
+
 def prepare_int8(layer: QuantizedLinear) -> Packed:
-    """PyTorch's ``_weight_int8pack_mm`` where it runs on this GPU and gives the reference's answer (tried
-    once on the layer), else bitsandbytes' int8 matmul: our per-row int8 codes are its ``CB`` and
-    127 * scale its ``SCB`` (activations quantized to int8 per row, as LLM.int8 without outliers)."""
+    """PyTorch's ``_weight_int8pack_mm`` or bitsandbytes' int8 matmul (our per-row int8 codes are its ``CB``
+    and 127 * scale its ``SCB``; activations quantized to int8 per row, as LLM.int8 without outliers),
+    whichever is faster for this layer's shape at one row: torch 2.11's CUDA int8pack kernel is a plain
+    reference (one thread per output), so it is timed against bitsandbytes once per shape and process, as
+    the CPU's autotune does. PyTorch's op is taken only where it gives the reference's answer; without
+    either, the reference (dequantized per call)."""
     scales = {dtype: layer.weight_scale.to(dtype) for dtype in (torch.bfloat16, torch.float16)}
+    torch_op = Packed("torch _weight_int8pack_mm", (scales,))
+    bnb = Packed("bitsandbytes int8_linear_matmul", (layer.weight_scale.float() * 127,))
     try:
         probe = torch.randn(2, layer.in_features, device=layer.weight.device, dtype=torch.bfloat16)
         got = torch.ops.aten._weight_int8pack_mm(probe, layer.weight, scales[torch.bfloat16]).float()
         expected = probe.float() @ layer.dequantized().t()
-        if ((got - expected).norm() / expected.norm()).item() < 1e-2:
-            return Packed("torch _weight_int8pack_mm", (scales,))
+        torch_works = ((got - expected).norm() / expected.norm()).item() < 1e-2
     except (RuntimeError, NotImplementedError):
-        pass
-    return Packed("bitsandbytes int8_linear_matmul", (layer.weight_scale.float() * 127,))
+        torch_works = False
+    if not bnb_available():
+        if not torch_works:
+            _warn_once("bitsandbytes is not usable here: int8 layers run dequantized (slow)")
+        return torch_op if torch_works else REFERENCE
+    if not torch_works:
+        return bnb
+    key = (str(layer.weight.device), layer.out_features, layer.in_features)
+    if key not in _int8_choice:
+        x = torch.randn(1, layer.in_features, device=layer.weight.device, dtype=torch.bfloat16)
+        times = {p.name: _seconds(functools.partial(_int8_run, layer, p), x) for p in (torch_op, bnb)}
+        _int8_choice[key] = min(times, key=times.get)
+    return torch_op if _int8_choice[key] == torch_op.name else bnb
+
+
+def _int8_run(layer: QuantizedLinear, packed: Packed, x: torch.Tensor) -> torch.Tensor:
+    if packed.name.startswith("bitsandbytes"):  # its CUDA kernels take fp16 activations only
+        import bitsandbytes.functional as bnbf
+
+        codes, row_stats, _ = bnbf.int8_vectorwise_quant(x.to(torch.float16))
+        acc = bnbf.int8_linear_matmul(codes, layer.weight)
+        return bnbf.int8_mm_dequant(acc, row_stats, packed.tensors[0])
+    dtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
+    return torch.ops.aten._weight_int8pack_mm(x.to(dtype), layer.weight, packed.tensors[0][dtype])
 
 
 def int8_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
-    if _needs_grad(x):
+    if _needs_grad(x) or layer.packed is REFERENCE:
         return None
-    dtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
-    x2 = _flat(x, layer.in_features, dtype)
-    if layer.packed.name.startswith("bitsandbytes"):
-        import bitsandbytes.functional as bnbf
-
-        codes, row_stats, _ = bnbf.int8_vectorwise_quant(x2)
-        acc = bnbf.int8_linear_matmul(codes, layer.weight)
-        return _add_bias(bnbf.int8_mm_dequant(acc, row_stats, layer.packed.tensors[0]), layer, x)
-    y = torch.ops.aten._weight_int8pack_mm(x2, layer.weight, layer.packed.tensors[0][dtype])
+    y = _int8_run(layer, layer.packed, x.reshape(-1, layer.in_features).contiguous())
     return _add_bias(y, layer, x)
 
 
@@ -169,6 +229,8 @@ def prepare_nf4(layer: QuantizedLinear) -> Packed:
 
 
 def nf4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+    if layer.packed is REFERENCE:
+        return None
     return _run_bnb_4bit(layer, x)  # bitsandbytes' MatMul4Bit has a backward: QLoRA-style use works
 
 
@@ -192,8 +254,8 @@ def cuda_layer_class(cls: type) -> type:
         def forward(self, x, cos, sin, cache, slots, last_only: bool = False):
             nonlocal compiled
             if self.compiled and x.shape[1] == 1 and slots.per_row and not torch.is_grad_enabled():
-                if compiled is None:
-                    compiled = torch.compile(cls.forward, dynamic=False, backend=COMPILE_BACKEND)
+                if compiled is None:  # dynamic=None: static first, one dynamic recompile on a new shape
+                    compiled = torch.compile(cls.forward, dynamic=None, backend=COMPILE_BACKEND)
                 return compiled(self, x, cos, sin, cache, slots, last_only)
             return cls.forward(self, x, cos, sin, cache, slots, last_only)
 
@@ -321,16 +383,40 @@ def set_compiled_layers(model: nn.Module, on: bool) -> None:
 PREPARE = {"int4": prepare_int4, "int8": prepare_int8, "nf4": prepare_nf4}
 
 
+def keep_kernel_layout_only(layer: QuantizedLinear, host: torch.device | str = "cpu") -> None:
+    """Move the checkpoint's layout of a layer whose kernel keeps its own (``Packed.own_layout``) to
+    ``host``: the GPU then holds one copy of the weight; saving and the autograd path read the host's."""
+    if layer.packed is not None and layer.packed.own_layout:
+        layer.home = layer.weight.device
+        for name, t in layer.tensors().items():
+            layer.register_buffer(name, t.to(host))
+
+
+def loud_recompile_limit() -> None:
+    """Past torch's recompile limit, dynamo would run the layer eager without a word; make it raise, so the
+    capture's fallback says so on stderr and turns compiling off (a process-wide dynamo setting)."""
+    config = torch._dynamo.config
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+
+
 def install(model: CausalLM) -> CausalLM:
-    """Pack quantized weights for their kernels, compile the decoder layers' one-token steps and install a
-    ``decode_step`` that replays CUDA graphs (in place)."""
+    """Pack quantized weights for their kernels (one layout on the GPU), compile the decoder layers'
+    one-token steps and install a ``decode_step`` that replays CUDA graphs (in place)."""
     compile_layers = _env_on("PHIKIT_CUDA_COMPILE")
     layer_classes = {type(layer) for layer in model.model.layers}
+    moved = False
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module.weight.is_cuda:
             module.packed = PREPARE[module.format](module)
+            keep_kernel_layout_only(module)
+            moved = moved or module.packed.own_layout
         elif type(module) in layer_classes and type(module) not in _cuda_layers.values():
             module.__class__ = cuda_layer_class(type(module))
             module.compiled = compile_layers
+    if moved:
+        torch.cuda.empty_cache()
+    if compile_layers:
+        loud_recompile_limit()
     model.decode_step = CudaGraphStep(model, enabled=_env_on("PHIKIT_CUDA_GRAPHS"))
     return model
