@@ -13,7 +13,10 @@ on real guanaco rows (../shared/data/guanaco-1k, or --data). Each engine runs in
 peak memory is its own (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU); tokens/s counts the
 tokens of the timed steps (after 3 warm-up steps). Peak RSS is that of the whole process, and also that of
 the training steps after the first (the mark is reset there; Linux), which leaves out loading, quantizing
-and tokenizing. Prints a Markdown table and writes JSON.
+and tokenizing. Gradient checkpointing is set the same on both sides (on with ``--gpu``, off on the CPU). Each
+row records the dtype its LoRA weights were trained in (``lora_dtype``): phikit keeps them in fp32 under bf16
+autocast, TRL + PEFT with ``bf16=True`` in bf16, a difference stated next to the QLoRA ratios. Prints a
+Markdown table and writes JSON.
 
 ``--recipe``: both engines take everything from a phikit recipe: its model, data, template, seq_len,
 packing, batch x grad-accum, LoRA (r, alpha, dropout, targets), lr and warm-up, NF4 base (``quantize:
@@ -51,7 +54,7 @@ def texts(args=None) -> list[str]:
 
 
 def run_phikit(model: Path, args) -> dict:
-    from phikit.train import TrainConfig, finetune
+    from phikit.train import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "d.jsonl"
@@ -79,10 +82,26 @@ def run_phikit(model: Path, args) -> dict:
             eval_every=10**9,
         )
         start = time.perf_counter()
-        finetune(config, progress=False)
+        dtype = train_phikit(config)
         rows = [json.loads(line) for line in Path(config.output_dir, "metrics.jsonl").read_text().splitlines()]
         total = time.perf_counter() - start
-    return {"losses": [r["loss"] for r in rows if "loss" in r], "total_s": total}
+    return {"losses": [r["loss"] for r in rows if "loss" in r], "total_s": total, "lora_dtype": dtype}
+
+
+def train_phikit(config) -> str:
+    """``phikit.train.finetune(config)``, keeping hold of the recipe to read its LoRA weights' dtype after."""
+    from phikit.train import RECIPES
+
+    recipe = RECIPES[config.method](config, False)
+    recipe.train()
+    return lora_dtype(recipe.model)
+
+
+def lora_dtype(model) -> str:
+    """The dtype(s) the LoRA weights are kept in (phikit: fp32; TRL + PEFT on a GPU: bf16 with bf16=True):
+    stated next to the speed ratios, since it is not the same on both sides."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "lora_" in n})
+    return "+".join(dtypes) or "none"
 
 
 def recipe_config(args, **overrides):
@@ -110,15 +129,13 @@ def write_recipe_examples(args, path: Path) -> int:
 
 
 def run_phikit_recipe(args) -> dict:
-    from phikit.train import finetune
-
     with tempfile.TemporaryDirectory() as tmp:
         config = recipe_config(
             args, output_dir=f"{tmp}/out", max_steps=args.steps + WARMUP, save_every=10**9, eval_every=10**9
         )
-        finetune(config, progress=False)
+        dtype = train_phikit(config)
         rows = [json.loads(line) for line in Path(config.output_dir, "metrics.jsonl").read_text().splitlines()]
-    return {"losses": [r["loss"] for r in rows if "loss" in r]}
+    return {"losses": [r["loss"] for r in rows if "loss" in r], "lora_dtype": dtype}
 
 
 def nf4_config(compute_dtype):
@@ -136,7 +153,8 @@ def nf4_config(compute_dtype):
 def train_with_trl(net, tok, dataset, lora: dict, **settings) -> dict:
     """Train ``net`` with SFTTrainer and a PEFT LoRA (``lora``: LoraConfig's r, lora_alpha, lora_dropout,
     target_modules) for WARMUP + --steps optimizer steps, a timestamp per step; ``settings`` are the
-    SFTConfig fields the two baselines set differently. Returns the losses and the step stamps."""
+    SFTConfig fields the two baselines set differently. Returns the losses, the step stamps and the dtype the
+    LoRA weights were trained in."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -161,7 +179,7 @@ def train_with_trl(net, tok, dataset, lora: dict, **settings) -> dict:
         )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"losses": losses, "step_stamps": stamps}
+    return {"losses": losses, "step_stamps": stamps, "lora_dtype": lora_dtype(trainer.model)}
 
 
 def run_trl_recipe(args) -> dict:
@@ -215,7 +233,7 @@ def run_trl(model: Path, args) -> dict:
         )
     else:
         net = PhiForCausalLM.from_pretrained(model, dtype=torch.float32)
-    gpu = dict(optim="paged_adamw_8bit", gradient_checkpointing=True, packing_strategy="wrapped")
+    gpu = dict(optim="paged_adamw_8bit", packing_strategy="wrapped")
     return train_with_trl(
         net,
         tok,
@@ -231,6 +249,8 @@ def run_trl(model: Path, args) -> dict:
         use_cpu=not args.gpu,
         dataset_text_field="text",
         bf16=args.gpu,
+        # phikit's setting, in every mode (SFTConfig's default is on, phikit's CPU run is without): like for like
+        gradient_checkpointing=args.gpu,
         **(gpu if args.gpu else {}),
     )
 
@@ -309,6 +329,7 @@ def worker(engine: str, model: Path, args) -> dict:
         **({"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9} if args.gpu else {}),
         "first_loss": result["losses"][0],
         "last_loss": result["losses"][-1],
+        "lora_dtype": result["lora_dtype"],
     }
 
 
@@ -378,7 +399,7 @@ def main() -> None:
     what = (
         "full-size random Phi-2, QLoRA (NF4 base, bf16, paged 8-bit AdamW, gradient checkpointing)"
         if args.gpu
-        else f"Phi {args.layers} layers x {args.hidden}, fp32 CPU"
+        else f"Phi {args.layers} layers x {args.hidden}, fp32 CPU, no gradient checkpointing on either side"
     )
     print(
         f"\nMachine: {machine()}\n{what}, LoRA r=16 on q/k/v/dense, "
@@ -396,6 +417,7 @@ def main() -> None:
                 ("first_loss", "first loss"),
                 ("last_loss", "last loss"),
                 ("speedup", "speed-up"),
+                ("lora_dtype", "LoRA weights"),
             ],
         )
     )
@@ -450,6 +472,7 @@ def main_recipe(args) -> None:
                 ("last_loss", "last loss"),
                 ("speedup", "speed-up"),
                 ("memory", "peak RSS vs trl"),
+                ("lora_dtype", "LoRA weights"),
             ],
         )
     )

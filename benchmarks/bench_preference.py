@@ -147,6 +147,7 @@ def run_trl(method: str, model: Path, data: Path, args) -> list[float]:
         lr_scheduler_type="constant",
         warmup_steps=0,
         gradient_accumulation_steps=1,
+        gradient_checkpointing=False,  # as phikit's side (the TRL configs' default is on): like for like
         seed=0,
     )
     lora = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS)

@@ -33,6 +33,10 @@ PHI2_SHAPE = dict(
     resid_pdrop=0.1,
 )
 
+# gpu_check.sh's dry run (PHIKIT_CHECK_DRY=1) on the CPU: Phi-2's layout (heads of 80, partial rotary 0.4,
+# MLP 4x, its vocabulary) at 2 layers x 320, small enough to make, load and quantize (int4 groups of 64) in seconds
+DRY_PHI2_SHAPE = dict(hidden_size=320, intermediate_size=1280, num_hidden_layers=2, num_attention_heads=4)
+
 PROMPT = (
     "Instruct: Write a detailed analogy between mathematics and a lighthouse. Explain how the beam of light "
     "relates to proofs, how the keeper relates to the mathematician, and why ships at sea need both.\nOutput:"

@@ -288,17 +288,14 @@ def test_past_the_recompile_limit_decoding_says_so_and_runs_uncompiled(tiny, mon
 
     monkeypatch.setattr(cuda, "_cuda_layers", {})
     monkeypatch.setattr(cuda, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
     torch._dynamo.reset()
-    try:
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):
         folder, _ = tiny
         plain = load_model(folder, dtype="fp32", device="cpu")
         model = graphed(load_model(folder, dtype="fp32", device="cpu"), compiled=True)
         assert torch._dynamo.config.fail_on_recompile_limit_hit  # install made the limit loud
         for prompts in (PROMPTS, PROMPTS[:1]):
             assert greedy(model, prompts) == greedy(plain, prompts)
-    finally:
-        torch._dynamo.reset()
+    torch._dynamo.reset()
     assert "decoding uncompiled" in capsys.readouterr().err
     assert not any(getattr(m, "compiled", False) for m in model.modules())

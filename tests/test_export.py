@@ -115,8 +115,8 @@ def test_hf_export_with_an_adapter_equals_peft(tiny, tmp_path):
 # ---- GGUF ----
 
 
-def test_gguf_f32_holds_every_tensor_under_llama_cpp_names(tiny, tmp_path):
-    folder, hf = tiny
+def test_gguf_f32_holds_every_tensor_under_llama_cpp_names(tiny_small_vocab, tmp_path):
+    folder, hf = tiny_small_vocab
     out = export_gguf(folder, tmp_path / "m.gguf", gguf_type="f32")
     reader, found = tensors(out)
     assert field(reader, "general.architecture") == "phi2"
@@ -160,8 +160,8 @@ def test_gguf_metadata_and_vocabulary(tiny, tmp_path, vocab_size):
         assert types[padded] == gguf.TokenType.UNUSED
 
 
-def test_gguf_q8_0_matrices_within_quantization_error(tiny, tmp_path):
-    folder, hf = tiny
+def test_gguf_q8_0_matrices_within_quantization_error(tiny_small_vocab, tmp_path):
+    folder, hf = tiny_small_vocab
     _, found = tensors(export_gguf(folder, tmp_path / "q.gguf", gguf_type="q8_0"))
     for name, value in hf.state_dict().items():
         t = found[gguf_name(name)]
@@ -335,12 +335,12 @@ def error_bound(x: np.ndarray, qtype) -> np.ndarray:
 
 
 @pytest.mark.parametrize("gguf_type", [t for t in GGUF_TYPES if t not in ("f16", "f32", "q8_0")])
-def test_gguf_quantized_types_within_their_error_bound_and_equal_gguf_py(tiny, tmp_path, gguf_type):
+def test_gguf_quantized_types_within_their_error_bound_and_equal_gguf_py(tiny_small_vocab, tmp_path, gguf_type):
     """Matrices in the type (f16 where the rows do not fit its blocks; ternary types keep token_embd/output
     f16; llama-quantize's types put output in q8_0), within the format's error bound of what was quantized,
     and byte for byte gguf-py's quantizer on it: the weights themselves for the converter's types, the
     weights rounded to f16 (the converter's f16 file) for llama-quantize's."""
-    folder, hf = tiny
+    folder, hf = tiny_small_vocab
     reader, found = tensors(export_gguf(folder, tmp_path / "q.gguf", gguf_type=gguf_type))
     assert field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{gguf_type.upper()}"]
     via_f16 = gguf_type not in CONVERTER_TYPES
