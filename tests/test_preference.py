@@ -17,6 +17,7 @@ from conftest import SHARED_DATA
 import phikit
 from phikit.errors import PhikitError
 from phikit.train import TrainConfig, finetune
+from phikit.train.losses import sequence_logps
 from phikit.train.preference import PairExample, collate_pairs, load_pairs, split_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,13 +220,17 @@ def test_dpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, smoothing)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     recipe = _recipe(model, method="dpo", beta=0.1, loss_type=loss_type, label_smoothing=smoothing)
-    ours, our_metrics, n = recipe.loss(model, (ids, labels, pairs))
-    ours.backward()
-    assert n == len(PAIRS)
-    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
-        assert our_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
-    assert_lora_grads_equal(model, trainer.model)
+    recipe.tokenizer = tokenizer
+    for batch in (recipe.collate(pairs), (ids, labels, pairs)):  # a pair as one row (its prompt once), and apart
+        recipe.reference = {}
+        model.zero_grad()
+        ours, our_metrics, n = recipe.loss(model, batch)
+        ours.backward()
+        assert n == len(PAIRS)
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            assert our_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+        assert_lora_grads_equal(model, trainer.model)
 
 
 def test_orpo_loss_and_gradients_equal_trls(tiny, tmp_path):
@@ -262,12 +267,15 @@ def test_orpo_loss_and_gradients_equal_trls(tiny, tmp_path):
     theirs.backward()
 
     recipe = _recipe(model, method="orpo", beta=0.1)
-    ours, our_metrics, _ = recipe.loss(model, (ids, labels, pairs))
-    ours.backward()
-    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio"):
-        assert our_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
-    assert_lora_grads_equal(model, trainer.model)
+    recipe.tokenizer = tokenizer
+    for batch in (recipe.collate(pairs), (ids, labels, pairs)):  # a pair as one row (its prompt once), and apart
+        model.zero_grad()
+        ours, our_metrics, _ = recipe.loss(model, batch)
+        ours.backward()
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio"):
+            assert our_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+        assert_lora_grads_equal(model, trainer.model)
 
 
 # ---- the recipe end to end ----
@@ -313,3 +321,25 @@ def test_orpo_runs_and_the_methods_need_their_data(tiny, tmp_path):
         dpo_recipe(tiny[0], tmp_path / "x", data, method="ppo")
     with pytest.raises(PhikitError, match="not data_format preference"):
         TrainConfig(method="sft", data_format="preference").validate("recipe")
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+def test_a_pair_in_one_row_scores_as_its_two_sequences_apart(phi3_factory, variant):
+    """Packing a pair (prompt once, the rejected reply's positions restarting after it, its tokens blind to
+    the chosen reply) gives each reply's summed log-probs of the two sequences run apart: through a
+    sliding window of 16 shorter than the pairs (Phi-3-4k's), and with grouped-query attention and a tied
+    head (Phi-4-mini's)."""
+    from phikit.train.preference import pack_pairs, packed_logps
+
+    folder, _ = phi3_factory(variant)
+    phi = phikit.load(folder, dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    lengths = [(12, 9, 14), (3, 20, 5), (25, 1, 7)]
+    pairs = [PairExample(*(torch.randint(5, 300, (n,)).tolist() for n in sizes)) for sizes in lengths]
+    window = phi.model.config.sliding_window
+    with torch.no_grad():
+        packed, counts = packed_logps(phi.model, pack_pairs(pairs, phi.tokenizer.pad_id, window))
+        ids, labels = collate_pairs(pairs, phi.tokenizer.pad_id)
+        apart, apart_counts = sequence_logps(phi.model, ids, labels)
+    assert counts.tolist() == apart_counts.tolist() == [9, 20, 1, 14, 5, 7]
+    torch.testing.assert_close(packed, apart, rtol=1e-5, atol=1e-4)

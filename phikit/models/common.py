@@ -97,9 +97,19 @@ class Slots:
     ) -> Slots:
         """positions: rope positions (batch, seq), default the slots (left-padded rows count from their first
         real token). padding_mask: (batch, >= slots in use) bool, False at left-padding slots, which no query
-        attends to. window: a query at slot s sees keys s-window+1 .. s (transformers' sliding window)."""
+        attends to; or, without a cache, (batch, seq, seq): the keys each query sees, whole (several sequences
+        in one row sharing a prefix, as a preference pair's replies share its prompt; the caller applies any
+        sliding window to it). window: a query at slot s sees keys s-window+1 .. s (transformers' sliding
+        window)."""
         b, t = input_ids.shape
         device = input_ids.device
+        if padding_mask is not None and padding_mask.dim() == 3:
+            if cache is not None or padding_mask.shape != (b, t, t):
+                raise ValueError(f"a whole mask is (batch, seq, seq) = {(b, t, t)} without a cache")
+            if positions is None:
+                positions = torch.arange(t, device=device).expand(b, t)
+            mask = padding_mask | torch.eye(t, dtype=torch.bool, device=device)  # a query always sees itself
+            return cls(positions, False, 0, 0, t, mask=mask[:, None], padded=True, window=window)
         if input_pos is None:
             input_pos = torch.arange(t, device=device)
         if input_pos.dim() == 2:  # one token per row at its own slot, over the whole cache

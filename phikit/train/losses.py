@@ -54,7 +54,7 @@ def token_logps(
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows).float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(1, targets[rows][:, None]).squeeze(1), sequence
     hidden = model(ids, hidden_only=True)
-    return head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, targets, rows, temperature), sequence
+    return head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, targets[rows], rows, temperature), sequence
 
 
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, head=None) -> tuple[torch.Tensor, int]:
@@ -75,7 +75,9 @@ def sequence_logps(model, ids, labels, head=None) -> tuple[torch.Tensor, torch.T
 def head_token_logps(
     hidden, weight, bias, targets, rows, temperature: float = 1.0, chunk_bytes: int = 1 << 26
 ) -> torch.Tensor:
-    """log_softmax((hidden[rows] @ weight.T + bias) / temperature)[targets[rows]], one value per row, fp32.
+    """log_softmax((hidden[rows] @ weight.T + bias) / temperature)[targets], one value per entry of ``rows``
+    (positions, which may repeat: a preference pair's last prompt position predicts both replies' first
+    tokens) and of ``targets`` (the token each entry scores), fp32.
 
     Written by hand because the (positions, vocab) logits are the largest tensors of LoRA training on a
     small model (1,024 x 51,200 fp32 = 210 MB per sequence, held for backward, plus the softmax's): here
@@ -102,7 +104,7 @@ class _HeadLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, len(rows), chunk):
                 index = rows[start : start + chunk]
-                x, t = hidden.index_select(0, index).to(dtype), targets.index_select(0, index)
+                x, t = hidden.index_select(0, index).to(dtype), targets[start : start + len(index)]
                 logits = F.linear(x, weight, bias).float()
                 logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
                 out[start : start + len(index)] = logp.gather(1, t[:, None]).squeeze(1)
@@ -119,7 +121,7 @@ class _HeadLogProbs(torch.autograd.Function):
     def backward(ctx, upstream):
         grad, rows = ctx.saved_tensors
         full = torch.zeros(ctx.positions, grad.shape[-1], dtype=grad.dtype, device=grad.device)
-        full.index_copy_(0, rows, grad * upstream.to(grad.dtype)[:, None])
+        full.index_add_(0, rows, grad * upstream.to(grad.dtype)[:, None])  # a position may be read twice
         return full, None, None, None, None, None, None
 
 

@@ -11,8 +11,13 @@ Rows, in any file or dataset ``phikit.data.read_rows`` reads (TRL's preference f
                                                                   "Assistant:"
   {"chosen": [messages], "rejected": [messages]}                   the shared leading messages are the prompt
 Only the replies are trained on (the prompt's tokens are masked), each reply ends with the EOS, and pairs
-are never packed: a batch holds every chosen sequence, then every rejected one, right-padded.
-``PreferenceRecipe`` is the fine-tuning recipe of DPO and ORPO on them.
+are never packed with other pairs. A pair is one row, its prompt once: prompt, chosen, rejected, the
+rejected reply's positions continuing the prompt's and its tokens seeing the prompt but not the chosen
+reply (``pack_pairs``), so the prompt, most of an HH-RLHF pair's tokens, is computed once instead of once
+per reply; the log-probabilities are those of the two sequences apart (tested against TRL's, which
+computes the prompt twice). Where a pair could straddle LongRoPE's switch (each reply's length decides its
+factors) the two sequences run apart (``collate_pairs``). ``PreferenceRecipe`` is the fine-tuning recipe of
+DPO and ORPO on them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from phikit.data import apply_columns, prompt_reply_batch, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
-from phikit.train.losses import dpo_loss, orpo_loss, sequence_logps
+from phikit.train.losses import dpo_loss, frozen_head, head_token_logps, orpo_loss, sequence_logps, unwrap
 from phikit.train.recipe import SFTRecipe
 
 
@@ -165,6 +170,77 @@ def collate_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, 
     return prompt_reply_batch(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
+@dataclass
+class PackedPairs:
+    """Pairs as one row each (``pack_pairs``): token ids and rope positions (pairs, longest), which keys each
+    query sees (pairs, longest, longest), and per scored token: the flat position whose output predicts it,
+    the token, and its sequence (pair i's chosen reply is sequence i, its rejected one n + i)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    sequence: torch.Tensor
+
+    def to(self, device) -> PackedPairs:
+        return PackedPairs(*(t.to(device) for t in vars(self).values()))
+
+    def numel(self) -> int:
+        """Tokens run (for tokens/s: each prompt counts once)."""
+        return self.ids.numel()
+
+
+def pack_pairs(pairs: list[PairExample], pad_id: int, window: int | None = None) -> PackedPairs:
+    """One row per pair: prompt, chosen, rejected, right-padded. Positions: the prompt's and the chosen
+    reply's count on, the rejected reply's start again where the prompt ends. A query sees earlier keys of
+    the prompt and of its own reply only (and, with ``window``, those within that many positions): the same
+    attention as the two sequences apart. The last prompt position predicts both replies' first tokens."""
+    n, longest = len(pairs), max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    positions = torch.zeros(n, longest, dtype=torch.long)
+    segment = torch.full((n, longest), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    rows, targets, sequence = [], [], []
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+        ids[i, : p + c + r] = torch.tensor(pair.prompt + pair.chosen + pair.rejected)
+        positions[i, : p + c] = torch.arange(p + c)
+        positions[i, p + c : p + c + r] = torch.arange(p, p + r)
+        segment[i, :p], segment[i, p : p + c], segment[i, p + c : p + c + r] = 0, 1, 2
+        base = i * longest
+        for reply, start, index in ((pair.chosen, p, i), (pair.rejected, p + c, n + i)):
+            for j, token in enumerate(reply):
+                before = (start + j - 1) if j else p - 1  # the position whose output predicts this token
+                if before >= 0:  # a pair without a prompt cannot predict its first token (as unpacked)
+                    rows.append(base + before)
+                    targets.append(token)
+                    sequence.append(index)
+    index = torch.arange(longest)
+    earlier = index[None, :] <= index[:, None]  # (queries, keys)
+    same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    mask = earlier[None] & same & (segment[:, None, :] >= 0)
+    if window:
+        mask &= positions[:, None, :] > positions[:, :, None] - window
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return PackedPairs(ids, positions, mask, as_long(rows), as_long(targets), as_long(sequence))
+
+
+def packed_logps(model, packed: PackedPairs, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each reply, its token count): chosen replies first, then rejected, as
+    ``sequence_logps`` gives for ``collate_pairs``'s batch."""
+    head = head or frozen_head(unwrap(model).lm_head)
+    n = packed.ids.shape[0]
+    if head is None:  # a trained head: the logits of every position, as the model gives them
+        logits = model(packed.ids, positions=packed.positions, padding_mask=packed.mask)
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.rows).float()
+        logps = torch.log_softmax(logits, dim=-1).gather(1, packed.targets[:, None]).squeeze(1)
+    else:
+        hidden = model(packed.ids, positions=packed.positions, padding_mask=packed.mask, hidden_only=True)
+        logps = head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, packed.targets, packed.rows)
+    sums = torch.zeros(2 * n, dtype=logps.dtype, device=logps.device).index_add(0, packed.sequence, logps)
+    return sums, torch.bincount(packed.sequence, minlength=2 * n)
+
+
 class PreferenceRecipe(SFTRecipe):
     """DPO (the base model, adapter disabled, as the reference: no second copy of the weights, as TRL with
     PEFT) and ORPO (no reference) on preference pairs. The reference's log-probs of a pair never change
@@ -192,9 +268,23 @@ class PreferenceRecipe(SFTRecipe):
         if self.config.method == "dpo" and getattr(self.model.lora_config, "modules_to_save", None):
             raise PhikitError("DPO's reference is the base with the adapter off: modules_to_save is not supported")
 
+    def packs(self) -> bool:
+        """Whether a pair runs as one row (``pack_pairs``): everywhere but where a pair could reach
+        LongRoPE's switch, whose factors each reply's own length chooses."""
+        config = unwrap(self.model).config
+        return config.longrope is None or self.config.seq_len <= config.original_max_position_embeddings
+
     def collate(self, batch: list) -> tuple:
+        if self.packs():
+            window = getattr(unwrap(self.model).config, "sliding_window", None)
+            return pack_pairs(batch, self.tokenizer.pad_id, window).to(self.device), None, batch
         ids, labels = collate_pairs(batch, self.tokenizer.pad_id)
         return ids.to(self.device), labels.to(self.device), batch
+
+    def logps(self, model, ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(ids, PackedPairs):
+            return packed_logps(model, ids, self.head)
+        return sequence_logps(model, ids, labels, self.head)
 
     def reference_logps(self, batch: list, ids, labels) -> torch.Tensor:
         """Summed log-probs of every sequence of the batch under the base model (the adapter switched off),
@@ -204,18 +294,18 @@ class PreferenceRecipe(SFTRecipe):
         keys = [id(p) for p in batch]
         if self.sharded or not all(k in self.reference for k in keys):  # sharded: every process runs it together
             with torch.no_grad(), adapters_disabled(self.model), self.autocast():
-                sums, _ = sequence_logps(self.model, ids, labels, self.head)
+                sums, _ = self.logps(self.model, ids, labels)
             n = len(batch)
             for i, k in enumerate(keys):
                 self.reference[k] = (float(sums[i]), float(sums[n + i]))
         chosen = [self.reference[k][0] for k in keys]
         rejected = [self.reference[k][1] for k in keys]
-        return torch.tensor(chosen + rejected, dtype=torch.float32, device=ids.device)
+        return torch.tensor(chosen + rejected, dtype=torch.float32, device=self.device)
 
     def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict]:
         ids, labels, pairs = batch
         config = self.config
-        sums, counts = sequence_logps(model, ids, labels, self.head)
+        sums, counts = self.logps(model, ids, labels)
         n = len(pairs)
         if config.method == "orpo":
             return (*orpo_loss(sums[:n], sums[n:], counts[:n], counts[n:], config.beta), n)
