@@ -10,14 +10,14 @@ Rows, in any file or dataset ``phikit.data.read_rows`` reads (TRL's preference f
                                                                   is their shared start, up to its last
                                                                   "Assistant:"
   {"chosen": [messages], "rejected": [messages]}                   the shared leading messages are the prompt
-Only the replies are trained on (the prompt's tokens are masked), each reply ends with the EOS, and pairs
-are never packed with other pairs. A pair is one row, its prompt once: prompt, chosen, rejected, the
-rejected reply's positions continuing the prompt's and its tokens seeing the prompt but not the chosen
-reply (``pack_pairs``), so the prompt, most of an HH-RLHF pair's tokens, is computed once instead of once
-per reply; the log-probabilities are those of the two sequences apart (tested against TRL's, which
-computes the prompt twice). Where a pair could straddle LongRoPE's switch (each reply's length decides its
-factors) the two sequences run apart (``collate_pairs``). ``PreferenceRecipe`` is the fine-tuning recipe of
-DPO and ORPO on them.
+Only the replies are trained on (the prompt's tokens are masked) and each reply ends with the EOS. A pair
+runs with its prompt once (``pack_pairs``): prompt, chosen, rejected, the rejected reply's positions
+restarting where the prompt ends and its tokens seeing the prompt but not the chosen reply, pairs laid end
+to end in rows, each blind to the others. The prompt, most of an HH-RLHF pair's tokens, is computed once
+instead of once per reply, and padding nearly vanishes; the log-probabilities are those of the sequences
+apart (tested against TRL's, which computes the prompt twice). Where a pair could straddle LongRoPE's switch
+(each reply's length decides its factors) the sequences run apart (``collate_pairs``).
+``PreferenceRecipe`` is the fine-tuning recipe of DPO and ORPO on them.
 """
 
 from __future__ import annotations
@@ -172,9 +172,11 @@ def collate_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, 
 
 @dataclass
 class PackedPairs:
-    """Pairs as one row each (``pack_pairs``): token ids and rope positions (pairs, longest), which keys each
-    query sees (pairs, longest, longest), and per scored token: the flat position whose output predicts it,
-    the token, and its sequence (pair i's chosen reply is sequence i, its rejected one n + i)."""
+    """Pairs end to end in rows (``pack_pairs``): token ids and rope positions (rows, longest), which keys
+    each query sees (rows, longest, longest), and per scored token: the flat position whose output predicts
+    it, the token, and its sequence (pair i's chosen reply is sequence i, its rejected one n + i)."""
+
+    pairs: int
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -184,30 +186,48 @@ class PackedPairs:
     sequence: torch.Tensor
 
     def to(self, device) -> PackedPairs:
-        return PackedPairs(*(t.to(device) for t in vars(self).values()))
+        return PackedPairs(self.pairs, *(t.to(device) for k, t in vars(self).items() if k != "pairs"))
 
     def numel(self) -> int:
         """Tokens run (for tokens/s: each prompt counts once)."""
         return self.ids.numel()
 
 
-def pack_pairs(pairs: list[PairExample], pad_id: int, window: int | None = None) -> PackedPairs:
-    """One row per pair: prompt, chosen, rejected, right-padded. Positions: the prompt's and the chosen
-    reply's count on, the rejected reply's start again where the prompt ends. A query sees earlier keys of
-    the prompt and of its own reply only (and, with ``window``, those within that many positions): the same
-    attention as the two sequences apart. The last prompt position predicts both replies' first tokens."""
-    n, longest = len(pairs), max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    ids = torch.full((n, longest), pad_id, dtype=torch.long)
-    positions = torch.zeros(n, longest, dtype=torch.long)
-    segment = torch.full((n, longest), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+ROW_TOKENS = 512  # pairs share a row up to this many tokens (a longer pair has a row to itself)
+
+
+def pack_pairs(
+    pairs: list[PairExample], pad_id: int, window: int | None = None, row_tokens: int = ROW_TOKENS
+) -> PackedPairs:
+    """Pairs laid end to end in rows of up to ``row_tokens`` tokens (or the longest pair's), each pair as
+    prompt, chosen, rejected: no prompt twice and next to no padding. Positions: a pair's prompt and chosen
+    reply count from 0, its rejected reply starts again where the prompt ends. A query sees earlier keys of
+    its own pair's prompt and of its own reply only (and, with ``window``, those within that many positions):
+    the same attention as each sequence alone. The last prompt position predicts both replies' first tokens.
+    Why rows of several pairs: padding a batch to its longest pair wasted about a fifth of the tokens of
+    HH-RLHF's; the masked attention a longer row costs is small next to the linear layers at these lengths."""
+    sizes = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
+    capacity = max(max(sizes), row_tokens)
+    place, used = [], [0]  # (row, offset) of each pair; tokens used in each row
+    for size in sizes:
+        if used[-1] and used[-1] + size > capacity:
+            used.append(0)
+        place.append((len(used) - 1, used[-1]))
+        used[-1] += size
+    n, longest = len(pairs), max(used)
+    ids = torch.full((len(used), longest), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(used), longest, dtype=torch.long)
+    owner = torch.full((len(used), longest), -1, dtype=torch.long)  # the pair of each position (-1: padding)
+    part = torch.full((len(used), longest), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
     rows, targets, sequence = [], [], []
-    for i, pair in enumerate(pairs):
+    for i, (pair, (row, at)) in enumerate(zip(pairs, place)):
         p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
-        ids[i, : p + c + r] = torch.tensor(pair.prompt + pair.chosen + pair.rejected)
-        positions[i, : p + c] = torch.arange(p + c)
-        positions[i, p + c : p + c + r] = torch.arange(p, p + r)
-        segment[i, :p], segment[i, p : p + c], segment[i, p + c : p + c + r] = 0, 1, 2
-        base = i * longest
+        ids[row, at : at + p + c + r] = torch.tensor(pair.prompt + pair.chosen + pair.rejected)
+        positions[row, at : at + p + c] = torch.arange(p + c)
+        positions[row, at + p + c : at + p + c + r] = torch.arange(p, p + r)
+        owner[row, at : at + p + c + r] = i
+        part[row, at : at + p], part[row, at + p : at + p + c], part[row, at + p + c : at + p + c + r] = 0, 1, 2
+        base = row * longest + at
         for reply, start, index in ((pair.chosen, p, i), (pair.rejected, p + c, n + i)):
             for j, token in enumerate(reply):
                 before = (start + j - 1) if j else p - 1  # the position whose output predicts this token
@@ -216,20 +236,21 @@ def pack_pairs(pairs: list[PairExample], pad_id: int, window: int | None = None)
                     targets.append(token)
                     sequence.append(index)
     index = torch.arange(longest)
-    earlier = index[None, :] <= index[:, None]  # (queries, keys)
-    same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-    mask = earlier[None] & same & (segment[:, None, :] >= 0)
+    earlier = (index[None, :] <= index[:, None])[None]  # (1, queries, keys)
+    same_pair = (owner[:, None, :] == owner[:, :, None]) & (owner[:, None, :] >= 0)
+    visible = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    mask = earlier & same_pair & visible
     if window:
         mask &= positions[:, None, :] > positions[:, :, None] - window
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return PackedPairs(ids, positions, mask, as_long(rows), as_long(targets), as_long(sequence))
+    return PackedPairs(n, ids, positions, mask, as_long(rows), as_long(targets), as_long(sequence))
 
 
 def packed_logps(model, packed: PackedPairs, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each reply, its token count): chosen replies first, then rejected, as
     ``sequence_logps`` gives for ``collate_pairs``'s batch."""
     head = head or frozen_head(unwrap(model).lm_head)
-    n = packed.ids.shape[0]
+    n = packed.pairs
     if head is None:  # a trained head: the logits of every position, as the model gives them
         logits = model(packed.ids, positions=packed.positions, padding_mask=packed.mask)
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.rows).float()
