@@ -302,7 +302,9 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(tiny, tmp_path):
     adapter = finetune(dpo_recipe(tiny[0], tmp_path / "run", data, eval_data=str(data)), progress=False)
     rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    # 0 but for fp32 rounding: the policy runs under autograd and the reference without, through kernels that
+    # sum in other orders, and each reward is beta x a difference of summed log-probs of hundreds of tokens
+    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert rows[-1]["loss"] < 0.5 * math.log(2)
     evaluated = [r for r in metrics(tmp_path / "run") if "eval_rewards/accuracies" in r]
     assert evaluated[-1]["eval_rewards/accuracies"] == 1.0
