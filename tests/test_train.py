@@ -331,3 +331,19 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank():
     results = mp.Manager().dict()
     mp.spawn(_nan_on_rank_one, args=(free_port(), results), nprocs=2, join=True)
     assert dict(results) == {0: False, 1: False}
+
+
+def test_a_recipes_data_path_is_found_beside_it_from_any_folder(tmp_path, monkeypatch):
+    """A relative data path that does not exist from the working directory is the recipe's own (beside the
+    file); one that exists from the working directory is taken as written; a Hub id is left alone."""
+    from phikit.train import TrainConfig
+
+    recipe = REPO / "recipes" / "tiny-cpu.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert Path(TrainConfig.from_yaml(recipe).data) == REPO / "recipes" / "data" / "tiny-instructions.jsonl"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny-instructions.jsonl").write_text('{"text": "hi"}\n')
+    assert TrainConfig.from_yaml(recipe).data == "data/tiny-instructions.jsonl"  # the working folder's own
+    hub = tmp_path / "hub.yaml"
+    hub.write_text("model: microsoft/phi-2\ndata: timdettmers/openassistant-guanaco\n")
+    assert TrainConfig.from_yaml(hub).data == "timdettmers/openassistant-guanaco"

@@ -17,6 +17,16 @@ DPO_LOSSES = ("sigmoid", "ipo", "robust")
 GRPO_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
 
+def _beside(recipe: Path, value):
+    """A relative data path of a recipe: as written where it exists from the working directory (recipes
+    written for the folder they are run from keep working), else beside the recipe file when it exists
+    there; anything else (a Hub dataset id, a file still to be made) unchanged."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+        return value
+    near = recipe.parent / value
+    return str(near) if near.exists() else value
+
+
 @dataclass
 class TrainConfig:
     """A fine-tuning recipe. Field names are the YAML keys (and ``--key value`` CLI overrides)."""
@@ -117,6 +127,9 @@ class TrainConfig:
                 raise PhikitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
             if not isinstance(raw, dict):
                 raise PhikitError(f"{path}: expected a mapping of settings")
+            for key in ("data", "eval_data"):  # a recipe's own files, wherever it is run from
+                if key in raw:
+                    raw[key] = _beside(path, raw[key])
         raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
