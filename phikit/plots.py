@@ -109,6 +109,14 @@ function fmt(v) {{
   const a = Math.abs(v);
   return a !== 0 && (a < 1e-2 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
 }}
+function ticks(lo, hi, n) {{  // round values (1, 2 or 5 x 10^k apart) covering lo..hi in about n steps
+  const raw = (hi - lo) / n, p = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 5, 10].map(m => m * p).find(s => s >= raw * (1 - 1e-9));
+  const out = [];
+  for (let v = Math.floor(lo / step) * step; v <= hi + step * 1e-6; v += step) out.push(+v.toPrecision(12));
+  if (out[out.length - 1] < hi) out.push(+(out[out.length - 1] + step).toPrecision(12));
+  return out;
+}}
 function chart(title, keys) {{
   const fig = document.createElement("figure");
   const cap = document.createElement("figcaption");
@@ -120,16 +128,21 @@ function chart(title, keys) {{
   let [x0, x1] = [Math.min(...points.map(p => p[0])), Math.max(...points.map(p => p[0]))];
   let [y0, y1] = [Math.min(...points.map(p => p[1])), Math.max(...points.map(p => p[1]))];
   if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) {{ y0 -= 0.5; y1 += 0.5; }}
+  if (y1 === y0) {{ const pad = Math.abs(y0) / 10 || 0.5; y0 -= pad; y1 += pad; }}
+  const ys = ticks(y0, y1, 4), xs = ticks(x0, x1, 5).filter(x => Number.isInteger(x) || x1 - x0 > 5);
+  [y0, y1] = [ys[0], ys[ys.length - 1]];
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
+  for (const v of ys) {{  // round values with light grid lines
+    el("line", {{x1: L, y1: sy(v), x2: W - R, y2: sy(v), stroke: "#eee"}}, svg);
+    el("text", {{x: L - 4, y: sy(v) + 4, "text-anchor": "end"}}, svg).textContent = fmt(v);
+  }}
   el("line", {{x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999"}}, svg);
   el("line", {{x1: L, y1: T, x2: L, y2: H - B, stroke: "#999"}}, svg);
-  for (const [y, v] of [[sy(y0), y0], [sy(y1), y1], [sy((y0 + y1) / 2), (y0 + y1) / 2]]) {{
-    el("text", {{x: L - 4, y: y + 4, "text-anchor": "end"}}, svg).textContent = fmt(v);
+  for (const x of xs.filter(x => x >= x0 && x <= x1)) {{
+    el("text", {{x: sx(x), y: H - 12, "text-anchor": "middle"}}, svg).textContent = String(x);
   }}
-  el("text", {{x: L, y: H - 8}}, svg).textContent = "step " + x0;
-  el("text", {{x: W - R, y: H - 8, "text-anchor": "end"}}, svg).textContent = "step " + x1;
+  el("text", {{x: W - R, y: H - 1, "text-anchor": "end"}}, svg).textContent = "step";
   const legend = document.createElement("div");
   legend.className = "legend";
   keys.forEach((k, i) => {{
