@@ -38,7 +38,7 @@ def browser(width: int, height: int):
 
 
 def chat_page(out: Path) -> None:
-    from conftest import SHARED_TOKENIZER, _tiny_tokenizer, make_checkpoint
+    from conftest import _vocab_rows, fill_tokenizer_dir, make_checkpoint
     from serving import Server
     from test_chat_page import train_to_say
 
@@ -49,15 +49,8 @@ def chat_page(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tok, folder = Path(tmp, "tokenizer"), Path(tmp, "model")
         tok.mkdir()
-        if SHARED_TOKENIZER.is_dir():
-            for f in SHARED_TOKENIZER.iterdir():
-                if f.is_file() and f.name != "PROVENANCE.md":
-                    shutil.copyfile(f, tok / f.name)
-        else:
-            _tiny_tokenizer(tok)
-        from tokenizers import Tokenizer
-
-        vocab = (Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size() + 63) // 64 * 64
+        fill_tokenizer_dir(tok)
+        vocab = _vocab_rows(tok)
         hf = make_checkpoint(folder, tok, vocab, max_position_embeddings=512)
         phi = phikit.load(folder, dtype="fp32", device="cpu")
         prompt = get_template("guanaco", phi.tokenizer).render_messages([{"role": "user", "content": QUESTION}])

@@ -78,11 +78,10 @@ def phi2_tokenizer_dir() -> Path:
     return SHARED_TOKENIZER
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A folder with tokenizer.json (+ vocab.json/merges.txt/added_tokens.json where real) and
-    tokenizer_config.json, its files only: checkpoints copy all of them."""
-    folder = tmp_path_factory.mktemp("tokenizer")
+def fill_tokenizer_dir(folder: Path) -> Path:
+    """``folder`` with tokenizer.json (+ vocab.json/merges.txt/added_tokens.json where real) and
+    tokenizer_config.json, its files only (checkpoints copy all of them): Phi-2's own where ../shared has it,
+    else the tiny byte-level BPE trained here."""
     if SHARED_TOKENIZER.is_dir():
         for f in SHARED_TOKENIZER.iterdir():
             if f.is_file() and f.name != "PROVENANCE.md":
@@ -93,11 +92,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vocab_size(tokenizer_dir) -> int:
-    from tokenizers import Tokenizer
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return fill_tokenizer_dir(tmp_path_factory.mktemp("tokenizer"))
 
-    n = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    return ((n + 63) // 64) * 64  # padded like Phi's 51200 rows for 50295 tokens
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer_dir) -> int:
+    return _vocab_rows(tokenizer_dir)
 
 
 def make_checkpoint(
@@ -277,6 +278,7 @@ def phi4_mini_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def _vocab_rows(tokenizer_dir: Path) -> int:
+    """Embedding rows for a tokenizer: padded to a multiple of 64, like Phi's 51200 rows for 50295 tokens."""
     from tokenizers import Tokenizer
 
     n = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()

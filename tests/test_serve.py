@@ -451,16 +451,31 @@ def test_serving_on_a_port_in_use_fails_before_loading(capsys):
 def test_the_engine_decodes_only_active_rows_and_moves_a_row_into_a_hole(phi):
     """Row 0 finishes first: the highest row moves into it (keys and values with it) and the next steps run
     two rows, not three with a dead one between; every reply equals generating it alone."""
+    prompts, budgets = ["Hello there", "The sky is", "Once upon a time"], [2, 9, 7]
+    batches = run_engine(phi, 3, prompts, budgets, static=False)
+    assert batches[0] == 3 and 2 in batches and batches == sorted(batches, reverse=True)
+
+
+def run_engine(phi, max_batch: int, prompts: list[str], budgets: list[int], static: bool) -> list[int]:
+    """Submit every prompt to an engine of ``max_batch`` rows and step it until all are done, through a
+    decoding step (``static``: a compiled or graph-captured one, as the CUDA backend's) that records its
+    batch sizes; each reply must equal generating it alone. Returns the batch sizes in order."""
     import torch
 
     from phikit.serve.engine import Engine, Request
 
-    engine = Engine(phi.model, phi.tokenizer, max_batch=3, max_queue=4)
-    prompts, budgets = ["Hello there", "The sky is", "Once upon a time"], [2, 9, 7]
-    replies = {i: [] for i in range(3)}
+    engine = Engine(phi.model, phi.tokenizer, max_batch=max_batch, max_queue=4)
+    replies = {i: [] for i in range(len(prompts))}
     batches = []
     step = phi.model.decode_step
-    phi.model.decode_step = lambda ids, *rest: batches.append(ids.shape[0]) or step(ids, *rest)
+
+    class Recorded:
+        def __call__(self, ids, *rest):
+            batches.append(ids.shape[0])
+            return step(ids, *rest)
+
+    Recorded.static = static
+    phi.model.decode_step = Recorded()
     try:
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             deliver = lambda event, i=i: replies[i].append(event[1][0]) if event[0] == "token" else None  # noqa: E731
@@ -472,10 +487,10 @@ def test_the_engine_decodes_only_active_rows_and_moves_a_row_into_a_hole(phi):
                 engine._decode_step()
     finally:
         phi.model.decode_step = step
-    assert batches[0] == 3 and 2 in batches and batches == sorted(batches, reverse=True)
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         alone = phi.generate(prompt, max_new_tokens=budget)
         assert [t for t in replies[i] if t is not None] == alone.token_ids
+    return batches
 
 
 def test_the_prefix_cache_lives_in_one_arena_finds_blocks_by_hash_and_reuses_the_oldest():
@@ -514,36 +529,6 @@ def test_a_static_shape_step_sees_batches_rounded_to_powers_of_two(phi):
     """A compiled or CUDA-graph step (``static``) compiles or captures once per batch size: the engine rounds
     its rows up to 1, 2, 4, 8 (free rows decoded along, their results unused); every reply still equals
     generating it alone."""
-    import torch
-
-    from phikit.serve.engine import Engine, Request
-
-    engine = Engine(phi.model, phi.tokenizer, max_batch=6, max_queue=4)
     prompts, budgets = ["Hello there", "The sky is", "Once upon a time", "Paris is", "def add(a, b):"], [3, 9, 5, 7, 4]
-    replies = {i: [] for i in range(len(prompts))}
-    batches = []
-    step = phi.model.decode_step
-
-    class Static:
-        static = True
-
-        def __call__(self, ids, *rest):
-            batches.append(ids.shape[0])
-            return step(ids, *rest)
-
-    phi.model.decode_step = Static()
-    try:
-        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-            deliver = lambda event, i=i: replies[i].append(event[1][0]) if event[0] == "token" else None  # noqa: E731
-            config = GenerationConfig(max_new_tokens=budget)
-            engine.submit(Request(phi.tokenizer.encode(prompt), budget, config, (), deliver, time.time() + 60))
-        with torch.inference_mode():
-            engine._admit()
-            while any(engine.slots):
-                engine._decode_step()
-    finally:
-        phi.model.decode_step = step
+    batches = run_engine(phi, 6, prompts, budgets, static=True)
     assert set(batches) <= {1, 2, 4, 6} and batches[0] == 6 and 4 in batches and 2 in batches
-    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-        alone = phi.generate(prompt, max_new_tokens=budget)
-        assert [t for t in replies[i] if t is not None] == alone.token_ids

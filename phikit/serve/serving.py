@@ -93,6 +93,7 @@ class Serving:
         body.check_unsupported()
         adapter = self.adapter_of(body.model)
         n, best_of = body.choices()
+        output = OUTPUTS[body.kind](self.tokenizer, body.top_logprobs_count())
         if len(prompts) > self.max_prompts:
             raise APIError(
                 400,
@@ -117,12 +118,11 @@ class Serving:
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        job = None
+        job = Job(body, output, len(prompts), n, best_of)
         try:
-            job = Job(body, OUTPUTS[body.kind](self.tokenizer, body.top_logprobs_count()), len(prompts), n, best_of)
             await self.submit(job, prompts, adapter)
         finally:  # submitted generations are the engine's to release; give back the rest of the reservation
-            engine.release(total - (sum(c.submitted for c in job.choices) if job else 0))
+            engine.release(total - sum(c.submitted for c in job.choices))
         if body.stream:
             return StreamingResponse(self.stream(job), media_type="text/event-stream")
         return await self.collect(job, request)

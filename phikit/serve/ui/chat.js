@@ -142,25 +142,28 @@
       const text = $(id).value.trim();
       if (text) body[key] = key === "max_tokens" ? Math.round(Number(text)) : Number(text);
     }
-    if ($("json-mode").checked) {
-      const text = $("json-schema").value.trim();
-      if (!text) {
-        body.response_format = { type: "json_object" };
-      } else {
-        let schema;
-        try {
-          schema = JSON.parse(text);
-        } catch (e) {
-          throw new Error("the JSON schema is not valid JSON: " + e.message);
-        }
-        body.response_format = { type: "json_schema", json_schema: { name: "reply", schema, strict: true } };
-      }
-    }
+    const format = responseFormat();
+    if (format) body.response_format = format;
     return body;
   }
 
-  // Streams one assistant reply into `message`, which is already part of the conversation.
-  async function stream(conversation, message) {
+  // JSON mode's response_format (undefined when off); a schema that is not JSON throws, saying so.
+  function responseFormat() {
+    if (!$("json-mode").checked) return undefined;
+    const text = $("json-schema").value.trim();
+    if (!text) return { type: "json_object" };
+    let schema;
+    try {
+      schema = JSON.parse(text);
+    } catch (e) {
+      throw new Error("the JSON schema is not valid JSON: " + e.message);
+    }
+    return { type: "json_schema", json_schema: { name: "reply", schema, strict: true } };
+  }
+
+  // Streams one assistant reply into `message`, which is already part of the conversation; `body` is the
+  // request, built before the message was added.
+  async function stream(conversation, message, body) {
     const controller = new AbortController();
     running = { controller, message };
     setBusy(true);
@@ -169,7 +172,6 @@
     let saved = started;
     message.state = "streaming";
     message.chunks = 0;
-    const body = requestBody(conversation);
     message.model = body.model || "";
     try {
       const response = await fetch("v1/chat/completions", {
@@ -257,7 +259,7 @@
   function send(text) {
     if (running || !text.trim()) return false;
     try {
-      requestBody({ system: "", messages: [] }); // a bad schema is said before anything is added
+      responseFormat(); // a bad schema is said before anything is added
     } catch (e) {
       showError(e.message);
       return false;
@@ -274,8 +276,9 @@
 
   function reply(conversation) {
     const message = { role: "assistant", content: "", state: "streaming" };
+    let body;
     try {
-      requestBody(conversation);
+      body = requestBody(conversation);
     } catch (e) {
       showError(e.message);
       save();
@@ -286,7 +289,7 @@
     conversation.messages.push(message);
     save();
     render();
-    stream(conversation, message);
+    stream(conversation, message, body);
   }
 
   function regenerate() {
