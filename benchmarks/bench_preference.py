@@ -10,7 +10,9 @@ that fit in --seq-len tokens whole (so neither engine truncates anything), batch
 a16 dropout 0.05 on q/k/v/dense, lr 5e-5, fp32, beta 0.1 (DPO sigmoid). GRPO: the arithmetic prompts of
 recipes/data/arithmetic.jsonl, 8 completions per prompt of at most --completion-tokens tokens at temperature
 0.7, the same two rewards (the exact answer, answering with a number), --batch-size prompts a step, beta 0,
-TRL's dapo loss; TRL samples with transformers' generate, phikit with its own batched decoding. Both engines'
+TRL's dapo loss; TRL samples with transformers' generate from the fp32 policy, phikit with its own batched
+decoding from the sampler of each --samplers setting (auto: a bf16 copy with the adapter merged before each
+step's sampling, its samples weighted as TRL weighs vLLM's; policy: the fp32 policy itself, as TRL). Both engines'
 models start from the same weights; the first --warmup steps are not timed. Speed: pairs (or prompts) a second
 and tokens a second (pairs x their mean tokens, prompt + chosen + prompt + rejected; GRPO: steps an hour).
 Peak RSS is the worker process's, before and after the first step (Linux: the mark is reset there).
@@ -116,6 +118,7 @@ def run_phikit(method: str, model: Path, data: Path, args) -> list[float]:
                 max_completion_length=args.completion_tokens,
                 temperature=0.7,
                 seq_len=64 + args.completion_tokens,
+                sampler=args.sampler,
             )
         finetune(TrainConfig(**settings), progress=False)
     return stamps
@@ -327,6 +330,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--completion-tokens", type=int, default=32)
+    ap.add_argument(
+        "--samplers",
+        default="auto",
+        help="GRPO: phikit's sampler settings to run, comma-separated (auto: a bf16 copy of the fp32 policy; "
+        "policy: the policy itself, as TRL samples here)",
+    )
+    ap.add_argument("--sampler", default="auto", help=argparse.SUPPRESS)  # a worker's one
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=640)
     ap.add_argument("--real", action="store_true", help="also DPO on hh-rlhf-2k with held-out accuracy")
@@ -359,18 +369,24 @@ def main() -> None:
     passthrough += ["--layers", str(args.layers), "--hidden", str(args.hidden)]
     for method in [m for m in args.methods.split(",") if m]:
         data = work / ("prompts.jsonl" if method == "grpo" else "pairs.jsonl")
-        for engine in ("phikit", "trl"):
-            print(f"{method}: {engine}", file=sys.stderr, flush=True)
-            row = run_worker(Path(__file__), ["--worker", f"{engine}:{method}", "--data", str(data), *passthrough])
+        samplers = args.samplers.split(",") if method == "grpo" else ["auto"]
+        runs = [("phikit", sampler) for sampler in samplers] + [("trl", None)]
+        for engine, sampler in runs:
+            print(f"{method}: {engine}" + (f" (sampler {sampler})" if sampler else ""), file=sys.stderr, flush=True)
+            extra = ["--sampler", sampler] if sampler else []
+            argv = ["--worker", f"{engine}:{method}", "--data", str(data), *passthrough, *extra]
+            row = run_worker(Path(__file__), argv)
             if method == "grpo":
                 row["steps_per_hour"] = 3600 / row["s_per_step"]
+                row["sampler"] = sampler or "policy"
             else:
                 row["pairs_per_s"] = args.batch_size / row["s_per_step"]
                 row["tokens_per_s"] = row["pairs_per_s"] * tokens
             rows.append(row)
-        ours, theirs = rows[-2], rows[-1]
-        ours["speed_vs_trl"] = f"{theirs['s_per_step'] / ours['s_per_step']:.2f}x"
-        ours["memory_vs_trl"] = f"{ours['train_peak_rss_gb'] / theirs['train_peak_rss_gb']:.2f}x"
+        theirs = rows[-1]
+        for ours in rows[-len(runs) : -1]:
+            ours["speed_vs_trl"] = f"{theirs['s_per_step'] / ours['s_per_step']:.2f}x"
+            ours["memory_vs_trl"] = f"{ours['train_peak_rss_gb'] / theirs['train_peak_rss_gb']:.2f}x"
     print(f"\nMachine: {machine()}\nCPU flags: {isa_flags()}")
     print(f"Model: random Phi-2-shaped {args.layers} x {args.hidden}, Phi-2 tokenizer; {len(pairs)} pairs fit in")
     print(
@@ -382,6 +398,7 @@ def main() -> None:
             [
                 ("method", "method"),
                 ("engine", "engine"),
+                ("sampler", "GRPO sampler"),
                 ("s_per_step", "s/step"),
                 ("pairs_per_s", "pairs/s"),
                 ("tokens_per_s", "tokens/s"),

@@ -90,4 +90,9 @@ def test_lora_sharded_over_two_processes_equals_one(tiny, tmp_path):
     two_processes(folder, tmp_path / "two", "--batch_size", "4", "--max_steps", "3")
     assert_same(weights(tmp_path / "two" / "adapter"), weights(single))
     assert (tmp_path / "two" / "checkpoint-2" / "adapter_config.json").is_file()
-    assert memory(tmp_path / "two")["memory/params_mb"] < 0.6 * memory(tmp_path / "one")["memory/params_mb"]
+    # the frozen output layer stays whole on each process (the loss applies it a chunk at a time); the rest
+    # is sharded
+    head = tiny[1].lm_head
+    head_mb = sum(p.numel() * 4 for p in head.parameters()) / 1e6
+    one_mb, two_mb = (memory(tmp_path / run)["memory/params_mb"] - head_mb for run in ("one", "two"))
+    assert two_mb < 0.6 * one_mb, (one_mb, two_mb)

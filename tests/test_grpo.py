@@ -39,10 +39,21 @@ def _completions(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "loss_type, beta, temperature",
-    [("dapo", 0.0, 1.0), ("grpo", 0.0, 1.0), ("bnpo", 0.0, 0.7), ("dr_grpo", 0.0, 1.0), ("dapo", 0.04, 0.7)],
+    "loss_type, beta, temperature, packed, correction",
+    [
+        ("dapo", 0.0, 1.0, True, None),
+        ("dapo", 0.0, 1.0, False, None),
+        ("grpo", 0.0, 1.0, True, None),
+        ("bnpo", 0.0, 0.7, True, None),
+        ("dr_grpo", 0.0, 1.0, True, None),
+        ("dapo", 0.04, 0.7, True, None),
+        ("dapo", 0.0, 0.7, True, "sequence_mask"),
+        ("grpo", 0.04, 1.0, False, "token_truncate"),
+    ],
 )
-def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, temperature):
+def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, temperature, packed, correction):
+    """Each group's prompt once (packed) or every row whole; with ``correction``, completions as if sampled
+    by another model (a 16-bit copy), weighted as TRL weighs vLLM's samples."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -50,8 +61,9 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
 
     from phikit.data import prompt_reply_batch
     from phikit.lora import adapters_disabled
-    from phikit.train.grpo import GRPORecipe
+    from phikit.train.grpo import GroupBatch, GRPORecipe
     from phikit.train.losses import frozen_head, token_logps
+    from phikit.train.packing import pack_groups
 
     model, lora = _policy(tiny)
     tokenizer = phikit.load(tiny[0], dtype="fp32", device="cpu").tokenizer
@@ -101,6 +113,24 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
         inputs["ref_per_token_logps"] = torch.zeros(4, width)
         for i in range(4):
             inputs["ref_per_token_logps"][i, : len(completions[i])] = reference[sequence == i]
+    sampled = None
+    if correction:  # the sampler's log-probs: near the policy's, but completion 2 past the weights' bound
+        with torch.no_grad():
+            policy, sequence = token_logps(model, ids, labels, frozen_head(model.lm_head), temperature)
+        sampled = policy + torch.where(sequence == 2, -1.2, 0.05 * torch.linspace(-1, 1, len(sequence)))
+        # TRL's importance_sampling_ratio (its _generate_and_score_completions), bound 3, TRL's default
+        difference = torch.zeros(4, width)
+        for i in range(4):
+            difference[i, : len(completions[i])] = (policy - sampled)[sequence == i]
+        if correction == "sequence_mask":
+            ratio = torch.exp(difference.sum(-1, keepdim=True))
+            ratio = ratio.masked_fill(ratio > 3.0, 0.0)
+            assert ratio[2] == 0 and (ratio[[0, 1, 3]] > 0).all()
+        else:
+            ratio = torch.exp(difference).clamp(max=3.0)
+            assert ratio.max() == 3.0
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        inputs["importance_sampling_ratio"] = ratio
     theirs = trainer._compute_loss(trainer.model, inputs)
     theirs.backward()
 
@@ -113,13 +143,22 @@ def test_grpo_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, beta, tem
             temperature=temperature,
             max_completion_length=limit,
             grad_accum=1,
+            importance_sampling=correction or "sequence_mask",
         )
     )
     recipe.model, recipe.head = model, frozen_head(model.lm_head)
     recipe.step_tokens = int(completion_mask.sum())
-    ours, metrics, n = recipe.loss(model, (ids, labels, advantages, {"reward": 0.0}))
+    if packed:  # the two groups of two completions, each prompt once
+        groups = [(prompt_ids[0], completions[:2]), (prompt_ids[2], completions[2:])]
+        batch = GroupBatch(pack_groups(groups, tokenizer.pad_id), None, advantages, sampled, {"reward": 0.0}, 0)
+        assert batch.inputs.numel() < ids.numel()
+    else:
+        batch = GroupBatch(ids, labels, advantages, sampled, {"reward": 0.0}, 0)
+    ours, metrics, n = recipe.loss(model, batch)
     ours.backward()
     assert n == 4 and metrics["reward"] == 0.0
+    if correction:
+        assert metrics["sampling/importance_sampling_ratio/max"] <= 3.0
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
     assert_lora_grads_equal(model, trainer.model)
 
@@ -183,3 +222,51 @@ def test_the_mean_reward_rises_on_the_arithmetic_recipe(tiny, tmp_path):
     assert len(rewards) == 20 and all("rewards/answer" in r and "completions/mean_length" in r for r in steps)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:2]) / 2 + 0.3, rewards
     assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_sampler_copy_is_the_policy_merged_and_its_logprobs_are_transformers(tiny):
+    """The 16-bit copy GRPO samples with holds the policy's weights with the adapter merged (rounded once),
+    is rewritten only when the policy has stepped, and the log-probability it reports for each sampled token
+    is the one transformers gives the merged policy at that temperature (to the copy's bf16 rounding)."""
+    from phikit.lora import merge_lora
+    from phikit.quantize import QuantizedLinear
+    from phikit.train.grpo import sample_completions
+    from phikit.train.sampler import Sampler, quantized, resolve
+
+    model, _ = _policy(tiny)
+    assert not quantized(model)
+    int8 = copy.deepcopy(model)  # a quantized base (loaded so, or saved so): the policy samples itself
+    int8.lm_head = QuantizedLinear.from_weight(int8.lm_head.weight.detach(), int8.lm_head.bias.detach(), "int8")
+    assert quantized(int8)
+    assert resolve("auto", "fp32", False) == "bf16" and resolve("auto", "bf16", False) == "policy"
+    with pytest.raises(PhikitError, match="quantized base"):
+        resolve("bf16", "fp32", True)
+    sampler = Sampler(model, "bf16", tiny[0], "cpu")
+    sampler.refresh(0)
+    merged = dict(merge_lora(copy.deepcopy(model)).named_parameters())
+    for name, value in sampler.params.items():
+        assert value.dtype == torch.bfloat16 or "norm" in name  # the CPU backend keeps norms fp32
+        assert torch.equal(value, merged[name].to(value.dtype)), name
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = sampler.params[q].clone()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.weight.add_(0.5)
+    sampler.refresh(0)  # the same step: nothing rewritten
+    assert torch.equal(sampler.params[q], before)
+    sampler.refresh(1)
+    assert not torch.equal(sampler.params[q], before)
+
+    tokenizer = phikit.load(tiny[0], dtype="fp32", device="cpu").tokenizer
+    prompts = [tokenizer.encode("### Human: What is 2 plus 2?### Assistant:")] * 3
+    logprobs: list[list[float]] = []
+    completions = sample_completions(sampler.model, prompts, 6, 0.7, 3, set(), tokenizer.pad_id, logprobs)
+    reference = copy.deepcopy(tiny[1])
+    loaded = reference.load_state_dict(merge_lora(copy.deepcopy(model)).state_dict(), strict=False)
+    assert not loaded.unexpected_keys and not [k for k in loaded.missing_keys if k.endswith("weight")]
+    for prompt, completion, reported in zip(prompts, completions, logprobs):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = reference(ids).logits[0, len(prompt) - 1 : -1] / 0.7
+        expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        assert len(reported) == len(completion) == 6
+        torch.testing.assert_close(torch.tensor(reported), expected, atol=0.05, rtol=0)

@@ -214,6 +214,7 @@ def test_the_loss_and_its_gradients_match_transformers(tiny, head):
     the dequantized weight) and a trained one (the plain path)."""
     from phikit.quantize import QuantizedLinear
     from phikit.train import causal_lm_loss
+    from phikit.train.losses import frozen_head
 
     folder, shared = tiny
     hf = copy.deepcopy(shared)
@@ -226,6 +227,8 @@ def test_the_loss_and_its_gradients_match_transformers(tiny, head):
             p.requires_grad_(
                 name.endswith("layers.0.self_attn.q_proj.weight") or (head == "trained" and "lm_head" in name)
             )
+    # the head path is taken for the CPU backend's own frozen layer too (it once took the plain path)
+    assert (frozen_head(model.lm_head) is None) == (head == "trained")
     torch.manual_seed(0)
     ids = torch.randint(0, hf.config.vocab_size, (2, 24))
     labels = ids.clone()

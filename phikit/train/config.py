@@ -15,6 +15,8 @@ from phikit.errors import PhikitError
 METHODS = ("sft", "dpo", "orpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
 GRPO_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
+SAMPLERS = ("auto", "policy", "bf16", "fp16")
+CORRECTIONS = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "off")
 
 
 def _beside(recipe: Path, value):
@@ -95,6 +97,13 @@ class TrainConfig:
     reward_regex: str | None = None
     epsilon: float = 0.2
     scale_rewards: str = "group"  # group | batch | none
+    # what samples the completions (phikit.train.sampler): auto (a bf16 copy of the policy, its adapter
+    # merged before each step's sampling, where the policy trains in fp32 on full-precision weights; else the
+    # policy) | policy | bf16 | fp16; how the loss weighs a copy's samples (TRL's vLLM correction):
+    # sequence_mask | sequence_truncate | token_mask | token_truncate | off, and the weight's bound
+    sampler: str = "auto"
+    importance_sampling: str = "sequence_mask"
+    importance_sampling_max: float = 3.0
 
     @property
     def pairs(self) -> bool:
@@ -272,6 +281,15 @@ class TrainConfig:
             (math.isfinite(self.temperature) and self.temperature > 0, "temperature must be a positive number"),
             (0 < self.epsilon < 1, "epsilon must be in (0, 1)"),
             (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}"),
+            (
+                self.importance_sampling in CORRECTIONS,
+                f"importance_sampling must be one of {', '.join(CORRECTIONS)}",
+            ),
+            (
+                math.isfinite(self.importance_sampling_max) and self.importance_sampling_max >= 1,
+                "importance_sampling_max must be a number >= 1",
+            ),
             (self.method != "grpo" or bool(self.reward_funcs), "method grpo needs reward_funcs"),
             (
                 self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs or []),

@@ -16,7 +16,8 @@ from phikit.data import apply_columns, prompt_reply_batch, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
-from phikit.train.losses import group_advantages, grpo_loss, token_logps
+from phikit.train.losses import group_advantages, grpo_loss, token_logps, unwrap
+from phikit.train.packing import Packed, pack_groups, packable, packed_token_logps
 from phikit.train.recipe import SFTRecipe
 
 
@@ -74,19 +75,29 @@ def _prompt(row, columns, chat) -> tuple[str, dict]:
 
 @torch.no_grad()
 def sample_completions(
-    model, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int, stop_ids, pad_id: int
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    stop_ids,
+    pad_id: int,
+    logprobs: list[list[float]] | None = None,
 ) -> list[list[int]]:
     """One sampled completion per prompt (all decoded together), each up to and including its first stop
-    token, or ``max_new_tokens`` long. The model decodes in eval mode (no dropout) and goes back to its mode."""
+    token, or ``max_new_tokens`` long; with ``logprobs``, each completion's tokens' log-probabilities under
+    the distribution they were drawn from are appended to it (a list per completion). The model decodes in
+    eval mode (no dropout) and goes back to its mode."""
     from phikit.generate import GenerationConfig, generate_tokens
 
     was_training = model.training
     model.eval()
+    steps: list[torch.Tensor] | None = [] if logprobs is not None else None
     try:
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for tokens in generate_tokens(model, prompts, config, pad_id):
+        for tokens in generate_tokens(model, prompts, config, pad_id, steps):
             for row, token in enumerate(tokens.tolist()):
                 if not done[row]:
                     out[row].append(token)
@@ -95,6 +106,9 @@ def sample_completions(
                 break
     finally:
         model.train(was_training)
+    if logprobs is not None:
+        table = torch.stack(steps, dim=1).tolist()  # (rows, steps)
+        logprobs.extend(row[: len(c)] for row, c in zip(table, out))
     return out
 
 
@@ -148,31 +162,48 @@ class GRPORecipe(SFTRecipe):
         self.train_set, self.eval_set = self.read_data(load)
         self.step_tokens = None
 
+    def setup_model(self) -> None:
+        from phikit.train.sampler import Sampler, quantized, resolve
+
+        super().setup_model()
+        kind = resolve(self.config.sampler, self.dtype, quantized(self.model))
+        self.sampler = Sampler(self.model, kind, self.folder, self.device)
+
     def next_batches(self) -> list:
         batches = super().next_batches()
-        self.step_tokens = sum(int((b[1] != -100).sum()) for b in batches)
+        self.step_tokens = sum(b.scored for b in batches)
         return batches
 
-    def collate(self, batch: list) -> tuple:
-        """Sample the group of every prompt, score it: (ids, labels, advantages, metrics)."""
+    def collate(self, batch: list) -> GroupBatch:
+        """Sample the group of every prompt, score it, lay it out for the training forward."""
         config, tokenizer = self.config, self.tokenizer
         group = config.num_generations
         prompts = [p.ids for p in batch for _ in range(group)]
         seed = int(torch.randint(0, 2**62, (1,)))  # from the run's RNG, so a resumed run samples the same
+        self.sampler.refresh(self.step)  # the weights of this many optimizer steps
+        sampled: list[list[float]] | None = None if self.sampler.exact else []
         completions = sample_completions(
-            self.model,
+            self.sampler.model,
             prompts,
             config.max_completion_length,
             config.temperature,
             seed,
             tokenizer.stop_ids,
             tokenizer.pad_id,
+            sampled,
         )
         texts = [tokenizer.decode([t for t in c if t not in tokenizer.stop_ids]) for c in completions]
         rewards, means = score(self.functions, batch, group, texts, completions)
         total = torch.nansum(rewards * self.weights[:, None], dim=0)
         advantages = group_advantages(total, group, config.scale_rewards)
-        ids, labels = prompt_reply_batch(prompts, completions, tokenizer.pad_id)
+        model_config = unwrap(self.model).config
+        if packable(model_config, config.seq_len):
+            window = getattr(model_config, "sliding_window", None)
+            groups = [(p.ids, completions[i * group : (i + 1) * group]) for i, p in enumerate(batch)]
+            inputs, labels = pack_groups(groups, tokenizer.pad_id, window).to(self.device), None
+        else:
+            ids, labels = prompt_reply_batch(prompts, completions, tokenizer.pad_id)
+            inputs, labels = ids.to(self.device), labels.to(self.device)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         ended = sum(bool(c) and c[-1] in tokenizer.stop_ids for c in completions) / len(completions)
         metrics = {
@@ -182,28 +213,54 @@ class GRPORecipe(SFTRecipe):
             "completions/mean_length": float(lengths.mean()),
             "completions/ended": ended,
         }
-        return ids.to(self.device), labels.to(self.device), advantages.to(self.device), metrics
+        if sampled is not None:
+            sampled = torch.tensor([v for row in sampled for v in row], dtype=torch.float32, device=self.device)
+        return GroupBatch(inputs, labels, advantages.to(self.device), sampled, metrics, sum(map(len, completions)))
 
-    def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict, int]:
+    def tokens(self, batch: GroupBatch) -> int:
+        return batch.inputs.numel()
+
+    def logps(self, model, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch.inputs, Packed):
+            return packed_token_logps(model, batch.inputs, self.head, self.config.temperature)
+        return token_logps(model, batch.inputs, batch.labels, self.head, self.config.temperature)
+
+    def loss(self, model, batch: GroupBatch) -> tuple[torch.Tensor, dict, int]:
         from phikit.lora import adapters_disabled
 
-        ids, labels, advantages, metrics = batch
         config = self.config
-        logps, sequence = token_logps(model, ids, labels, self.head, config.temperature)
+        logps, sequence = self.logps(model, batch)
         reference = None
         if config.beta:
             with torch.no_grad(), adapters_disabled(self.model):
-                reference, _ = token_logps(self.model, ids, labels, self.head, config.temperature)
+                reference, _ = self.logps(self.model, batch)
         training = model.training and self.step_tokens
         loss, extra = grpo_loss(
             logps,
             sequence,
-            advantages,
+            batch.advantages,
             config.epsilon,
             config.loss_type,
             config.beta,
             reference,
             config.max_completion_length,
             self.step_tokens / config.grad_accum if training else len(logps),
+            batch.sampled,
+            config.importance_sampling,
+            config.importance_sampling_max,
         )
-        return loss, {**metrics, **extra}, len(advantages)
+        return loss, {**batch.metrics, **extra}, len(batch.advantages)
+
+
+@dataclass
+class GroupBatch:
+    """A micro-batch of GRPO: the groups laid out for the training forward (``Packed``, or right-padded
+    ``inputs`` ids with ``labels``), each completion's advantage, each scored token's log-probability under
+    the sampler (None: sampled by the policy itself), the sampling's metrics and the scored token count."""
+
+    inputs: Packed | torch.Tensor
+    labels: torch.Tensor | None
+    advantages: torch.Tensor
+    sampled: torch.Tensor | None
+    metrics: dict
+    scored: int

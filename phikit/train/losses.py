@@ -31,7 +31,12 @@ def frozen_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
 
         weight = bnbf.dequantize_4bit(head.weight.data, head.weight.quant_state)
         return weight, head.bias
-    if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
+    # nn.Linear or a backend's subclass of it (the CPU backend's DenseLinear); not bitsandbytes' int8 layer
+    if (
+        isinstance(head, torch.nn.Linear)
+        and head.weight.is_floating_point()
+        and not any(p.requires_grad for p in head.parameters())
+    ):
         return head.weight, head.bias
     return None
 
@@ -105,8 +110,8 @@ class _HeadLogProbs(torch.autograd.Function):
             for start in range(0, len(rows), chunk):
                 index = rows[start : start + chunk]
                 x, t = hidden.index_select(0, index).to(dtype), targets[start : start + len(index)]
-                logits = F.linear(x, weight, bias).float()
-                logp = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+                logits = F.linear(x, weight, bias).float()  # a new tensor either way: scaled in place
+                logp = torch.log_softmax(logits if temperature == 1 else logits.div_(temperature), dim=-1)
                 out[start : start + len(index)] = logp.gather(1, t[:, None]).squeeze(1)
                 if want_grad:  # d logp[t] / d logits = one-hot - softmax
                     probs = logp.exp_()
@@ -226,6 +231,9 @@ def grpo_loss(
     reference: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     step_tokens: int | None = None,
+    sampled: torch.Tensor | None = None,
+    correction: str = "sequence_mask",
+    correction_max: float = 3.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO's clipped surrogate (Shao et al. 2024) with one update per sample, so the old policy is the
     current one detached (TRL's default num_iterations 1): per token -min(r A, clip(r, 1 - e, 1 + e) A), plus
@@ -233,11 +241,28 @@ def grpo_loss(
     makes it the unbiased reverse-KL gradient: DeepSeek-V3.2, TRL's default). Summed per ``loss_type`` as TRL: ``grpo``
     mean over each sequence's tokens then over sequences; ``bnpo`` over this batch's tokens; ``dr_grpo`` over
     sequences x ``max_completion_length``; ``dapo`` over ``step_tokens``, the tokens of every micro-batch of
-    the optimizer step (so their sum is a mean over the step's tokens)."""
+    the optimizer step (so their sum is a mean over the step's tokens).
+
+    ``sampled``: each token's log-probability under the model that sampled it, where that was not the policy
+    (a 16-bit copy: ``phikit.train.sampler``); the policy's own over the sampler's is then an importance
+    weight on each token's loss, as TRL weighs vLLM's samples: ``correction`` ``token_*`` per token,
+    ``sequence_*`` one weight per completion (the product over its tokens); ``*_truncate`` caps the weight at
+    ``correction_max``, ``*_mask`` zeroes weights above it; ``off``: no weight."""
     ratio = torch.exp(logps - logps.detach())
     a = advantages[sequence].to(logps.dtype)
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
     metrics: dict[str, float] = {}
+    if sampled is not None and correction != "off":
+        weights = sampling_weights(logps.detach() - sampled.to(logps.dtype), sequence, len(advantages), correction)
+        if correction.endswith("truncate"):
+            weights = weights.clamp(max=correction_max)
+        else:
+            weights = weights.masked_fill(weights > correction_max, 0.0)
+        per_token = per_token * (weights[sequence] if correction.startswith("sequence") else weights)
+        if len(weights):
+            name = "sampling/importance_sampling_ratio"
+            metrics = {f"{name}/min": float(weights.min()), f"{name}/mean": float(weights.mean())}
+            metrics[f"{name}/max"] = float(weights.max())
     if beta:
         delta = reference - logps
         kl = torch.exp(delta) - delta - 1
@@ -255,3 +280,11 @@ def grpo_loss(
     else:  # bnpo
         loss = per_token.sum() / max(len(per_token), 1)
     return loss, metrics
+
+
+def sampling_weights(difference: torch.Tensor, sequence: torch.Tensor, sequences: int, correction: str) -> torch.Tensor:
+    """exp of each token's log-probability difference (policy - sampler), or (``sequence_*``) of each
+    completion's summed difference, one value per completion."""
+    if correction.startswith("sequence"):
+        difference = difference.new_zeros(sequences).index_add(0, sequence, difference)
+    return torch.exp(difference)

@@ -11,12 +11,10 @@ Rows, in any file or dataset ``phikit.data.read_rows`` reads (TRL's preference f
                                                                   "Assistant:"
   {"chosen": [messages], "rejected": [messages]}                   the shared leading messages are the prompt
 Only the replies are trained on (the prompt's tokens are masked) and each reply ends with the EOS. A pair
-runs with its prompt once (``pack_pairs``): prompt, chosen, rejected, the rejected reply's positions
-restarting where the prompt ends and its tokens seeing the prompt but not the chosen reply, pairs laid end
-to end in rows, each blind to the others. The prompt, most of an HH-RLHF pair's tokens, is computed once
-instead of once per reply, and padding nearly vanishes; the log-probabilities are those of the sequences
-apart (tested against TRL's, which computes the prompt twice). Where a pair could straddle LongRoPE's switch
-(each reply's length decides its factors) the sequences run apart (``collate_pairs``).
+runs with its prompt once (``pack_pairs``, ``phikit.train.packing``): prompt, chosen, rejected, pairs laid
+end to end in rows. The prompt, most of an HH-RLHF pair's tokens, is computed once instead of once per
+reply, and padding nearly vanishes. Where a pair could straddle LongRoPE's switch (each reply's length
+decides its factors) the sequences run apart (``collate_pairs``).
 ``PreferenceRecipe`` is the fine-tuning recipe of DPO and ORPO on them.
 """
 
@@ -30,7 +28,8 @@ from phikit.data import apply_columns, prompt_reply_batch, read_rows
 from phikit.errors import PhikitError
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
-from phikit.train.losses import dpo_loss, frozen_head, head_token_logps, orpo_loss, sequence_logps, unwrap
+from phikit.train.losses import dpo_loss, orpo_loss, sequence_logps, unwrap
+from phikit.train.packing import ROW_TOKENS, Packed, pack_groups, packable, packed_token_logps
 from phikit.train.recipe import SFTRecipe
 
 
@@ -170,96 +169,22 @@ def collate_pairs(pairs: list[PairExample], pad_id: int) -> tuple[torch.Tensor, 
     return prompt_reply_batch(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
-@dataclass
-class PackedPairs:
-    """Pairs end to end in rows (``pack_pairs``): token ids and rope positions (rows, longest), which keys
-    each query sees (rows, longest, longest), and per scored token: the flat position whose output predicts
-    it, the token, and its sequence (pair i's chosen reply is sequence i, its rejected one n + i)."""
-
-    pairs: int
-
-    ids: torch.Tensor
-    positions: torch.Tensor
-    mask: torch.Tensor
-    rows: torch.Tensor
-    targets: torch.Tensor
-    sequence: torch.Tensor
-
-    def to(self, device) -> PackedPairs:
-        return PackedPairs(self.pairs, *(t.to(device) for k, t in vars(self).items() if k != "pairs"))
-
-    def numel(self) -> int:
-        """Tokens run (for tokens/s: each prompt counts once)."""
-        return self.ids.numel()
-
-
-ROW_TOKENS = 512  # pairs share a row up to this many tokens (a longer pair has a row to itself)
-
-
 def pack_pairs(
     pairs: list[PairExample], pad_id: int, window: int | None = None, row_tokens: int = ROW_TOKENS
-) -> PackedPairs:
-    """Pairs laid end to end in rows of up to ``row_tokens`` tokens (or the longest pair's), each pair as
-    prompt, chosen, rejected: no prompt twice and next to no padding. Positions: a pair's prompt and chosen
-    reply count from 0, its rejected reply starts again where the prompt ends. A query sees earlier keys of
-    its own pair's prompt and of its own reply only (and, with ``window``, those within that many positions):
-    the same attention as each sequence alone. The last prompt position predicts both replies' first tokens.
-    Why rows of several pairs: padding a batch to its longest pair wasted about a fifth of the tokens of
-    HH-RLHF's; the masked attention a longer row costs is small next to the linear layers at these lengths."""
-    sizes = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
-    capacity = max(max(sizes), row_tokens)
-    place, used = [], [0]  # (row, offset) of each pair; tokens used in each row
-    for size in sizes:
-        if used[-1] and used[-1] + size > capacity:
-            used.append(0)
-        place.append((len(used) - 1, used[-1]))
-        used[-1] += size
-    n, longest = len(pairs), max(used)
-    ids = torch.full((len(used), longest), pad_id, dtype=torch.long)
-    positions = torch.zeros(len(used), longest, dtype=torch.long)
-    owner = torch.full((len(used), longest), -1, dtype=torch.long)  # the pair of each position (-1: padding)
-    part = torch.full((len(used), longest), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
-    rows, targets, sequence = [], [], []
-    for i, (pair, (row, at)) in enumerate(zip(pairs, place)):
-        p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
-        ids[row, at : at + p + c + r] = torch.tensor(pair.prompt + pair.chosen + pair.rejected)
-        positions[row, at : at + p + c] = torch.arange(p + c)
-        positions[row, at + p + c : at + p + c + r] = torch.arange(p, p + r)
-        owner[row, at : at + p + c + r] = i
-        part[row, at : at + p], part[row, at + p : at + p + c], part[row, at + p + c : at + p + c + r] = 0, 1, 2
-        base = row * longest + at
-        for reply, start, index in ((pair.chosen, p, i), (pair.rejected, p + c, n + i)):
-            for j, token in enumerate(reply):
-                before = (start + j - 1) if j else p - 1  # the position whose output predicts this token
-                if before >= 0:  # a pair without a prompt cannot predict its first token (as unpacked)
-                    rows.append(base + before)
-                    targets.append(token)
-                    sequence.append(index)
-    index = torch.arange(longest)
-    earlier = (index[None, :] <= index[:, None])[None]  # (1, queries, keys)
-    same_pair = (owner[:, None, :] == owner[:, :, None]) & (owner[:, None, :] >= 0)
-    visible = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
-    mask = earlier & same_pair & visible
-    if window:
-        mask &= positions[:, None, :] > positions[:, :, None] - window
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return PackedPairs(n, ids, positions, mask, as_long(rows), as_long(targets), as_long(sequence))
+) -> Packed:
+    """Pairs as prompt, chosen, rejected, end to end in rows (``pack_groups``); pair i's chosen reply is
+    sequence i, its rejected one n + i (``collate_pairs``'s order)."""
+    n = len(pairs)
+    order = [i + n * j for i in range(n) for j in (0, 1)]
+    return pack_groups([(p.prompt, [p.chosen, p.rejected]) for p in pairs], pad_id, window, row_tokens, order)
 
 
-def packed_logps(model, packed: PackedPairs, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_logps(model, packed: Packed, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each reply, its token count): chosen replies first, then rejected, as
     ``sequence_logps`` gives for ``collate_pairs``'s batch."""
-    head = head or frozen_head(unwrap(model).lm_head)
-    n = packed.pairs
-    if head is None:  # a trained head: the logits of every position, as the model gives them
-        logits = model(packed.ids, positions=packed.positions, padding_mask=packed.mask)
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.rows).float()
-        logps = torch.log_softmax(logits, dim=-1).gather(1, packed.targets[:, None]).squeeze(1)
-    else:
-        hidden = model(packed.ids, positions=packed.positions, padding_mask=packed.mask, hidden_only=True)
-        logps = head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, packed.targets, packed.rows)
-    sums = torch.zeros(2 * n, dtype=logps.dtype, device=logps.device).index_add(0, packed.sequence, logps)
-    return sums, torch.bincount(packed.sequence, minlength=2 * n)
+    logps, sequence = packed_token_logps(model, packed, head)
+    sums = torch.zeros(packed.sequences, dtype=logps.dtype, device=logps.device).index_add(0, sequence, logps)
+    return sums, torch.bincount(sequence, minlength=packed.sequences)
 
 
 class PreferenceRecipe(SFTRecipe):
@@ -289,21 +214,15 @@ class PreferenceRecipe(SFTRecipe):
         if self.config.method == "dpo" and getattr(self.model.lora_config, "modules_to_save", None):
             raise PhikitError("DPO's reference is the base with the adapter off: modules_to_save is not supported")
 
-    def packs(self) -> bool:
-        """Whether a pair runs as one row (``pack_pairs``): everywhere but where a pair could reach
-        LongRoPE's switch, whose factors each reply's own length chooses."""
-        config = unwrap(self.model).config
-        return config.longrope is None or self.config.seq_len <= config.original_max_position_embeddings
-
     def collate(self, batch: list) -> tuple:
-        if self.packs():
+        if packable(unwrap(self.model).config, self.config.seq_len):
             window = getattr(unwrap(self.model).config, "sliding_window", None)
             return pack_pairs(batch, self.tokenizer.pad_id, window).to(self.device), None, batch
         ids, labels = collate_pairs(batch, self.tokenizer.pad_id)
         return ids.to(self.device), labels.to(self.device), batch
 
     def logps(self, model, ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(ids, PackedPairs):
+        if isinstance(ids, Packed):
             return packed_logps(model, ids, self.head)
         return sequence_logps(model, ids, labels, self.head)
 

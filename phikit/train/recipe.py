@@ -345,7 +345,7 @@ class SFTRecipe:
                 scaled = loss / config.grad_accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             rows.append({"loss": loss.item(), **metrics})
-            self.tokens_seen += int(batch[0].numel())
+            self.tokens_seen += self.tokens(batch)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm else None
@@ -518,6 +518,10 @@ class SFTRecipe:
         from phikit.data import collate
 
         return tuple(t.to(self.device) for t in collate(batch, self.tokenizer.pad_id))
+
+    def tokens(self, batch) -> int:
+        """Tokens a micro-batch runs (for tokens/s)."""
+        return int(batch[0].numel())
 
     def loss(self, model, batch: tuple) -> tuple[torch.Tensor, dict, int]:
         """The loss to minimise on one micro-batch, its metrics (floats) and its weight in a held-out mean
