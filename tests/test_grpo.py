@@ -270,3 +270,31 @@ def test_the_sampler_copy_is_the_policy_merged_and_its_logprobs_are_transformers
         expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
         assert len(reported) == len(completion) == 6
         torch.testing.assert_close(torch.tensor(reported), expected, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+def test_the_sampler_copy_of_a_phi3_family_policy(phi3_factory, variant):
+    """Fused qkv_proj and gate_up_proj adapters merge into the copy by the same names (Phi-4-mini: grouped
+    queries, a tied head), and the copy's greedy completions are the merged policy's."""
+    from phikit.lora import LoRAConfig, inject_lora, merge_lora
+    from phikit.train.grpo import sample_completions
+    from phikit.train.sampler import Sampler
+
+    folder, _ = phi3_factory(variant)
+    model = phikit.load(folder, dtype="fp32", device="cpu").model
+    inject_lora(model, LoRAConfig(4, 8, 0.0, ["qkv_proj", "gate_up_proj"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    sampler = Sampler(model, "bf16", folder, "cpu")
+    sampler.refresh(0)
+    merged = merge_lora(copy.deepcopy(model))
+    for name, value in merged.named_parameters():
+        torch.testing.assert_close(sampler.params[name].float(), value.to(sampler.params[name].dtype).float())
+    prompts = [[5, 17, 42, 7], [9, 3, 250, 11]]
+    greedy = merged.to(torch.bfloat16)
+    ours = sample_completions(sampler.model, prompts, 5, 1e-6, 0, set(), 0)
+    theirs = sample_completions(greedy, prompts, 5, 1e-6, 0, set(), 0)
+    assert ours == theirs

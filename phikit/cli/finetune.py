@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
         "can be overridden on the command line, e.g. --lr 2e-4 --max_steps 100. method: sft (texts, the "
         "default), dpo or orpo (preference pairs {prompt, chosen, rejected}, or HH-RLHF's {chosen, rejected} "
         "transcripts; beta, loss_type sigmoid|ipo|robust, label_smoothing as TRL's) or grpo (prompts, "
-        "num_generations sampled completions each, reward_funcs: answer, regex, length or package.module:function). "
+        "num_generations sampled completions each, reward_funcs: answer, regex, length or package.module:function; "
+        "sampler auto|policy|bf16|fp16: what samples them, by default a bf16 copy of an fp32 policy). "
         "Writes checkpoints, metrics.jsonl and the final PEFT-format adapter to "
         "output_dir/adapter (--lora false: every weight trains, output_dir/model is an HF folder). Runs DDP under "
         "torchrun --nproc-per-node N, or FSDP2 with --fsdp (gloo on CPU, NCCL on GPUs).",
