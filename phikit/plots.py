@@ -30,6 +30,10 @@ GROUPS = [
     ("log-probs", ["logps/chosen", "logps/rejected"]),
     ("reward (GRPO)", ["reward", "reward_std"]),
     ("completion length (GRPO)", ["completions/mean_length"]),
+    (
+        "importance weights of the sampler's completions (GRPO)",
+        [f"sampling/importance_sampling_ratio/{k}" for k in ("min", "mean", "max")],
+    ),
 ]
 REFRESH_S = 5
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]  # the dashboard's and the SVG bars'

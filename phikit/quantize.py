@@ -203,10 +203,11 @@ class QuantizedLinear(nn.Module):
         """Quantize ``weight`` on its own device with ``quantizer`` (the reference, or a backend's faster one
         giving the same bits) and store the result on ``device``."""
         out_features, in_features = weight.shape
-        if in_features % (group_size if fmt == "int4" else 32) or (fmt == "nf4" and weight.numel() % NF4_BLOCK):
+        multiple = {"int4": group_size, "nf4": 64}.get(fmt, 32)  # int4's groups; nf4's blocks of 64, packed
+        if in_features % multiple or (fmt == "nf4" and weight.numel() % NF4_BLOCK):
             raise PhikitError(
                 f"cannot quantize a {out_features}x{in_features} weight to {fmt}: in_features must "
-                f"be a multiple of {group_size if fmt == 'int4' else 32}"
+                f"be a multiple of {multiple}"
             )
         layer = cls(in_features, out_features, fmt, group_size, bias)
         for name, t in quantizer(weight, fmt, group_size).items():

@@ -197,6 +197,51 @@ def test_user_reward_functions_are_loaded_by_path():
         TrainConfig(method="grpo", reward_funcs=["answer"], reward_weights=[1.0, 2.0]).validate("recipe")
 
 
+def test_reward_functions_are_called_as_trls(tmp_path, monkeypatch):
+    """Conversational prompts reach the user's function as TRL gives them (messages; completions as an
+    assistant message), built-ins still get texts; NumPy arrays and tensors are returned values too; names are
+    unique per metric; a module in the working folder loads (the phikit command's path lacks it)."""
+    import numpy as np
+
+    from phikit.train.grpo import PromptExample, score
+
+    seen = {}
+
+    def probe(prompts, completions, completion_ids, trainer_state, answer, **_):
+        seen.update(prompts=prompts, completions=completions, step=trainer_state.global_step, answer=answer)
+        return np.array([0.25] * len(completions))
+
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}]
+    prompts = [PromptExample([1, 2], "rendered", {"answer": 4}, messages)]
+    functions = reward_functions(["answer", "answer"], None, 8) + [("probe", probe)]
+    assert [n for n, _ in functions] == ["answer", "answer_2", "probe"]
+    rewards, means = score(functions, prompts, 2, [" 4", " five"], [[3], [4]], step=7)
+    assert seen["prompts"] == [messages, messages] and seen["step"] == 7 and seen["answer"] == [4, 4]
+    assert seen["completions"] == [[{"role": "assistant", "content": text}] for text in (" 4", " five")]
+    assert rewards.tolist() == [[1.0, 0.0], [1.0, 0.0], [0.25, 0.25]]
+    assert means == {"rewards/answer": 0.5, "rewards/answer_2": 0.5, "rewards/probe": 0.25}
+    with pytest.raises(PhikitError, match=r"one number per completion \(2\), got 3 values"):
+        score([("three", lambda completions, **_: torch.ones(3))], prompts, 2, ["a", "b"], [[1], [2]])
+    (tmp_path / "myrewards.py").write_text("def short(completions, **_):\n    return [1.0 for _ in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    [(name, short)] = reward_functions(["myrewards:short"], None, 8)
+    assert name == "short" and short(completions=["x"]) == [1.0]
+
+
+def test_a_reward_needing_a_column_the_data_lacks_fails_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    import phikit.api
+
+    monkeypatch.setattr(phikit.api, "load", lambda *a, **k: pytest.fail("the model was loaded before the data"))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?"}) + "\n" for i in range(8)))
+    recipe = TrainConfig.from_yaml(
+        REPO / "recipes" / "tiny-grpo-cpu.yaml",
+        {"model": str(tiny[0]), "output_dir": str(tmp_path / "run"), "data": str(data)},
+    )
+    with pytest.raises(PhikitError, match=r"reward function answer takes the column\(s\) answer, which 8 of the 8"):
+        finetune(recipe, progress=False)
+
+
 def test_the_mean_reward_rises_on_the_arithmetic_recipe(tiny, tmp_path):
     """SFT on the tiny instructions (a base that ends its answers), merged, then the GRPO recipe: sampled with
     phikit's batched generation, its mean reward (exact answers + answering with a number) rises."""

@@ -322,3 +322,10 @@ def test_narrow_weights_get_an_fp16_kv_cache_that_decodes_like_an_fp32_one(tiny,
     else:
         assert ((half - full).norm() / full.norm()).item() < 2e-3
         assert half_tokens == full_tokens
+
+
+@pytest.mark.parametrize("fmt, width, multiple", [("nf4", 160, 64), ("int4", 96, 64), ("int8", 48, 32)])
+def test_a_width_a_format_cannot_pack_is_a_clear_error(fmt, width, multiple):
+    """NF4 packs its codes in blocks of 64 (a 160-wide layer once failed deep in the packing)."""
+    with pytest.raises(PhikitError, match=f"in_features must be a multiple of {multiple}"):
+        QuantizedLinear.from_weight(torch.randn(64, width), None, fmt)

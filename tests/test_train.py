@@ -119,6 +119,33 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused(tiny, tmp_path):
     assert not marker.exists()
 
 
+def test_a_run_keeps_its_folder_to_itself_and_saves_its_last_step(tiny, tmp_path):
+    """A second run into a folder a run is using is refused (its lock held); a run's last step is saved too,
+    so --resume extends a finished run from where it ended; a NaN metric is written as JSON's null."""
+    from phikit.train import MetricsLog
+    from phikit.train.recipe import _lock_run
+
+    folder, _ = tiny
+    out = tmp_path / "run"
+    held = _lock_run(out)
+    with pytest.raises(PhikitError, match="in use by another run"):
+        finetune(recipe(folder, out, max_steps=2, eval_every=1000), progress=False)
+    held.close()
+    finetune(recipe(folder, out, max_steps=4, save_every=2, eval_every=1000), progress=False)
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    finetune(recipe(folder, out, max_steps=6, save_every=2, eval_every=1000, resume=True), progress=False)
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    log = MetricsLog(tmp_path / "log", True)
+    log.write(1, reward=float("nan"), best=float("inf"), loss=0.5)
+    line = (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) == {
+        "step": 1,
+        "reward": None,
+        "best": None,
+        "loss": 0.5,
+    }
+
+
 def test_a_fresh_run_starts_a_new_metrics_file(tiny, tmp_path):
     folder, _ = tiny
     out = tmp_path / "run"
@@ -263,13 +290,31 @@ def test_the_loss_and_its_gradients_match_transformers(tiny, head):
         ("lora_targets", r".*\.mlp\.fc1", r".*\.mlp\.fc1"),
         ("columns", "prompt=question,completion=answer", {"prompt": "question", "completion": "answer"}),
         ("max_steps", "null", None),
+        ("importance_sampling", False, "off"),  # a bare YAML off
+        ("importance_sampling", "token_mask", "token_mask"),
     ],
 )
 def test_yaml_values_are_typed_as_the_command_lines(tmp_path, key, value, expected):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({key: value}))
+    recipe.write_text(yaml.safe_dump({key: value}) if value is not False else f"{key}: off\n")
     assert getattr(TrainConfig.from_yaml(recipe), key) == expected
-    assert TrainConfig.coerce(key, str(value) if value is not None else "null") == expected
+    text = {None: "null", False: "off"}.get(value, str(value)) if not isinstance(value, float) else str(value)
+    assert TrainConfig.coerce(key, text) == expected
+
+
+def test_an_override_of_none_clears_the_recipes_value(tmp_path):
+    """``--max_steps none`` on the command line (None in the overrides) clears what the recipe set; a bad
+    override is named with its value, and blamed on the overrides too."""
+    from phikit.cli.finetune import parse_overrides
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_steps: 20\nquantize: int8\nepochs: 1\n")
+    cleared = TrainConfig.from_yaml(recipe, parse_overrides(["--max_steps", "none", "--quantize", "null"]))
+    assert cleared.max_steps is None and cleared.quantize is None
+    with pytest.raises(PhikitError, match=r"r.yaml \+ overrides: sampler must be one of .*, got 'gpu'"):
+        TrainConfig.from_yaml(recipe, parse_overrides(["--sampler", "gpu"]))
+    with pytest.raises(PhikitError, match="must be given"):
+        TrainConfig.from_yaml(recipe, {"lr": None})
 
 
 @pytest.mark.parametrize(

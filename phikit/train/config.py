@@ -139,7 +139,7 @@ class TrainConfig:
             for key in ("data", "eval_data"):  # a recipe's own files, wherever it is run from
                 if key in raw:
                     raw[key] = _beside(path, raw[key])
-        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        raw.update(overrides or {})  # None too: "--quantize none" clears what the recipe set
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
@@ -148,7 +148,7 @@ class TrainConfig:
             )
         source = str(path or "overrides")
         config = cls(**{name: cls.coerce(name, value, source) for name, value in raw.items()})
-        config.validate(str(path or "config"))
+        config.validate(f"{path} + overrides" if path and overrides else str(path or "config"))
         return config
 
     @classmethod
@@ -204,6 +204,8 @@ class TrainConfig:
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in [*value, *value.values()]):
                 raise fail("a mapping from the format's fields to the data's column names")
             return value
+        if name == "importance_sampling" and value is False:  # YAML reads a bare off as false
+            return "off"
         if kind.startswith("bool"):
             if isinstance(value, bool):
                 return value
@@ -281,14 +283,14 @@ class TrainConfig:
             (math.isfinite(self.temperature) and self.temperature > 0, "temperature must be a positive number"),
             (0 < self.epsilon < 1, "epsilon must be in (0, 1)"),
             (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
-            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"),
             (
                 self.importance_sampling in CORRECTIONS,
-                f"importance_sampling must be one of {', '.join(CORRECTIONS)}",
+                f"importance_sampling must be one of {', '.join(CORRECTIONS)}, got {self.importance_sampling!r}",
             ),
             (
                 math.isfinite(self.importance_sampling_max) and self.importance_sampling_max >= 1,
-                "importance_sampling_max must be a number >= 1",
+                f"importance_sampling_max must be a finite number >= 1, got {self.importance_sampling_max}",
             ),
             (self.method != "grpo" or bool(self.reward_funcs), "method grpo needs reward_funcs"),
             (

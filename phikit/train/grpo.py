@@ -9,6 +9,7 @@ template and its generation prompt; every other column goes to the reward functi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -26,6 +27,7 @@ class PromptExample:
     ids: list[int]
     text: str
     columns: dict = field(default_factory=dict)
+    messages: list | None = None  # the chat messages the text was rendered from
 
 
 def load_prompts(
@@ -37,40 +39,43 @@ def load_prompts(
     skip_bad_rows: bool = False,
     limit: int | None = None,
     columns: dict[str, str] | None = None,
-) -> tuple[list[PromptExample], int]:
-    """(prompts, malformed rows skipped); a prompt longer than ``max_prompt_tokens`` keeps its end."""
+) -> tuple[list[PromptExample], int, int]:
+    """(prompts, malformed rows skipped, prompts cut); a prompt longer than ``max_prompt_tokens`` keeps its
+    end."""
     chat = get_template(template, tokenizer)
     prompts: list[PromptExample] = []
-    skipped = 0
+    skipped = cut = 0
     for where, row in read_rows(source, split):
         try:
-            text, extra = _prompt(row, columns, chat)
+            text, extra, messages = _prompt(row, columns, chat)
         except (ValueError, TypeError) as e:
             if skip_bad_rows:
                 skipped += 1
                 continue
             raise PhikitError(f"{where}: {e} (GRPO prompts); fix the row or set skip_bad_rows") from None
-        prompts.append(PromptExample(tokenizer.encode(text)[-max_prompt_tokens:], text, extra))
+        ids = tokenizer.encode(text)
+        cut += len(ids) > max_prompt_tokens
+        prompts.append(PromptExample(ids[-max_prompt_tokens:], text, extra, messages))
         if limit and len(prompts) >= limit:
             break
     if not prompts:
         raise PhikitError(f"{source}: no usable prompts ({skipped} malformed)")
-    return prompts, skipped
+    return prompts, skipped, cut
 
 
-def _prompt(row, columns, chat) -> tuple[str, dict]:
-    """A row's prompt as text and its other columns."""
+def _prompt(row, columns, chat) -> tuple[str, dict, list | None]:
+    """A row's prompt as text, its other columns, and its chat messages (None: the prompt was text)."""
     if not isinstance(row, dict):
         raise ValueError("expected a JSON object")
     if "__error__" in row:
         raise ValueError(row["__error__"])
     row = apply_columns(row, columns)
-    prompt = row.get("prompt")
+    prompt, messages = row.get("prompt"), None
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        prompt = chat.render_messages(prompt, add_generation_prompt=True)
+        prompt, messages = chat.render_messages(prompt, add_generation_prompt=True), prompt
     if not isinstance(prompt, str) or not prompt:
         raise ValueError('expected a field "prompt": text or a list of chat messages')
-    return prompt, {k: v for k, v in row.items() if k != "prompt"}
+    return prompt, {k: v for k, v in row.items() if k != "prompt"}, messages
 
 
 @torch.no_grad()
@@ -112,17 +117,35 @@ def sample_completions(
     return out
 
 
-def score(functions, prompts: list[PromptExample], group: int, completions: list[str], ids: list[list[int]]):
+def score(
+    functions, prompts: list[PromptExample], group: int, completions: list[str], ids: list[list[int]], step: int = 0
+):
     """(rewards: one row per function, one column per completion, NaN where a function returned None; the
-    mean of each function's rewards by name). Columns of the data go to the functions repeated per group."""
+    mean of each function's rewards by name). Functions are called as TRL calls them (``phikit.train.rewards``):
+    columns of the data repeated per group; where every prompt was chat messages, the conversational form."""
+    from phikit.train.rewards import built_in
+
     texts = [p.text for p in prompts for _ in range(group)]
     columns = {k for p in prompts for k in p.columns}
     kwargs = {k: [p.columns.get(k) for p in prompts for _ in range(group)] for k in columns}
+    state = SimpleNamespace(global_step=step)
+    conversational = all(p.messages is not None for p in prompts)
+    as_messages = {
+        "prompts": [p.messages for p in prompts for _ in range(group)],
+        "completions": [[{"role": "assistant", "content": text}] for text in completions],
+    }
     rows = []
     for name, function in functions:
-        values = function(prompts=texts, completions=completions, completion_ids=ids, **kwargs)
+        form = (
+            as_messages if conversational and not built_in(function) else {"prompts": texts, "completions": completions}
+        )
+        values = function(**form, completion_ids=ids, trainer_state=state, **kwargs)
+        values = values.tolist() if hasattr(values, "tolist") else values  # a NumPy array or a tensor
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            raise PhikitError(f"reward function {name} must return one number per completion ({len(completions)})")
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise PhikitError(
+                f"reward function {name} must return one number per completion ({len(completions)}), got {got}"
+            )
         try:
             rows.append([float("nan") if v is None else float(v) for v in values])
         except (TypeError, ValueError):
@@ -142,7 +165,7 @@ class GRPORecipe(SFTRecipe):
     unit = "prompts"
 
     def setup_data(self) -> None:
-        from phikit.train.rewards import reward_functions
+        from phikit.train.rewards import columns_taken, reward_functions
 
         config = self.config
         if config.fsdp and self.world > 1:
@@ -154,12 +177,26 @@ class GRPORecipe(SFTRecipe):
         self.weights = torch.tensor(weights, dtype=torch.float32)
         room = config.seq_len - config.max_completion_length
 
+        cut: list[int] = []  # prompts cut to fit, per source read (the training data first)
+
         def load(source, split, limit):
-            return load_prompts(
-                source, self.tokenizer, config.template, split, room, config.skip_bad_rows, limit, config.columns
-            )
+            args = (config.template, split, room, config.skip_bad_rows, limit, config.columns)
+            prompts, skipped, cut_here = load_prompts(source, self.tokenizer, *args)
+            cut.append(cut_here)
+            return prompts, skipped
 
         self.train_set, self.eval_set = self.read_data(load)
+        if cut[0] and self.main_process:
+            print(f"{cut[0]} of {len(self.train_set)} prompt(s) were cut to their last {room} tokens")
+        for data, prompts in ((config.data, self.train_set), (config.eval_data or config.data, self.eval_set)):
+            for name, function in self.functions:
+                lacking = [p for p in prompts if columns_taken(function) - set(p.columns)]
+                if lacking:
+                    missing = sorted(columns_taken(function) - set(lacking[0].columns))
+                    raise PhikitError(
+                        f"reward function {name} takes the column(s) {', '.join(missing)}, which {len(lacking)} of "
+                        f"the {len(prompts)} prompts of {data} lack"
+                    )
         self.step_tokens = None
 
     def setup_model(self) -> None:
@@ -193,7 +230,7 @@ class GRPORecipe(SFTRecipe):
             sampled,
         )
         texts = [tokenizer.decode([t for t in c if t not in tokenizer.stop_ids]) for c in completions]
-        rewards, means = score(self.functions, batch, group, texts, completions)
+        rewards, means = score(self.functions, batch, group, texts, completions, self.step)
         total = torch.nansum(rewards * self.weights[:, None], dim=0)
         advantages = group_advantages(total, group, config.scale_rewards)
         model_config = unwrap(self.model).config

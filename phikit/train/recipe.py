@@ -55,6 +55,24 @@ def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
 # ---- schedule and optimizer ----
 
 
+def _lock_run(out: Path):
+    """Hold ``out/.phikit.lock`` for the run (released when the process ends, however it ends): a second run
+    into the same folder, or a --resume of a run still going, is refused instead of interleaving its
+    checkpoints and metrics with this one's. None where the system has no advisory locks."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".phikit.lock", "a")  # noqa: SIM115 - held open for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise PhikitError(f"{out} is in use by another run; wait for it to end, or choose another output_dir") from None
+    return handle
+
+
 def lr_lambda(config: TrainConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -115,6 +133,8 @@ class SFTRecipe:
         self.device = device
         self.main_process = self.rank == 0
         self.out = out = Path(config.output_dir)
+        if self.main_process:
+            self.lock = _lock_run(out)
         self.existing = existing = checkpoints(out) if out.exists() else []
         if (
             self.main_process
@@ -434,7 +454,17 @@ class SFTRecipe:
         return final
 
     def train(self) -> Path:
-        """Every phase in order, then steps until the run's end; returns the final adapter's (or model's) folder."""
+        """Every phase in order, then steps until the run's end; returns the final adapter's (or model's) folder.
+        The output folder's lock is let go however the run ends (a caller may start another run there)."""
+        try:
+            return self._train()
+        finally:
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.close()
+                self.lock = None
+
+    def _train(self) -> Path:
         from phikit.checkpoint import resolve_model_path
         from phikit.data import epoch_batches
         from phikit.tokenizer import Tokenizer
@@ -486,7 +516,7 @@ class SFTRecipe:
                     evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
                 log.write(self.step, **evaluated)
                 self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
-            if self.step % config.save_every == 0 and self.step < self.total_steps:
+            if self.step % config.save_every == 0:  # the last step's too: a finished run extends with --resume
                 self.save_checkpoint()
             if self.world > 1:
                 torch.distributed.barrier()

@@ -4,6 +4,7 @@ states + data position), written whole and renamed, and the metrics log."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -144,8 +145,9 @@ class MetricsLog:
     def write(self, step: int, **values) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+        with self.path.open("a") as f:  # standard JSON: a NaN or infinite value (a reward) is written null
+            f.write(json.dumps({"step": step, **finite}) + "\n")
         for tracker in self.trackers:
             tracker.log(step, values)
         self.draw(live=True)
