@@ -171,9 +171,12 @@ def generate_tokens(
     again = {switch - len(p) for p in prompts} & set(range(config.max_new_tokens)) if switch else set()
     # Padded rows decode through the masked PyTorch attention, which would convert a narrower (fp16 CPU)
     # cache to the activations' dtype at every layer and step (measured 17-20% slower after 500 tokens):
-    # they keep a cache of the model's dtype. (The C attention's first-slot argument could serve left
-    # padding instead; not done.)
-    cache = model.new_cache(batch, total, model.dtype if padded else None)
+    # they keep a cache of the model's dtype, unless the decoding step takes left padding itself (the CPU
+    # backend's one C call: each row attends from its first real slot).
+    narrow = getattr(model, "kv_cache_dtype", None) or model.dtype
+    takes_padding = getattr(decode_step, "takes_padding", None)
+    wide = padded and not (takes_padding is not None and takes_padding(narrow))
+    cache = model.new_cache(batch, total, model.dtype if wide else None)
     slots = torch.arange(longest, device=device)
     logits = model.prefill(ids, slots, cache, positions, padding_mask)[:, -1].float()
     next_position = positions[:, -1:] + 1

@@ -320,9 +320,8 @@ def test_the_sampler_copy_is_the_policy_merged_and_its_logprobs_are_transformers
 @pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
 def test_the_sampler_copy_of_a_phi3_family_policy(phi3_factory, variant):
     """Fused qkv_proj and gate_up_proj adapters merge into the copy by the same names (Phi-4-mini: grouped
-    queries, a tied head), and the copy's greedy completions are the merged policy's."""
+    queries, a tied head), and the copy's logits are the merged policy's to bf16 rounding."""
     from phikit.lora import LoRAConfig, inject_lora, merge_lora
-    from phikit.train.grpo import sample_completions
     from phikit.train.sampler import Sampler
 
     folder, _ = phi3_factory(variant)
@@ -338,8 +337,10 @@ def test_the_sampler_copy_of_a_phi3_family_policy(phi3_factory, variant):
     merged = merge_lora(copy.deepcopy(model))
     for name, value in merged.named_parameters():
         torch.testing.assert_close(sampler.params[name].float(), value.to(sampler.params[name].dtype).float())
-    prompts = [[5, 17, 42, 7], [9, 3, 250, 11]]
-    greedy = merged.to(torch.bfloat16)
-    ours = sample_completions(sampler.model, prompts, 5, 1e-6, 0, set(), 0)
-    theirs = sample_completions(greedy, prompts, 5, 1e-6, 0, set(), 0)
-    assert ours == theirs
+    ids = torch.tensor([[5, 17, 42, 7, 9, 3, 250, 11]])
+    with torch.no_grad():
+        ours, theirs = sampler.model(ids).float(), merged(ids).float()
+    base = phikit.load(folder, dtype="fp32", device="cpu").model
+    with torch.no_grad():
+        unmerged = base(ids).float()  # what a copy that missed the adapter would give
+    assert (ours - theirs).abs().mean() < 0.2 * (unmerged - theirs).abs().mean()

@@ -473,3 +473,30 @@ def test_a_prompt_prefilled_in_chunks_equals_one_forward(phi3_factory, variant):
         torch.testing.assert_close(
             model(nxt, torch.tensor([45]), chunked), model(nxt, torch.tensor([45]), whole), rtol=0, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+def test_left_padded_rows_decode_in_the_one_c_call(phi3_factory, variant, monkeypatch):
+    """A batch of prompts of different lengths decodes through the CPU backend's one C call (each row
+    attending from its first real slot; under Phi-3-4k's sliding window of 16, from the later of the two)
+    with the fp16 cache of bf16 weights, and every row's greedy tokens are those of its prompt alone."""
+    import phikit.backends.cpu as cpu
+    from phikit import kernels
+    from phikit.generate import GenerationConfig, generate_tokens
+
+    if not kernels.available():
+        pytest.skip(f"no CPU kernels here: {kernels.why_unavailable()}")
+    folder, _ = phi3_factory(variant)
+    model = phikit.load(folder, dtype="bf16", device="cpu").model
+    calls = []
+    original = kernels.decode_layers
+    monkeypatch.setattr(cpu.kernels, "decode_layers", lambda *a, **k: calls.append(a[6]) or original(*a, **k))
+    prompts = [random_ids(10, 300, seed=1)[0].tolist(), random_ids(4, 300, seed=2)[0].tolist()]
+    config = GenerationConfig(max_new_tokens=20)  # within Phi-4-mini's LongRoPE switch (32), past the window
+
+    def greedy(batch):
+        return torch.stack(list(generate_tokens(model, batch, config, pad_id=0)), dim=1).tolist()
+
+    together = greedy(prompts)
+    assert len(calls) == 19  # every step after the prefill
+    assert together == greedy(prompts[:1]) + greedy(prompts[1:])

@@ -247,8 +247,9 @@ class CpuDecodeStep:
 
     def __call__(self, input_ids, input_pos, cache, positions=None, padding_mask=None) -> torch.Tensor:
         model = self.model
+        padding = None if padding_mask is None else left_padding(padding_mask, input_pos)
         if (
-            padding_mask is not None
+            (padding_mask is not None and padding is None)
             or model.training
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
@@ -264,8 +265,20 @@ class CpuDecodeStep:
             positions = input_pos if per_row else input_pos.expand(x.shape[0], 1)
         cos, sin = rope_tables(model.config, positions, x.dtype)
         start = input_pos[:, 0] if per_row else int(input_pos[0])
-        hidden = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start)
+        hidden = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start, padding)
         return model.lm_head(model.model.output_norm(hidden))
+
+    def takes_padding(self, cache_dtype: torch.dtype) -> bool:
+        """Whether left-padded rows decode through the one C call here (with a cache of ``cache_dtype``), so a
+        batched generation need not widen its cache for the PyTorch attention."""
+        model = self.model
+        return (
+            cache_dtype in (torch.float32, torch.float16)
+            and kernels.available()
+            and model.config.head_dim % 8 == 0
+            and model.config.head_dim <= 128
+            and self.plan() is not None
+        )
 
     def plan(self) -> ctypes.Array | None:
         """The pointer array of the model as it is now (None: a layer does not qualify)."""
@@ -281,6 +294,18 @@ class CpuDecodeStep:
                 tensors = [t for _, norms, linears in args for t in (*norms, *(x for lin in linears for x in lin))]
                 self.keep = [t for t in tensors if isinstance(t, torch.Tensor)]
         return self.array
+
+
+def left_padding(padding_mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor | None:
+    """Each row's count of leading padding slots where ``padding_mask`` (batch, slots) is left padding (False
+    then True up to the slot written), else None (another shape of mask: the step runs in PyTorch)."""
+    if padding_mask.dim() != 2 or input_pos.dim() != 1 or input_pos.numel() != 1:
+        return None
+    used = padding_mask[:, : int(input_pos[0]) + 1]
+    leading = (~used).long().cumprod(dim=-1).sum(dim=-1)  # False slots before the first True
+    if not bool((used.sum(dim=-1) == used.shape[1] - leading).all()):  # a False after a True
+        return None
+    return leading
 
 
 def _layer_args(layer) -> tuple | None:

@@ -141,16 +141,24 @@ def gemv_bf16_dp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def step_tables(
-    cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor, batch: int, window: int | None = None
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int | torch.Tensor,
+    batch: int,
+    window: int | None = None,
+    padding: torch.Tensor | None = None,
 ) -> tuple:
     """The arguments a one-token step's C attention takes: cos/sin (B, R) from the model's (B, 1, 1, R)
     tables, and per row the cache slot written (``start``: one for all rows, or one per row) and the first
-    slot attended (0, or under a sliding ``window`` the slot window - 1 before it, as ``Slots``)."""
+    slot attended (0, or under a sliding ``window`` the slot window - 1 before it, as ``Slots``; at least
+    ``padding``, each row's count of left-padding slots)."""
     if isinstance(start, torch.Tensor):
         pos = start.to(torch.long).expand(batch).contiguous()
     else:
         pos = torch.full((batch,), start, dtype=torch.long)
     first = (pos - window + 1).clamp(min=0) if window else torch.zeros_like(pos)
+    if padding is not None:
+        first = torch.maximum(first, padding.to(torch.long))
     return cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous(), pos, first
 
 
@@ -378,16 +386,24 @@ def plan_array(plan: list[tuple]) -> ctypes.Array:
 
 
 def decode_layers(
-    plan: ctypes.Array, x: torch.Tensor, config, cos: torch.Tensor, sin: torch.Tensor, cache, start: int | torch.Tensor
+    plan: ctypes.Array,
+    x: torch.Tensor,
+    config,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache,
+    start: int | torch.Tensor,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step through every decoder layer: x (B, 1, hidden) fp32 -> the last layer's output.
 
     cos/sin (B, 1, 1, rotary_dim) at each row's position; ``cache`` a KVCache (or a view of its first rows)
     whose k/v are fp32 or fp16 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
-    in continuous batching); every slot up to it is attended."""
+    in continuous batching); every slot up to it is attended but a row's first ``padding`` slots (left
+    padding: (B,) counts)."""
     x = x.contiguous().clone()
     b, hidden = x.shape[0], config.hidden_size
-    cos, sin, pos, first = step_tables(cos, sin, start, b, config.sliding_window)
+    cos, sin, pos, first = step_tables(cos, sin, start, b, config.sliding_window, padding)
     check("hidden states", x, torch.float32, (b, 1, hidden))
     check("cos", cos, torch.float32, (b, cos.shape[-1]))
     check("sin", sin, torch.float32, tuple(cos.shape))
