@@ -315,6 +315,11 @@ def test_an_override_of_none_clears_the_recipes_value(tmp_path):
         TrainConfig.from_yaml(recipe, parse_overrides(["--sampler", "gpu"]))
     with pytest.raises(PhikitError, match="must be given"):
         TrainConfig.from_yaml(recipe, {"lr": None})
+    dpo = TrainConfig.from_yaml(recipe, parse_overrides(["--method", "dpo", "--sampler", "fp16", "--temperature", "1"]))
+    assert dpo.ignored() == ["sampler"]  # temperature 1 is the default: nothing to say
+    assert (
+        TrainConfig.from_yaml(recipe, parse_overrides(["--method", "grpo", "--reward_funcs", "answer"])).ignored() == []
+    )
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> None:
     if args.fsdp:
         overrides["fsdp"] = True
     config = TrainConfig.from_yaml(args.config, overrides)
+    ignored = config.ignored()
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"phikit: note: method {config.method} does not use {', '.join(ignored)}", file=sys.stderr)
     final = finetune(config, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process wrote it
         print(f"{'adapter' if final.name == 'adapter' else 'model'} written to {final}", file=sys.stderr)

@@ -16,6 +16,19 @@ METHODS = ("sft", "dpo", "orpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
 GRPO_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
 SAMPLERS = ("auto", "policy", "bf16", "fp16")
+GRPO_KEYS = (
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "reward_funcs",
+    "reward_weights",
+    "reward_regex",
+    "epsilon",
+    "scale_rewards",
+    "sampler",
+    "importance_sampling",
+    "importance_sampling_max",
+)
 CORRECTIONS = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "off")
 
 
@@ -115,6 +128,13 @@ class TrainConfig:
         """The data format in effect: ``data_format``, or the method's own (text for sft, preference for pairs,
         prompts for grpo)."""
         return self.data_format or {"grpo": "prompts"}.get(self.method, "preference" if self.pairs else "text")
+
+    def ignored(self) -> list[str]:
+        """Settings given other than their defaults that this run's method does not use (GRPO's sampling and
+        rewards outside grpo, DPO's label smoothing outside dpo): worth a word to whoever set them."""
+        used_by = {name: ("grpo",) for name in GRPO_KEYS} | {"label_smoothing": ("dpo",)}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [k for k, methods in used_by.items() if self.method not in methods and getattr(self, k) != defaults[k]]
 
     def __post_init__(self):
         """The method's defaults where the recipe left ``beta`` and ``loss_type`` empty (TRL's)."""
