@@ -93,6 +93,9 @@ figure {{ margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 0.5em;
 figcaption {{ font-weight: 600; margin-bottom: 0.3em; }}
 .legend span {{ margin-right: 1em; font-size: 0.85em; }}
 svg text {{ font-size: 11px; fill: #555; }}
+dl.values {{ display: grid; grid-template-columns: max-content auto; gap: 0.3em 1em; margin: 0.5em; }}
+figure:has(dl.values) {{ align-self: start; }}
+dl.values dt {{ color: #555; }} dl.values dd {{ margin: 0; font-size: 1.3em; font-weight: 600; }}
 </style></head><body>
 <h1>{title}</h1>
 <p class="meta" id="meta"></p>
@@ -126,6 +129,19 @@ function chart(title, keys) {{
   const cap = document.createElement("figcaption");
   cap.textContent = title;
   fig.appendChild(cap);
+  if (keys.every(k => DATA.series[k].length === 1)) {{  // logged once (memory at step 1): the values, no chart
+    const list = document.createElement("dl");
+    list.className = "values";
+    for (const k of keys) {{
+      const [step, value] = DATA.series[k][0];
+      const term = document.createElement("dt"), def = document.createElement("dd");
+      term.textContent = k;
+      def.textContent = `${{fmt(value)}} (step ${{step}})`;
+      list.append(term, def);
+    }}
+    fig.appendChild(list);
+    return fig;
+  }}
   const W = 420, H = 220, L = 60, R = 10, T = 10, B = 30;
   const svg = el("svg", {{width: "100%", viewBox: `0 0 ${{W}} ${{H}}`, role: "img", "aria-label": title}}, fig);
   const points = keys.flatMap(k => DATA.series[k]);

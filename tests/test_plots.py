@@ -88,6 +88,8 @@ def test_the_dashboard_draws_in_chromium_without_console_errors(tmp_path):
     dom = proc.stdout
     assert dom.count("<figure>") == len(embedded(page.read_text())["charts"]) >= 5, proc.stderr[-2000:]
     assert dom.count("<path ") >= 7 and "run finished" in dom
+    # a metric logged once (memory at step 1) shows its values instead of a chart of one point
+    assert re.search(r"<dt>memory/params_mb</dt><dd>26\.4 \(step 1\)</dd>", dom), dom[:3000]
     assert not re.search(r"CONSOLE.*(Uncaught|Error)", proc.stderr), proc.stderr[-2000:]
     subprocess.run(
         [*cmd, "--window-size=1280,900", f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120
