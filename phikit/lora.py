@@ -187,6 +187,11 @@ class LoRALinear(nn.Module):
         """B @ A * scaling: what merging adds to the base weight (out, in), fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the adapter folded in, fp32, on the base weight's device (full-precision bases)."""
+        weight = self.base_layer.weight
+        return weight.float() + self.delta_weight().to(weight.device)
+
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
@@ -477,7 +482,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise PhikitError(f"cannot merge into the quantized layer {name}; load the base model unquantized")
         with torch.no_grad():
-            base.weight.data = (weight.float() + module.delta_weight().to(weight.device)).to(weight.dtype)
+            base.weight.data = module.merged_weight().to(weight.dtype)
         _set_module(model, name, base)
     if hasattr(model, "lora_config"):
         del model.lora_config

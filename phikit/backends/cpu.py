@@ -189,11 +189,15 @@ def single_query_attention(q, k, v, mask, causal: bool) -> torch.Tensor:
     )
 
 
+def _fused_cache_ok(cache_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the fused C attention takes a cache of this dtype and heads of this size (it holds a head in
+    at most 16 vectors of 8)."""
+    return cache_dtype in (torch.float32, torch.float16) and head_dim % 8 == 0 and head_dim <= 128
+
+
 def _fused_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether one decoding step can use the fused C attention (rotary + cache write + attention)."""
-    d = k_cache.shape[-1]  # the kernel holds a head in at most 16 vectors of 8
-    cache_ok = k_cache.dtype in (torch.float32, torch.float16) and k_cache.is_contiguous()
-    return _inference(q) and cache_ok and d % 8 == 0 and d <= 128
+    return _inference(q) and k_cache.is_contiguous() and _fused_cache_ok(k_cache.dtype, k_cache.shape[-1])
 
 
 class CpuAttention(PhiAttention):
@@ -271,13 +275,8 @@ class CpuDecodeStep:
     def takes_padding(self, cache_dtype: torch.dtype) -> bool:
         """Whether left-padded rows decode through the one C call here (with a cache of ``cache_dtype``), so a
         batched generation need not widen its cache for the PyTorch attention."""
-        model = self.model
         return (
-            cache_dtype in (torch.float32, torch.float16)
-            and kernels.available()
-            and model.config.head_dim % 8 == 0
-            and model.config.head_dim <= 128
-            and self.plan() is not None
+            kernels.available() and _fused_cache_ok(cache_dtype, self.model.config.head_dim) and self.plan() is not None
         )
 
     def plan(self) -> ctypes.Array | None:

@@ -129,16 +129,16 @@ def score(
     columns = {k for p in prompts for k in p.columns}
     kwargs = {k: [p.columns.get(k) for p in prompts for _ in range(group)] for k in columns}
     state = SimpleNamespace(global_step=step)
-    conversational = all(p.messages is not None for p in prompts)
-    as_messages = {
-        "prompts": [p.messages for p in prompts for _ in range(group)],
-        "completions": [[{"role": "assistant", "content": text}] for text in completions],
-    }
+    as_texts = {"prompts": texts, "completions": completions}
+    as_messages = as_texts
+    if all(p.messages is not None for p in prompts):  # TRL's conversational form
+        as_messages = {
+            "prompts": [p.messages for p in prompts for _ in range(group)],
+            "completions": [[{"role": "assistant", "content": text}] for text in completions],
+        }
     rows = []
     for name, function in functions:
-        form = (
-            as_messages if conversational and not built_in(function) else {"prompts": texts, "completions": completions}
-        )
+        form = as_texts if built_in(function) else as_messages
         values = function(**form, completion_ids=ids, trainer_state=state, **kwargs)
         values = values.tolist() if hasattr(values, "tolist") else values  # a NumPy array or a tensor
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
@@ -190,9 +190,10 @@ class GRPORecipe(SFTRecipe):
             print(f"{cut[0]} of {len(self.train_set)} prompt(s) were cut to their last {room} tokens")
         for data, prompts in ((config.data, self.train_set), (config.eval_data or config.data, self.eval_set)):
             for name, function in self.functions:
-                lacking = [p for p in prompts if columns_taken(function) - set(p.columns)]
+                taken = columns_taken(function)
+                lacking = [p for p in prompts if taken - set(p.columns)]
                 if lacking:
-                    missing = sorted(columns_taken(function) - set(lacking[0].columns))
+                    missing = sorted(taken - set(lacking[0].columns))
                     raise PhikitError(
                         f"reward function {name} takes the column(s) {', '.join(missing)}, which {len(lacking)} of "
                         f"the {len(prompts)} prompts of {data} lack"

@@ -52,14 +52,22 @@ def token_logps(
     tokens were sampled from (GRPO), dividing the logits."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
     rows = (targets != -100).nonzero().squeeze(1)
-    sequence = rows // ids.shape[1]
+    return scored_logps(model, {"input_ids": ids}, rows, targets[rows], head, temperature), rows // ids.shape[1]
+
+
+def scored_logps(
+    model, inputs: dict, rows: torch.Tensor, targets: torch.Tensor, head=None, temperature: float = 1.0
+) -> torch.Tensor:
+    """log_softmax(logits / temperature)[targets] at the flat positions ``rows`` of ``model(**inputs)``: with a
+    frozen head (``frozen_head``'s answer, looked up when not given) through ``head_token_logps``, else (a
+    trained ``lm_head``) from the model's own logits."""
     head = head or frozen_head(unwrap(model).lm_head)
     if head is None:
-        logits = model(ids)
+        logits = model(**inputs)
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows).float() / temperature
-        return torch.log_softmax(logits, dim=-1).gather(1, targets[rows][:, None]).squeeze(1), sequence
-    hidden = model(ids, hidden_only=True)
-    return head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, targets[rows], rows, temperature), sequence
+        return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    hidden = model(**inputs, hidden_only=True)
+    return head_token_logps(hidden.reshape(-1, hidden.shape[-1]), *head, targets, rows, temperature)
 
 
 def causal_lm_loss(model, ids: torch.Tensor, labels: torch.Tensor, head=None) -> tuple[torch.Tensor, int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from phikit.train.losses import frozen_head, head_token_logps, unwrap
+from phikit.train.losses import scored_logps
 
 ROW_TOKENS = 512  # groups share a row up to this many tokens (a longer group has a row to itself)
 
@@ -109,14 +109,6 @@ def pack_groups(
 
 def packed_token_logps(model, packed: Packed, head=None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each scored token, its sequence), as ``token_logps`` gives for the sequences apart.
-    ``head``: ``frozen_head``'s answer (None: the model's own output layer when it trains)."""
-    head = head or frozen_head(unwrap(model).lm_head)
-    if head is None:  # a trained head: the logits of every position, as the model gives them
-        logits = model(packed.ids, positions=packed.positions, padding_mask=packed.mask)
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, packed.rows).float() / temperature
-        logps = torch.log_softmax(logits, dim=-1).gather(1, packed.targets[:, None]).squeeze(1)
-    else:
-        hidden = model(packed.ids, positions=packed.positions, padding_mask=packed.mask, hidden_only=True)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logps = head_token_logps(flat, *head, packed.targets, packed.rows, temperature)
-    return logps, packed.sequence
+    ``head``: ``frozen_head``'s answer (None: looked up; a trained head gives its own logits)."""
+    inputs = {"input_ids": packed.ids, "positions": packed.positions, "padding_mask": packed.mask}
+    return scored_logps(model, inputs, packed.rows, packed.targets, head, temperature), packed.sequence

@@ -45,7 +45,7 @@ def merged_parameters(model: torch.nn.Module):
     adapters: each LoRA layer's merged weight (fp32) and every other trained parameter as it is."""
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            yield f"{name}.weight", module.base_layer.weight.float() + module.delta_weight()
+            yield f"{name}.weight", module.merged_weight()
     for name, p in model.named_parameters():
         if p.requires_grad and ".lora_" not in name:
             yield name.replace(".base_layer.", "."), p
@@ -64,9 +64,6 @@ class Sampler:
             self.model = load(folder, dtype=kind, device=device).model.eval()
             self.model.requires_grad_(False)
             self.params = dict(self.model.named_parameters())
-            missing = [name for name, _ in merged_parameters(policy) if name not in self.params]
-            if missing:
-                raise PhikitError(f"the sampler's copy has no parameter {missing[0]} of the policy")
 
     @property
     def exact(self) -> bool:
@@ -81,4 +78,6 @@ class Sampler:
             return
         self.version = version
         for name, value in merged_parameters(self.policy):
+            if name not in self.params:
+                raise PhikitError(f"the sampler's copy has no parameter {name} of the policy")
             self.params[name].copy_(value)
