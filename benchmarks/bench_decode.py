@@ -10,8 +10,8 @@ decoding step (``phikit_decode_layers``) gains over running the layers as module
    in GB/s of weights read, next to a large ``tensor.sum()`` measured in the same
    round (the machine's memory bandwidth at that moment). ``--define`` builds a second copy of the kernels
    with a C macro changed (e.g. ``PREFETCH_I4=0``) and alternates it with the default, call by call.
-   ``--pages`` adds a second copy of the weights on 4 KB pages (``PHIKIT_HUGE_PAGES`` unset while it is
-   made), alternated with phikit's default placement on transparent huge pages.
+   ``--pages`` adds a second copy of the weights on 4 KB pages (``PHIKIT_HUGE_PAGES=0`` while it is made),
+   alternated with phikit's default placement on transparent huge pages.
 2. step: the full-size random Phi-2 loaded at each precision; decode tok/s (48 tokens after a 16-token
    prompt) with every layer in one C call, alternated with the module-by-module path (the plan disabled).
    ``--contexts 16,1024`` also measures the one-call step after prompts of those lengths, where each token
@@ -59,8 +59,8 @@ def step_weights(kind: str, huge_pages: bool = True) -> tuple[list, int]:
     torch.manual_seed(0)
     mats, total = [], 0
     before = os.environ.pop("PHIKIT_HUGE_PAGES", None)
-    if huge_pages:
-        os.environ["PHIKIT_HUGE_PAGES"] = "1"
+    if not huge_pages:
+        os.environ["PHIKIT_HUGE_PAGES"] = "0"
     try:
         for _ in range(LAYERS):
             for n, k in SHAPES:
@@ -99,7 +99,7 @@ def bench_gemv(precisions: list[str], rounds: int, defines: list[str], pages: bo
     default = kernels.library()
     variant = build_variant(defines) if defines else None
     xs = {k: torch.randn(1, k) for k in (2560, 10240)}
-    big = torch.ones(2**28)  # 1 GiB
+    big = kernels.empty_weight((2**28,), torch.float32).fill_(1.0)  # 1 GiB, on 2 MB pages as the weights
     rows = []
     for kind in precisions:
         mats, total = step_weights(kind)

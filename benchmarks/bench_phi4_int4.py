@@ -31,8 +31,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_llamacpp  # noqa: E402
-from bench_vs_llamacpp import llama, sum_bandwidth  # noqa: E402
-from common import SHARED_DATA, WORK, isa_flags, linear_weights, machine, markdown_table, save_json  # noqa: E402
+from bench_vs_llamacpp import llama  # noqa: E402
+from common import (  # noqa: E402
+    SHARED_DATA,
+    WORK,
+    isa_flags,
+    linear_weights,
+    machine,
+    markdown_table,
+    save_json,
+    sum_bandwidth,
+)
 
 from phikit.bench import BenchSettings, run_one  # noqa: E402
 

@@ -15,9 +15,11 @@ phikit int4 (group 64, fp16 scale + minimum: 4.5 bits) / Q4_0 (group 32, fp16 sc
 Memory bandwidth on a shared VM drifts by tens of percent within minutes, so the engines alternate:
 every round measures each phikit precision and then its llama.cpp pair, and the table reports medians
 over rounds, the ratio to llama.cpp as the median of each round's pair, and the share of the bandwidth limit
-against ``tensor.sum`` measured right before each run. transformers bf16 (the baseline of the other ratios)
-runs once a round. llama.cpp is built and the
-GGUF files are made by bench_llamacpp.py (nothing of it is committed).
+against ``tensor.sum`` (2 GB on 2 MB pages, as phikit's weights are) measured right before each run.
+transformers bf16 (the baseline of the other ratios) runs once a round. llama.cpp is built and the GGUF files
+are made by bench_llamacpp.py (nothing of it is committed); each GGUF is put in the page cache on 2 MB pages
+before llama-bench maps it, as phikit's loader does with its weight files, so both engines stream weights
+the same way.
 
 Prints a Markdown table and writes benchmarks/results_vs_llamacpp.json.
 """
@@ -42,6 +44,7 @@ from common import (  # noqa: E402
     random_phi2,
     random_phi3,
     save_json,
+    sum_bandwidth,
 )
 
 from phikit.bench import BenchSettings, run_one  # noqa: E402
@@ -53,22 +56,6 @@ BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 4.5 / 8, "f16": 2.0, "q8_0
 # (llama.cpp's blocks of 32: Q8_0 an fp16 scale, Q4_0 an fp16 scale per 32 nibbles; its Q4_0 files keep the
 # output head in Q6_K, 6.56 bits, counted here as Q4_0: its limit is slightly overstated)
 FAMILIES = {"phi2": ["phi2"], "phi3": ["phi3-mini", "phi4-mini"]}
-
-
-def sum_bandwidth() -> float:
-    """GB/s of ``tensor.sum()`` over 2 GB of fp32 (median of 5), the bandwidth decoding can reach."""
-    import time
-
-    import torch
-
-    t = torch.ones(2**29)
-    t.sum()
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - started)
-    return t.numel() * 4 / statistics.median(times) / 1e9
 
 
 def llama(model: Path, gguf_type: str, prompt: int, new: int) -> dict:

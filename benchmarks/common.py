@@ -191,6 +191,26 @@ def random_phi3(variant: str, folder: Path | None = None) -> Path:
     return folder
 
 
+def sum_bandwidth() -> float:
+    """GB/s of ``tensor.sum()`` over 2 GB of fp32 (median of 5), the bandwidth decoding can reach: the tensor on
+    2 MB pages as phikit places weights (``kernels.empty_weight``; on 4 KB pages the same sum read 28-29
+    against 36 GB/s on the 2-core EPYC VM, benchmarks/RESULTS.md, issue 23)."""
+    import statistics
+
+    import torch
+
+    from phikit import kernels
+
+    t = kernels.empty_weight((2**29,), torch.float32).fill_(1.0)
+    t.sum()
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - started)
+    return t.numel() * 4 / statistics.median(times) / 1e9
+
+
 def linear_weights(model: Path) -> int:
     """Weights a decoding step reads through linear layers (every layer's projections and the output head,
     tied or not), from the checkpoint's config.json: the bandwidth limit's numerator."""

@@ -159,7 +159,10 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         row["decode_at_depth_tok_s"] = {str(d): decode_after(d) for d in s.depths}
         row["kv_cache_mb_at_depth"] = {str(d): model.kv_cache_bytes(d) / 1e6 for d in s.depths}
     if model.device.type == "cpu":
+        from phikit import pagecache
         from phikit.backends import autotune
+
+        row["weights_on_2mb_pages_gb"] = pagecache.pmd_mapped_total() / 1e9  # mapped weights' 2 MB entries
 
         row["prefill_paths"] = {k: v["path"] for k, v in autotune.decisions().items()}
     if s.perplexity_data:

@@ -281,10 +281,17 @@ def test_large_weights_are_read_into_huge_page_memory_with_the_same_values(tmp_p
     assert torch.equal(torch.load(tmp_path / "again.pt"), tensors["big"])
 
 
-def test_huge_pages_are_opt_in(monkeypatch):
-    monkeypatch.delenv("PHIKIT_HUGE_PAGES", raising=False)
+def test_huge_pages_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("PHIKIT_HUGE_PAGES", "0")
     t = kernels.empty_weight((1024, 1024), torch.float32)
     assert t.untyped_storage().nbytes() == t.numel() * 4
+
+
+@pytest.mark.skipif(not kernels.thp_enabled(), reason="Linux transparent huge pages are off or absent here")
+def test_huge_pages_are_the_default_where_linux_offers_them(monkeypatch):
+    monkeypatch.delenv("PHIKIT_HUGE_PAGES", raising=False)
+    t = kernels.empty_weight((1024, 1024), torch.float32)
+    assert t.data_ptr() % kernels.HUGE_PAGE == 0 and "hg" in _vm_flags(t.data_ptr())
 
 
 def _rewrite(folder, change):

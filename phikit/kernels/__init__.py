@@ -37,7 +37,15 @@ from phikit.kernels.build import (
     source_digest,
     unavailable_reason,
 )
-from phikit.kernels.memory import HUGE_PAGE, can_quantize, empty_weight, huge_pages_wanted, quantize, to_bf16
+from phikit.kernels.memory import (
+    HUGE_PAGE,
+    can_quantize,
+    empty_weight,
+    huge_pages_wanted,
+    quantize,
+    thp_enabled,
+    to_bf16,
+)
 from phikit.kernels.ops import (
     GEMM_KINDS,
     LAYER_KINDS,
@@ -85,6 +93,7 @@ __all__ = [
     "gemv_bf16_dp",
     "has",
     "huge_pages_wanted",
+    "thp_enabled",
     "isa",
     "library",
     "open_library",

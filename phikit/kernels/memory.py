@@ -4,11 +4,12 @@ and converting them to bf16, with the CPU kernels where available and PyTorch ot
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
 
-from phikit.kernels.build import _env_true, available, library
+from phikit.kernels.build import available, library
 
 SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -62,23 +63,33 @@ def _advise_huge(address: int, nbytes: int) -> None:
         pass
 
 
+def thp_enabled() -> bool:
+    """Whether Linux offers transparent huge pages here (``enabled`` is ``always`` or ``madvise``)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 def huge_pages_wanted() -> bool:
-    """Whether weights go on transparent huge pages: only with ``PHIKIT_HUGE_PAGES=1``. Measured on two
-    2-core VMs, they helped on one (int8/int4 loading 1.5-1.8x faster, reads one at a time) and hurt on
-    the other (bf16 loading 10-12 s with them, 4.6-6.3 s without, two reads in flight; int8 6-7 s vs
-    5.4 s; int4 level: benchmarks/RESULTS.md), and a quick fill test there predicted the opposite of the
-    real load, so phikit does not guess: off unless asked for."""
-    return sys.platform.startswith("linux") and _env_true("PHIKIT_HUGE_PAGES")
+    """Whether weights go on transparent huge pages: on Linux where they are offered, unless
+    ``PHIKIT_HUGE_PAGES=0``. Decoding streams every weight per token, and one TLB entry per 2 MB instead of 512
+    lets it stream faster: Phi-3-mini int4 decoded 16.3 tok/s against 14.4 (medians of 12 alternating runs
+    in one process, 11 of 12 pairs faster) on a 2-core AMD EPYC VM, where a plain two-thread read of 2 GB ran
+    at 36 against 28-29 GB/s; loading int8/int4 was as fast or faster, and Phi-2's fp16 -> bf16 level
+    (benchmarks/RESULTS.md, issue 23). (An earlier VM had shown no decode gain and slower bf16 loading.)"""
+    off = os.environ.get("PHIKIT_HUGE_PAGES", "").strip().lower() in ("0", "false", "no", "off")
+    return sys.platform.startswith("linux") and not off and thp_enabled()
 
 
 def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, for weights: from 2 MB up and where transparent huge
-    pages are wanted (``huge_pages_wanted``), placed at a 2 MB boundary with its whole 2 MB pages
-    advised to be huge pages (Linux; before the memory is first written, as the advice applies to pages
-    faulted in afterwards): loading faults in every page of the model, one 2 MB fault instead of 512 4 KB
-    ones. Decoding, which streams every weight per token, read them no faster or slower beyond the noise
-    in a same-process A/B. The tensor is a view into a storage up to 2 MB longer; the unused part is never
-    touched, so it costs address space, not memory. The tail short of a whole 2 MB page keeps 4 KB pages.
+    pages are wanted (``huge_pages_wanted``), placed at a 2 MB boundary with its whole 2 MB pages advised to be
+    huge pages (Linux; before the memory is first written, as the advice applies to pages faulted in
+    afterwards): loading faults in every page of the model, one 2 MB fault instead of 512 4 KB ones, and
+    decoding streams them faster. The tensor is a view into a storage up to 2 MB longer; the unused part is
+    never touched, so it costs address space, not memory. The tail short of a whole 2 MB page keeps 4 KB pages.
     """
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes < HUGE_PAGE or not huge_pages_wanted():

@@ -1,0 +1,170 @@
+"""Weight files in the page cache on 2 MB pages, so that weights used where they are mapped stream faster.
+
+A bf16 checkpoint loaded as bf16 on the CPU is used where it lies: its tensors are views of private memory
+maps of the files (``checkpoint._map_tensor``), so decoding streams every weight out of the page cache.
+How the page cache holds a file decides how fast that is. Linux (6.x, ext4 and others with large folios)
+reads a file ahead into large folios, up to 2 MB, and maps a 2 MB folio with one page-table entry; but a
+file faulted in at random (as a reader that maps it without advice may) or read back piecemeal after memory
+pressure sits in 4 KB folios, mapped 4 KB at a time, and streaming it costs a TLB miss every 4 KB. Measured on
+a 2-core AMD EPYC VM: a two-thread read of 2 GB of a file mapped on 2 MB entries ran at 51-63 GB/s against
+29-39 GB/s on 4 KB entries (same file, same minutes), and Phi-3-mini bf16 decoded 6.59 tok/s on 2 MB entries
+against 5.51 on 4 KB (medians of alternating runs in one process; benchmarks/RESULTS.md, issue 23). llama.cpp
+maps its GGUF files the same way, and benefits the same way where they are on 2 MB folios.
+
+``settle(file)`` checks a file before its tensors are mapped: it maps the file advised for huge pages, faults
+it in, and asks the kernel (``/proc/self/smaps``' ``FilePmdMapped``) how much of it got 2 MB entries. If
+under half, the file's cached pages are mostly small folios (what they become depends on how the file was
+read and on memory pressure since): it drops them (``POSIX_FADV_DONTNEED``,
+which keeps any page another process maps and never touches the file) and reads the file ahead again, once:
+the next loads find it on 2 MB folios. Where that does not help (another file system, an older kernel),
+the outcome is remembered for this kernel and file system in ``$PHIKIT_CACHE/page-cache.json``, so a file
+is never dropped twice for nothing. ``PHIKIT_KEEP_PAGE_CACHE=1`` leaves the page cache as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import sys
+from pathlib import Path
+
+from phikit.kernels.memory import thp_enabled
+
+HUGE = 2 << 20
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages readable now (no copy-on-write break)
+MIN_FILE_BYTES = 64 << 20  # smaller files: a few 4 KB entries more or less do not matter
+ENOUGH = 0.5  # share of a file on 2 MB entries that counts as settled (most of it; the ends of a file and what
+# was read back under memory pressure may stay on 4 KB pages)
+GAVE_NOTHING = 0.05  # after reading again: none on 2 MB pages, so this kernel or file system does not do it
+
+
+def pmd_mapped(address: int) -> int | None:
+    """Bytes of the file mapping that contains ``address`` mapped with 2 MB page-table entries
+    (``FilePmdMapped`` in /proc/self/smaps), or None where the kernel does not say."""
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(None, 1)[0] if line.strip() else ""
+                if not head.endswith(":") and "-" in head:
+                    low, high = (int(x, 16) for x in head.split("-"))
+                    inside = low <= address < high
+                elif inside and head == "FilePmdMapped:":
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def pmd_mapped_total() -> int:
+    """Bytes of files this process maps with 2 MB entries (``FilePmdMapped`` in /proc/self/smaps_rollup), 0
+    where the kernel does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("FilePmdMapped:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def huge_fraction(fd: int, size: int) -> float | None:
+    """Map the whole file advised for huge pages, fault it in (reading what the page cache lacks, onto 2 MB
+    folios), and return the share of its bytes the kernel maps with 2 MB entries, or None where it does not
+    say. Private and writable as ``checkpoint._map_tensor``'s maps, never written (ctypes needs a writable
+    buffer to tell its address)."""
+    whole = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        whole.madvise(mmap.MADV_HUGEPAGE)
+        whole.madvise(MADV_POPULATE_READ)
+        first = ctypes.c_char.from_buffer(whole)
+        address = ctypes.addressof(first)
+        del first
+        mapped = pmd_mapped(address)
+        return None if mapped is None else mapped / size
+    finally:
+        whole.close()
+
+
+def _memo_file() -> Path:
+    from phikit import kernels
+
+    return kernels.cache_dir().parent / "page-cache.json"
+
+
+def _memo_key(file: Path) -> str:
+    return f"{os.uname().release}:{file.stat().st_dev}"
+
+
+def _unhelpful(file: Path) -> bool:
+    try:
+        return json.loads(_memo_file().read_text()).get(_memo_key(file)) is False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember_unhelpful(file: Path) -> None:
+    from phikit.checkpoint import atomic_write
+
+    path = _memo_file()
+    try:
+        memo = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    memo[_memo_key(file)] = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(memo, indent=1)))
+    except OSError:
+        pass
+
+
+def wanted() -> bool:
+    """Whether ``settle`` may act here: Linux with transparent huge pages not off, and not
+    ``PHIKIT_KEEP_PAGE_CACHE=1``."""
+    keep = os.environ.get("PHIKIT_KEEP_PAGE_CACHE", "").strip().lower() in ("1", "true", "yes", "on")
+    return sys.platform.startswith("linux") and hasattr(os, "posix_fadvise") and not keep and thp_enabled()
+
+
+def settle(file: Path, notify=None) -> str:
+    """Make sure the page cache holds ``file`` on 2 MB folios before its tensors are mapped (see the module's
+    docstring). Returns what it found or did: "skipped", "huge" (already), "reread" (dropped and read ahead
+    again, now on 2 MB folios), "partial" (read again, but memory too fragmented for most of it: tried again
+    next time), "unhelpful" (read again and none on 2 MB folios: remembered, not tried again).
+    ``notify(message)`` is told before a file is read again."""
+    if not wanted():
+        return "skipped"
+    try:
+        size = file.stat().st_size
+        if size < MIN_FILE_BYTES or _unhelpful(file):
+            return "skipped"
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return "skipped"
+    try:
+        try:
+            found = huge_fraction(fd, size)
+            if found is None:
+                return "skipped"  # the kernel does not say how it maps files
+            if found >= ENOUGH:
+                return "huge"
+            if notify is not None:
+                notify(f"reading {file.name} into the page cache again, on 2 MB pages (once; decoding reads it faster)")
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            again = huge_fraction(fd, size) or 0.0
+        except (OSError, ValueError):
+            return "skipped"
+        if again >= ENOUGH:
+            return "reread"
+        if again > GAVE_NOTHING:
+            return "partial"  # free memory too fragmented for 2 MB folios this time: tried again next load
+        _remember_unhelpful(file)
+        return "unhelpful"
+    finally:
+        os.close(fd)
