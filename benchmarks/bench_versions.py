@@ -8,7 +8,8 @@ REF is a git revision of this repository (checked out once into benchmarks/_work
 own process, with that checkout first on ``sys.path``, and measures load time, the prefill of
 --prompt-tokens tokens and the decode of --new-tokens tokens (time per token after the first, medians of
 two runs after a warm-up); versions alternate within each round and rounds repeat, because this VM's memory
-bandwidth drifts by tens of percent within minutes. Without --model: the full-size random Phi-2 of
+bandwidth drifts by tens of percent within minutes; ``tensor.sum`` (common.sum_bandwidth) is measured right
+before each run, and each decode is reported as a share of it. Without --model: the full-size random Phi-2 of
 common.random_phi2. Prints a Markdown table of medians (and each round) and writes
 benchmarks/results_versions.json.
 """
@@ -23,7 +24,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, WORK, machine, markdown_table, random_phi2, run_worker, save_json  # noqa: E402
+from common import (  # noqa: E402
+    HERE,
+    WORK,
+    linear_weights,
+    machine,
+    markdown_table,
+    random_phi2,
+    run_worker,
+    save_json,
+    sum_bandwidth,
+)
 
 REPO = HERE.parent
 
@@ -101,19 +112,26 @@ def main() -> None:
             order = list(versions) if r % 2 == 0 else list(reversed(versions))
             for version in order:
                 work = [str(versions[version]), str(model), precision, str(args.prompt_tokens), str(args.new_tokens)]
+                limit = sum_bandwidth()  # this run's bandwidth limit (the VM's drifts within minutes)
                 result = run_worker(Path(__file__), ["--before", args.before, "--worker", *work])
+                result["sum_gb_s"] = limit
                 runs[(version, precision)].append(result)
                 print(f"round {r + 1} {precision} {version}: {result}", file=sys.stderr, flush=True)
-    rows = []
+    from bench_vs_llamacpp import BYTES_PER_WEIGHT
+
+    weights, rows = linear_weights(model), []
     for (version, precision), results in runs.items():
         row = {"precision": precision, "version": version}
-        for key in ("prefill_tok_s", "decode_tok_s", "load_s"):
+        for x in results:  # the share of the bandwidth limit measured right before the run
+            x["decode_of_limit"] = x["decode_tok_s"] * BYTES_PER_WEIGHT[precision] * weights / (x["sum_gb_s"] * 1e9)
+        for key in ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit"):
             values = [x[key] for x in results]
             row[key] = f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
         rows.append(row)
     rows.sort(key=lambda row: (precisions.index(row["precision"]), row["version"] != "before"))
     columns = [("precision", "precision"), ("version", "version")]
     columns += [("prefill_tok_s", "prefill tok/s (rounds)"), ("decode_tok_s", "decode tok/s"), ("load_s", "load s")]
+    columns += [("decode_of_limit", "decode / tensor.sum limit")]
     print(markdown_table(rows, columns))
     every = {f"{v} {p}": results for (v, p), results in runs.items()}
     save_json(

@@ -252,7 +252,10 @@ def read_safetensors(
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             if mapped is not None and mapped(dtype):
                 return _map_tensor(fd, data_start + begin, end - begin, dtype, info["shape"])
-            buffer = kernels.empty_weight((end - begin,), torch.uint8)
+            # 4 KB pages: preadv filling fresh 2 MB pages (two threads) loaded Phi-2 bf16 in 6.3-7.2 s against
+            # 2.5-2.7 s on this VM (benchmarks/RESULTS.md, issue 23); what is quantized or converted out of place
+            # still lands on 2 MB pages (kernels.empty_weight)
+            buffer = kernels.empty_weight((end - begin,), torch.uint8, huge=False)
             view, done = memoryview(buffer.numpy()), 0
             while done < end - begin:
                 got = os.preadv(fd, [view[done:]], data_start + begin + done)

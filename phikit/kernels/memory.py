@@ -75,24 +75,26 @@ def thp_enabled() -> bool:
 def huge_pages_wanted() -> bool:
     """Whether weights go on transparent huge pages: on Linux where they are offered, unless
     ``PHIKIT_HUGE_PAGES=0``. Decoding streams every weight per token, and one TLB entry per 2 MB instead of 512
-    lets it stream faster: Phi-3-mini int4 decoded 16.3 tok/s against 14.4 (medians of 12 alternating runs
-    in one process, 11 of 12 pairs faster) on a 2-core AMD EPYC VM, where a plain two-thread read of 2 GB ran
-    at 36 against 28-29 GB/s; loading int8/int4 was as fast or faster, and Phi-2's fp16 -> bf16 level
-    (benchmarks/RESULTS.md, issue 23). (An earlier VM had shown no decode gain and slower bf16 loading.)"""
+    lets it stream faster: on a 2-core AMD EPYC VM, Phi-3-mini int4 decoded 16.3 tok/s against 14.4 (medians
+    of 12 alternating runs in one process, 11 of 12 pairs faster), Phi-2 int8 15.1 against 13.3, and a plain
+    two-thread read of 2 GB ran at 36 against 28-29 GB/s; int8/int4 loaded as fast or faster (benchmarks/
+    RESULTS.md, issue 23). The checkpoint reader's buffers are the exception (``empty_weight(huge=False)``).
+    """
     off = os.environ.get("PHIKIT_HUGE_PAGES", "").strip().lower() in ("0", "false", "no", "off")
     return sys.platform.startswith("linux") and not off and thp_enabled()
 
 
-def empty_weight(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def empty_weight(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = True) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, for weights: from 2 MB up and where transparent huge
     pages are wanted (``huge_pages_wanted``), placed at a 2 MB boundary with its whole 2 MB pages advised to be
     huge pages (Linux; before the memory is first written, as the advice applies to pages faulted in
     afterwards): loading faults in every page of the model, one 2 MB fault instead of 512 4 KB ones, and
     decoding streams them faster. The tensor is a view into a storage up to 2 MB longer; the unused part is
     never touched, so it costs address space, not memory. The tail short of a whole 2 MB page keeps 4 KB pages.
+    ``huge=False``: plain 4 KB pages whatever is wanted (see the checkpoint reader's buffers).
     """
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    if nbytes < HUGE_PAGE or not huge_pages_wanted():
+    if nbytes < HUGE_PAGE or not huge or not huge_pages_wanted():
         return torch.empty(shape, dtype=dtype)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     offset = -raw.data_ptr() % HUGE_PAGE
