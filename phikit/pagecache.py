@@ -30,6 +30,7 @@ import os
 import sys
 from pathlib import Path
 
+from phikit.kernels.build import _env_true
 from phikit.kernels.memory import thp_enabled
 
 HUGE = 2 << 20
@@ -127,7 +128,7 @@ def _remember_unhelpful(file: Path) -> None:
 def wanted() -> bool:
     """Whether ``settle`` may act here: Linux with transparent huge pages not off, and not
     ``PHIKIT_KEEP_PAGE_CACHE=1``."""
-    keep = os.environ.get("PHIKIT_KEEP_PAGE_CACHE", "").strip().lower() in ("1", "true", "yes", "on")
+    keep = _env_true("PHIKIT_KEEP_PAGE_CACHE")
     return sys.platform.startswith("linux") and hasattr(os, "posix_fadvise") and not keep and thp_enabled()
 
 
