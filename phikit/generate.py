@@ -173,9 +173,8 @@ def generate_tokens(
     # cache to the activations' dtype at every layer and step (measured 17-20% slower after 500 tokens):
     # they keep a cache of the model's dtype, unless the decoding step takes left padding itself (the CPU
     # backend's one C call: each row attends from its first real slot).
-    narrow = getattr(model, "kv_cache_dtype", None) or model.dtype
     takes_padding = getattr(decode_step, "takes_padding", None)
-    wide = padded and not (takes_padding is not None and takes_padding(narrow))
+    wide = padded and not (takes_padding is not None and takes_padding(model.cache_dtype()))
     cache = model.new_cache(batch, total, model.dtype if wide else None)
     slots = torch.arange(longest, device=device)
     logits = model.prefill(ids, slots, cache, positions, padding_mask)[:, -1].float()

@@ -304,17 +304,22 @@ class CausalLM(nn.Module):
         """One new token per row: logits (batch, 1, vocab). A backend may install a faster equal step."""
         return self.forward(input_ids, input_pos, cache, positions, padding_mask)
 
+    def cache_dtype(self, dtype: torch.dtype | None = None) -> torch.dtype:
+        """The dtype of a new KV cache: ``dtype``, else ``kv_cache_dtype`` (a backend may narrow it), else the
+        model's."""
+        return dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
+
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache on this model's device, of ``dtype``, else ``kv_cache_dtype``, else the model's."""
+        """An empty KV cache on this model's device, of ``cache_dtype(dtype)``."""
         c = self.config
-        dtype = dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
+        dtype = self.cache_dtype(dtype)
         layers, kv_heads, head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
         return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device)
 
     def kv_cache_bytes(self, tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
         """The bytes ``new_cache(batch_size, tokens, dtype)`` holds: keys and values of every layer."""
         c = self.config
-        dtype = dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
+        dtype = self.cache_dtype(dtype)
         per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
         return per_token * tokens * batch_size
 
