@@ -163,7 +163,6 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         from phikit.backends import autotune
 
         row["weights_on_2mb_pages_gb"] = pagecache.pmd_mapped_total() / 1e9  # mapped weights' 2 MB entries
-
         row["prefill_paths"] = {k: v["path"] for k, v in autotune.decisions().items()}
     if s.perplexity_data:
         from phikit.evaluate import perplexity, read_text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import mmap
 import os
 import platform
 import re
@@ -209,7 +208,7 @@ def read_safetensors(
     tensor in the reading thread, while it is still in cache (fp16 -> bf16 in place when loading bf16).
 
     ``mapped(dtype)`` (optional): True for the stored dtypes whose tensors are instead views of their own
-    private memory maps of the file (``_map_tensor``; ``convert`` is not applied to them), no copy: a weight
+    private memory maps of the file (``pagecache.map_tensor``; ``convert`` is not applied to them), no copy: a weight
     kept as stored costs no read buffer, and one that is quantized or converted later is read where the page
     cache holds it and unmapped once dropped.
 
@@ -251,7 +250,7 @@ def read_safetensors(
             begin, end = info["data_offsets"]
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             if mapped is not None and mapped(dtype):
-                return _map_tensor(fd, data_start + begin, end - begin, dtype, info["shape"])
+                return pagecache.map_tensor(fd, data_start + begin, end - begin, dtype, info["shape"])
             # 4 KB pages: preadv filling fresh 2 MB pages (two threads) loaded Phi-2 bf16 in 6.3-7.2 s against
             # 2.5-2.7 s on this VM (benchmarks/RESULTS.md, issue 23); what is quantized or converted out of place
             # still lands on 2 MB pages (kernels.empty_weight)
@@ -277,29 +276,6 @@ def read_safetensors(
                 if tensor is None:
                     raise PhikitError(f"{file}: truncated while reading {name}; re-download it")
                 yield name, tensor
-
-
-def _map_tensor(fd: int, start: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """A tensor viewing bytes ``start .. start + nbytes`` of an open file through a private, writable (copy on
-    write) memory map of just those pages, populated at once where the OS can (Linux 5.14+: MADV_POPULATE_READ,
-    which reads what the page cache does not hold yet and maps its pages; MAP_POPULATE would copy every page
-    of a writable private map), so first use does not fault page by page. The map lives
-    as long as the tensor: a weight kept as stored costs the page cache's pages and nothing more (loading
-    a bf16 checkpoint as bf16 copies nothing), and a tensor dropped after quantizing or converting it is
-    unmapped with it. As with llama.cpp's memory-mapped models, the file must not be truncated while
-    mapped weights are in use."""
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    page = mmap.ALLOCATIONGRANULARITY
-    base = start // page * page
-    prot = mmap.PROT_READ | mmap.PROT_WRITE
-    mapping = mmap.mmap(fd, start + nbytes - base, flags=mmap.MAP_PRIVATE, prot=prot, offset=base)
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE)  # pages read from disk now go to 2 MB folios (pagecache.py)
-        mapping.madvise(pagecache.MADV_POPULATE_READ)
-    except (OSError, AttributeError, ValueError):
-        pass  # an older kernel (before 5.14) or another OS: pages fault in on first use
-    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start - base).view(dtype).reshape(shape)
 
 
 def _read_ahead(files: list[Path]) -> None:

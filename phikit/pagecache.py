@@ -1,7 +1,7 @@
 """Weight files in the page cache on 2 MB pages, so that weights used where they are mapped stream faster.
 
 A bf16 checkpoint loaded as bf16 on the CPU is used where it lies: its tensors are views of private memory
-maps of the files (``checkpoint._map_tensor``), so decoding streams every weight out of the page cache.
+maps of the files (``map_tensor``), so decoding streams every weight out of the page cache.
 How the page cache holds a file decides how fast that is. Linux (6.x, ext4 and others with large folios)
 reads a file ahead into large folios, up to 2 MB, and maps a 2 MB folio with one page-table entry; but a
 file faulted in at random (as a reader that maps it without advice may) or read back piecemeal after memory
@@ -30,7 +30,9 @@ import os
 import sys
 from pathlib import Path
 
-from phikit.kernels.build import _env_true
+import torch
+
+from phikit.kernels.build import _env_true, cache_dir
 from phikit.kernels.memory import thp_enabled
 
 HUGE = 2 << 20
@@ -72,16 +74,45 @@ def pmd_mapped_total() -> int:
     return 0
 
 
-def huge_fraction(fd: int, size: int) -> float | None:
-    """Map the whole file advised for huge pages, fault it in (reading what the page cache lacks, onto 2 MB
-    folios), and return the share of its bytes the kernel maps with 2 MB entries, or None where it does not
-    say. Private and writable as ``checkpoint._map_tensor``'s maps, never written (ctypes needs a writable
-    buffer to tell its address)."""
-    whole = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+def _map(fd: int, start: int, nbytes: int) -> tuple[mmap.mmap, bool]:
+    """A private, writable (copy on write) memory map of the pages holding bytes ``start .. start + nbytes`` of
+    an open file, advised for huge pages and populated at once where the OS can (Linux 5.14+:
+    MADV_POPULATE_READ reads what the page cache does not hold yet and maps its pages; MAP_POPULATE would copy
+    every page of a writable private map); and whether it was populated."""
+    base = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(
+        fd, start + nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base
+    )
     try:
-        whole.madvise(mmap.MADV_HUGEPAGE)
-        whole.madvise(MADV_POPULATE_READ)
-        first = ctypes.c_char.from_buffer(whole)
+        mapping.madvise(mmap.MADV_HUGEPAGE)  # pages read from disk now go to 2 MB folios
+        mapping.madvise(MADV_POPULATE_READ)
+    except (OSError, AttributeError, ValueError):
+        return mapping, False  # an older kernel (before 5.14) or another OS: pages fault in on first use
+    return mapping, True
+
+
+def map_tensor(fd: int, start: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor viewing bytes ``start .. start + nbytes`` of an open file through its own memory map (``_map``),
+    so first use does not fault page by page. The map lives as long as the tensor: a weight kept as stored
+    costs the page cache's pages and nothing more (loading a bf16 checkpoint as bf16 copies nothing), and a
+    tensor dropped after quantizing or converting it is unmapped with it. As with llama.cpp's memory-mapped
+    models, the file must not be truncated while mapped weights are in use."""
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    mapping, _ = _map(fd, start, nbytes)
+    offset = start % mmap.ALLOCATIONGRANULARITY
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).reshape(shape)
+
+
+def huge_fraction(fd: int, size: int) -> float | None:
+    """Map the whole file as ``map_tensor`` maps weights, fault it in (reading what the page cache lacks, onto
+    2 MB folios), and return the share of its bytes the kernel maps with 2 MB entries, or None where it does
+    not say (or could not fault it in)."""
+    whole, populated = _map(fd, 0, size)
+    try:
+        if not populated:
+            return None
+        first = ctypes.c_char.from_buffer(whole)  # the map's address (ctypes needs a writable buffer: it is)
         address = ctypes.addressof(first)
         del first
         mapped = pmd_mapped(address)
@@ -91,33 +122,33 @@ def huge_fraction(fd: int, size: int) -> float | None:
 
 
 def _memo_file() -> Path:
-    from phikit import kernels
-
-    return kernels.cache_dir().parent / "page-cache.json"
+    return cache_dir().parent / "page-cache.json"
 
 
 def _memo_key(file: Path) -> str:
     return f"{os.uname().release}:{file.stat().st_dev}"
 
 
-def _unhelpful(file: Path) -> bool:
+def _memo() -> dict:
+    """What was learned where re-reading did not help (``{kernel release:device: False}``), {} if nothing (or
+    something other than a regular file is there: a FIFO would block a read)."""
+    path = _memo_file()
     try:
-        return json.loads(_memo_file().read_text()).get(_memo_key(file)) is False
-    except (OSError, ValueError, AttributeError):
-        return False
+        memo = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _unhelpful(file: Path) -> bool:
+    return _memo().get(_memo_key(file)) is False
 
 
 def _remember_unhelpful(file: Path) -> None:
     from phikit.checkpoint import atomic_write
 
+    memo = {**_memo(), _memo_key(file): False}
     path = _memo_file()
-    try:
-        memo = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(memo, dict):
-            memo = {}
-    except (OSError, ValueError):
-        memo = {}
-    memo[_memo_key(file)] = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(memo, indent=1)))

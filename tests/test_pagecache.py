@@ -67,6 +67,16 @@ def test_settle_gives_up_once_where_rereading_does_not_help(tmp_path, monkeypatc
     assert (tmp_path / "cache" / "page-cache.json").is_file()
 
 
+def test_a_fifo_where_the_memo_goes_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHIKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(pagecache, "wanted", lambda: True)
+    monkeypatch.setattr(pagecache, "huge_fraction", lambda fd, size: 1.0)
+    os.mkfifo(tmp_path / "page-cache.json")  # reading it would wait for a writer forever
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0" * SIZE)
+    assert pagecache.settle(path) == "huge"
+
+
 def test_settle_leaves_the_page_cache_when_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("PHIKIT_KEEP_PAGE_CACHE", "1")
     path = tmp_path / "weights.bin"
