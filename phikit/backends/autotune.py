@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from phikit import kernels
+from phikit.kernels.build import FALSE
 
 PATHS = {
     "f32": ("phikit_gemm", "torch_f32"),
@@ -206,7 +207,7 @@ def _measure(kind: str, n: int, k: int, group_size: int, rows: int = ROWS) -> di
 def _mode() -> str:
     """``PHIKIT_AUTOTUNE``: "off" (phikit's own kernels), "measure" (time the candidates), else "default"."""
     value = os.environ.get("PHIKIT_AUTOTUNE", "").strip().lower()
-    if value in ("0", "false", "no", "off"):
+    if value in FALSE:
         return "off"
     return "measure" if value == "measure" else "default"
 

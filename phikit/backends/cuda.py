@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from phikit.kernels.build import _env_off
 from phikit.models import CausalLM
 from phikit.quantize import QuantizedLinear, bnb_available, int4_scales_and_zeros, unpack_nibbles
 
@@ -237,10 +237,6 @@ def nf4_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
 # ---- decoding through CUDA graphs ----
 
 
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 _cuda_layers: dict[type, type] = {}
 
 
@@ -403,7 +399,7 @@ def loud_recompile_limit() -> None:
 def install(model: CausalLM) -> CausalLM:
     """Pack quantized weights for their kernels (one layout on the GPU), compile the decoder layers'
     one-token steps and install a ``decode_step`` that replays CUDA graphs (in place)."""
-    compile_layers = _env_on("PHIKIT_CUDA_COMPILE")
+    compile_layers = not _env_off("PHIKIT_CUDA_COMPILE")
     layer_classes = {type(layer) for layer in model.model.layers}
     moved = False
     for module in model.modules():
@@ -418,5 +414,5 @@ def install(model: CausalLM) -> CausalLM:
         torch.cuda.empty_cache()
     if compile_layers:
         loud_recompile_limit()
-    model.decode_step = CudaGraphStep(model, enabled=_env_on("PHIKIT_CUDA_GRAPHS"))
+    model.decode_step = CudaGraphStep(model, enabled=not _env_off("PHIKIT_CUDA_GRAPHS"))
     return model

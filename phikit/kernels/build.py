@@ -93,8 +93,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PHIKIT_CACHE", Path.home() / ".cache" / "phikit")) / "kernels"
 
 
+FALSE = ("0", "false", "no", "off")  # what a PHIKIT_* switch reads as off
+
+
 def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return os.environ.get(name, "").strip().lower() not in ("", *FALSE)
+
+
+def _env_off(name: str) -> bool:
+    """Whether a switch that is on by default was turned off."""
+    return os.environ.get(name, "").strip().lower() in FALSE
 
 
 class _Unavailable(Exception):

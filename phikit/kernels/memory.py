@@ -4,12 +4,11 @@ and converting them to bf16, with the CPU kernels where available and PyTorch ot
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
 import torch
 
-from phikit.kernels.build import available, library
+from phikit.kernels.build import _env_off, available, library
 
 SOURCE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -80,8 +79,7 @@ def huge_pages_wanted() -> bool:
     two-thread read of 2 GB ran at 36 against 28-29 GB/s; int8/int4 loaded as fast or faster (benchmarks/
     RESULTS.md, issue 23). The checkpoint reader's buffers are the exception (``empty_weight(huge=False)``).
     """
-    off = os.environ.get("PHIKIT_HUGE_PAGES", "").strip().lower() in ("0", "false", "no", "off")
-    return sys.platform.startswith("linux") and not off and thp_enabled()
+    return sys.platform.startswith("linux") and not _env_off("PHIKIT_HUGE_PAGES") and thp_enabled()
 
 
 def empty_weight(shape: tuple[int, ...], dtype: torch.dtype, huge: bool = True) -> torch.Tensor:
