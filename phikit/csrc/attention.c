@@ -94,7 +94,11 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
             }
             for (int64_t g = 0; g < G; g++) {
                 float *sc = scores + g * stride, m = -INFINITY;
-                for (int64_t j = 0; j < n; j++) m = fmaxf(m, sc[j]);
+                __m256 vm = _mm256_set1_ps(-INFINITY); /* the max 8 lanes at a time: fmaxf's chain was serial */
+                int64_t j8 = 0;
+                for (; j8 + 8 <= n; j8 += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sc + j8));
+                if (j8 > 0) m = hmax(vm);
+                for (; j8 < n; j8++) m = fmaxf(m, sc[j8]);
                 for (int64_t j = n; j < n + 8; j++) sc[j] = -INFINITY;
                 __m256 mx = _mm256_set1_ps(m), total = _mm256_setzero_ps();
                 for (int64_t j = 0; j < n; j += 8) {
