@@ -381,4 +381,5 @@ def install(model: CausalLM) -> CausalLM:
         model.decode_step = CpuDecodeStep(model)
     if narrow and kernels.available():
         model.kv_cache_dtype = torch.float16
+    model.kv_cache_empty = kernels.empty_weight  # KV caches on 2 MB pages, as the weights
     return model

@@ -31,10 +31,16 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        empty=None,
     ):
+        """``empty(shape, dtype)``: where the caches' memory comes from (zeroed here; a backend may place it,
+        see CausalLM.new_cache), else ``torch.zeros`` on ``device``."""
         shape = (layers, batch_size, kv_heads, max_length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if empty is None:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self.k, self.v = empty(shape, dtype).zero_(), empty(shape, dtype).zero_()
         self.max_length = max_length
 
     def update(self, layer: int, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,11 +316,13 @@ class CausalLM(nn.Module):
         return dtype or getattr(self, "kv_cache_dtype", None) or self.dtype
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache on this model's device, of ``cache_dtype(dtype)``."""
+        """An empty KV cache on this model's device, of ``cache_dtype(dtype)``, its memory from
+        ``kv_cache_empty`` where a backend set one (the CPU backend: on 2 MB pages)."""
         c = self.config
         dtype = self.cache_dtype(dtype)
         layers, kv_heads, head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
-        return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device)
+        empty = getattr(self, "kv_cache_empty", None)
+        return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device, empty)
 
     def kv_cache_bytes(self, tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
         """The bytes ``new_cache(batch_size, tokens, dtype)`` holds: keys and values of every layer."""
