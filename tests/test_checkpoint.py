@@ -409,3 +409,18 @@ def test_a_hub_that_never_answers_is_given_up(tmp_path):
     assert "fetching owner/model from the Hugging Face Hub" in result.stderr
     assert "no progress for 2 s" in result.stderr
     server.close()
+
+
+@pytest.mark.skipif(not kernels.thp_enabled(), reason="Linux transparent huge pages are off or absent here")
+def test_a_cpu_models_kv_cache_is_zeroed_memory_on_huge_pages(tiny, monkeypatch):
+    """The CPU backend places KV caches as it places weights (a long context's cache is what a step reads)."""
+    import phikit
+
+    monkeypatch.delenv("PHIKIT_HUGE_PAGES", raising=False)
+    model = phikit.load(tiny[0], device="cpu").model
+    tokens = 2 * 4 * kernels.HUGE_PAGE // model.kv_cache_bytes(1)  # 8 MB of keys, 8 of values
+    cache = model.new_cache(1, tokens)
+    for t in (cache.k, cache.v):
+        assert t.data_ptr() % kernels.HUGE_PAGE == 0 and "hg" in _vm_flags(t.data_ptr())
+        assert not t.any()
+    assert cache.k.nbytes + cache.v.nbytes == model.kv_cache_bytes(tokens)
