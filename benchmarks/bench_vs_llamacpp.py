@@ -7,8 +7,9 @@
 (Phi-3.5-mini's shape: 32 x 3072, 32 heads of 96, LongRoPE to 128k) and Phi-4-mini (24 query / 8 key-value
 heads of 128, partial rotary 0.75, tied embeddings, vocabulary 200064), each made once in benchmarks/_work
 with the real tokenizer from ../shared/data. --depths adds decode after that many tokens of context for
-phikit (--depth-precision) and llama.cpp (llama-bench -d, flash attention off and on); phikit's cache is
-filled with random keys and values (a step's cost does not depend on them), llama-bench prefills.
+phikit (--depth-precision) and llama.cpp (llama-bench -d, flash attention off and on, or one of them with
+--depth-flash-attn: each setting prefills the context again, over half an hour at 32k on two cores); phikit's
+cache is filled with random keys and values (a step's cost does not depend on them), llama-bench prefills.
 
 Pairs compared (same bits per weight): phikit bf16 / llama.cpp F16, phikit int8 (per-channel) / Q8_0,
 phikit int4 (group 64, fp16 scale + minimum: 4.5 bits) / Q4_0 (group 32, fp16 scale: 4.5 bits).
@@ -84,12 +85,13 @@ def llama(model: Path, gguf_type: str, prompt: int, new: int) -> dict:
         return json.loads(out.read_text())["rows"][0]
 
 
-def llama_depths(model: Path, gguf_type: str, depths: list[int], new: int) -> list[dict]:
-    """Decode after each depth with llama-bench (flash attention off and on), one repetition."""
+def llama_depths(model: Path, gguf_type: str, depths: list[int], new: int, flash_attn: str = "0,1") -> list[dict]:
+    """Decode after each depth with llama-bench (flash attention off and on by default), one repetition."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, str(HERE / "bench_llamacpp.py"), "--model", str(model), "--types", gguf_type]
-        cmd += ["-p", "0", "-n", str(new), "-r", "1", "-d", ",".join(map(str, depths)), "-fa", "0,1", "--out", str(out)]
+        cmd += ["-p", "0", "-n", str(new), "-r", "1", "-d", ",".join(map(str, depths)), "-fa", flash_attn]
+        cmd += ["--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"llama.cpp depth run failed:\n{proc.stderr[-2000:]}")
@@ -198,7 +200,7 @@ def depth_rows(model: Path, args, gbs: float, weights: int) -> list[dict]:
     print(
         f"{model.name}: llama.cpp {gguf_type} decode after {depths} tokens (prefills them)", file=sys.stderr, flush=True
     )
-    for r in llama_depths(model, gguf_type, depths, args.depth_new_tokens):
+    for r in llama_depths(model, gguf_type, depths, args.depth_new_tokens, args.depth_flash_attn):
         rows.append(
             {
                 "model": model.name,
@@ -231,6 +233,12 @@ def main() -> None:
     ap.add_argument("--depths", default="", help="also decode after these many tokens of context, e.g. 4096,16384")
     ap.add_argument("--depth-precision", choices=[p for p, _ in PAIRS], default="int4")
     ap.add_argument("--depth-new-tokens", type=int, default=32, help="tokens decoded after each depth (default 32)")
+    ap.add_argument(
+        "--depth-flash-attn",
+        choices=["0", "1", "0,1"],
+        default="0,1",
+        help="llama.cpp's flash attention at depth: off (0), on (1) or both (default; each prefills the context again)",
+    )
     ap.add_argument("--out", type=Path, help="results file (default: benchmarks/results_vs_llamacpp[_FAMILY].json)")
     args = ap.parse_args()
     if args.model:
