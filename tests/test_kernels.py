@@ -33,6 +33,8 @@ def seeded(tmp_path) -> Path:
     folder = tmp_path / "cache" / "kernels"
     folder.mkdir(parents=True, mode=0o700)
     source = Path(kernels.library()._name)
+    if not source.exists():  # this process compiled it: a temporary file, gone; the copy it put in the cache
+        source = kernels.cache_dir() / source.name
     library = folder / source.name
     library.write_bytes(source.read_bytes())
     library.chmod(0o600)

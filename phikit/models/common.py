@@ -321,7 +321,7 @@ class CausalLM(nn.Module):
         c = self.config
         dtype = self.cache_dtype(dtype)
         layers, kv_heads, head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
-        empty = getattr(self, "kv_cache_empty", None)
+        empty = getattr(self, "kv_cache_empty", None) if self.device.type == "cpu" else None
         return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device, empty)
 
     def kv_cache_bytes(self, tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:

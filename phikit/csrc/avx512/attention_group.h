@@ -2,13 +2,14 @@
  * Keys: 16 / G keys at a time, each 16-value chunk of a key loaded once and multiplied with the G queries
  * (read from L1), and the block's G x 16 / G scores reduced together (reduce16: about 3 instructions a score
  * where one 16-lane reduction a score took 8; at 32k tokens of context the scores were half a step's work),
- * instead of the AVX2 loop's reload of the key per head and 8-lane sums. Values: the G heads' outputs are accumulated in registers, a chunk of the head
- * dimension at a time (G x CZ accumulators of 16 values, at most 24 of the 32 zmm registers), instead of
- * loading and storing every output vector for every value (the AVX2 loop, bound by those loads and stores:
- * Phi-4-mini int4 after 16k tokens decoded at half the bandwidth limit). Chunks are whole 64-byte lines of
- * an fp16 cache row, so each value is still read once. Every output sums its terms in the same order (key
- * 0 first, one fused multiply-add each) as the generic loop, so values equal it bit for bit; scores are
- * summed in another order than the AVX2 loop's. Needs D % 16 == 0 and D <= 128. */
+ * instead of the AVX2 loop's reload of the key per head and 8-lane sums. Values: the G heads' outputs are
+ * accumulated in registers, a chunk of the head dimension at a time (G x CZ accumulators of 16 values, at
+ * most 24 of the 32 zmm registers), instead of loading and storing every output vector for every value (the
+ * AVX2 loop, bound by those loads and stores: Phi-4-mini int4 after 16k tokens decoded at half the bandwidth
+ * limit). Chunks are whole 64-byte lines of an fp16 cache row, so each value is still read once. Every output
+ * sums its terms in the same order (key 0 first, one fused multiply-add each) as the generic loop, so values
+ * equal it bit for bit; scores are summed in another order than the AVX2 loop's. Needs D % 16 == 0 and
+ * D <= 128. */
 static inline __m512 load_kv512(const void *c, int64_t i, int f16) {
     return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i)))
                : _mm512_loadu_ps((const float *)c + i);
