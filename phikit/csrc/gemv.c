@@ -111,7 +111,7 @@ static inline __attribute__((always_inline)) __m256 dot_i8(const int8_t *w, cons
     for (int64_t k = 0; k < K; k += XB) {
         __m256i s = _mm256_setzero_si256();
         for (int64_t j = 0; j < XB; j += 32) {
-            if (PREFETCH_I8 > 0 && (j & 63) == 0) _mm_prefetch((const char *)(w + k + j) + PREFETCH_I8, _MM_HINT_T0);
+            if ((j & 63) == 0) _mm_prefetch((const char *)(w + k + j) + PREFETCH_I8, _MM_HINT_T0);
             s = _mm256_add_epi32(s, madd_i8_i16(w + k + j, xq + k + j));
         }
         a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(dx + k / XB), a);

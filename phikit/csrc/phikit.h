@@ -38,13 +38,13 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4, KIND
 enum { DECODE_NO_MEMORY = -1, DECODE_UNKNOWN_KIND = -2 }; /* phikit_decode_layers' errors */
 
 #define ROWS 4 /* weight rows processed together when M == 1 */
-/* Software prefetch distance (bytes) in the int8 / int4 gemv (0: none): one row at a time is a single stream,
+/* Software prefetch distance (bytes) in the int8 / int4 gemv: one row at a time is a single stream,
  * which the hardware prefetchers alone kept ~10-20% below the bandwidth a 4-row bf16 stream reaches on 4 KB
  * pages; measured on Phi-2's shapes (benchmarks/RESULTS.md). With weights on 2 MB pages the best distance
  * depends on the VM's phase: Phi-3-mini int8 decoded 24-28% faster 256 bytes ahead where tensor.sum read ~70
  * GB/s and 20-30% slower where it read ~37 (issue 23, seventh session), so 1024 stays. int4's 2048 is within
  * 0-8% of 128-256. bf16's streams do better without. */
-#ifndef PREFETCH_I8 /* overridable for benchmarks/bench_decode.py --define; 0: no prefetch */
+#ifndef PREFETCH_I8 /* overridable for benchmarks/bench_decode.py --define */
 #define PREFETCH_I8 1024
 #endif
 #ifndef PREFETCH_I4

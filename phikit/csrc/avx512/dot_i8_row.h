@@ -10,7 +10,7 @@ static inline __attribute__((always_inline)) float dot_i8_row(const int8_t *w, c
     for (int64_t k = 0; k < K; k += XB) {
         __m512i s = _mm512_setzero_si512();
         for (int64_t j = 0; j < XB; j += 32) {
-            if (PREFETCH_I8 > 0 && (j & 63) == 0) _mm_prefetch((const char *)(w + k + j) + PREFETCH_I8, _MM_HINT_T0);
+            if ((j & 63) == 0) _mm_prefetch((const char *)(w + k + j) + PREFETCH_I8, _MM_HINT_T0);
             __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + j)));
             s = _mm512_dpwssd_epi32(s, wv, _mm512_loadu_si512((const void *)(xq + k + j)));
         }
