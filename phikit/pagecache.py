@@ -35,7 +35,6 @@ import torch
 from phikit.kernels.build import _env_true, cache_dir
 from phikit.kernels.memory import thp_enabled
 
-HUGE = 2 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's pages readable now (no copy-on-write break)
 MIN_FILE_BYTES = 64 << 20  # smaller files: a few 4 KB entries more or less do not matter
 ENOUGH = 0.5  # share of a file on 2 MB entries that counts as settled (most of it; the ends of a file and what
@@ -43,22 +42,38 @@ ENOUGH = 0.5  # share of a file on 2 MB entries that counts as settled (most of 
 GAVE_NOTHING = 0.05  # after reading again: none on 2 MB pages, so this kernel or file system does not do it
 
 
+def smaps_entry(address: int) -> dict[str, str] | None:
+    """The fields of this process's memory mapping that holds ``address``, as /proc/self/smaps lists them
+    (``{"FilePmdMapped": "2048 kB", "VmFlags": "rd wr mr ...", ...}``), or None where there is none or the kernel
+    does not say."""
+    try:
+        with open("/proc/self/smaps") as f:
+            fields = None
+            for line in f:
+                parts = line.split(None, 1)
+                if not parts:
+                    continue
+                head = parts[0]
+                if not head.endswith(":") and "-" in head:  # a mapping's first line: its address range
+                    if fields is not None:
+                        return fields
+                    low, high = (int(x, 16) for x in head.split("-"))
+                    fields = {} if low <= address < high else None
+                elif fields is not None:
+                    fields[head[:-1]] = parts[1].strip() if len(parts) > 1 else ""
+            return fields
+    except (OSError, ValueError):
+        return None
+
+
 def pmd_mapped(address: int) -> int | None:
     """Bytes of the file mapping that contains ``address`` mapped with 2 MB page-table entries
     (``FilePmdMapped`` in /proc/self/smaps), or None where the kernel does not say."""
+    value = (smaps_entry(address) or {}).get("FilePmdMapped")
     try:
-        with open("/proc/self/smaps") as f:
-            inside = False
-            for line in f:
-                head = line.split(None, 1)[0] if line.strip() else ""
-                if not head.endswith(":") and "-" in head:
-                    low, high = (int(x, 16) for x in head.split("-"))
-                    inside = low <= address < high
-                elif inside and head == "FilePmdMapped:":
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        return None if value is None else int(value.split()[0]) * 1024
+    except (ValueError, IndexError):
         return None
-    return None
 
 
 def pmd_mapped_total() -> int:

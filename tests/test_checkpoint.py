@@ -247,16 +247,9 @@ def test_unreachable_hub_points_to_model_path(monkeypatch, tmp_path):
 
 def _vm_flags(address: int) -> list[str]:
     """VmFlags of this process's memory mapping that holds ``address`` (Linux /proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split()[0]
-            if "-" in first and ":" not in first:
-                begin, end = (int(x, 16) for x in first.split("-"))
-                inside = begin <= address < end
-            elif inside and first == "VmFlags:":
-                return line.split()[1:]
-    return []
+    from phikit.pagecache import smaps_entry
+
+    return (smaps_entry(address) or {}).get("VmFlags", "").split()
 
 
 def test_large_weights_read_into_buffers_keep_their_values(tmp_path):
