@@ -96,10 +96,11 @@ def test_bf16_dot_product_gemv_matches_the_reference(rows):
 
 
 @needs_bf16_dp
-@pytest.mark.parametrize("rows,n,k", [(8, 64, 128), (13, 48, 2624), (16, 80, 5120)])
+@pytest.mark.parametrize("rows,n,k", [(3, 112, 256), (6, 64, 128), (11, 48, 2624), (16, 80, 5120)])
 def test_bf16_dot_products_of_a_batch_are_each_rows_own(rows, n, k):
-    """8+ rows take the register-blocked kernel (blocks of rows, 1280 columns at a time): each row's
-    result is the bits it gets alone (batch-invariant decoding) and the reference's to rounding."""
+    """Rows of x go through the kernel four at a time (one per 128-bit lane), 6 to 8 rows of W a block, the
+    last block shorter: each row's result is the bits it gets alone (batch-invariant decoding) and the
+    reference's to rounding."""
     torch.manual_seed(1)
     w, x, bias = (torch.randn(n, k) * 0.05).bfloat16(), torch.randn(rows, k), torch.randn(n)
     got = kernels.gemv_bf16_dp(x, w, bias)
