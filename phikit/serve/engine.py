@@ -402,12 +402,13 @@ class Engine:
         """The next token of one row and its logprob entry (log-probabilities of the model's own
         distribution, before penalties, bias, grammar and temperature, as OpenAI reports them)."""
         raw = logits
-        if r.logit_bias or r.counts or r.grammar is not None:
+        penalized = bool(r.counts) and bool(r.presence_penalty or r.frequency_penalty)
+        if r.logit_bias or penalized or r.grammar is not None:  # the step's logits stay the model's (logprobs)
             logits = logits.clone()
         if r.logit_bias:
             ids = torch.tensor(list(r.logit_bias), device=logits.device)
             logits[0, ids] += torch.tensor(list(r.logit_bias.values()), device=logits.device)
-        if r.counts and (r.presence_penalty or r.frequency_penalty):
+        if penalized:
             ids = torch.tensor(list(r.counts), device=logits.device)
             counts = torch.tensor(list(r.counts.values()), device=logits.device, dtype=logits.dtype)
             logits[0, ids] -= r.presence_penalty + r.frequency_penalty * counts

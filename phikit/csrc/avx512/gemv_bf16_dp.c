@@ -12,8 +12,8 @@
  * form before it (a row of W against a row of x, 32 pairs a load, 2 x 3 rows blocked) needed 5 loads per
  * 6 instructions and ran a 16-row step of 8 layers x 1280 + a 51,200-row head at 31 ms where this runs it
  * at 22 (on 2 Zen 4 cores: 327 of the ~470 GFLOP/s two cores' vdpbf16ps can issue; PyTorch's bf16 GEMM
- * 420 at 256 rows), at 16 ms instead of 23.5 with 8 rows, and one row as fast as before (every weight
- * read once; a bandwidth-bound stream): benchmarks/RESULTS.md, issue 22.
+ * 420 at 256 rows), at 16 ms instead of 23.5 with 8 rows, and one row (bf16_dp_one_row) as fast as before
+ * (every weight read once; a bandwidth-bound stream): benchmarks/RESULTS.md, issue 22.
  *
  * Every output is summed the same way whatever M is: lane c of (row m, row n) adds the pairs 4g + c of
  * columns in order of g, then ((c0 + c1) + (c2 + c3)) + bias, so a row's result does not depend on the
@@ -50,6 +50,44 @@ static inline __attribute__((always_inline)) void bf16_dp_block(const uint16_t *
         }
 }
 
+/* One row of x (a decoding step of one sequence), bound by the weights' stream: 8 rows of W a block, each
+ * read 64 bytes at a time (16-byte reads of 8 rows side by side decoded Phi-2 bf16 6% slower than the
+ * dot-product kernel before, which read one row of W at a time). Four rows' 64 bytes (4 groups of 8
+ * columns) are transposed in 128-bit lanes, so lane (r, c) of a register is row n0 + r, pair 4g + c: the
+ * same sums in the same order as bf16_dp_block's lane (q, c) for one row of x, so the bits are the same.
+ * K % 32 == 0 (4 groups), 8 rows of W from n0. */
+static void bf16_dp_one_row(const uint16_t *xb, const uint16_t *w, int64_t n0, int64_t K, const float *bias,
+                            float *y) {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512i x4 = _mm512_loadu_si512((const void *)(xb + k)), xv[4]; /* groups k / 8 + h in every lane */
+        xv[0] = _mm512_shuffle_i32x4(x4, x4, 0x00);
+        xv[1] = _mm512_shuffle_i32x4(x4, x4, 0x55);
+        xv[2] = _mm512_shuffle_i32x4(x4, x4, 0xAA);
+        xv[3] = _mm512_shuffle_i32x4(x4, x4, 0xFF);
+        for (int z = 0; z < 2; z++) {
+            __m512i a[4], t[4];
+            for (int r = 0; r < 4; r++) a[r] = _mm512_loadu_si512((const void *)(w + (n0 + 4 * z + r) * K + k));
+            t[0] = _mm512_shuffle_i32x4(a[0], a[1], 0x44); /* lanes (row, group) -> (group, row) */
+            t[1] = _mm512_shuffle_i32x4(a[0], a[1], 0xEE);
+            t[2] = _mm512_shuffle_i32x4(a[2], a[3], 0x44);
+            t[3] = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+            a[0] = _mm512_shuffle_i32x4(t[0], t[2], 0x88);
+            a[1] = _mm512_shuffle_i32x4(t[0], t[2], 0xDD);
+            a[2] = _mm512_shuffle_i32x4(t[1], t[3], 0x88);
+            a[3] = _mm512_shuffle_i32x4(t[1], t[3], 0xDD);
+            for (int h = 0; h < 4; h++) acc[z] = _mm512_dpbf16_ps(acc[z], (__m512bh)a[h], (__m512bh)xv[h]);
+        }
+    }
+    for (int z = 0; z < 2; z++) {
+        float t[16];
+        _mm512_storeu_ps(t, acc[z]);
+        for (int r = 0; r < 4; r++)
+            y[n0 + 4 * z + r] = ((t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3])) +
+                                (bias ? bias[n0 + 4 * z + r] : 0.0f);
+    }
+}
+
 /* rows of W per block for mb blocks of 4 rows of x: nb * mb accumulators, at most 24 of the 32 registers */
 static int bf16_dp_rows(int mb) { return mb == 4 ? 6 : mb == 3 ? 7 : 8; }
 
@@ -61,6 +99,19 @@ static int bf16_dp_rows(int mb) { return mb == 4 ? 6 : mb == 3 ? 7 : 8; }
 void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
                          float *y) {
     int mb = (int)((M + 3) / 4), rows = bf16_dp_rows(mb);
+    if (M == 1 && K % 32 == 0 && N % 8 == 0) { /* x as it is, in bf16 */
+        uint16_t *xb = aligned_alloc(64, (size_t)(K * 2));
+        if (!xb) {
+            phikit_gemv_bf16(x, M, K, w, N, NULL, bias, y);
+            return;
+        }
+        for (int64_t k = 0; k < K; k += 8)
+            _mm_storeu_si128((__m128i *)(xb + k), (__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps(x + k)));
+#pragma omp parallel for schedule(static)
+        for (int64_t u = 0; u < N / 8; u++) bf16_dp_one_row(xb, w, 8 * u, K, bias, y);
+        free(xb);
+        return;
+    }
     if (mb > 4) { /* more rows than one block of registers holds: 16 at a time (the callers send <= 16) */
         for (int64_t m = 0; m < M; m += 16)
             phikit_gemv_bf16_dp(x + m * K, M - m < 16 ? M - m : 16, K, w, N, bias, y + m * N);
