@@ -129,8 +129,10 @@ void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w
             _mm_storeu_si128((__m128i *)(xq + (g * mb + m / 4) * 32 + (m % 4) * 8), v);
         }
     int64_t blocks = (N + rows - 1) / rows;
-#pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < blocks; u++) { /* a thread's blocks are consecutive: it fetches its next one */
+    /* 16 blocks a claim: a thread the server's threads preempt no longer holds up the other (the batched
+     * step ran in 27.7 instead of 28.6 ms inside bench_serve); within a claim a thread fetches its next block */
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t u = 0; u < blocks; u++) {
         int64_t n0 = u * rows;
         int nb = N - n0 < rows ? (int)(N - n0) : rows;
         const uint16_t *next = N - (n0 + nb) >= nb ? w + (n0 + nb) * K : NULL;
