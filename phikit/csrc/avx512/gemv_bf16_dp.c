@@ -91,11 +91,6 @@ static void bf16_dp_one_row(const uint16_t *xb, const uint16_t *w, int64_t n0, i
 /* rows of W per block for mb blocks of 4 rows of x: nb * mb accumulators, at most 24 of the 32 registers */
 static int bf16_dp_rows(int mb) { return mb == 4 ? 6 : mb == 3 ? 7 : 8; }
 
-#define BF16_DP_CASE(MB, NB) case NB: bf16_dp_block(xq, MB, w, n0, NB, next, K, M, N, bias, y); break;
-#define BF16_DP_UP_TO_6(MB)                                                                                    \
-    BF16_DP_CASE(MB, 1) BF16_DP_CASE(MB, 2) BF16_DP_CASE(MB, 3) BF16_DP_CASE(MB, 4) BF16_DP_CASE(MB, 5)        \
-    BF16_DP_CASE(MB, 6)
-
 void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
                          float *y) {
     int mb = (int)((M + 3) / 4), rows = bf16_dp_rows(mb);
@@ -136,17 +131,16 @@ void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w
         int64_t n0 = u * rows;
         int nb = N - n0 < rows ? (int)(N - n0) : rows;
         const uint16_t *next = N - (n0 + nb) >= nb ? w + (n0 + nb) * K : NULL;
-        switch (mb) { /* one block function per (mb, nb) the rows can take, unrolled by the compiler */
-        case 4: switch (nb) { BF16_DP_UP_TO_6(4) } break;
-        case 3: switch (nb) { BF16_DP_UP_TO_6(3) BF16_DP_CASE(3, 7) } break;
-        case 2: switch (nb) { BF16_DP_UP_TO_6(2) BF16_DP_CASE(2, 7) BF16_DP_CASE(2, 8) } break;
-        default: switch (nb) { BF16_DP_UP_TO_6(1) BF16_DP_CASE(1, 7) BF16_DP_CASE(1, 8) } break;
-        }
+        /* whole blocks: one copy of the block per mb, its loops unrolled over registers; the short block at
+         * the end of W: the same sums with mb and nb known at run time only (slower, once per call) */
+        if (nb == rows && mb == 4) bf16_dp_block(xq, 4, w, n0, 6, next, K, M, N, bias, y);
+        else if (nb == rows && mb == 3) bf16_dp_block(xq, 3, w, n0, 7, next, K, M, N, bias, y);
+        else if (nb == rows && mb == 2) bf16_dp_block(xq, 2, w, n0, 8, next, K, M, N, bias, y);
+        else if (nb == rows) bf16_dp_block(xq, 1, w, n0, 8, next, K, M, N, bias, y);
+        else bf16_dp_block(xq, mb, w, n0, nb, next, K, M, N, bias, y);
     }
     free(xq);
 }
-#undef BF16_DP_CASE
-#undef BF16_DP_UP_TO_6
 #define HAS_BF16_DP FEATURE_BF16_DP
 #else
 void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
