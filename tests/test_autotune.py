@@ -111,6 +111,33 @@ def test_bf16_dot_products_of_a_batch_are_each_rows_own(rows, n, k):
 
 
 @needs_bf16_dp
+def test_a_batched_bf16_step_gives_each_row_the_logits_it_gets_alone(tiny, monkeypatch):
+    """What continuous batching promises with the AVX-512 BF16 kernel (the default path for bf16 weights):
+    a row's logits from an 11-row decoding step (the kernel's batched lanes, layers in one C call, the head)
+    are the bits of the same row stepped alone (the one-row path)."""
+    import phikit
+
+    monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
+    monkeypatch.delenv("PHIKIT_DECODE_PATH", raising=False)
+    folder, _ = tiny
+    model = phikit.load(folder, dtype="bf16", device="cpu").model
+    from phikit.backends import cpu
+
+    layers = [cpu._layer_args(layer) for layer in model.model.layers]  # the one-call step's linears
+    assert all(args[0] == "bf16_dp" for _, _, linears in layers for args in linears)
+    rows = 11
+    ids = torch.randint(0, 300, (rows, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        cache = model.new_cache(rows, 16)
+        for r in range(rows):
+            model.prefill(ids[r : r + 1, :8], torch.arange(8), cache.rows(r))
+        alone = [model.decode_step(ids[r : r + 1, 8:], torch.tensor([8]), cache.rows(r))[0] for r in range(rows)]
+        together = model.decode_step(ids[:, 8:], torch.tensor([8]), cache)
+    for r in range(rows):
+        assert torch.equal(together[r], alone[r])
+
+
+@needs_bf16_dp
 def test_decoding_with_bf16_dot_products_matches_the_fp32_activation_path(tiny, monkeypatch):
     """The decode choice for bf16 weights, forced to bf16_dp: the one-call step and the module path agree,
     and stay within bf16 rounding of phikit's default (fp32 activations)."""
