@@ -119,6 +119,7 @@ def test_a_batched_bf16_step_gives_each_row_the_logits_it_gets_alone(tiny, monke
 
     monkeypatch.setenv("PHIKIT_AUTOTUNE", "1")
     monkeypatch.delenv("PHIKIT_DECODE_PATH", raising=False)
+    monkeypatch.setattr(autotune, "_defaults", {})  # the choices this load records stay this test's
     folder, _ = tiny
     model = phikit.load(folder, dtype="bf16", device="cpu").model
     from phikit.backends import cpu
@@ -168,6 +169,7 @@ def test_the_decode_choice_is_measured_and_cached(tmp_path, monkeypatch):
     monkeypatch.delenv("PHIKIT_DECODE_PATH", raising=False)
     monkeypatch.setattr(autotune, "_chosen", {})
     monkeypatch.setattr(autotune, "_timings", {})
+    monkeypatch.setattr(autotune, "_defaults", {})  # what other tests' default-mode loads recorded
     assert autotune.choose_decode("int8", N, K) == "phikit_gemv"  # a single candidate: nothing to measure
     path = autotune.choose_decode("bf16", N, K)
     assert path in autotune.decode_paths("bf16")
