@@ -40,14 +40,17 @@ static inline __attribute__((always_inline)) void bf16_dp_block(const uint16_t *
             for (int b = 0; b < mb; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], wv, xv[b]);
         }
     }
+    /* lane 4q of t[i][b]: (c0 + c1) + (c2 + c3) of row 4b + q, summed in registers (fp32 addition commutes, so
+     * the bits of the lanes summed one by one, which cost 10% of a 16-row step) */
+    float t[8][4][16];
     for (int i = 0; i < nb; i++)
         for (int b = 0; b < mb; b++) {
-            float t[16];
-            _mm512_storeu_ps(t, acc[i][b]);
-            for (int q = 0; q < 4 && 4 * b + q < M; q++)
-                y[(4 * b + q) * N + n0 + i] =
-                    ((t[4 * q] + t[4 * q + 1]) + (t[4 * q + 2] + t[4 * q + 3])) + (bias ? bias[n0 + i] : 0.0f);
+            __m512 a = _mm512_add_ps(acc[i][b], _mm512_permute_ps(acc[i][b], 0xB1));
+            _mm512_storeu_ps(t[i][b], _mm512_add_ps(a, _mm512_permute_ps(a, 0x4E)));
         }
+    for (int b = 0; b < mb; b++)
+        for (int q = 0; q < 4 && 4 * b + q < M; q++)
+            for (int i = 0; i < nb; i++) y[(4 * b + q) * N + n0 + i] = t[i][b][4 * q] + (bias ? bias[n0 + i] : 0.0f);
 }
 
 /* One row of x (a decoding step of one sequence), bound by the weights' stream: 8 rows of W a block, each
