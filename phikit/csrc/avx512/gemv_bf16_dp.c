@@ -11,7 +11,7 @@
  * 16 rows of x x 6 rows of W take 4 + 6 loads for 24 instructions in 24 accumulators. The dot-product
  * form before it (a row of W against a row of x, 32 pairs a load, 2 x 3 rows blocked) needed 5 loads per
  * 6 instructions and ran a 16-row step of 8 layers x 1280 + a 51,200-row head at 31 ms where this runs it
- * at 22 (on 2 Zen 4 cores: 327 of the ~470 GFLOP/s two cores' vdpbf16ps can issue; PyTorch's bf16 GEMM
+ * at 20-21 (on 2 Zen 4 cores: ~350 of the ~470 GFLOP/s two cores' vdpbf16ps can issue; PyTorch's bf16 GEMM
  * 420 at 256 rows), at 16 ms instead of 23.5 with 8 rows, and one row (bf16_dp_one_row) as fast as before
  * (every weight read once; a bandwidth-bound stream): benchmarks/RESULTS.md, issue 22.
  *
