@@ -124,6 +124,8 @@ def bench_gemv(precisions: list[str], rounds: int, defines: list[str], pages: bo
                     "gb": total / 1e9,
                     "gemv_gb_s": statistics.median(values[1:]),
                     "sum_gb_s": statistics.median(sums[1:]),
+                    "rounds_gb_s": values[1:],  # each round, next to that round's sum: the VM's phase
+                    "rounds_sum_gb_s": sums[1:],
                 }
             )
             rows[-1]["ratio"] = f"{rows[-1]['gemv_gb_s'] / rows[-1]['sum_gb_s']:.2f}"
