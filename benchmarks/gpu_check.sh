@@ -84,7 +84,7 @@ if [ -z "$DRY" ]; then
 fi
 
 NOTES=()  # lines for summary.md, which the version prelude below starts
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${PHIKIT_CHECK_NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # NO_WHEELS: all installed
   SITE=/tmp/phikit_site${DRY:+_dry}  # a dry run times the install but keeps this Python's own packages
   AS_DEVICE=()                       # ... and installs for the device's Python, whichever this one is
   [ -n "$DRY" ] && AS_DEVICE=(--python-version 3.12 --implementation cp --only-binary=:all:)
