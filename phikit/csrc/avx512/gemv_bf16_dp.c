@@ -21,6 +21,14 @@
  * y[m][n] = dot(bf16(x[m]), W[n]) + bias[n]. */
 enum { DP_PREFETCH_EVERY = 4 }; /* 4 groups of 8 columns: one 64-byte line of each row of the next block */
 
+/* The one order every output's four lanes are summed in, whichever path made them: lane 4q of t gets
+ * (c0 + c1) + (c2 + c3) of a's 128-bit lane q, in registers (two in-lane permutes; fp32 addition commutes, so
+ * the same bits as adding the lanes one by one, which cost 10% of a 16-row step). */
+static inline __attribute__((always_inline)) void bf16_dp_lane_sums(__m512 a, float *t) {
+    a = _mm512_add_ps(a, _mm512_permute_ps(a, 0xB1));
+    _mm512_storeu_ps(t, _mm512_add_ps(a, _mm512_permute_ps(a, 0x4E)));
+}
+
 static inline __attribute__((always_inline)) void bf16_dp_block(const uint16_t *xq, int mb, const uint16_t *w,
                                                                 int64_t n0, int nb, const uint16_t *next,
                                                                 int64_t K, int64_t M, int64_t N,
@@ -40,14 +48,9 @@ static inline __attribute__((always_inline)) void bf16_dp_block(const uint16_t *
             for (int b = 0; b < mb; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], wv, xv[b]);
         }
     }
-    /* lane 4q of t[i][b]: (c0 + c1) + (c2 + c3) of row 4b + q, summed in registers (fp32 addition commutes, so
-     * the bits of the lanes summed one by one, which cost 10% of a 16-row step) */
-    float t[8][4][16];
+    float t[8][4][16]; /* lane 4q of t[i][b]: row 4b + q's dot product with row n0 + i */
     for (int i = 0; i < nb; i++)
-        for (int b = 0; b < mb; b++) {
-            __m512 a = _mm512_add_ps(acc[i][b], _mm512_permute_ps(acc[i][b], 0xB1));
-            _mm512_storeu_ps(t[i][b], _mm512_add_ps(a, _mm512_permute_ps(a, 0x4E)));
-        }
+        for (int b = 0; b < mb; b++) bf16_dp_lane_sums(acc[i][b], t[i][b]);
     for (int b = 0; b < mb; b++)
         for (int q = 0; q < 4 && 4 * b + q < M; q++)
             for (int i = 0; i < nb; i++) y[(4 * b + q) * N + n0 + i] = t[i][b][4 * q] + (bias ? bias[n0 + i] : 0.0f);
@@ -83,11 +86,9 @@ static void bf16_dp_one_row(const uint16_t *xb, const uint16_t *w, int64_t n0, i
         }
     }
     for (int z = 0; z < 2; z++) {
-        float t[16];
-        _mm512_storeu_ps(t, acc[z]);
-        for (int r = 0; r < 4; r++)
-            y[n0 + 4 * z + r] = ((t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3])) +
-                                (bias ? bias[n0 + 4 * z + r] : 0.0f);
+        float t[16]; /* lane 4r: row n0 + 4z + r's dot product */
+        bf16_dp_lane_sums(acc[z], t);
+        for (int r = 0; r < 4; r++) y[n0 + 4 * z + r] = t[4 * r] + (bias ? bias[n0 + 4 * z + r] : 0.0f);
     }
 }
 
