@@ -32,13 +32,14 @@ def test_every_prefill_path_matches_the_reference(kind, path, monkeypatch):
     if path not in autotune.paths(kind, N):
         pytest.skip(f"{path} needs instructions this CPU (or build) lacks")
     monkeypatch.setattr(autotune, "PANEL_BYTES", 64 * K * 2)  # several panels even for this small weight
+    monkeypatch.setattr(autotune, "F32_PANEL_BYTES", 64 * K * 4)
     (weight, scale, minimum, group), dense = weights(kind)
     x, bias = torch.randn(40, K), torch.randn(N)
     got = autotune.run(path, x, kind, weight, scale, minimum, bias, group)
     expected = F.linear(x, dense, bias)
     # paths through bf16 round the activations (and int8/int4/fp16 panels) to bf16: ~0.3% of the output;
     # phikit_vnni rounds them to int8 per block: ~0.5%
-    limit = 1e-5 if path in ("phikit_gemm", "torch_f32") else 1e-2
+    limit = 1e-5 if path in ("phikit_gemm", "torch_f32", "dequant_f32") else 1e-2
     assert ((got - expected).norm() / expected.norm()).item() < limit
 
 
@@ -276,7 +277,10 @@ def test_by_default_the_path_is_a_function_of_the_format_and_the_cpu(monkeypatch
     bf16 = kernels.has(kernels.FEATURE_BF16_DP)
     vnni = kernels.has(kernels.FEATURE_VNNI)
     assert autotune.choose("f32", N, K) == "phikit_gemm"
-    assert autotune.choose("bf16", N, K) == ("torch_bf16" if bf16 else "phikit_gemm")
+    f32_panels = not bf16 and kernels.isa() == "avx512"  # AVX-512 without BF16: sgemm on fp32 panels
+    assert autotune.choose("bf16", N, K) == ("torch_bf16" if bf16 else "dequant_f32" if f32_panels else "phikit_gemm")
+    assert autotune.choose("bf16", N, K, rows=64) == ("torch_bf16" if bf16 else "phikit_gemm")
+    assert autotune.choose("f16", N, K) == ("dequant_bf16" if bf16 else "dequant_f32" if f32_panels else "phikit_gemm")
     assert autotune.choose("int4", N, K, 64) == ("phikit_vnni" if vnni else "dequant_bf16" if bf16 else "phikit_gemm")
     assert autotune.choose_decode("bf16", N, K) == ("bf16_dp" if bf16 else "phikit_gemv")
     monkeypatch.setenv("PHIKIT_AUTOTUNE", "0")

@@ -84,7 +84,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     ]
     for k, v in settings.items():
         args += [f"--{k}", str(v)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the same thread count as the runs in this process: a sum split over another number of threads rounds
+    # differently (PyTorch's kernels on an Intel CPU: 5e-8 after 10 steps), and 120 steps amplify it to 0.1
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not checkpoints(out):
         time.sleep(0.02)

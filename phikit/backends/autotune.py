@@ -4,24 +4,33 @@ Which matrix product is fastest depends on the CPU far more than on anything els
 own GEMM (fp32 FMAs, weights unpacked as it goes) leads; where the CPU has bf16 dot products (AVX-512 BF16),
 PyTorch's bf16 matmul (oneDNN) was measured 2.6x faster for bf16 weights, and with AVX-512 VNNI phikit's
 int8-activation GEMM 0.56-0.71x the time of the next path for int8/int4 weights (benchmarks/RESULTS.md,
-issue 14). The paths round activations differently (fp32, bf16, int8), so a choice made by timing on the
+issue 14). Where AVX-512 lacks BF16 (an Intel Xeon whose VM hides it), PyTorch's bf16 matmul emulates it at
+60 GFLOP/s, phikit's GEMM runs 120-160 and PyTorch's fp32 sgemm on 16 MB panels of the weight unpacked to
+fp32 200-250 (512 rows; level with phikit's GEMM at 32 rows): that is the default there for longer prompts.
+The paths round activations differently (fp32, bf16, int8), so a choice made by timing on the
 machine could differ between two runs of the same CPU and flip a near-tie in greedy output. So by default
-the path is a fixed function of the weight format and the CPU's capabilities (``default_path``, documented
-below); ``PHIKIT_AUTOTUNE=measure`` times every candidate per format, shape and prompt-length bucket (up to
-64 rows; longer) on first use instead and caches the choice per CPU model, flags, thread count, PyTorch and
-kernel-library version in ``$PHIKIT_CACHE/autotune-<key>.json`` (for benchmarks and new CPUs).
+the path is a fixed function of the weight format, the CPU's capabilities and (there) the prompt's length
+bucket (``default_path``, documented below); ``PHIKIT_AUTOTUNE=measure`` times every candidate per format,
+shape and prompt-length bucket (up to 64 rows; longer) on first use instead and caches the choice per CPU
+model, flags, thread count, PyTorch and kernel-library version in ``$PHIKIT_CACHE/autotune-<key>.json`` (for
+benchmarks and new CPUs).
 
-| weights | AVX-512 with BF16 and VNNI | AVX-512 BF16, no VNNI | AVX2 |
-|---|---|---|---|
-| f32 | phikit_gemm | phikit_gemm | phikit_gemm |
-| bf16 | torch_bf16 (decode: bf16_dp) | torch_bf16 (decode: bf16_dp) | phikit_gemm (decode: phikit_gemv) |
-| f16 | dequant_bf16 | dequant_bf16 | phikit_gemm |
-| int8, int4 | phikit_vnni (N % 32 == 0, else dequant_bf16) | dequant_bf16 | phikit_gemm |
+| weights | AVX-512 with BF16 and VNNI | AVX-512 BF16, no VNNI | AVX-512 and VNNI, no BF16 | AVX2 |
+|---|---|---|---|---|
+| f32 | phikit_gemm | phikit_gemm | phikit_gemm | phikit_gemm |
+| bf16 | torch_bf16 (decode: bf16_dp) | torch_bf16 (decode: bf16_dp) | dequant_f32 (a) | phikit_gemm |
+| f16 | dequant_bf16 | dequant_bf16 | dequant_f32 (a) | phikit_gemm |
+| int8, int4 | phikit_vnni (b) | dequant_bf16 | phikit_vnni (b) | phikit_gemm |
+
+(a) over 64 rows, else phikit_gemm; (b) where N % 32 == 0, else dequant_bf16 with BF16 and phikit_gemm
+without; decoding takes phikit_gemv wherever the table does not say otherwise.
 
 Candidates (``PATHS``): ``phikit_gemm`` (the C GEMM, fp32 activations, any format); ``torch_f32`` (fp32
 weights: PyTorch's sgemm); ``torch_bf16`` (bf16 weights: activations rounded to bf16, PyTorch's bf16
 matmul, the numerics of transformers in bf16); ``dequant_bf16`` (fp16/int8/int4: panels of weight rows
-unpacked to bf16 by a C kernel, up to 64 MB at a time, through PyTorch's bf16 matmul); ``phikit_vnni``
+unpacked to bf16 by a C kernel, up to 64 MB at a time, through PyTorch's bf16 matmul); ``dequant_f32``
+(bf16/fp16 weights: panels of rows copied to fp32, 16 MB at a time, through PyTorch's fp32 sgemm: fp32
+activations and exact weights, as phikit_gemm, summed in another order); ``phikit_vnni``
 (int8/int4 where the CPU has AVX-512 VNNI: activations quantized to int8 per block, integer dot products,
 as llama.cpp's prefill; ``paths`` leaves it out where the library or the shape cannot take it).
 Paths that round activations to bf16 are candidates only for weights narrower than fp32.
@@ -48,8 +57,8 @@ from phikit.kernels.build import FALSE
 
 PATHS = {
     "f32": ("phikit_gemm", "torch_f32"),
-    "bf16": ("phikit_gemm", "torch_bf16"),
-    "f16": ("phikit_gemm", "dequant_bf16"),
+    "bf16": ("phikit_gemm", "torch_bf16", "dequant_f32"),
+    "f16": ("phikit_gemm", "dequant_bf16", "dequant_f32"),
     "int8": ("phikit_gemm", "dequant_bf16", "phikit_vnni"),
     "int4": ("phikit_gemm", "dequant_bf16", "phikit_vnni"),
 }
@@ -62,12 +71,17 @@ ROWS = 128  # rows of the timing runs of the last bucket (kept for callers that 
 # oneDNN call re-packs the activations and synchronizes its threads; so one panel up to 64 MB, in a
 # buffer reused by every call of the thread (no fresh pages per call).
 PANEL_BYTES = 64 << 20
+# fp32 weight rows per panel of dequant_f32 (PyTorch's sgemm packs the weight itself, so a panel that stays in
+# the caches helps). Intel Xeon, 2 cores, AVX-512 without BF16, 512 x 3072 x 9216: 4 MB 129 ms, 16 MB 117, 64
+# MB 132, the whole weight 145; at 128 rows 38 / 35 / 55 / 67 ms.
+F32_PANEL_BYTES = 16 << 20
+F32_MIN_ROWS = 64  # dequant_f32 by default only above this many rows (unpacking pays off over enough rows)
 
 _chosen: dict[str, str] = {}
 _timings: dict[str, dict[str, float]] = {}
 _used: set[str] = set()  # keys asked for in this process (the cache file may hold other shapes)
 _defaults: dict[str, str] = {}  # the default paths this process took (for benchmarks' reports)
-_scratch = threading.local()  # .panel: this thread's bf16 buffer for dequant_bf16
+_scratch = threading.local()  # .panel_bfloat16 / .panel_float32: this thread's buffers for the dequant paths
 _lock = threading.Lock()
 
 
@@ -148,6 +162,16 @@ def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, g
         y = x @ weight.t()
     elif path == "torch_bf16":
         y = (x.to(torch.bfloat16) @ weight.t()).float()
+    elif path == "dequant_f32":
+        n, k = weight.shape[0], x.shape[1]
+        block = max(64, F32_PANEL_BYTES // (4 * k) // 64 * 64)
+        panel = _panel(min(block, n) * k, torch.float32)
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        for first in range(0, n, block):
+            last = min(first + block, n)
+            rows = panel[: (last - first) * k].view(last - first, k)
+            rows.copy_(weight[first:last])
+            y[:, first:last] = x @ rows.t()
     else:  # dequant_bf16
         xb = x.to(torch.bfloat16)
         n, k = weight.shape[0], x.shape[1]
@@ -163,11 +187,13 @@ def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, g
     return y
 
 
-def _panel(numel: int) -> torch.Tensor:
-    """This thread's scratch buffer of at least ``numel`` bf16 elements (grown, never shrunk)."""
-    panel = getattr(_scratch, "panel", None)
+def _panel(numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """This thread's scratch buffer of at least ``numel`` elements of ``dtype`` (grown, never shrunk)."""
+    name = f"panel_{str(dtype).removeprefix('torch.')}"
+    panel = getattr(_scratch, name, None)
     if panel is None or panel.numel() < numel:
-        panel = _scratch.panel = torch.empty(numel, dtype=torch.bfloat16)
+        panel = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, panel)
     return panel
 
 
@@ -212,12 +238,15 @@ def _mode() -> str:
     return "measure" if value == "measure" else "default"
 
 
-def default_path(kind: str, n: int) -> str:
-    """The prefill path for ``kind`` weights with ``n`` output rows on this CPU (the module docstring's table)."""
+def default_path(kind: str, n: int, rows: int = ROWS) -> str:
+    """The prefill path for ``rows`` activation rows through ``kind`` weights with ``n`` output rows on this
+    CPU (the module docstring's table)."""
     if kind in ("int8", "int4") and "phikit_vnni" in paths(kind, n):
         return "phikit_vnni"
     if kernels.has(kernels.FEATURE_BF16_DP):  # a library built with AVX-512 BF16: the CPU has bf16 dot products
         return {"bf16": "torch_bf16", "f32": "phikit_gemm"}.get(kind, "dequant_bf16")
+    if kind in ("bf16", "f16") and kernels.isa() == "avx512" and rows > F32_MIN_ROWS:
+        return "dequant_f32"
     return "phikit_gemm"
 
 
@@ -230,10 +259,10 @@ def choose(kind: str, n: int, k: int, group_size: int = 0, rows: int = ROWS) -> 
     mode = _mode()
     if mode == "off":
         return "phikit_gemm"
-    if mode == "default":
-        _defaults[f"{kind}:{n}x{k}:g{group_size}"] = path = default_path(kind, n)
-        return path
     length, timed = bucket(rows)
+    if mode == "default":
+        _defaults[f"{kind}:{n}x{k}:g{group_size}:{length}"] = path = default_path(kind, n, rows)
+        return path
     key = f"{kind}:{n}x{k}:g{group_size}:{length}:t{torch.get_num_threads()}"
     with _lock:
         _used.add(key)

@@ -23,6 +23,7 @@
  * flags: phikit/kernels/build.py builds one library per instruction set):
  *   phikit.h              the exported functions (PHIKIT_API block), weight kinds, vector helpers
  *   gemv.c                decoding's matrix-vector products: f32, bf16, f16, int8, int4
+ *     avx512/gemv_bf16_zmm.h  bf16 in zmm registers (AVX-512F)
  *     avx512/gemv_bf16_dp.c   bf16 with AVX-512 BF16 dot products
  *     avx512/dot_i8_row.h     int8 rows with AVX-512 VNNI
  *   activations.c         gelu (tanh form), RMSNorm, SwiGLU

@@ -1,6 +1,7 @@
 /* ---- matrix-vector products for decoding (1 to 16 rows of x), generic AVX2 ----
- * f32 / bf16 / f16 (one macro), int8 and int4 weights. AVX-512 overrides: avx512/gemv_bf16_dp.c (bf16 with
- * vdpbf16ps, its own entry point) and avx512/dot_i8_row.h (the int8 row dot product with vpdpwssd). */
+ * f32 / bf16 / f16 (one macro), int8 and int4 weights. AVX-512 overrides: avx512/gemv_bf16_zmm.h (bf16 in
+ * zmm registers), avx512/gemv_bf16_dp.c (bf16 with vdpbf16ps, its own entry point) and avx512/dot_i8_row.h
+ * (the int8 row dot product with vpdpwssd). */
 #define DEFINE_GEMV(NAME, WTYPE, LOAD)                                                              \
     void NAME(const float *x, int64_t M, int64_t K, const WTYPE *w, int64_t N, const float *scale,   \
               const float *bias, float *y) {                                                        \
@@ -70,7 +71,14 @@
     }
 
 DEFINE_GEMV(phikit_gemv_f32, float, load_f32)
+#ifndef BF16_ZMM /* 0: the AVX2 loop even in an AVX-512 build (benchmarks/bench_decode.py --define) */
+#define BF16_ZMM 1
+#endif
+#if defined(__AVX512F__) && BF16_ZMM
+#include "avx512/gemv_bf16_zmm.h" /* the AVX-512 override of phikit_gemv_bf16 */
+#else
 DEFINE_GEMV(phikit_gemv_bf16, uint16_t, load_bf16)
+#endif
 DEFINE_GEMV(phikit_gemv_f16, uint16_t, load_f16)
 
 
