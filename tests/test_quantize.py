@@ -83,7 +83,9 @@ def test_nf4_matches_bitsandbytes(weight):
     torch.testing.assert_close(dequantize("nf4", ours), reference, rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("nf4", 0)])
+@pytest.mark.parametrize(
+    "fmt,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256), ("nf4", 0)]
+)
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
 def test_quantized_linear_matches_dequantized_matmul(weight, backend, fmt, group, rows):
     bias = torch.randn(N)
@@ -129,6 +131,19 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch(weight, kind):
     batch = kernels.gemv(x, kind, *args)
     for row in range(6):
         assert torch.equal(kernels.gemv(x[row : row + 1].contiguous(), kind, *args)[0], batch[row])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("k", [192, 256])
+def test_the_bf16_gemv_matches_torch(k):
+    """AVX-512 builds read 32 bf16 weights a load and split each 32-bit lane into its two weights."""
+    torch.manual_seed(3)
+    weight, x = torch.randn(N, k).bfloat16(), torch.randn(6, k)
+    expected = F.linear(x, weight.float())
+    batch = kernels.gemv(x, "bf16", weight)
+    torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-4)
+    for row in range(6):
+        assert torch.equal(kernels.gemv(x[row : row + 1].contiguous(), "bf16", weight)[0], batch[row])
 
 
 def test_spec_errors():

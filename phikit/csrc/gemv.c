@@ -247,6 +247,16 @@ static inline __attribute__((always_inline)) float dot_row_i4(const uint8_t *wr,
     return hsum(acc) + hsum(extra) + tail;
 }
 
+#ifndef I4_ZMM /* 0: the AVX2 loop even in an AVX-512 VNNI build (benchmarks/bench_decode.py --define) */
+#define I4_ZMM 1
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && I4_ZMM
+#include "avx512/dot_i4_row.h" /* the AVX-512 VNNI override of dot_row_i4 (groups of 64 and more) */
+#define HAVE_I4_ZMM 1
+#else
+#define HAVE_I4_ZMM 0
+#endif
+
 void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G,
                     const uint16_t *scale, const uint16_t *minimum, const float *bias, float *y) {
     int8_t *xq = malloc((size_t)(M * K));
@@ -263,6 +273,30 @@ void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int6
             y[m * N + n] = dot_row_i4(wr, sc, mn, xq + m * K, dx + m * K / GS, xsum + m * K / GS, K, GS) + \
                            (bias ? bias[n] : 0.0f);                                                   \
     }
+#if HAVE_I4_ZMM
+    int8_t *xp = K % 128 == 0 && G % 64 == 0 ? malloc((size_t)(M * K)) : NULL;
+    if (xp) {
+        split_i4_pairs(xq, M, K, xp);
+#define I4_ROWS_ZMM(GS)                                                                               \
+    _Pragma("omp parallel for schedule(static)") for (int64_t n = 0; n < N; n++) {                     \
+        const uint8_t *wr = w + n * K / 2;                                                            \
+        const uint16_t *sc = scale + n * K / GS, *mn = minimum + n * K / GS;                          \
+        for (int64_t m = 0; m < M; m++)                                                               \
+            y[m * N + n] = dot_row_i4_zmm(wr, sc, mn, xp + m * K, dx + m * K / GS, xsum + m * K / GS, K, GS) + \
+                           (bias ? bias[n] : 0.0f);                                                   \
+    }
+        switch (G) {
+        case 64: I4_ROWS_ZMM(64) break;
+        case 128: I4_ROWS_ZMM(128) break;
+        default: I4_ROWS_ZMM(256) break;
+        }
+        free(xp);
+        free(xq);
+        free(dx);
+        free(xsum);
+        return;
+    }
+#endif
     switch (G) {
     case 32: I4_ROWS(32) break;
     case 64: I4_ROWS(64) break;

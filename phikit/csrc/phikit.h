@@ -42,10 +42,13 @@ enum { DECODE_NO_MEMORY = -1, DECODE_UNKNOWN_KIND = -2 }; /* phikit_decode_layer
  * which the hardware prefetchers alone kept ~10-20% below the bandwidth a 4-row bf16 stream reaches on 4 KB
  * pages; measured on Phi-2's shapes (benchmarks/RESULTS.md). With weights on 2 MB pages the best distance
  * depends on the VM's phase: Phi-3-mini int8 decoded 24-28% faster 256 bytes ahead where tensor.sum read ~70
- * GB/s and 20-30% slower where it read ~37 (issue 23, seventh session), so 1024 stays. int4's 2048 is within
- * 0-8% of 128-256. bf16's streams do better without. */
+ * GB/s and 20-30% slower where it read ~37 (issue 23, seventh session), so 1024 stayed; on an Intel Xeon
+ * (ninth session) int8 read 2048 bytes ahead at 22.6 GB/s against 20.3 at 1024 (4096: 22.6), as on the EPYC
+ * (33.4 against 31.9 in one run, level in another): 2048. int4's 2048 is within 0-8% of 128-256 on the EPYC,
+ * and beat 1024 by 10% and 4096 by 2% on the Xeon. The AVX2 bf16 loop's 4-row streams do better without;
+ * the zmm one takes PREFETCH_BF16 (avx512/gemv_bf16_zmm.h). */
 #ifndef PREFETCH_I8 /* overridable for benchmarks/bench_decode.py --define */
-#define PREFETCH_I8 1024
+#define PREFETCH_I8 2048
 #endif
 #ifndef PREFETCH_I4
 #define PREFETCH_I4 2048
