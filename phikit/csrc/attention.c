@@ -30,6 +30,20 @@ static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f
     }
 }
 
+/* Bytes of the cache prefetched ahead of the rows being read (0: none). Phi-4-mini int4 after 16,384 tokens
+ * (`phikit bench --depth 16384`, an Intel Xeon, builds alternating): none 4.20-4.97 tok/s, 512 bytes 4.93-5.24,
+ * 1024 4.89-5.59, 2048 5.67-5.96, 4096 5.36-5.89; after 32,768: none 2.92-3.06, 2048 3.75-3.87. */
+#ifndef PREFETCH_KV
+#define PREFETCH_KV 2048
+#endif
+
+/* Software prefetch of the 64-byte lines of elements [i, i + count) of a cache, PREFETCH_KV bytes ahead. */
+static inline __attribute__((always_inline)) void prefetch_kv(const void *c, int64_t i, int64_t count, int f16) {
+    if (!PREFETCH_KV) return;
+    const char *p = (const char *)c + i * (f16 ? 2 : 4) + PREFETCH_KV;
+    for (int64_t b = 0; b < count * (f16 ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 #if defined(__AVX512F__)
 #include "avx512/attention_group.h" /* grouped-query heads with zmm registers: group_scores, group_values */
 #define GROUP_ATTENTION(G, D) ((G) > 1 && (G) <= 8 && (D) % 16 == 0 && (D) <= 128)
@@ -83,7 +97,8 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
             if (GROUP_ATTENTION(G, D)) {
                 group_scores(k_cache, base, n, D, G, qh, scores, stride, f16);
             } else {
-                for (int64_t j = 0; j < n; j++) /* each key once for the group */
+                for (int64_t j = 0; j < n; j++) { /* each key once for the group */
+                    prefetch_kv(k_cache, base + j * D, D, f16);
                     for (int64_t g = 0; g < G; g++) {
                         __m256 acc = _mm256_setzero_ps();
                         for (int64_t i = 0; i < nv; i++)
@@ -91,6 +106,7 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
                                                   load_kv(k_cache, base + j * D + 8 * i, f16), acc);
                         scores[g * stride + j] = hsum(acc);
                     }
+                }
             }
             for (int64_t g = 0; g < G; g++) {
                 float *sc = scores + g * stride, m = -INFINITY;
@@ -113,6 +129,7 @@ int64_t phikit_attention_decode(const float *q, const float *k, const float *v, 
                 __m256 acc[16];
                 for (int64_t i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
                 for (int64_t j = 0; j < n; j++) {
+                    prefetch_kv(v_cache, base + j * D, D, f16);
                     __m256 p = _mm256_set1_ps(scores[j]);
                     for (int64_t i = 0; i < nv; i++)
                         acc[i] = _mm256_fmadd_ps(p, load_kv(v_cache, base + j * D + 8 * i, f16), acc[i]);

@@ -44,6 +44,7 @@ static inline __attribute__((always_inline)) int64_t group_scores_block(const vo
     int64_t j0 = 0;
     for (; j0 + NK <= n; j0 += NK) {
         __m512 acc[16], qc[8];
+        prefetch_kv(k_cache, base + j0 * D, NK * D, f16);
         #pragma GCC unroll 16
         for (int t = G * NK; t < 16; t++) acc[t] = _mm512_setzero_ps();
         #pragma GCC unroll 16
@@ -111,6 +112,7 @@ static inline __attribute__((always_inline)) void group_values_chunk(const void 
     for (int t = 0; t < G * CZ; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
         __m512 val[8];
+        prefetch_kv(v_cache, base + j * D + i0, 16 * CZ, f16);
         for (int c = 0; c < CZ; c++) val[c] = load_kv512(v_cache, base + j * D + i0 + 16 * c, f16);
         for (int g = 0; g < G; g++) {
             __m512 p = _mm512_set1_ps(scores[g * stride + j]);
