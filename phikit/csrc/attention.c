@@ -32,7 +32,9 @@ static inline void store_kv(void *c, int64_t i, const float *x, int64_t D, int f
 
 /* Bytes of the cache prefetched ahead of the rows being read (0: none). Phi-4-mini int4 after 16,384 tokens
  * (`phikit bench --depth 16384`, an Intel Xeon, builds alternating): none 4.20-4.97 tok/s, 512 bytes 4.93-5.24,
- * 1024 4.89-5.59, 2048 5.67-5.96, 4096 5.36-5.89; after 32,768: none 2.92-3.06, 2048 3.75-3.87. */
+ * 1024 4.89-5.59, 2048 5.67-5.96, 4096 5.36-5.89; after 32,768: none 2.92-3.06, 2048 3.75-3.87; Phi-3-mini (one
+ * query head a KV head) after 16,384: none 2.40-2.45, 2048 2.92-2.95. Measured with the AVX-512 build on that
+ * Xeon only (benchmarks/RESULTS.md, issue 23, ninth session); the AVX2 build takes the same distance. */
 #ifndef PREFETCH_KV
 #define PREFETCH_KV 2048
 #endif
