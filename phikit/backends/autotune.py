@@ -163,31 +163,36 @@ def run(path: str, x: torch.Tensor, kind: str, weight, scale, minimum, bias32, g
     elif path == "torch_bf16":
         y = (x.to(torch.bfloat16) @ weight.t()).float()
     elif path == "dequant_f32":
-        n, k = weight.shape[0], x.shape[1]
-        block = max(64, F32_PANEL_BYTES // (4 * k) // 64 * 64)
-        panel = _panel(min(block, n) * k, torch.float32)
-        y = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for first in range(0, n, block):
-            last = min(first + block, n)
-            rows = panel[: (last - first) * k].view(last - first, k)
-            rows.copy_(weight[first:last])
-            y[:, first:last] = x @ rows.t()
+
+        def f32_rows(first: int, last: int, panel: torch.Tensor) -> torch.Tensor:
+            return panel[: (last - first) * x.shape[1]].view(last - first, -1).copy_(weight[first:last])
+
+        y = _by_panels(x, weight.shape[0], F32_PANEL_BYTES, torch.float32, f32_rows)
     else:  # dequant_bf16
-        xb = x.to(torch.bfloat16)
-        n, k = weight.shape[0], x.shape[1]
-        block = max(64, PANEL_BYTES // (2 * k) // 64 * 64)
-        panel = _panel(min(block, n) * k)
-        y = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for first in range(0, n, block):
-            last = min(first + block, n)
-            rows = kernels.dequant_bf16(kind, weight, scale, minimum, group_size, first, last, out=panel)
-            y[:, first:last] = xb @ rows.t()
+
+        def bf16_rows(first: int, last: int, panel: torch.Tensor) -> torch.Tensor:
+            return kernels.dequant_bf16(kind, weight, scale, minimum, group_size, first, last, out=panel)
+
+        y = _by_panels(x.to(torch.bfloat16), weight.shape[0], PANEL_BYTES, torch.bfloat16, bf16_rows)
     if bias32 is not None:
         y += bias32
     return y
 
 
-def _panel(numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def _by_panels(x: torch.Tensor, n: int, panel_bytes: int, dtype: torch.dtype, rows) -> torch.Tensor:
+    """y (M, n) fp32 = x @ W.T one panel of W's rows at a time: ``rows(first, last, panel)`` writes rows
+    first:last of W into this thread's ``dtype`` buffer and returns them as a (last - first, K) tensor."""
+    k = x.shape[1]
+    block = max(64, panel_bytes // (dtype.itemsize * k) // 64 * 64)
+    panel = _panel(min(block, n) * k, dtype)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    for first in range(0, n, block):
+        last = min(first + block, n)
+        y[:, first:last] = x @ rows(first, last, panel).t()
+    return y
+
+
+def _panel(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """This thread's scratch buffer of at least ``numel`` elements of ``dtype`` (grown, never shrunk)."""
     name = f"panel_{str(dtype).removeprefix('torch.')}"
     panel = getattr(_scratch, name, None)

@@ -195,6 +195,27 @@ static void quantize_row(const float *x, int64_t K, int64_t G, int8_t *xq, float
     }
 }
 
+/* A row's per-group factors before its dot product: coef[g] = weight scale x activation scale, and the minimum
+ * terms (minimum x the group's activation sum) in 8 lanes, 8 groups at a time, plus *tail for the groups after
+ * the last 8; the row's result adds hsum of the returned vector, then *tail. */
+static inline __attribute__((always_inline)) __m256 i4_group_factors(const uint16_t *sc, const uint16_t *mn,
+        const float *dx, const float *xsum, int64_t groups, float *coef, float *tail) {
+    __m256 extra = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
+        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
+        _mm256_storeu_ps(coef + g, _mm256_mul_ps(s, _mm256_loadu_ps(dx + g)));
+        extra = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + g), extra);
+    }
+    *tail = 0.0f;
+    for (; g < groups; g++) {
+        coef[g] = f16(sc[g]) * dx[g];
+        *tail += f16(mn[g]) * xsum[g];
+    }
+    return extra;
+}
+
 /* dot(x, w) for one row of int4 weights, 64 weights (32 bytes) per step: the low nibbles are weights
  * 0..31 of the block, the high nibbles 32..63. Within a group the int16 pair sums of maddubs are added
  * up directly: each is at most 2 * 15 * 127 = 3810, and a group (G <= 256) adds at most 8 of them.
@@ -203,20 +224,9 @@ static void quantize_row(const float *x, int64_t K, int64_t G, int8_t *xq, float
 static inline __attribute__((always_inline)) float dot_row_i4(const uint8_t *wr, const uint16_t *sc,
         const uint16_t *mn, const int8_t *xq, const float *dx, const float *xsum, int64_t K, const int64_t G) {
     const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
-    int64_t groups = K / G, g = 0;
-    float coef[groups];
-    __m256 extra = _mm256_setzero_ps();
-    for (; g + 8 <= groups; g += 8) {
-        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
-        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
-        _mm256_storeu_ps(coef + g, _mm256_mul_ps(s, _mm256_loadu_ps(dx + g)));
-        extra = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + g), extra);
-    }
-    float tail = 0.0f;
-    for (; g < groups; g++) {
-        coef[g] = f16(sc[g]) * dx[g];
-        tail += f16(mn[g]) * xsum[g];
-    }
+    int64_t groups = K / G, g;
+    float coef[groups], tail;
+    __m256 extra = i4_group_factors(sc, mn, dx, xsum, groups, coef, &tail);
     __m256 acc = _mm256_setzero_ps();
     if (G == 32) { /* one 64-block holds two groups */
         for (int64_t b = 0; b < K / 64; b++) {
@@ -264,45 +274,35 @@ void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int6
     float *xsum = malloc(sizeof(float) * (size_t)(M * K / G));
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + m * K, K, G, xq + m * K, dx + m * K / G, xsum + m * K / G);
-/* one copy of the loop per group size, so the compiler unrolls the blocks of a group */
-#define I4_ROWS(GS)                                                                                   \
+/* one copy of the loop per group size, so the compiler unrolls the blocks of a group; DOT reads X */
+#define I4_ROWS(GS, DOT, X)                                                                           \
     _Pragma("omp parallel for schedule(static)") for (int64_t n = 0; n < N; n++) {                     \
         const uint8_t *wr = w + n * K / 2;                                                            \
         const uint16_t *sc = scale + n * K / GS, *mn = minimum + n * K / GS;                          \
         for (int64_t m = 0; m < M; m++)                                                               \
-            y[m * N + n] = dot_row_i4(wr, sc, mn, xq + m * K, dx + m * K / GS, xsum + m * K / GS, K, GS) + \
+            y[m * N + n] = DOT(wr, sc, mn, X + m * K, dx + m * K / GS, xsum + m * K / GS, K, GS) +     \
                            (bias ? bias[n] : 0.0f);                                                   \
     }
+    int8_t *xp = NULL; /* the activations laid out for the AVX-512 VNNI loop, where it runs */
 #if HAVE_I4_ZMM
-    int8_t *xp = K % 128 == 0 && G % 64 == 0 ? malloc((size_t)(M * K)) : NULL;
-    if (xp) {
+    if (K % 128 == 0 && G % 64 == 0 && (xp = malloc((size_t)(M * K))) != NULL) {
         split_i4_pairs(xq, M, K, xp);
-#define I4_ROWS_ZMM(GS)                                                                               \
-    _Pragma("omp parallel for schedule(static)") for (int64_t n = 0; n < N; n++) {                     \
-        const uint8_t *wr = w + n * K / 2;                                                            \
-        const uint16_t *sc = scale + n * K / GS, *mn = minimum + n * K / GS;                          \
-        for (int64_t m = 0; m < M; m++)                                                               \
-            y[m * N + n] = dot_row_i4_zmm(wr, sc, mn, xp + m * K, dx + m * K / GS, xsum + m * K / GS, K, GS) + \
-                           (bias ? bias[n] : 0.0f);                                                   \
-    }
         switch (G) {
-        case 64: I4_ROWS_ZMM(64) break;
-        case 128: I4_ROWS_ZMM(128) break;
-        default: I4_ROWS_ZMM(256) break;
+        case 64: I4_ROWS(64, dot_row_i4_zmm, xp) break;
+        case 128: I4_ROWS(128, dot_row_i4_zmm, xp) break;
+        default: I4_ROWS(256, dot_row_i4_zmm, xp) break;
         }
-        free(xp);
-        free(xq);
-        free(dx);
-        free(xsum);
-        return;
     }
 #endif
-    switch (G) {
-    case 32: I4_ROWS(32) break;
-    case 64: I4_ROWS(64) break;
-    case 128: I4_ROWS(128) break;
-    default: I4_ROWS(256) break;
+    if (!xp) {
+        switch (G) {
+        case 32: I4_ROWS(32, dot_row_i4, xq) break;
+        case 64: I4_ROWS(64, dot_row_i4, xq) break;
+        case 128: I4_ROWS(128, dot_row_i4, xq) break;
+        default: I4_ROWS(256, dot_row_i4, xq) break;
+        }
     }
+    free(xp);
     free(xq);
     free(dx);
     free(xsum);

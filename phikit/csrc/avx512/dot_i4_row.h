@@ -23,20 +23,9 @@ static void split_i4_pairs(const int8_t *xq, int64_t M, int64_t K, int8_t *xp) {
 static inline __attribute__((always_inline)) float dot_row_i4_zmm(const uint8_t *wr, const uint16_t *sc,
         const uint16_t *mn, const int8_t *xp, const float *dx, const float *xsum, int64_t K, const int64_t G) {
     const __m512i mask = _mm512_set1_epi8(0x0F);
-    int64_t groups = K / G, g = 0;
-    float coef[groups];
-    __m256 extra = _mm256_setzero_ps();
-    for (; g + 8 <= groups; g += 8) {
-        __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
-        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
-        _mm256_storeu_ps(coef + g, _mm256_mul_ps(s, _mm256_loadu_ps(dx + g)));
-        extra = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum + g), extra);
-    }
-    float tail = 0.0f;
-    for (; g < groups; g++) {
-        coef[g] = f16(sc[g]) * dx[g];
-        tail += f16(mn[g]) * xsum[g];
-    }
+    int64_t groups = K / G, g;
+    float coef[groups], tail;
+    __m256 extra = i4_group_factors(sc, mn, dx, xsum, groups, coef, &tail);
     __m512 acc = _mm512_setzero_ps();
     if (G == 64) { /* a load holds two groups: lanes 0-7 take coef[g], lanes 8-15 coef[g + 1] */
         const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
