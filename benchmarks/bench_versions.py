@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     HERE,
     WORK,
+    kv_bytes_per_token,
     linear_weights,
     machine,
     markdown_table,
@@ -120,18 +121,22 @@ def main() -> None:
     from bench_vs_llamacpp import BYTES_PER_WEIGHT
 
     weights, rows = linear_weights(model), []
+    # the fp16 KV cache a step reads too, at the decode's mean context (the prompt and half the new tokens)
+    kv = kv_bytes_per_token(model) * (args.prompt_tokens + args.new_tokens / 2)
     for (version, precision), results in runs.items():
         row = {"precision": precision, "version": version}
         for x in results:  # the share of the bandwidth limit measured right before the run
-            x["decode_of_limit"] = x["decode_tok_s"] * BYTES_PER_WEIGHT[precision] * weights / (x["sum_gb_s"] * 1e9)
-        for key in ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit"):
+            step = BYTES_PER_WEIGHT[precision] * weights
+            x["decode_of_limit"] = x["decode_tok_s"] * step / (x["sum_gb_s"] * 1e9)
+            x["decode_of_limit_kv"] = x["decode_tok_s"] * (step + kv) / (x["sum_gb_s"] * 1e9)
+        for key in ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit", "decode_of_limit_kv"):
             values = [x[key] for x in results]
             row[key] = f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
         rows.append(row)
     rows.sort(key=lambda row: (precisions.index(row["precision"]), row["version"] != "before"))
     columns = [("precision", "precision"), ("version", "version")]
     columns += [("prefill_tok_s", "prefill tok/s (rounds)"), ("decode_tok_s", "decode tok/s"), ("load_s", "load s")]
-    columns += [("decode_of_limit", "decode / tensor.sum limit")]
+    columns += [("decode_of_limit", "decode / tensor.sum limit"), ("decode_of_limit_kv", "with the KV cache")]
     print(markdown_table(rows, columns))
     every = {f"{v} {p}": results for (v, p), results in runs.items()}
     save_json(

@@ -16,7 +16,8 @@ phikit int4 (group 64, fp16 scale + minimum: 4.5 bits) / Q4_0 (group 32, fp16 sc
 Memory bandwidth on a shared VM drifts by tens of percent within minutes, so the engines alternate:
 every round measures each phikit precision and then its llama.cpp pair, and the table reports medians
 over rounds, the ratio to llama.cpp as the median of each round's pair, and the share of the bandwidth limit
-against ``tensor.sum`` (2 GB on 2 MB pages, as phikit's weights are) measured right before each run.
+against ``tensor.sum`` (2 GB on 2 MB pages, as phikit's weights are) measured right before each run: the
+weights a step reads, and (the next column) those plus the fp16 KV cache at the decode's mean context.
 transformers bf16 (the baseline of the other ratios) runs once a round. llama.cpp is built and the GGUF files
 are made by bench_llamacpp.py (nothing of it is committed); each GGUF is put in the page cache on 2 MB pages
 before llama-bench maps it, as phikit's loader does with its weight files, so both engines stream weights
@@ -39,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     isa_flags,
+    kv_bytes_per_token,
     linear_weights,
     machine,
     markdown_table,
@@ -129,7 +131,7 @@ def bench_model(model: Path, args, pairs) -> dict:
             samples.setdefault(("transformers", "bf16"), []).append(row)
     base = statistics.median(x["decode_tok_s"] for x in samples.get(("transformers", "bf16"), [{"decode_tok_s": 0}]))
     gbs = statistics.median(bandwidth)
-    weights = linear_weights(model)
+    weights, kv_per_token = linear_weights(model), kv_bytes_per_token(model)
     rows = []
     for (engine, precision), runs in samples.items():
         row = {
@@ -147,6 +149,9 @@ def bench_model(model: Path, args, pairs) -> dict:
             per_token = BYTES_PER_WEIGHT[precision] * weights
             share = statistics.median(x["decode_tok_s"] * per_token / (x["sum_gb_s"] * 1e9) for x in runs)
             row["decode_of_bandwidth_limit"] = f"{share:.0%}"
+            per_token += kv_per_token * (args.prompt_tokens + args.new_tokens / 2)  # + the fp16 KV cache read
+            share = statistics.median(x["decode_tok_s"] * per_token / (x["sum_gb_s"] * 1e9) for x in runs)
+            row["decode_of_limit_with_kv"] = f"{share:.0%}"
         if engine == "phikit":
             row["prefill_paths"] = runs[-1].get("prefill_paths", {})
             pair = dict(PAIRS)[precision]
@@ -274,6 +279,7 @@ def report(result: dict, args, isa: str) -> None:
         ("prefill_vs_llama_cpp", "prefill vs llama.cpp"),
         ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
         ("decode_of_bandwidth_limit", "decode / bandwidth limit (per run)"),
+        ("decode_of_limit_with_kv", "with the KV cache"),
         ("peak_memory_gb", "peak mem GB"),
         ("load_s", "load s"),
     ]

@@ -211,6 +211,16 @@ def sum_bandwidth() -> float:
     return t.numel() * 4 / statistics.median(times) / 1e9
 
 
+def kv_bytes_per_token(model: Path) -> int:
+    """Bytes of the fp16 KV cache (phikit's and llama.cpp's default) per token of context, every layer's keys
+    and values, from config.json: what a decoding step reads besides the weights, per token before it."""
+    c = json.loads((model / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return 2 * c["num_hidden_layers"] * kv * head_dim * 2
+
+
 def linear_weights(model: Path) -> int:
     """Weights a decoding step reads through linear layers (every layer's projections and the output head,
     tied or not), from the checkpoint's config.json: the bandwidth limit's numerator."""
