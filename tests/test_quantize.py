@@ -234,8 +234,7 @@ def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, prec
         return torch.cat(logits, dim=1)
 
     fused = decode(True)
-    assert step.array is not None  # the one-call step ran, the final norm and the head in it
-    assert step.array[len(step.array) - 1].arch in kernels.HEAD_KINDS
+    assert step.array is not None  # the one-call step ran
     # LayerNorm in C differs from PyTorch's in the last bits; int8's 15-bit and int4's 8-bit activation
     # rounding can carry such a bit to one step (~2e-5 to 3e-5 of these logits, which reach ~9)
     torch.testing.assert_close(fused, decode(False), rtol=0, atol=1e-3 if quantize else 1e-5)
@@ -252,11 +251,6 @@ def test_one_call_decode_step_matches_layer_by_layer_and_transformers(tiny, prec
         decode(True)  # a hooked layer is run as a module
         hook.remove()
         assert len(calls) == 5 and step.array is None
-        hook = model.lm_head.register_forward_hook(lambda *args: calls.append(1))
-        changed(model)
-        torch.testing.assert_close(decode(True), decode(False), rtol=0, atol=1e-5)  # a hooked head: a module
-        hook.remove()
-        assert len(calls) == 15 and step.array[len(step.array) - 1].arch not in kernels.HEAD_KINDS
 
 
 @pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")

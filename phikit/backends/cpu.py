@@ -232,8 +232,7 @@ class CpuMLP(PhiMLP):
 
 class CpuDecodeStep:
     """A model's ``decode_step`` on the CPU: every decoder layer in one C call (``phikit_decode_layers``) when
-    the layers qualify, else the model's forward; the final norm and the output head in the same call when
-    they qualify too (``_head_args``), else as modules after it.
+    the layers qualify, else the model's forward.
 
     The C call reads a ctypes array of pointers to every layer's norm and linear weights, built on first use
     and rebuilt when the model's ``version`` changes (``phikit.models.changed``: an adapter loaded, merged or
@@ -270,10 +269,8 @@ class CpuDecodeStep:
             positions = input_pos if per_row else input_pos.expand(x.shape[0], 1)
         cos, sin = rope_tables(model.config, positions, x.dtype)
         start = input_pos[:, 0] if per_row else int(input_pos[0])
-        out = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start, padding)
-        if plan[len(plan) - 1].arch in kernels.HEAD_KINDS:  # the final norm and the head ran in the call
-            return out
-        return model.lm_head(model.model.output_norm(out))
+        hidden = kernels.decode_layers(plan, x, model.config, cos, sin, cache, start, padding)
+        return model.lm_head(model.model.output_norm(hidden))
 
     def takes_padding(self, cache_dtype: torch.dtype) -> bool:
         """Whether left-padded rows decode through the one C call here (with a cache of ``cache_dtype``), so a
@@ -292,8 +289,6 @@ class CpuDecodeStep:
             if args is None or any(a is None for a in args):
                 self.array, self.keep = None, []
             else:
-                head = _head_args(self.model)
-                args += [head] if head is not None else []
                 self.array = kernels.plan_array(args)
                 tensors = [t for _, norms, linears in args for t in (*norms, *(x for lin in linears for x in lin))]
                 self.keep = [t for t in tensors if isinstance(t, torch.Tensor)]
@@ -336,22 +331,6 @@ def _layer_args(layer) -> tuple | None:
     if any(a is None for a in args):
         return None
     return kind, norms, args
-
-
-def _head_args(model: CausalLM) -> tuple | None:
-    """The final norm and the output head as the C step's last entry (``kernels.plan_array``), or None where
-    they run as modules after it (a head with no ``kernel_args`` form, such as a LoRA wrapper; a hook)."""
-    norm, head = model.model.output_norm, model.lm_head
-    if type(norm) is nn.LayerNorm and isinstance(model, PhiForCausalLM):
-        kind, norms = "phi_head", (norm.weight, norm.bias)
-    elif type(norm) is RMSNorm and isinstance(model, Phi3ForCausalLM):
-        kind, norms = "phi3_head", (norm.weight,)
-    else:
-        return None
-    if norm._forward_hooks or norm._forward_pre_hooks or any(t is None or t.dtype != torch.float32 for t in norms):
-        return None
-    args = kernel_args(head)
-    return None if args is None else (kind, norms, [args])
 
 
 def kernel_args(module: nn.Module) -> tuple | None:

@@ -10,9 +10,7 @@ typedef struct {
     const float *bias;
 } Linear;
 
-/* LAYER_PHI_HEAD / LAYER_PHI3_HEAD: the plan's last entry where the step ends in logits: the final norm
- * (LayerNorm ln_weight, ln_bias / RMSNorm ln_weight) and the output head in q. */
-enum { LAYER_PHI = 0, LAYER_PHI3 = 1, LAYER_PHI_HEAD = 2, LAYER_PHI3_HEAD = 3 };
+enum { LAYER_PHI = 0, LAYER_PHI3 = 1 };
 
 /* One decoder layer. LAYER_PHI (Phi-1/1.5/2): x + attention(LN(x)) + MLP(LN(x)), one LayerNorm (ln_weight,
  * ln_bias), q k v dense, gelu MLP fc1 fc2. LAYER_PHI3 (Phi-3/3.5/4): x + attention(RMSNorm(x)), then
@@ -57,24 +55,19 @@ static void layer_norm(const float *x, int64_t n, const float *w, const float *b
 /* x (B, hidden) in place; caches (L, B, KV, S, D), each layer's (B, KV, S, D) contiguous and layer_cache
  * values after the previous one's (fp32, or fp16 with cache_f16); cos/sin (B, R) at each row's position;
  * pos/first as in phikit_attention_decode; inter the MLP's width (Phi-3: half of gate_up_proj's rows).
- * A head entry last in layers (L counts it; the caches hold L - 1 layers) writes the logits (B, its q.n) to
- * logits: the 51,200-row head of Phi-2 int4 read 22-26 GB/s as a separate call with the final norm in PyTorch
- * against the layers' 27 in this one (benchmarks/RESULTS.md, issue 23). Returns 0, DECODE_NO_MEMORY (a
- * buffer could not be allocated: x untouched unless attention's failed, and then the step is void) or
- * DECODE_UNKNOWN_KIND (nothing done; also a head entry before the last or without logits). */
+ * Returns 0, DECODE_NO_MEMORY (a buffer could not be allocated: x untouched unless attention's failed, and
+ * then the step is void) or DECODE_UNKNOWN_KIND (nothing done). */
 int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
                              float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin,
                              int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache,
-                             const int64_t *pos, const int64_t *first, int64_t cache_f16, float *logits) {
+                             const int64_t *pos, const int64_t *first, int64_t cache_f16) {
     int64_t layer_bytes = layer_cache * (cache_f16 ? 2 : 4);
     int64_t qn = H * D, kvn = KV * D;
     for (int64_t l = 0; l < L; l++) { /* every kind known before anything is written */
         const Layer *ly = layers + l;
         const Linear *all[6] = {&ly->q, &ly->dense, &ly->fc1, &ly->fc2, &ly->k, &ly->v};
-        int head = ly->arch == LAYER_PHI_HEAD || ly->arch == LAYER_PHI3_HEAD;
-        int used = ly->arch == LAYER_PHI ? 6 : head ? 1 : 4;
-        if (ly->arch < LAYER_PHI || ly->arch > LAYER_PHI3_HEAD || (head && (l != L - 1 || logits == NULL)))
-            return DECODE_UNKNOWN_KIND;
+        int used = ly->arch == LAYER_PHI ? 6 : 4;
+        if (ly->arch != LAYER_PHI && ly->arch != LAYER_PHI3) return DECODE_UNKNOWN_KIND;
         for (int i = 0; i < used; i++)
             if (all[i]->kind < KIND_F32 || all[i]->kind > KIND_BF16_DP) return DECODE_UNKNOWN_KIND;
     }
@@ -89,15 +82,6 @@ int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B
     for (int64_t l = 0; l < L; l++) {
         const Layer *ly = layers + l;
         void *kc = (char *)k_cache + l * layer_bytes, *vc = (char *)v_cache + l * layer_bytes;
-        if (ly->arch == LAYER_PHI_HEAD || ly->arch == LAYER_PHI3_HEAD) {
-            if (ly->arch == LAYER_PHI3_HEAD)
-                phikit_rms_norm(x, B, hidden, ly->ln_weight, eps, h);
-            else
-                for (int64_t b = 0; b < B; b++)
-                    layer_norm(x + b * hidden, hidden, ly->ln_weight, ly->ln_bias, eps, h + b * hidden);
-            linear(&ly->q, h, B, logits);
-            continue;
-        }
         if (ly->arch == LAYER_PHI) {
             for (int64_t b = 0; b < B; b++)
                 layer_norm(x + b * hidden, hidden, ly->ln_weight, ly->ln_bias, eps, h + b * hidden);

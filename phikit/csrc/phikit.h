@@ -28,7 +28,7 @@ void phikit_quantize_i8(int dtype, const void *w, int64_t N, int64_t K, int8_t *
 void phikit_quantize_i4(int dtype, const void *w, int64_t N, int64_t K, int64_t G, uint8_t *packed, uint16_t *scale16, uint16_t *minimum16);
 void phikit_to_bf16(int dtype, const void *src, int64_t n, uint16_t *dst);
 void phikit_dequant_bf16(int kind, const void *w, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
-int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter, float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos, const int64_t *first, int64_t cache_f16, float *logits);
+int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter, float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos, const int64_t *first, int64_t cache_f16);
 /* END PHIKIT_API */
 
 /* Optional kernels of the wider builds; phikit_features() says which this library has. */

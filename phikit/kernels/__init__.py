@@ -48,7 +48,6 @@ from phikit.kernels.memory import (
 )
 from phikit.kernels.ops import (
     GEMM_KINDS,
-    HEAD_KINDS,
     LAYER_KINDS,
     PLAN_KINDS,
     attention_decode,
@@ -72,7 +71,6 @@ __all__ = [
     "FEATURE_VNNI",
     "GEMM_KINDS",
     "HUGE_PAGE",
-    "HEAD_KINDS",
     "LAYER_KINDS",
     "MAX_ROWS",
     "PLAN_KINDS",

@@ -351,16 +351,9 @@ class _Linear(ctypes.Structure):
 
 
 PROJECTIONS = ("q", "k", "v", "dense", "fc1", "fc2")
-# The C step's entry kinds and, per kind, its norms' and its linears' fields in the order the plan lists them
-# (the C struct's names: Phi-3's fused qkv_proj sits in q, o_proj in dense, gate_up_proj in fc1, down_proj in
-# fc2; a head entry, last in a plan, holds the final norm and the output head in q).
-LAYER_KINDS = {
-    "phi": (0, ("ln_weight", "ln_bias"), PROJECTIONS),
-    "phi3": (1, ("ln_weight", "ln2_weight"), ("q", "dense", "fc1", "fc2")),
-    "phi_head": (2, ("ln_weight", "ln_bias"), ("q",)),
-    "phi3_head": (3, ("ln_weight",), ("q",)),
-}
-HEAD_KINDS = {code for name, (code, _, _) in LAYER_KINDS.items() if name.endswith("_head")}
+# The C step's layer kinds and, per kind, its linears in the order the plan lists them (the C struct's names:
+# Phi-3's fused qkv_proj sits in q, o_proj in dense, gate_up_proj in fc1, down_proj in fc2).
+LAYER_KINDS = {"phi": (0, PROJECTIONS), "phi3": (1, ("q", "dense", "fc1", "fc2"))}
 
 
 class _Layer(ctypes.Structure):
@@ -372,18 +365,16 @@ def plan_array(plan: list[tuple]) -> ctypes.Array:
     """The ctypes array ``phikit_decode_layers`` reads, from one ``(kind, norms, linears)`` per layer: kind "phi"
     (norms: the LayerNorm's weight and bias; linears q k v dense fc1 fc2) or "phi3" (norms: the two RMSNorm
     weights; linears qkv_proj o_proj gate_up_proj down_proj), each linear as (kind, weight, scale, minimum, fp32
-    bias, group size); optionally last a "phi_head" (the final LayerNorm's weight and bias) or "phi3_head"
-    (the final RMSNorm's weight), its one linear the output head: the step then returns logits."""
+    bias, group size)."""
     array = (_Layer * len(plan))()
     for i, (entry, (arch, norms, linears)) in enumerate(zip(array, plan, strict=True)):
-        code, norm_names, names = LAYER_KINDS[arch]
-        if code in HEAD_KINDS and i != len(plan) - 1:
-            raise ValueError(f"phikit CPU kernel: a {arch} entry must be the plan's last")
+        code, names = LAYER_KINDS[arch]
         entry.arch = code
         hidden = norms[0].numel()
-        for name, norm in zip(norm_names, norms, strict=True):
-            check(f"layer {i} {name}", norm, torch.float32, (hidden,))
-            setattr(entry, name, norm.data_ptr())
+        for j, norm in enumerate(norms):
+            check(f"layer {i} norm weight {j}", norm, torch.float32, (hidden,))
+        entry.ln_weight = norms[0].data_ptr()
+        setattr(entry, "ln_bias" if arch == "phi" else "ln2_weight", norms[1].data_ptr())
         for name, (kind, weight, scale, minimum, bias, group) in zip(names, linears, strict=True):
             if kind == "bf16_dp" and not has(FEATURE_BF16_DP):
                 raise ValueError("phikit CPU kernel: this library has no AVX-512 BF16 kernels")
@@ -404,8 +395,7 @@ def decode_layers(
     start: int | torch.Tensor,
     padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decoding step through every decoder layer: x (B, 1, hidden) fp32 -> the last layer's output, or the
-    logits (B, 1, vocab) where the plan ends in a head entry.
+    """One decoding step through every decoder layer: x (B, 1, hidden) fp32 -> the last layer's output.
 
     cos/sin (B, 1, 1, rotary_dim) at each row's position; ``cache`` a KVCache (or a view of its first rows)
     whose k/v are fp32 or fp16 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
@@ -417,9 +407,7 @@ def decode_layers(
     check("hidden states", x, torch.float32, (b, 1, hidden))
     check("cos", cos, torch.float32, (b, cos.shape[-1]))
     check("sin", sin, torch.float32, tuple(cos.shape))
-    head = plan[len(plan) - 1].arch in HEAD_KINDS
-    logits = torch.empty(b, 1, plan[len(plan) - 1].q.n) if head else None
-    layers, kv, d = len(plan) - head, config.num_key_value_heads, config.head_dim
+    layers, kv, d = len(plan), config.num_key_value_heads, config.head_dim
     slots = cache.k.shape[3]
     for name, t in (("k cache", cache.k), ("v cache", cache.v)):
         layer_ok = t.dim() == 5 and t[0].is_contiguous() and t.stride() == cache.k.stride()
@@ -451,11 +439,10 @@ def decode_layers(
         pos.data_ptr(),
         first.data_ptr(),
         int(cache.k.dtype == torch.float16),
-        _ptr(logits),
     )
     if status != 0:
         raise (MemoryError if status == -1 else ValueError)(
             "phikit CPU kernel: decode step "
             + ("out of memory" if status == -1 else "met an unknown weight kind or layer kind")
         )
-    return x if logits is None else logits
+    return x
