@@ -211,13 +211,18 @@ def sum_bandwidth() -> float:
     return t.numel() * 4 / statistics.median(times) / 1e9
 
 
+def _attention_shape(c: dict) -> tuple[int, int, int]:
+    """(query heads, key-value heads, head dim) of a checkpoint's config.json."""
+    heads = c["num_attention_heads"]
+    return heads, c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads
+
+
 def kv_bytes_per_token(model: Path) -> int:
     """Bytes of the fp16 KV cache (phikit's and llama.cpp's default) per token of context, every layer's keys
-    and values, from config.json: what a decoding step reads besides the weights, per token before it."""
+    and values, from config.json: what a decoding step reads besides the weights, per token before it (up to
+    a sliding window's length, which the contexts measured with it here stay within)."""
     c = json.loads((model / "config.json").read_text())
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    _, kv, head_dim = _attention_shape(c)
     return 2 * c["num_hidden_layers"] * kv * head_dim * 2
 
 
@@ -226,9 +231,7 @@ def linear_weights(model: Path) -> int:
     tied or not), from the checkpoint's config.json: the bandwidth limit's numerator."""
     c = json.loads((model / "config.json").read_text())
     hidden, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or hidden // heads
+    heads, kv, head_dim = _attention_shape(c)
     attention = hidden * head_dim * (heads + 2 * kv) + heads * head_dim * hidden
     mlp = 2 * hidden * inter + inter * hidden if c["model_type"] == "phi3" else 2 * hidden * inter
     return layers * (attention + mlp) + c["vocab_size"] * hidden
