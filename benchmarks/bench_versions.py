@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     HERE,
     WORK,
-    kv_bytes_per_token,
+    decode_kv_bytes,
     linear_weights,
     machine,
     markdown_table,
@@ -121,12 +121,11 @@ def main() -> None:
     from bench_vs_llamacpp import BYTES_PER_WEIGHT
 
     weights, rows = linear_weights(model), []
-    # the fp16 KV cache a step reads too, at the decode's mean context (the prompt and half the new tokens)
-    kv = kv_bytes_per_token(model) * (args.prompt_tokens + args.new_tokens / 2)
+    kv = decode_kv_bytes(model, args.prompt_tokens, args.new_tokens)  # the KV cache a step reads too
     for (version, precision), results in runs.items():
         row = {"precision": precision, "version": version}
+        step = BYTES_PER_WEIGHT[precision] * weights
         for x in results:  # the share of the bandwidth limit measured right before the run
-            step = BYTES_PER_WEIGHT[precision] * weights
             x["decode_of_limit"] = x["decode_tok_s"] * step / (x["sum_gb_s"] * 1e9)
             x["decode_of_limit_kv"] = x["decode_tok_s"] * (step + kv) / (x["sum_gb_s"] * 1e9)
         for key in ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit", "decode_of_limit_kv"):

@@ -39,8 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
+    decode_kv_bytes,
     isa_flags,
-    kv_bytes_per_token,
     linear_weights,
     machine,
     markdown_table,
@@ -131,7 +131,7 @@ def bench_model(model: Path, args, pairs) -> dict:
             samples.setdefault(("transformers", "bf16"), []).append(row)
     base = statistics.median(x["decode_tok_s"] for x in samples.get(("transformers", "bf16"), [{"decode_tok_s": 0}]))
     gbs = statistics.median(bandwidth)
-    weights, kv_per_token = linear_weights(model), kv_bytes_per_token(model)
+    weights, kv = linear_weights(model), decode_kv_bytes(model, args.prompt_tokens, args.new_tokens)
     rows = []
     for (engine, precision), runs in samples.items():
         row = {
@@ -149,7 +149,7 @@ def bench_model(model: Path, args, pairs) -> dict:
             per_token = BYTES_PER_WEIGHT[precision] * weights
             share = statistics.median(x["decode_tok_s"] * per_token / (x["sum_gb_s"] * 1e9) for x in runs)
             row["decode_of_bandwidth_limit"] = f"{share:.0%}"
-            per_token += kv_per_token * (args.prompt_tokens + args.new_tokens / 2)  # + the fp16 KV cache read
+            per_token += kv  # + the fp16 KV cache read
             share = statistics.median(x["decode_tok_s"] * per_token / (x["sum_gb_s"] * 1e9) for x in runs)
             row["decode_of_limit_with_kv"] = f"{share:.0%}"
         if engine == "phikit":

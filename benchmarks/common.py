@@ -217,13 +217,13 @@ def _attention_shape(c: dict) -> tuple[int, int, int]:
     return heads, c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads
 
 
-def kv_bytes_per_token(model: Path) -> int:
-    """Bytes of the fp16 KV cache (phikit's and llama.cpp's default) per token of context, every layer's keys
-    and values, from config.json: what a decoding step reads besides the weights, per token before it (up to
-    a sliding window's length, which the contexts measured with it here stay within)."""
+def decode_kv_bytes(model: Path, prompt_tokens: int, new_tokens: int) -> float:
+    """Bytes of the fp16 KV cache (phikit's and llama.cpp's default) a decoding step reads besides the weights,
+    every layer's keys and values, at the decode's mean context (the prompt and half the new tokens), from
+    config.json (up to a sliding window's length, which the contexts measured with it here stay within)."""
     c = json.loads((model / "config.json").read_text())
     _, kv, head_dim = _attention_shape(c)
-    return 2 * c["num_hidden_layers"] * kv * head_dim * 2
+    return 2 * c["num_hidden_layers"] * kv * head_dim * 2 * (prompt_tokens + new_tokens / 2)
 
 
 def linear_weights(model: Path) -> int:
