@@ -65,6 +65,9 @@ class Phi:
         return stream(self.model, self.tokenizer, prompt, self.defaults, template, self.draft, **overrides)
 
 
+KV_CACHE_TYPES = {"auto": None, None: None, "fp16": torch.float16, "int8": torch.int8}  # load's kv_cache
+
+
 def load(
     model: str | os.PathLike = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "auto",
@@ -73,13 +76,18 @@ def load(
     group_size: int = 64,
     progress: bool = False,
     adapter: str | os.PathLike | None = None,
+    kv_cache: str | None = "auto",
 ) -> Phi:
     """Load a checkpoint of any Phi family (local folder or Hub id) and its tokenizer.
 
     ``quantize`` (int8, int4, nf4) quantizes each linear layer as it is read; a checkpoint written by
     ``phikit quantize`` loads already quantized. ``dtype`` is that of everything not quantized.
+    ``kv_cache``: the KV cache's element type: auto (the device's choice: fp16 on a CPU with phikit's kernels,
+    else the compute dtype), fp16, or int8 (a scale a row: about half fp16's bytes, for long contexts).
     """
     start = time.perf_counter()
+    if kv_cache not in KV_CACHE_TYPES:
+        raise PhikitError(f"kv_cache {kv_cache!r}: must be one of {', '.join(map(str, KV_CACHE_TYPES))}")
     folder = resolve_model_path(model)
     config = read_config(folder / "config.json")
     tokenizer = Tokenizer(folder)  # before the weights: a mismatch costs no load
@@ -109,6 +117,8 @@ def load(
     else:
         net = load_model(folder, dtype, target, progress=progress)
     net = backends.install(net)  # the device's modules and kernels, chosen once
+    if KV_CACHE_TYPES[kv_cache] is not None:
+        net.kv_cache_dtype = KV_CACHE_TYPES[kv_cache]
     if adapter is not None:
         load_adapter(net, adapter)
         net.requires_grad_(False)

@@ -46,6 +46,7 @@ class BenchSettings:
     threads: int | None = None
     depths: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    kv_cache: str = "auto"  # phikit.load's kv_cache: auto, fp16 or int8
 
 
 def machine_description() -> str:
@@ -79,7 +80,7 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
     quantize = precision if precision in QUANTIZED else None
     dtype = precision if precision in DENSE else "auto"
     start = time.perf_counter()
-    phi = load(s.model, dtype=dtype, device=s.device, quantize=quantize, group_size=s.group_size)
+    phi = load(s.model, dtype=dtype, device=s.device, quantize=quantize, group_size=s.group_size, kv_cache=s.kv_cache)
     load_s = time.perf_counter() - start
     model, ids = phi.model, prompt_ids(phi.tokenizer, s.prompt_tokens)
     loaded = _loaded_memory(model.device)
@@ -110,33 +111,6 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         first = 1 if len(stamps) > 2 else 0
         return (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
 
-    def decode_after(depth: int) -> float:
-        """tokens/s of ``new_tokens`` decoding steps after ``depth`` tokens of context. The cache holds random
-        keys and values rather than a prefill's (a step's cost does not depend on them; a 32k-token prefill
-        would take minutes on a small CPU), as many bytes as a real context's."""
-        cache = model.new_cache(1, depth + s.new_tokens + 1)
-        block = torch.randn(
-            cache.k.shape[:3] + (min(depth, 256), cache.k.shape[-1]), generator=torch.Generator().manual_seed(0)
-        )
-        for t in (cache.k, cache.v):
-            for start in range(0, depth, block.shape[3]):
-                n = min(block.shape[3], depth - start)
-                t[:, :, :, start : start + n] = block[:, :, :, :n]
-        token = torch.tensor([[ids[0]]], device=model.device)
-        slot = torch.tensor([depth], device=model.device)
-        position = torch.tensor([[depth]], device=model.device)
-        stamps = []
-        with torch.inference_mode():
-            for _ in range(s.new_tokens):
-                logits = model.decode_step(token, slot, cache, position, None)
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                sync()
-                stamps.append(time.perf_counter())
-                slot += 1
-                position += 1
-        first = 1 if len(stamps) > 2 else 0
-        return (len(stamps) - 1 - first) / (stamps[-1] - stamps[first])
-
     prefill()
     for _ in generate_tokens(model, [ids[:16]], GenerationConfig(max_new_tokens=8), phi.tokenizer.pad_id):
         pass  # warm-up
@@ -153,10 +127,11 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         "peak_memory_gb": peak_memory_bytes(model.device) / 1e9,
         **loaded,
         "kv_cache_mb": model.kv_cache_bytes(len(ids) + 1) / 1e6,  # the prefill's cache
+        "kv_cache_dtype": str(model.cache_dtype()).removeprefix("torch."),
         "kernels": kernel_names(model),
     }
     if s.depths:
-        row["decode_at_depth_tok_s"] = {str(d): decode_after(d) for d in s.depths}
+        row["decode_at_depth_tok_s"] = {str(d): decode_at_depth(model, d, s.new_tokens, ids[0]) for d in s.depths}
         row["kv_cache_mb_at_depth"] = {str(d): model.kv_cache_bytes(d) / 1e6 for d in s.depths}
     if model.device.type == "cpu":
         from phikit import pagecache
@@ -169,6 +144,45 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
 
         row["perplexity"] = perplexity(model, read_text(s.perplexity_data, phi.tokenizer)).perplexity
     return row
+
+
+def decode_at_depth(model, depth: int, new_tokens: int, token_id: int, kv_cache=None) -> float:
+    """tokens/s of ``new_tokens`` decoding steps of ``model`` after ``depth`` tokens of context, in a new cache
+    of ``kv_cache``'s dtype (default the model's choice). The cache holds random keys and values rather than a
+    prefill's (a step's cost does not depend on them; a 32k-token prefill would take minutes on a small CPU),
+    as many bytes as a real context's; an int8 cache holds them quantized, as a prefill writes them."""
+    import torch
+
+    from phikit.models.common import quantize_rows
+
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    cache = model.new_cache(1, depth + new_tokens + 1, kv_cache)
+    block = torch.randn(
+        cache.k.shape[:3] + (min(depth, 256), cache.k.shape[-1]), generator=torch.Generator().manual_seed(0)
+    )
+    if cache.scales is None:
+        blocks = (block, block)
+    else:
+        codes, scale = quantize_rows(block)
+        blocks = (codes, codes, scale, scale)
+    for t, b in zip(cache.tensors, blocks):
+        for start in range(0, depth, block.shape[3]):
+            n = min(block.shape[3], depth - start)
+            t[:, :, :, start : start + n] = b[:, :, :, :n]
+    token = torch.tensor([[token_id]], device=model.device)
+    slot = torch.tensor([depth], device=model.device)
+    position = torch.tensor([[depth]], device=model.device)
+    stamps = []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            logits = model.decode_step(token, slot, cache, position, None)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            stamps.append(time.perf_counter())
+            slot += 1
+            position += 1
+    first = 1 if len(stamps) > 2 else 0
+    return (len(stamps) - 1 - first) / (stamps[-1] - stamps[first])
 
 
 def measure_transformers(s: BenchSettings, precision: str) -> dict:
@@ -337,6 +351,7 @@ def markdown(report: dict) -> str:
         ("loaded_memory_gb", "loaded GB"),
         ("peak_memory_gb", "peak mem GB"),
         ("kv_cache_mb", "KV cache MB"),
+        ("kv_cache_dtype", "KV cache"),
         ("decode_at_depth", "decode tok/s after N tokens (KV cache MB)"),
         ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
         ("perplexity", "perplexity"),

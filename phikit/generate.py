@@ -172,9 +172,11 @@ def generate_tokens(
     # Padded rows decode through the masked PyTorch attention, which would convert a narrower (fp16 CPU)
     # cache to the activations' dtype at every layer and step (measured 17-20% slower after 500 tokens):
     # they keep a cache of the model's dtype, unless the decoding step takes left padding itself (the CPU
-    # backend's one C call: each row attends from its first real slot).
+    # backend's one C call: each row attends from its first real slot) or an int8 cache was asked for (its
+    # memory is the point).
     takes_padding = getattr(decode_step, "takes_padding", None)
-    wide = padded and not (takes_padding is not None and takes_padding(model.cache_dtype()))
+    narrow = model.cache_dtype()
+    wide = padded and narrow.is_floating_point and not (takes_padding is not None and takes_padding(narrow))
     cache = model.new_cache(batch, total, model.dtype if wide else None)
     slots = torch.arange(longest, device=device)
     logits = model.prefill(ids, slots, cache, positions, padding_mask)[:, -1].float()

@@ -496,6 +496,7 @@ def run_engine(phi, max_batch: int, prompts: list[str], budgets: list[int], stat
 def test_the_prefix_cache_lives_in_one_arena_finds_blocks_by_hash_and_reuses_the_oldest():
     import torch
 
+    from phikit.models import KVCache
     from phikit.serve.engine import PrefixCache
 
     layers, heads, dim, block = 2, 3, 8, PrefixCache.BLOCK
@@ -515,11 +516,7 @@ def test_the_prefix_cache_lives_in_one_arena_finds_blocks_by_hash_and_reuses_the
     assert cache.lookup(1, prompts[-1] + [1])[0] == 0  # another adapter's keys/values are its own
     assert cache.lookup(0, prompts[-1])[0] == 16  # at least one token is left to prefill
     tokens, blocks = cache.lookup(0, prompts[-2] + [9])
-    row = type("Row", (), {})()
-    row.k, row.v = (
-        torch.zeros(layers, 1, heads, 40, dim, dtype=torch.float16),
-        torch.zeros(layers, 1, heads, 40, dim, dtype=torch.float16),
-    )
+    row = KVCache(layers, 1, heads, 40, dim, torch.float16, "cpu")
     cache.copy_into(row, blocks)
     k, v = kv(prompts[-2])
     assert tokens == 32 and torch.equal(row.k[:, 0, :, :32], k) and torch.equal(row.v[:, 0, :, :32], v)

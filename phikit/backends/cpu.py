@@ -192,7 +192,7 @@ def single_query_attention(q, k, v, mask, causal: bool) -> torch.Tensor:
 def _fused_cache_ok(cache_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the fused C attention takes a cache of this dtype and heads of this size (it holds a head in
     at most 16 vectors of 8)."""
-    return cache_dtype in (torch.float32, torch.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return cache_dtype in kernels.CACHE_KINDS and head_dim % 8 == 0 and head_dim <= 128
 
 
 def _fused_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -216,9 +216,11 @@ class CpuAttention(PhiAttention):
         if self.config.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q1, k1, v1 = q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous()
-        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        i = self.layer_idx
+        scales = () if cache.scales is None else (cache.scales[0][i], cache.scales[1][i])
         start = slots.row_slots if slots.per_row else slots.start
-        y = kernels.attention_decode(q1, k1, v1, k_cache, v_cache, *kernels.step_tables(cos, sin, start, b))
+        tables = kernels.step_tables(cos, sin, start, b)
+        y = kernels.attention_decode(q1, k1, v1, cache.k[i], cache.v[i], *tables, *scales)
         return self.dense(y.view(b, 1, -1))
 
 

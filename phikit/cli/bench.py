@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_group_size_arg, add_model_arg, at_least, output_file
+from phikit.cli.common import EPILOG, add_group_size_arg, add_kv_cache_arg, add_model_arg, at_least, output_file
 from phikit.errors import PhikitError
 
 
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     b.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default 3)")
     add_group_size_arg(b)
+    add_kv_cache_arg(b)
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     b.add_argument(
         "--compare-transformers",
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> None:
         args.perplexity_data,
         args.threads,
         depths,
+        kv_cache=args.kv_cache,
     )
     from phikit.checkpoint import atomic_write
 

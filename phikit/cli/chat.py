@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         description="A terminal conversation; the history is kept within the context window.",
         epilog=EPILOG,
     )
-    add_model_args(ch, adapter="a LoRA adapter folder, used unmerged")
+    add_model_args(ch, adapter="a LoRA adapter folder, used unmerged", kv_cache=True)
     ch.add_argument(
         "--template",
         "-t",

@@ -13,10 +13,15 @@ EPILOG = (
 
 
 def add_model_args(
-    p: argparse.ArgumentParser, quantize: bool = True, adapter: str | None = None, device: bool = True
+    p: argparse.ArgumentParser,
+    quantize: bool = True,
+    adapter: str | None = None,
+    device: bool = True,
+    kv_cache: bool = False,
 ) -> None:
     """The model flags: --model, --dtype, --device, and where the command takes them --quantize and
-    --group-size (``quantize``) and --adapter (``adapter``: its help text)."""
+    --group-size (``quantize``), --adapter (``adapter``: its help text) and --kv-cache (``kv_cache``: it
+    decodes)."""
     add_model_arg(p)
     p.add_argument(
         "--dtype",
@@ -36,6 +41,19 @@ def add_model_args(
         add_group_size_arg(p)
     if adapter:
         p.add_argument("--adapter", "-a", metavar="DIR", help=adapter)
+    if kv_cache:
+        add_kv_cache_arg(p)
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "fp16", "int8"],
+        help="the KV cache's element type: auto (fp16 on a CPU with phikit's kernels, else the compute dtype), "
+        "fp16, or int8 (a scale per token and head: about half fp16's memory and what a long context reads "
+        "each token; greedy output may differ slightly)",
+    )
 
 
 def add_model_arg(p: argparse.ArgumentParser, what: str = "model") -> None:
@@ -59,6 +77,7 @@ def load_model(args: argparse.Namespace, progress: bool = True, **changes):
         "quantize": getattr(args, "quantize", None),
         "group_size": getattr(args, "group_size", 64),
         "adapter": getattr(args, "adapter", None),
+        "kv_cache": getattr(args, "kv_cache", "auto"),
     }
     options.update(changes)
     return load(options.pop("model"), progress=progress, **options)

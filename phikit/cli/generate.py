@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
         action="store_true",
         help="torch.compile the model (pays off on GPUs; minutes of compiling on first use)",
     )
-    add_model_args(g, adapter="a LoRA adapter folder (ours or PEFT's), used unmerged")
+    add_model_args(g, adapter="a LoRA adapter folder (ours or PEFT's), used unmerged", kv_cache=True)
     add_sampling_args(g)
     g.set_defaults(func=run)
 
@@ -173,8 +173,9 @@ def run(args: argparse.Namespace) -> None:
         peak = peak_memory_bytes(phi.model.device) / 1e9
         longest = max((c.prompt_tokens + len(c.token_ids) for c in results), default=0)
         cache = phi.model.kv_cache_bytes(longest) / 1e6
+        kind = str(phi.model.cache_dtype()).removeprefix("torch.")
         print(
             f"{sum(c.prompt_tokens for c in results)} prompt + {new} new tokens in {elapsed:.2f} s | "
-            f"{speed} | peak memory {peak:.2f} GB | KV cache {cache:.1f} MB for {longest} tokens",
+            f"{speed} | peak memory {peak:.2f} GB | KV cache {cache:.1f} MB for {longest} tokens ({kind})",
             file=sys.stderr,
         )

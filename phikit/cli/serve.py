@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
         "rebinding); browsers on other sites are refused unless --cors-origin names them.",
         epilog=EPILOG,
     )
-    add_model_args(sv)
+    add_model_args(sv, kv_cache=True)
     sv.add_argument(
         "--adapter",
         "-a",
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
         cors_origins=args.cors_origin,
     )
     cache = app.state.engine.cache
-    gb = (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
+    gb = cache.nbytes / 1e9
     host = f"[{args.host}]" if ":" in args.host else args.host
     if args.host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> None:
     extras = [f"adapters {', '.join(named)}"] if named else []
     extras += ["the API needs --api-key's key"] if args.api_key else []
     print(
-        f"serving {name}: {where}: http://{host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB"
+        f"serving {name}: {where}: http://{host}:{args.port}/v1 ({args.max_batch} slots, KV cache {gb:.2f} GB "
+        + str(cache.k.dtype).removeprefix("torch.")
         + "".join(f"; {e}" for e in extras)
         + ")",
         file=sys.stderr,

@@ -53,15 +53,18 @@ static void layer_norm(const float *x, int64_t n, const float *w, const float *b
 }
 
 /* x (B, hidden) in place; caches (L, B, KV, S, D), each layer's (B, KV, S, D) contiguous and layer_cache
- * values after the previous one's (fp32, or fp16 with cache_f16); cos/sin (B, R) at each row's position;
+ * values after the previous one's (fp32, fp16 or int8 as cache_kind says; an int8 cache's scales (L, B, KV, S)
+ * with layer_cache / D values a layer); cos/sin (B, R) at each row's position;
  * pos/first as in phikit_attention_decode; inter the MLP's width (Phi-3: half of gate_up_proj's rows).
  * Returns 0, DECODE_NO_MEMORY (a buffer could not be allocated: x untouched unless attention's failed, and
  * then the step is void) or DECODE_UNKNOWN_KIND (nothing done). */
 int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter,
                              float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin,
                              int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache,
-                             const int64_t *pos, const int64_t *first, int64_t cache_f16) {
-    int64_t layer_bytes = layer_cache * (cache_f16 ? 2 : 4);
+                             const int64_t *pos, const int64_t *first, int64_t cache_kind, float *k_scale,
+                             float *v_scale) {
+    int64_t layer_bytes = layer_cache * (cache_kind == CACHE_F32 ? 4 : cache_kind == CACHE_F16 ? 2 : 1);
+    int64_t layer_scales = cache_kind == CACHE_I8 ? layer_cache / D : 0;
     int64_t qn = H * D, kvn = KV * D;
     for (int64_t l = 0; l < L; l++) { /* every kind known before anything is written */
         const Layer *ly = layers + l;
@@ -82,13 +85,14 @@ int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B
     for (int64_t l = 0; l < L; l++) {
         const Layer *ly = layers + l;
         void *kc = (char *)k_cache + l * layer_bytes, *vc = (char *)v_cache + l * layer_bytes;
+        float *ks = k_scale ? k_scale + l * layer_scales : NULL, *vs = v_scale ? v_scale + l * layer_scales : NULL;
         if (ly->arch == LAYER_PHI) {
             for (int64_t b = 0; b < B; b++)
                 layer_norm(x + b * hidden, hidden, ly->ln_weight, ly->ln_bias, eps, h + b * hidden);
             linear(&ly->q, h, B, q);
             linear(&ly->k, h, B, k);
             linear(&ly->v, h, B, v);
-            status = phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, kc, vc, S, pos, first, a, cache_f16);
+            status = phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, kc, vc, S, pos, first, a, cache_kind, ks, vs);
             if (status) break;
             linear(&ly->dense, a, B, attn);
             linear(&ly->fc1, h, B, up);
@@ -105,7 +109,7 @@ int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B
             memcpy(k + b * kvn, row + qn, sizeof(float) * (size_t)kvn);
             memcpy(v + b * kvn, row + qn + kvn, sizeof(float) * (size_t)kvn);
         }
-        status = phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, kc, vc, S, pos, first, a, cache_f16);
+        status = phikit_attention_decode(q, k, v, cos, sin, B, H, KV, D, R, kc, vc, S, pos, first, a, cache_kind, ks, vs);
         if (status) break;
         linear(&ly->dense, a, B, attn);
         for (int64_t i = 0; i < B * hidden; i++) x[i] = x[i] + attn[i];

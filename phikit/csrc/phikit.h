@@ -18,7 +18,7 @@ void phikit_gemv_bf16_dp(const float *x, int64_t M, int64_t K, const uint16_t *w
 void phikit_gemv_i8(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const float *scale, const float *bias, float *y);
 void phikit_gemv_i4(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t G, const uint16_t *scale, const uint16_t *minimum, const float *bias, float *y);
 void phikit_gelu_tanh(float *x, int64_t n);
-int64_t phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache, void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out, int64_t cache_f16);
+int64_t phikit_attention_decode(const float *q, const float *k, const float *v, const float *cos, const float *sin, int64_t B, int64_t H, int64_t KV, int64_t D, int64_t R, void *k_cache, void *v_cache, int64_t S, const int64_t *pos, const int64_t *first, float *out, int64_t cache_kind, float *k_scale, float *v_scale);
 void phikit_rms_norm(const float *x, int64_t B, int64_t n, const float *w, float eps, float *y);
 void phikit_silu_mul(const float *gate_up, int64_t B, int64_t n, float *y);
 void phikit_gemm(int kind, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, const float *bias, float *y);
@@ -28,7 +28,7 @@ void phikit_quantize_i8(int dtype, const void *w, int64_t N, int64_t K, int8_t *
 void phikit_quantize_i4(int dtype, const void *w, int64_t N, int64_t K, int64_t G, uint8_t *packed, uint16_t *scale16, uint16_t *minimum16);
 void phikit_to_bf16(int dtype, const void *src, int64_t n, uint16_t *dst);
 void phikit_dequant_bf16(int kind, const void *w, const float *scale, const uint16_t *scale16, const uint16_t *minimum, int64_t G, int64_t K, int64_t n0, int64_t n1, uint16_t *out);
-int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter, float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos, const int64_t *first, int64_t cache_f16);
+int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B, int64_t hidden, int64_t inter, float eps, int64_t H, int64_t KV, int64_t D, const float *cos, const float *sin, int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache, const int64_t *pos, const int64_t *first, int64_t cache_kind, float *k_scale, float *v_scale);
 /* END PHIKIT_API */
 
 /* Optional kernels of the wider builds; phikit_features() says which this library has. */
@@ -36,6 +36,8 @@ enum { FEATURE_BF16_DP = 1, FEATURE_VNNI = 2 };
 /* Weight formats, as phikit/kernels/ops.py's GEMM_KINDS and PLAN_KINDS number them. */
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4, KIND_BF16_DP = 5 };
 enum { DECODE_NO_MEMORY = -1, DECODE_UNKNOWN_KIND = -2 }; /* phikit_decode_layers' errors */
+/* KV-cache element types (phikit/kernels/ops.py's CACHE_KINDS): int8 rows carry one fp32 scale each. */
+enum { CACHE_F32 = 0, CACHE_F16 = 1, CACHE_I8 = 2 };
 
 #define ROWS 4 /* weight rows processed together when M == 1 */
 /* Software prefetch distance (bytes) in the int8 / int4 gemv: one row at a time is a single stream,

@@ -47,6 +47,7 @@ from phikit.kernels.memory import (
     to_bf16,
 )
 from phikit.kernels.ops import (
+    CACHE_KINDS,
     GEMM_KINDS,
     LAYER_KINDS,
     PLAN_KINDS,
@@ -67,6 +68,7 @@ from phikit.kernels.ops import (
 )
 
 __all__ = [
+    "CACHE_KINDS",
     "FEATURE_BF16_DP",
     "FEATURE_VNNI",
     "GEMM_KINDS",

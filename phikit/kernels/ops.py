@@ -140,6 +140,10 @@ def gemv_bf16_dp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y
 
 
+# KV-cache element types, as phikit.h's CACHE_F32 / CACHE_F16 / CACHE_I8 number them (int8: with a scale a row)
+CACHE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
+
+
 def step_tables(
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -172,10 +176,13 @@ def attention_decode(
     sin: torch.Tensor,
     pos: torch.Tensor,
     first: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotary embedding, KV-cache write and attention for one new token per row, in one call.
 
-    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; caches (B, KV, S, D) fp32 or fp16, contiguous;
+    q (B, H, D), k/v (B, KV, D) fp32 contiguous before rotary; caches (B, KV, S, D) fp32, fp16 or int8 (then
+    ``k_scale``/``v_scale`` (B, KV, S) fp32: each row's scale, as ``KVCache`` keeps them), contiguous;
     cos/sin (B, R), pos/first (B,) int64 as ``step_tables`` gives them: write slot and first attended slot.
     Returns (B, H, D)."""
     b, h, d = q.shape if q.dim() == 3 else (0, 0, 0)
@@ -183,8 +190,11 @@ def attention_decode(
     check("q", q, torch.float32, (b, h, d))
     check("k", k, torch.float32, (b, kv_heads, d))
     check("v", v, torch.float32, (b, kv_heads, d))
-    check("k cache", k_cache, (torch.float32, torch.float16), (b, kv_heads, slots, d))
+    check("k cache", k_cache, tuple(CACHE_KINDS), (b, kv_heads, slots, d))
     check("v cache", v_cache, k_cache.dtype, (b, kv_heads, slots, d))
+    scaled = k_cache.dtype == torch.int8
+    check("k scale", k_scale, torch.float32, (b, kv_heads, slots), optional=not scaled)
+    check("v scale", v_scale, torch.float32, (b, kv_heads, slots), optional=not scaled)
     check("cos", cos, torch.float32, (b, cos.shape[-1]))
     check("sin", sin, torch.float32, tuple(cos.shape))
     if d % 8 or d > 128 or h % kv_heads or cos.shape[-1] > d or cos.shape[-1] % 2:
@@ -208,7 +218,9 @@ def attention_decode(
         pos.data_ptr(),
         first.data_ptr(),
         out.data_ptr(),
-        int(k_cache.dtype == torch.float16),
+        CACHE_KINDS[k_cache.dtype],
+        _ptr(k_scale) if scaled else None,
+        _ptr(v_scale) if scaled else None,
     )
     if status != 0:
         raise MemoryError("phikit CPU kernel: attention out of memory")
@@ -398,9 +410,9 @@ def decode_layers(
     """One decoding step through every decoder layer: x (B, 1, hidden) fp32 -> the last layer's output.
 
     cos/sin (B, 1, 1, rotary_dim) at each row's position; ``cache`` a KVCache (or a view of its first rows)
-    whose k/v are fp32 or fp16 with each layer contiguous, written at slot ``start`` (an int, or one slot per row as
-    in continuous batching); every slot up to it is attended but a row's first ``padding`` slots (left
-    padding: (B,) counts)."""
+    whose k/v are fp32, fp16 or int8 (with its scales) with each layer contiguous, written at slot ``start`` (an
+    int, or one slot per row as in continuous batching); every slot up to it is attended but a row's first
+    ``padding`` slots (left padding: (B,) counts)."""
     x = x.contiguous().clone()
     b, hidden = x.shape[0], config.hidden_size
     cos, sin, pos, first = step_tables(cos, sin, start, b, config.sliding_window, padding)
@@ -411,12 +423,19 @@ def decode_layers(
     slots = cache.k.shape[3]
     for name, t in (("k cache", cache.k), ("v cache", cache.v)):
         layer_ok = t.dim() == 5 and t[0].is_contiguous() and t.stride() == cache.k.stride()
-        if not layer_ok or tuple(t.shape) != (layers, b, kv, slots, d) or t.dtype not in (torch.float32, torch.float16):
+        if not layer_ok or tuple(t.shape) != (layers, b, kv, slots, d) or t.dtype not in CACHE_KINDS:
             raise ValueError(
-                f"phikit CPU kernel: {name} must be fp32/fp16 ({layers}, {b}, {kv}, S, {d}), each layer contiguous"
+                f"phikit CPU kernel: {name} must be fp32/fp16/int8 ({layers}, {b}, {kv}, S, {d}), each layer contiguous"
             )
     if cache.v.dtype != cache.k.dtype or d % 8 or d > 128 or cos.shape[-1] > d:
         raise ValueError("phikit CPU kernel: decode step needs head_dim % 8 == 0 and <= 128 and one cache dtype")
+    scales = cache.scales
+    for name, t in zip(("k scale", "v scale"), scales or ()):
+        # (layers, b, kv, S): each layer's contiguous, a layer's scales where its rows are (k's stride / d)
+        if t.dtype != torch.float32 or tuple(t.shape) != (layers, b, kv, slots) or not t[0].is_contiguous():
+            raise ValueError(f"phikit CPU kernel: {name} must be fp32 ({layers}, {b}, {kv}, S), each layer contiguous")
+        if t.stride(0) * d != cache.k.stride(0):
+            raise ValueError(f"phikit CPU kernel: {name}'s layers must be as far apart as the cache's rows")
     _check_slots(pos, first, b, slots)
     status = library().phikit_decode_layers(
         ctypes.addressof(plan),
@@ -438,7 +457,9 @@ def decode_layers(
         cache.k.stride(0),
         pos.data_ptr(),
         first.data_ptr(),
-        int(cache.k.dtype == torch.float16),
+        CACHE_KINDS[cache.k.dtype],
+        scales[0].data_ptr() if scales else None,
+        scales[1].data_ptr() if scales else None,
     )
     if status != 0:
         raise (MemoryError if status == -1 else ValueError)(

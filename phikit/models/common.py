@@ -20,7 +20,13 @@ class KVCache:
     """Keys and values of every layer, preallocated to ``max_length`` so decoding never concatenates.
 
     ``k`` and ``v`` are (layers, batch, kv_heads, max_length, head_dim); layer i uses ``k[i]``. ``rows``
-    gives a view of some rows (sharing storage), as the server's engine uses one row per request."""
+    gives a view of some rows (sharing storage), as the server's engine uses one row per request.
+
+    An int8 cache (``dtype`` torch.int8, opt-in: ``phikit.load(kv_cache="int8")``) holds each row (one token's
+    key or value of one head) as int8 codes and ``scales`` = (k_scale, v_scale), (layers, batch, kv_heads,
+    max_length) fp32, the row's scale: max |x| / 127, codes x / scale rounded to nearest even (``quantize_rows``,
+    the same arithmetic as the CPU kernel's). head_dim + 4 bytes a row instead of fp16's 2 x head_dim: at long
+    contexts, where the cache is most of what a decoding step reads, about half the cache's bytes."""
 
     def __init__(
         self,
@@ -36,38 +42,71 @@ class KVCache:
         """``empty(shape, dtype)``: where the caches' memory comes from (zeroed here; a backend may place it,
         see CausalLM.new_cache), else ``torch.zeros`` on ``device``."""
         shape = (layers, batch_size, kv_heads, max_length, head_dim)
-        if empty is None:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
-        else:
-            self.k, self.v = empty(shape, dtype).zero_(), empty(shape, dtype).zero_()
+
+        def zeros(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=device) if empty is None else empty(shape, dtype).zero_()
+
+        self.k, self.v = zeros(shape, dtype), zeros(shape, dtype)
+        self.scales = None  # (k_scale, v_scale) of an int8 cache
+        if dtype == torch.int8:
+            self.scales = (zeros(shape[:-1], torch.float32), zeros(shape[:-1], torch.float32))
         self.max_length = max_length
 
     def update(self, layer: int, slots: Slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this forward's keys/values (batch, kv_heads, seq, head_dim) of ``layer`` at ``slots`` and
-        return the keys/values to attend over, in ``k``'s dtype (a narrower cache, fp16 on CPU, is widened)."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
+        return the keys/values to attend over, in ``k``'s dtype (a narrower cache, fp16 on CPU, is widened; an
+        int8 one dequantized)."""
+        dtype = k.dtype
+        if self.scales is None:
+            parts = [(self.k[layer], k), (self.v[layer], v)]
+        else:
+            (k_codes, k_scale), (v_codes, v_scale) = quantize_rows(k), quantize_rows(v)
+            parts = [(self.k[layer], k_codes), (self.v[layer], v_codes)]
+            parts += [(self.scales[0][layer], k_scale), (self.scales[1][layer], v_scale)]
         if slots.per_row:
             rows = torch.arange(k.shape[0], device=k.device)
-            k_cache[rows, :, slots.row_slots] = k[:, :, 0].to(k_cache.dtype)
-            v_cache[rows, :, slots.row_slots] = v[:, :, 0].to(v_cache.dtype)
-            keys, values = k_cache, v_cache
+            for cache, new in parts:
+                cache[rows, :, slots.row_slots] = new[:, :, 0].to(cache.dtype)
+            attended = [cache for cache, _ in parts]
         else:
-            k_cache[:, :, slots.start : slots.end] = k
-            v_cache[:, :, slots.start : slots.end] = v
-            keys, values = k_cache[:, :, slots.first : slots.end], v_cache[:, :, slots.first : slots.end]
-        return keys.to(k.dtype), values.to(v.dtype)
+            for cache, new in parts:
+                cache[:, :, slots.start : slots.end] = new
+            attended = [cache[:, :, slots.first : slots.end] for cache, _ in parts]
+        if self.scales is None:
+            return attended[0].to(dtype), attended[1].to(dtype)
+        return dequantize_rows(attended[0], attended[2], dtype), dequantize_rows(attended[1], attended[3], dtype)
 
     def rows(self, first: int, count: int = 1) -> KVCache:
         """A view of rows ``first .. first+count-1`` (same storage)."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[:, first : first + count], self.v[:, first : first + count]
+        view.scales = None if self.scales is None else tuple(t[:, first : first + count] for t in self.scales)
         view.max_length = self.max_length
         return view
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Everything the cache holds, each (layers, batch, kv_heads, max_length, ...): what copying a row's
+        slots elsewhere (the server's prefix cache, a row moved) must copy."""
+        return (self.k, self.v, *(self.scales or ()))
+
+    @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., head_dim) -> int8 codes (..., head_dim) and fp32 scales (...): scale = max |x| / 127 per row and
+    codes x / scale rounded to nearest even (0 for a zero row), computed in fp32 as the CPU kernel does."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127
+    codes = (x / torch.where(scale > 0, scale, 1)[..., None]).round().to(torch.int8)
+    return codes, scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize_rows``' inverse (to within half a step of each row): codes x scale, in ``dtype``."""
+    return (codes.float() * scale[..., None]).to(dtype)
 
 
 @dataclass
@@ -325,10 +364,12 @@ class CausalLM(nn.Module):
         return KVCache(layers, batch_size, kv_heads, max_length, head_dim, dtype, self.device, empty)
 
     def kv_cache_bytes(self, tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
-        """The bytes ``new_cache(batch_size, tokens, dtype)`` holds: keys and values of every layer."""
+        """The bytes ``new_cache(batch_size, tokens, dtype)`` holds: keys and values of every layer (and an
+        int8 cache's fp32 scale a row)."""
         c = self.config
         dtype = self.cache_dtype(dtype)
-        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
+        row = c.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * row
         return per_token * tokens * batch_size
 
     @property

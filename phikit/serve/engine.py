@@ -86,8 +86,9 @@ class PrefixCache:
     def __init__(self, max_bytes: int, min_tokens: int = 16):
         self.max_bytes, self.min_tokens = max_bytes, max(min_tokens, self.BLOCK)
         self.index: OrderedDict[bytes, int] = OrderedDict()  # chain hash -> block, least recent first
-        self.k: torch.Tensor | None = None  # (blocks, layers, kv_heads, BLOCK, head_dim)
-        self.v: torch.Tensor | None = None
+        # the arena: one tensor per tensor of a KVCache (keys, values; an int8 cache's scales too), each
+        # (blocks, layers, kv_heads, BLOCK, ...)
+        self.parts: tuple[torch.Tensor, ...] | None = None
         self.free: list[int] = []
         self.hits = 0
 
@@ -104,7 +105,7 @@ class PrefixCache:
     def lookup(self, adapter: int, ids: list[int]) -> tuple[int, list[int]]:
         """(tokens to reuse, their blocks in order): the longest cached prefix of whole blocks, leaving at least
         one token to prefill (its logits start the reply)."""
-        if self.k is None:
+        if self.parts is None:
             return 0, []
         found = []
         for digest in self._chain(adapter, ids, (len(ids) - 1) // self.BLOCK):
@@ -120,27 +121,29 @@ class PrefixCache:
         return len(found) * self.BLOCK, [block for _, block in found]
 
     def copy_into(self, row, blocks: list[int]) -> None:
-        """Write ``blocks`` into a row cache's first slots (``row.k``: (layers, 1, kv_heads, slots, dim))."""
+        """Write ``blocks`` into a row cache's first slots (a ``KVCache`` of one row: each of its ``tensors``
+        (layers, 1, kv_heads, slots, ...))."""
         for i, block in enumerate(blocks):
             span = slice(i * self.BLOCK, (i + 1) * self.BLOCK)
-            row.k[:, 0, :, span] = self.k[block]
-            row.v[:, 0, :, span] = self.v[block]
+            for part, t in zip(self.parts, row.tensors):
+                t[:, 0, :, span] = part[block]
 
-    def store(self, adapter: int, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the whole blocks of a prefilled row's keys/values (layers, kv_heads, len(ids), head_dim)."""
+    def store(self, adapter: int, ids: list[int], *tensors: torch.Tensor) -> None:
+        """Keep the whole blocks of a prefilled row's cache: ``tensors`` its keys and values (layers, kv_heads,
+        len(ids), head_dim), then any scales (layers, kv_heads, len(ids)), as ``KVCache.tensors`` orders them."""
         blocks = len(ids) // self.BLOCK
         if self.max_bytes <= 0 or blocks * self.BLOCK < self.min_tokens:
             return
-        if self.k is None:
-            layers, kv_heads, _, dim = k.shape
-            per_block = 2 * layers * kv_heads * self.BLOCK * dim * k.element_size()
+        if self.parts is None:
+            per_block = sum(t[:, :, : self.BLOCK].numel() * t.element_size() for t in tensors)
             count = self.max_bytes // per_block
             if count == 0:
                 self.max_bytes = 0
                 return
-            shape = (count, layers, kv_heads, self.BLOCK, dim)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.parts = tuple(
+                torch.empty((count, *t.shape[:2], self.BLOCK, *t.shape[3:]), dtype=t.dtype, device=t.device)
+                for t in tensors
+            )
             self.free = list(range(count))
         chain = self._chain(adapter, ids, blocks)
         for b, digest in enumerate(chain):
@@ -151,15 +154,15 @@ class PrefixCache:
                 self.free.append(old)
             block = self.free.pop()
             span = slice(b * self.BLOCK, (b + 1) * self.BLOCK)
-            self.k[block].copy_(k[:, :, span])
-            self.v[block].copy_(v[:, :, span])
+            for part, t in zip(self.parts, tensors):
+                part[block].copy_(t[:, :, span])
             self.index[digest] = block
         for digest in reversed(chain):
             self.index.move_to_end(digest)
 
     @property
     def bytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return 0 if self.parts is None else sum(t.numel() * t.element_size() for t in self.parts)
 
 
 class Engine:
@@ -331,7 +334,7 @@ class Engine:
         if not r.prompt_logprobs:
             logits = self.model.prefill(new, slots, row)[:, -1].float()
             if self.switch is None or len(ids) <= self.switch:
-                self.prefix_cache.store(r.adapter, ids, row.k[:, 0, :, : len(ids)], row.v[:, 0, :, : len(ids)])
+                self.prefix_cache.store(r.adapter, ids, *(t[:, 0, :, : len(ids)] for t in row.tensors))
             return logits
         hidden = self.model.model(new, slots, row)  # (1, T, hidden)
         entries: list = [None]  # the first token has no log-probability
@@ -393,8 +396,8 @@ class Engine:
                 return
             r = self.slots[active[-1]]
             used = r.position  # slots 0..position-1 hold its keys/values
-            self.cache.k[:, free, :, :used] = self.cache.k[:, r.slot, :, :used]
-            self.cache.v[:, free, :, :used] = self.cache.v[:, r.slot, :, :used]
+            for t in self.cache.tensors:
+                t[:, free, :, :used] = t[:, r.slot, :, :used]
             self.slots[free], self.slots[r.slot] = r, None
             r.slot = free
 

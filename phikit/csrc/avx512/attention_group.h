@@ -6,13 +6,16 @@
  * accumulated in registers, a chunk of the head dimension at a time (G x CZ accumulators of 16 values, at
  * most 24 of the 32 zmm registers), instead of loading and storing every output vector for every value (the
  * AVX2 loop, bound by those loads and stores: Phi-4-mini int4 after 16k tokens decoded at half the bandwidth
- * limit). Chunks are whole 64-byte lines of an fp16 cache row, so each value is still read once. Every output
+ * limit). Chunks are whole 64-byte lines of an fp16 cache row (of an int8 row where G <= 6: 64 values or more),
+ * so each value is still read once. Every output
  * sums its terms in the same order (key 0 first, one fused multiply-add each) as the generic loop, so values
  * equal it bit for bit; scores are summed in another order than the AVX2 loop's. Needs D % 16 == 0 and
  * D <= 128. */
-static inline __m512 load_kv512(const void *c, int64_t i, int f16) {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i)))
-               : _mm512_loadu_ps((const float *)c + i);
+static inline __m512 load_kv512(const void *c, int64_t i, int kind) {
+    if (kind == CACHE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i)));
+    if (kind == CACHE_I8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)c + i))));
+    return _mm512_loadu_ps((const float *)c + i);
 }
 
 /* The sums of 16 vectors at once: r[4 (t % 4) + t / 4] = the sum of acc[t]'s lanes, each added in the order
@@ -38,20 +41,20 @@ static inline __attribute__((always_inline)) __m512 reduce16(const __m512 *acc) 
  * summed in the same order as one key at a time (the chunks in order, then _mm512_reduce_add_ps's order). */
 static inline __attribute__((always_inline)) int64_t group_scores_block(const void *k_cache, int64_t base, int64_t n,
                                                                         int64_t D, const float *qh, float *scores,
-                                                                        int64_t stride, int f16, const int G,
+                                                                        int64_t stride, int kind, const int G,
                                                                         const int NK) {
     const int64_t nz = D / 16;
     int64_t j0 = 0;
     for (; j0 + NK <= n; j0 += NK) {
         __m512 acc[16], qc[8];
-        prefetch_kv(k_cache, base + j0 * D, NK * D, f16);
+        prefetch_kv(k_cache, base + j0 * D, NK * D, kind);
         #pragma GCC unroll 16
         for (int t = G * NK; t < 16; t++) acc[t] = _mm512_setzero_ps();
         #pragma GCC unroll 16
         for (int g = 0; g < G; g++) qc[g] = _mm512_loadu_ps(qh + g * D);
         #pragma GCC unroll 16
         for (int j = 0; j < NK; j++) {
-            const __m512 key = load_kv512(k_cache, base + (j0 + j) * D, f16);
+            const __m512 key = load_kv512(k_cache, base + (j0 + j) * D, kind);
             #pragma GCC unroll 16
             for (int g = 0; g < G; g++) acc[g * NK + j] = _mm512_mul_ps(qc[g], key);
         }
@@ -60,7 +63,7 @@ static inline __attribute__((always_inline)) int64_t group_scores_block(const vo
             for (int g = 0; g < G; g++) qc[g] = _mm512_loadu_ps(qh + g * D + 16 * c);
             #pragma GCC unroll 16
             for (int j = 0; j < NK; j++) {
-                const __m512 key = load_kv512(k_cache, base + (j0 + j) * D + 16 * c, f16);
+                const __m512 key = load_kv512(k_cache, base + (j0 + j) * D + 16 * c, kind);
                 #pragma GCC unroll 16
                 for (int g = 0; g < G; g++) acc[g * NK + j] = _mm512_fmadd_ps(qc[g], key, acc[g * NK + j]);
             }
@@ -80,21 +83,21 @@ static inline __attribute__((always_inline)) int64_t group_scores_block(const vo
 
 static inline __attribute__((always_inline)) void group_scores(const void *k_cache, int64_t base, int64_t n,
                                                                int64_t D, int64_t G, const float *qh,
-                                                               float *scores, int64_t stride, int f16) {
+                                                               float *scores, int64_t stride, int kind) {
     const int64_t nz = D / 16;
     int64_t j = 0;
     switch (G) { /* whole blocks of 16 / G keys; the rest one key at a time below */
-    case 2: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 2, 8); break;
-    case 3: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 3, 5); break;
-    case 4: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 4, 4); break;
-    case 5: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 5, 3); break;
-    case 6: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 6, 2); break;
-    case 7: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 7, 2); break;
-    case 8: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, f16, 8, 2); break;
+    case 2: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 2, 8); break;
+    case 3: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 3, 5); break;
+    case 4: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 4, 4); break;
+    case 5: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 5, 3); break;
+    case 6: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 6, 2); break;
+    case 7: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 7, 2); break;
+    case 8: j = group_scores_block(k_cache, base, n, D, qh, scores, stride, kind, 8, 2); break;
     }
     for (; j < n; j++) {
         __m512 row[8];
-        for (int64_t c = 0; c < nz; c++) row[c] = load_kv512(k_cache, base + j * D + 16 * c, f16);
+        for (int64_t c = 0; c < nz; c++) row[c] = load_kv512(k_cache, base + j * D + 16 * c, kind);
         for (int64_t g = 0; g < G; g++) {
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh + g * D), row[0]);
             for (int64_t c = 1; c < nz; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + g * D + 16 * c), row[c], acc);
@@ -106,14 +109,14 @@ static inline __attribute__((always_inline)) void group_scores(const void *k_cac
 /* o[g][i0 .. i0 + 16 CZ) = sum over j of scores[g][j] * V[j][i0 ..], G and CZ constants after inlining */
 static inline __attribute__((always_inline)) void group_values_chunk(const void *v_cache, int64_t base, int64_t n,
                                                                      int64_t D, int64_t i0, const float *scores,
-                                                                     int64_t stride, float *o, int f16, const int G,
+                                                                     int64_t stride, float *o, int kind, const int G,
                                                                      const int CZ) {
     __m512 acc[24];
     for (int t = 0; t < G * CZ; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
         __m512 val[8];
-        prefetch_kv(v_cache, base + j * D + i0, 16 * CZ, f16);
-        for (int c = 0; c < CZ; c++) val[c] = load_kv512(v_cache, base + j * D + i0 + 16 * c, f16);
+        prefetch_kv(v_cache, base + j * D + i0, 16 * CZ, kind);
+        for (int c = 0; c < CZ; c++) val[c] = load_kv512(v_cache, base + j * D + i0 + 16 * c, kind);
         for (int g = 0; g < G; g++) {
             __m512 p = _mm512_set1_ps(scores[g * stride + j]);
             for (int c = 0; c < CZ; c++) acc[g * CZ + c] = _mm512_fmadd_ps(p, val[c], acc[g * CZ + c]);
@@ -125,14 +128,15 @@ static inline __attribute__((always_inline)) void group_values_chunk(const void 
 
 #define GROUP_VALUES(G_, CZ_)                                                                                      \
     for (; i + (CZ_) <= nz; i += (CZ_))                                                                             \
-        group_values_chunk(v_cache, base, n, D, 16 * i, scores, stride, o, f16, G_, CZ_);                          \
-    for (; i + 2 <= nz; i += 2) group_values_chunk(v_cache, base, n, D, 16 * i, scores, stride, o, f16, G_, 2);     \
-    for (; i < nz; i++) group_values_chunk(v_cache, base, n, D, 16 * i, scores, stride, o, f16, G_, 1);             \
+        group_values_chunk(v_cache, base, n, D, 16 * i, scores, stride, o, kind, G_, CZ_);                         \
+    for (; i + 2 <= nz; i += 2) group_values_chunk(v_cache, base, n, D, 16 * i, scores, stride, o, kind, G_, 2);    \
+    for (; i < nz; i++) group_values_chunk(v_cache, base, n, D, 16 * i, scores, stride, o, kind, G_, 1);            \
     break;
 
 /* Returns 0 where G is outside 2..8 (the caller's generic loop runs instead). */
-static int group_values(const void *v_cache, int64_t base, int64_t n, int64_t D, int64_t G, const float *scores,
-                        int64_t stride, float *o, int f16) {
+static inline __attribute__((always_inline)) int group_values(const void *v_cache, int64_t base, int64_t n, int64_t D,
+                                                              int64_t G, const float *scores, int64_t stride,
+                                                              float *o, int kind) {
     const int64_t nz = D / 16;
     int64_t i = 0;
     switch (G) {
