@@ -248,6 +248,11 @@ def main() -> None:
         help="llama-bench -fa: 0, 1 or 0,1 to measure both (default: llama-bench's own)",
     )
     ap.add_argument(
+        "--cache-type",
+        default="",
+        help="llama-bench -ctk and -ctv: the KV cache's type, e.g. q8_0 (needs -fa 1; default: llama-bench's f16)",
+    )
+    ap.add_argument(
         "--llama-cpp-python",
         metavar="VERSION",
         help="sdist version to fetch (default: the one already here, else PyPI's latest)",
@@ -292,6 +297,8 @@ def main() -> None:
         cmd += ["-d", args.depths]
     if args.flash_attn:
         cmd += ["-fa", args.flash_attn]
+    if args.cache_type:
+        cmd += ["-ctk", args.cache_type, "-ctv", args.cache_type]
     settled = {}
     for t in types:
         cmd += ["-m", str(files[t])]
@@ -320,6 +327,8 @@ def main() -> None:
             row.update(decode_tok_s=tg["avg_ts"], decode_stddev=tg["stddev_ts"])
             if args.depths or args.flash_attn:
                 row.update(depth=tg.get("n_depth", 0), flash_attn=tg.get("flash_attn"))
+            if args.cache_type:
+                row.update(kv_cache=f"{tg.get('type_k')}/{tg.get('type_v')}")
             rows.append(row)
 
     first = records[0]

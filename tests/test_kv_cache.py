@@ -67,7 +67,8 @@ def test_an_int8_cache_stores_chunks_and_rows_and_gives_them_back_dequantized():
 )
 def test_the_c_attention_over_an_int8_cache_equals_sdpa_on_its_dequantized_rows(h, kv, d):
     """Two rows at their own positions, the second under a sliding window: the C call quantizes the new key
-    (after rotary) and value as ``quantize_rows`` does, and attends as SDPA does over the dequantized rows."""
+    (after rotary) and value as ``quantize_rows`` does, and attends as SDPA does over the dequantized rows (to
+    3e-4: the VNNI scores round the query to 16 bits, where the cache rounds keys to 8)."""
     torch.manual_seed(0)
     b, r, slots = 2, d // 2, 24
     q, k, v = torch.randn(b, h, d), torch.randn(b, kv, d), torch.randn(b, kv, d) * 3
@@ -92,7 +93,8 @@ def test_the_c_attention_over_an_int8_cache_equals_sdpa_on_its_dequantized_rows(
         expected = torch.nn.functional.scaled_dot_product_attention(
             q_rot[i][None, :, None], keys[None], values[None], enable_gqa=True
         )[0, :, 0]
-        torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
+        # with AVX-512 VNNI the scores take the query to 16 bits (1/512 of an int8 step: attention_i8_vnni.h)
+        torch.testing.assert_close(out[i], expected, rtol=3e-4, atol=3e-4)
 
 
 @needs_kernels
@@ -162,9 +164,10 @@ def test_the_one_call_step_over_an_int8_cache_equals_the_modules(request, varian
             new = torch.stack([ids[0, 20 + step], ids[1, 25 + step]])[:, None]
             got, want = model.decode_step(new, pos, cache), model(new, pos, ref)
             assert float((got - want).norm() / want.norm()) < 1e-3
-    written = (cache.k[:, 0, :, 20:24].int() - ref.k[:, 0, :, 20:24].int()).abs()
-    assert written.max() <= 1 and (written > 0).float().mean() < 0.01  # rotary's last bit: a code by 1, rarely
-    assert torch.equal(cache.v[:, 0, :, 20:24], ref.v[:, 0, :, 20:24])
+    for mine, theirs in ((cache.k, ref.k), (cache.v, ref.v)):  # the rows the steps wrote, every layer
+        written = (mine[:, 0, :, 20:24].int() - theirs[:, 0, :, 20:24].int()).abs()
+        # the C and PyTorch projections and rotary differ in the last bit: a code moves by 1, rarely
+        assert written.max() <= 1 and (written > 0).float().mean() < 0.01
 
 
 def test_the_server_shares_prefixes_and_moves_rows_of_an_int8_cache(tiny):

@@ -65,12 +65,24 @@ static inline __attribute__((always_inline)) void prefetch_kv(const void *c, int
 #if defined(__AVX512F__)
 #include "avx512/attention_group.h" /* grouped-query heads with zmm registers: group_scores, group_values */
 #define GROUP_ATTENTION(G, D) ((G) > 1 && (G) <= 8 && (D) % 16 == 0 && (D) <= 128)
+/* one head's values over an int8 cache with zmm registers (measured level for fp16: the AVX2 loop stays there) */
+#define ONE_HEAD_VALUES(kind, D) ((kind) == CACHE_I8 && (D) % 16 == 0 && (D) <= 128)
 #else
 #define GROUP_ATTENTION(G, D) 0
+#define ONE_HEAD_VALUES(kind, D) 0
 static inline void group_scores(const void *k, int64_t b, int64_t n, int64_t D, int64_t G, const float *q,
                                 float *s, int64_t st, int kind) {}
 static inline int group_values(const void *v, int64_t b, int64_t n, int64_t D, int64_t G, const float *s,
                                int64_t st, float *o, int kind) { return 0; }
+static inline void one_head_values(const void *v, int64_t b, int64_t n, int64_t D, const float *s, float *o,
+                                   int kind) {}
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include "avx512/attention_i8_vnni.h" /* scores over an int8 cache by integer dot products: i8_scores */
+#else
+#define I8_SCORES(G, D) 0
+static inline void i8_scores(const void *k, int64_t b, int64_t n, int64_t D, int64_t G, const float *q, float *s,
+                             int64_t st) {}
 #endif
 
 /* The attention of one row's G = H / KV query heads of KV head kvh over slots first[b] .. pos[b] into out, with
@@ -91,7 +103,9 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
         for (int64_t i = 0; i < D; i++) qh[g * D + i] = q[(b * H + kvh * G + g) * D + i] * scale;
         rope(qh + g * D, cos + b * R, sin + b * R, R); /* rope is linear: scaling first is the same */
     }
-    if (GROUP_ATTENTION(G, D)) {
+    if (kind == CACHE_I8 && I8_SCORES(G, D)) {
+        i8_scores(k_cache, base, n, D, G, qh, scores, stride);
+    } else if (GROUP_ATTENTION(G, D)) {
         group_scores(k_cache, base, n, D, G, qh, scores, stride, kind);
     } else {
         for (int64_t j = 0; j < n; j++) { /* each key once for the group */
@@ -128,7 +142,9 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
         else
             for (int64_t j = 0; j < n; j++) sc[j] *= inv;
     }
-    if (G == 1) { /* one head: its output in registers */
+    if (G == 1 && ONE_HEAD_VALUES(kind, D)) {
+        one_head_values(v_cache, base, n, D, scores, o, kind);
+    } else if (G == 1) { /* one head: its output in registers */
         __m256 acc[16];
         for (int64_t i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n; j++) {

@@ -29,6 +29,7 @@
  *   activations.c         gelu (tanh form), RMSNorm, SwiGLU
  *   attention.c           rotary embedding, KV-cache write and attention for one new token
  *     avx512/attention_group.h  grouped-query heads in zmm registers
+ *     avx512/attention_i8_vnni.h  scores over an int8 KV cache with AVX-512 VNNI
  *   gemm.c                prefill's GEMM over any weight format
  *     avx512/gemm_vnni.c      int8 / int4 prefill with AVX-512 VNNI
  *   weights.c             quantization while loading, bf16 conversion, dequantization for prefill

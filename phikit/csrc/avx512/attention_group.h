@@ -152,4 +152,20 @@ static inline __attribute__((always_inline)) int group_values(const void *v_cach
     return 1;
 }
 #undef GROUP_VALUES
+
+/* One query head's output (G = 1), all D / 16 chunks of a row in registers at once: each value read once. */
+static inline __attribute__((always_inline)) void one_head_values(const void *v_cache, int64_t base, int64_t n,
+                                                                  int64_t D, const float *scores, float *o,
+                                                                  int kind) {
+    switch (D / 16) {
+    case 1: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 1); break;
+    case 2: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 2); break;
+    case 3: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 3); break;
+    case 4: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 4); break;
+    case 5: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 5); break;
+    case 6: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 6); break;
+    case 7: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 7); break;
+    case 8: group_values_chunk(v_cache, base, n, D, 0, scores, 0, o, kind, 1, 8); break;
+    }
+}
 #define HAS_GROUP_ATTENTION 1
