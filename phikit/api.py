@@ -87,7 +87,7 @@ def load(
     """
     start = time.perf_counter()
     if kv_cache not in KV_CACHE_TYPES:
-        raise PhikitError(f"kv_cache {kv_cache!r}: must be one of {', '.join(map(str, KV_CACHE_TYPES))}")
+        raise PhikitError(f"kv_cache {kv_cache!r}: must be one of {', '.join(t for t in KV_CACHE_TYPES if t)}")
     folder = resolve_model_path(model)
     config = read_config(folder / "config.json")
     tokenizer = Tokenizer(folder)  # before the weights: a mismatch costs no load
