@@ -65,7 +65,8 @@ static inline __attribute__((always_inline)) void prefetch_kv(const void *c, int
 #if defined(__AVX512F__)
 #include "avx512/attention_group.h" /* grouped-query heads with zmm registers: group_scores, group_values */
 #define GROUP_ATTENTION(G, D) ((G) > 1 && (G) <= 8 && (D) % 16 == 0 && (D) <= 128)
-/* one head's values over an int8 cache with zmm registers (measured level for fp16: the AVX2 loop stays there) */
+/* one head's values over an int8 cache with zmm registers (fp16 keeps its AVX2 loop, memory-bound there; one-head
+ * scores in zmm measured level for fp16 in issue 23's tenth session) */
 #define ONE_HEAD_VALUES(kind, D) ((kind) == CACHE_I8 && (D) % 16 == 0 && (D) <= 128)
 #else
 #define GROUP_ATTENTION(G, D) 0
