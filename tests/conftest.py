@@ -318,3 +318,27 @@ def phi3_factory(tmp_path_factory, phi3_tokenizer_dir, phi4_mini_tokenizer_dir):
         return made[key]
 
     return factory
+
+
+def _step_against_modules(model, ids: torch.Tensor, steps: int = 4):
+    """Continuous batching, both ways: two rows prefilled to 20 and 25 tokens of ``ids`` (2, >= 25 + steps) in
+    two caches, then ``steps`` single tokens, each row at its own slot, through the model's ``decode_step`` on
+    one cache and its modules' forward on the other. Returns ([(step logits, forward logits) per step], the
+    step's cache, the forward's cache)."""
+    with torch.no_grad():
+        cache, ref = model.new_cache(2, 40), model.new_cache(2, 40)
+        for c in (cache, ref):
+            model(ids[:1, :20], torch.arange(20), c.rows(0))
+            model(ids[1:, :25], torch.arange(25), c.rows(1))
+        pairs = []
+        for step in range(steps):
+            pos = torch.tensor([[20 + step], [25 + step]])
+            new = torch.stack([ids[0, 20 + step], ids[1, 25 + step]])[:, None]
+            pairs.append((model.decode_step(new, pos, cache), model(new, pos, ref)))
+    return pairs, cache, ref
+
+
+@pytest.fixture
+def step_against_modules():
+    """``_step_against_modules``: the one-call decoding step against the modules on the same cache contents."""
+    return _step_against_modules

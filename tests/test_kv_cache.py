@@ -144,7 +144,7 @@ def test_greedy_tokens_with_an_int8_cache_are_transformers_but_at_near_ties(requ
 
 @needs_kernels
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_the_one_call_step_over_an_int8_cache_equals_the_modules(request, variant):
+def test_the_one_call_step_over_an_int8_cache_equals_the_modules(request, variant, step_against_modules):
     """Two rows at their own positions (continuous batching), four steps past the window: the C step's logits
     and the rows it writes against the modules' forward (PyTorch's update: the same quantization) on a copy of
     the same cache."""
@@ -152,18 +152,11 @@ def test_the_one_call_step_over_an_int8_cache_equals_the_modules(request, varian
         pytest.skip("CPU kernels unavailable")
     folder, hf = checkpoint(request, variant)
     model = phikit.load(folder, dtype="fp32", device="cpu", kv_cache="int8").model
+    assert model.new_cache(1, 1).k.dtype == torch.int8
     ids = torch.randint(0, min(hf.config.vocab_size, 500), (2, 30), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        cache, ref = model.new_cache(2, 40), model.new_cache(2, 40)
-        assert cache.k.dtype == torch.int8
-        for c in (cache, ref):
-            model(ids[:1, :20], torch.arange(20), c.rows(0))
-            model(ids[1:, :25], torch.arange(25), c.rows(1))
-        for step in range(4):
-            pos = torch.tensor([[20 + step], [25 + step]])
-            new = torch.stack([ids[0, 20 + step], ids[1, 25 + step]])[:, None]
-            got, want = model.decode_step(new, pos, cache), model(new, pos, ref)
-            assert float((got - want).norm() / want.norm()) < 1e-3
+    pairs, cache, ref = step_against_modules(model, ids)
+    for got, want in pairs:
+        assert float((got - want).norm() / want.norm()) < 1e-3
     for mine, theirs in ((cache.k, ref.k), (cache.v, ref.v)):  # the rows the steps wrote, every layer
         written = (mine[:, 0, :, 20:24].int() - theirs[:, 0, :, 20:24].int()).abs()
         # the C and PyTorch projections and rotary differ in the last bit: a code moves by 1, rarely

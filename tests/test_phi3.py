@@ -392,7 +392,7 @@ def test_the_default_prompt_suite_writes_a_chat_model_in_its_chat_template(phi3_
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
-def test_the_one_call_decoding_step_equals_the_modules(phi3_factory, variant, dtype):
+def test_the_one_call_decoding_step_equals_the_modules(phi3_factory, variant, dtype, step_against_modules):
     """The CPU backend's decode step (every layer in one C call: RMSNorm, fused qkv, grouped-query attention
     over the cache, the window, partial rotary and LongRoPE tables, SwiGLU) against the modules' forward on
     the same cache contents: two rows at their own positions (continuous batching), past the window."""
@@ -405,20 +405,13 @@ def test_the_one_call_decoding_step_equals_the_modules(phi3_factory, variant, dt
     model = phikit.load(folder, dtype="fp32" if quantize else dtype, device="cpu", quantize=quantize).model
     assert model.decode_step.plan() is not None
     ids = random_ids(30, hf.config.vocab_size, batch=2, seed=1)
-    with torch.no_grad():
-        cache, ref = model.new_cache(2, 40), model.new_cache(2, 40)
-        for c in (cache, ref):
-            model(ids[:1, :20], torch.arange(20), c.rows(0))
-            model(ids[1:, :25], torch.arange(25), c.rows(1))
-        for step in range(4):
-            pos = torch.tensor([[20 + step], [25 + step]])
-            new = torch.stack([ids[0, 20 + step], ids[1, 25 + step]])[:, None]
-            got, want = model.decode_step(new, pos, cache), model(new, pos, ref)
-            if dtype == "fp32":
-                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-            else:  # activations rounded to bf16 or int8 turn last-bit differences of the norms into roundings:
-                # on these random int4 weights a 1e-6 relative change of the norms' output moves logits 2-7%
-                assert float((got - want).norm() / want.norm()) < (0.1 if dtype == "int4" else 0.02)
+    pairs, _, _ = step_against_modules(model, ids)
+    for got, want in pairs:
+        if dtype == "fp32":
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        else:  # activations rounded to bf16 or int8 turn last-bit differences of the norms into roundings:
+            # on these random int4 weights a 1e-6 relative change of the norms' output moves logits 2-7%
+            assert float((got - want).norm() / want.norm()) < (0.1 if dtype == "int4" else 0.02)
 
 
 def test_greedy_tokens_equal_with_and_without_the_kernels(phi3_factory):

@@ -63,7 +63,7 @@ int64_t phikit_decode_layers(const Layer *layers, int64_t L, float *x, int64_t B
                              int64_t R, void *k_cache, void *v_cache, int64_t S, int64_t layer_cache,
                              const int64_t *pos, const int64_t *first, int64_t cache_kind, float *k_scale,
                              float *v_scale) {
-    int64_t layer_bytes = layer_cache * (cache_kind == CACHE_F32 ? 4 : cache_kind == CACHE_F16 ? 2 : 1);
+    int64_t layer_bytes = layer_cache * kv_size((int)cache_kind);
     int64_t layer_scales = cache_kind == CACHE_I8 ? layer_cache / D : 0;
     int64_t qn = H * D, kvn = KV * D;
     for (int64_t l = 0; l < L; l++) { /* every kind known before anything is written */
