@@ -160,9 +160,43 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
 # ---- the layer ----
 
 
+def quantized_shapes(fmt: str, out_features: int, in_features: int, group_size: int = 64) -> dict[str, tuple]:
+    """name -> (shape, dtype) of the buffers ``quantize_weight`` makes of an (out, in) weight, without making
+    them: the checkpoint loader's empty shells and the C quantizer's outputs take them from here. (Running the
+    quantizers on the meta device gives the same, but a process's first meta computation imports torch's
+    compiler stack: 1.1 s of a pre-quantized checkpoint's load.) tests/test_quantize.py checks them against
+    the quantizers'."""
+    n, k = out_features, in_features
+    if fmt == "int8":
+        return {"weight": ((n, k), torch.int8), "weight_scale": ((n,), torch.float32)}
+    if fmt == "int4":
+        groups = (n, k // group_size)
+        return {
+            "weight": ((n, k // 2), torch.uint8),
+            "weight_scale": (groups, torch.float16),
+            "weight_min": (groups, torch.float16),
+        }
+    blocks = n * k // NF4_BLOCK
+    return {
+        "weight": ((n, k // 2), torch.uint8),
+        "weight_absmax": ((blocks,), torch.int8),
+        "weight_absmax_scale": ((-(-blocks // NF4_ABSMAX_BLOCK),), torch.float32),
+        "weight_absmax_mean": ((1,), torch.float32),
+    }
+
+
 def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, torch.Tensor]:
     """The quantized tensors of ``weight`` in ``fmt``, computed in fp32 by the reference quantizers."""
     return quantize_int4(weight, group_size) if fmt == "int4" else QUANTIZERS[fmt](weight)
+
+
+def _check_quantizable(fmt: str, out_features: int, in_features: int, group_size: int) -> None:
+    multiple = {"int4": group_size, "nf4": 64}.get(fmt, 32)  # int4's groups; nf4's blocks of 64, packed
+    if in_features % multiple or (fmt == "nf4" and out_features * in_features % NF4_BLOCK):
+        raise PhikitError(
+            f"cannot quantize a {out_features}x{in_features} weight to {fmt}: in_features must "
+            f"be a multiple of {multiple}"
+        )
 
 
 class QuantizedLinear(nn.Module):
@@ -203,12 +237,7 @@ class QuantizedLinear(nn.Module):
         """Quantize ``weight`` on its own device with ``quantizer`` (the reference, or a backend's faster one
         giving the same bits) and store the result on ``device``."""
         out_features, in_features = weight.shape
-        multiple = {"int4": group_size, "nf4": 64}.get(fmt, 32)  # int4's groups; nf4's blocks of 64, packed
-        if in_features % multiple or (fmt == "nf4" and weight.numel() % NF4_BLOCK):
-            raise PhikitError(
-                f"cannot quantize a {out_features}x{in_features} weight to {fmt}: in_features must "
-                f"be a multiple of {multiple}"
-            )
+        _check_quantizable(fmt, out_features, in_features, group_size)
         layer = cls(in_features, out_features, fmt, group_size, bias)
         for name, t in quantizer(weight, fmt, group_size).items():
             layer.register_buffer(name, t.to(device).contiguous())
@@ -219,14 +248,12 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def empty(cls, in_features: int, out_features: int, fmt: str, group_size: int, bias: bool) -> QuantizedLinear:
         """A shell with correctly shaped buffers on the meta device, filled in by the checkpoint loader."""
-        with torch.device("meta"):
-            layer = cls.from_weight(
-                torch.zeros(out_features, in_features),
-                torch.zeros(out_features) if bias else None,
-                fmt,
-                group_size,
-                "meta",
-            )
+        _check_quantizable(fmt, out_features, in_features, group_size)
+        layer = cls(
+            in_features, out_features, fmt, group_size, torch.empty(out_features, device="meta") if bias else None
+        )
+        for name, (shape, dtype) in quantized_shapes(fmt, out_features, in_features, group_size).items():
+            layer.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
         return layer
 
     def tensors(self) -> dict[str, torch.Tensor]:

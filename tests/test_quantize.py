@@ -71,6 +71,19 @@ def test_kernel_quantizer_gives_the_reference_bits(weight, dtype, fmt, group):
         assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
 
 
+@pytest.mark.parametrize("fmt,group", [("int8", 64), ("int4", 32), ("int4", 128), ("nf4", 64)])
+@pytest.mark.parametrize("n,k", [(3, 256), (40, 512), (300, 4608)])  # nf4: 12, 320, 21,600 blocks of 64
+def test_the_shells_shapes_are_the_quantizers(fmt, group, n, k):
+    from phikit.quantize import QuantizedLinear, quantize_weight, quantized_shapes
+
+    made = quantize_weight(torch.randn(n, k), fmt, group)
+    said = quantized_shapes(fmt, n, k, group)
+    assert {name: (tuple(t.shape), t.dtype) for name, t in made.items()} == said
+    shell = QuantizedLinear.empty(k, n, fmt, group, bias=True)  # what a quantized checkpoint loads into
+    assert {name: (tuple(t.shape), t.dtype) for name, t in shell.tensors().items()} == said
+    assert shell.weight.device.type == "meta" and shell.bias.shape == (n,)
+
+
 def test_nf4_matches_bitsandbytes(weight):
     bnb = pytest.importorskip("bitsandbytes.functional")
     ours = quantize_nf4(weight)

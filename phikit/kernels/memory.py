@@ -30,20 +30,23 @@ def quantize(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, 
     (same fp32 arithmetic and rounding) in one pass per row; see ``can_quantize``."""
     if not can_quantize(weight, fmt, group_size):
         raise ValueError(f"phikit CPU kernel: cannot quantize a {tuple(weight.shape)} {weight.dtype} weight to {fmt}")
+    from phikit.quantize import quantized_shapes
+
     w = weight.contiguous()
     n, k = w.shape
     dtype = SOURCE_DTYPES[w.dtype]
+    out = {  # the codes on 2 MB pages where they are large
+        name: (empty_weight if name == "weight" else torch.empty)(shape, dtype=t)
+        for name, (shape, t) in quantized_shapes(fmt, n, k, group_size).items()
+    }
     if fmt == "int8":
-        q, scale = empty_weight((n, k), torch.int8), torch.empty(n, dtype=torch.float32)
-        library().phikit_quantize_i8(dtype, w.data_ptr(), n, k, q.data_ptr(), scale.data_ptr())
-        return {"weight": q, "weight_scale": scale}
-    packed = empty_weight((n, k // 2), torch.uint8)
-    scale = torch.empty(n, k // group_size, dtype=torch.float16)
-    minimum = torch.empty_like(scale)
-    library().phikit_quantize_i4(
-        dtype, w.data_ptr(), n, k, group_size, packed.data_ptr(), scale.data_ptr(), minimum.data_ptr()
-    )
-    return {"weight": packed, "weight_scale": scale, "weight_min": minimum}
+        library().phikit_quantize_i8(
+            dtype, w.data_ptr(), n, k, out["weight"].data_ptr(), out["weight_scale"].data_ptr()
+        )
+        return out
+    pointers = (out[name].data_ptr() for name in ("weight", "weight_scale", "weight_min"))
+    library().phikit_quantize_i4(dtype, w.data_ptr(), n, k, group_size, *pointers)
+    return out
 
 
 HUGE_PAGE = 2 << 20
