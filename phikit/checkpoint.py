@@ -414,6 +414,8 @@ def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -
     expected = {name: t.shape for name, t in model.state_dict().items()}
     buffers = {name: t.dtype for name, t in model.named_buffers()}
     seen: set[str] = set()
+    if device.type == "cpu":
+        kernels.available()  # a first use compiles the kernel library: its notice before the bar, not inside it
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     convert = None
     if on_tensor is None and prepare is None and dtype == torch.bfloat16 and device.type == "cpu":

@@ -212,6 +212,8 @@ def _load() -> ctypes.CDLL:
             target.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="phikit-kernels-") as tmp:  # 0700, removed whatever happens
         built = Path(tmp) / target.name
+        # seconds to a minute, once per phikit version and compiler: say so, or the first run looks slow
+        print(f"phikit: compiling the CPU kernels ({level}; once, cached in {target.parent}) ...", file=sys.stderr)
         _build(command, flags, built)
         try:
             lib = open_library(built)  # the mapping outlives the file
