@@ -373,7 +373,8 @@ def _with_depth_cell(row: dict) -> dict:
     if "decode_at_depth_tok_s" not in row:
         return row
     depth = row["decode_at_depth_tok_s"].items()
-    cell = ", ".join(f"{d}: {v:.2f} ({row['kv_cache_mb_at_depth'][d]:.0f})" for d, v in depth)
+    mb = row["kv_cache_mb_at_depth"]  # whole MB, or two significant digits under 10 MB (a small model's cache)
+    cell = ", ".join(f"{d}: {v:.2f} ({mb[d]:.0f})" if mb[d] >= 10 else f"{d}: {v:.2f} ({mb[d]:.2g})" for d, v in depth)
     return {**row, "decode_at_depth": cell}
 
 

@@ -8,6 +8,7 @@ Phi-1.5/Phi-2 releases are renamed here, in one place, to transformers' ``PhiFor
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import platform
@@ -537,12 +538,47 @@ def user_mode(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def check_writable(path: str | os.PathLike, what: str = "") -> Path:
+    """``path`` (a file or folder phikit is about to create) can be written: its nearest existing parent is a
+    folder in which this user can make files (tried with an empty file, removed again). Called before slow
+    work, so that a path that cannot be written fails in one line at once, not after the work."""
+    path = Path(path)
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    label = f"{what} {path}" if what else str(path)
+    if not where.is_dir():
+        raise PhikitError(f"{label}: {where} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".phikit-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PhikitError(f"{label}: cannot write in {where} ({e.strerror or e})") from None
+    return path
+
+
+def _temporary_beside(path: Path, folder: bool = False) -> Path:
+    """A new temporary file (or folder) beside ``path``, its parents made: where that cannot be made, a one-line
+    error naming ``path`` rather than the temporary name (a full disk keeps its own error)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        return Path(tmp)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        check_writable(path)  # names what stands in the way
+        raise PhikitError(f"cannot write {path} ({e.strerror or e})") from None
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half-written file.
     The file gets the user's umask, as a plain write would."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
         write(Path(tmp))
         user_mode(tmp)
@@ -580,6 +616,7 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
             raise PhikitError(f"{out} is or contains the source model {source}; writing there would delete it")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
+    check_writable(out)
 
 
 def save_checkpoint(
@@ -603,8 +640,7 @@ def save_checkpoint(
 
     out = Path(out)
     check_output_folder(out, overwrite, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = _temporary_beside(out, folder=True)
     user_mode(tmp, directory=True)
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]

@@ -712,10 +712,25 @@ def run_lm_eval(
         else PhikitLM(model, dtype=dtype, device=device, quantize=quantize, adapter=adapter, batch_size=batch_size)
     )
     options.setdefault("log_samples", False)
-    results = simple_evaluate(model=lm, tasks=resolved, task_manager=manager, **options)
+    try:
+        results = simple_evaluate(model=lm, tasks=resolved, task_manager=manager, **options)
+    except _dataset_unreachable() as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PhikitError(
+            f"lm-eval could not get a task's dataset ({reason[:200]}); run it once where the Hugging Face Hub is "
+            "reachable (datasets caches what it downloads)"
+        ) from None
     if results is None:
         raise PhikitError("lm-eval returned no results")
     return results
+
+
+def _dataset_unreachable() -> tuple[type[BaseException], ...]:
+    """The errors with which datasets and huggingface_hub say a dataset could not be downloaded or found."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return ConnectionError, DatasetNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 
 def format_lm_eval(results: dict) -> str:

@@ -28,6 +28,7 @@ from phikit.checkpoint import (
     DTYPES,
     atomic_write,
     check_output_folder,
+    check_writable,
     load_model,
     resolve_model_path,
     save_checkpoint,
@@ -155,6 +156,7 @@ def export_gguf(
         raise PhikitError(f"{out_file} is a folder; a GGUF export is one file, e.g. {out_file / 'model.gguf'}")
     if out_file.exists() and not overwrite:
         raise PhikitError(f"{out_file} already exists; choose a new file name or pass --overwrite")
+    check_writable(out_file)  # before the model loads
     folder, config = _full_precision_source(model)
     if folder.resolve() in out_file.resolve().parents:
         raise PhikitError(

@@ -59,7 +59,7 @@ def test_file_mode_prints_jsonl_in_order(tiny, tmp_path, capsys):
     "args,message",
     [
         (["generate", "-m", "/nonexistent/model", "hi"], "no such model folder"),
-        (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["generate", "--file", "/nonexistent/prompts.txt"], "--file /nonexistent/prompts.txt: file not found"),
         (["generate"], "give a prompt"),
         (["generate", "-m", "{folder}", "--template", "nonsense", "hi"], "unknown template"),
@@ -130,7 +130,8 @@ REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
     [
         (["generate", "--temperature", "nan", "hi"], "temperature"),
         (["generate", "--temperature", "inf", "hi"], "temperature"),
-        (["generate", "--repetition-penalty", "nan", "hi"], "repetition_penalty"),
+        (["generate", "--repetition-penalty", "nan", "hi"], "--repetition-penalty"),
+        (["eval", "--compare", "x:quantize=int3"], "quantize must be one of"),
         (["bench", "--new-tokens", "0"], "--new-tokens"),
         (["eval", "--compare", "x:group_size=abc"], "group_size"),
     ],
@@ -214,6 +215,37 @@ def test_writing_over_the_source_is_refused(tiny, tmp_path, capsys):
         code, _, err = run_cli(capsys, *command, "-m", source, "--overwrite", tmp_path / "models")
         assert code == 2 and "is or contains the source model" in err
     assert (source / "config.json").is_file()
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors_before_the_work(tiny, tmp_path, capsys, monkeypatch):
+    import phikit.cli.bench
+    from phikit.checkpoint import atomic_write
+    from phikit.errors import PhikitError
+
+    folder, _ = tiny
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    runs = tmp_path / "run"
+    runs.mkdir()
+    (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setattr(phikit.cli.bench, "run_bench", None, raising=False)  # never reached
+    for where in (blocker / "sub", __import__("pathlib").Path("/proc/phikit-test")):
+        commands = [
+            ["quantize", "-m", folder, "--to", "int8", where / "q"],
+            ["export", "-m", folder, "--format", "gguf", where / "m.gguf"],
+            ["export", "-m", folder, where / "hf"],
+            ["merge", "-m", folder, "--adapter", tmp_path, where / "merged"],
+            ["bench", "-m", folder, "--precisions", "fp32", "--json", where / "b.json"],
+            ["eval", "-m", folder, "--out", where / "ev"],
+            ["plot", runs, "--out", where / "runs.png"],
+        ]
+        for command in commands:
+            code, _, err = run_cli(capsys, *command)
+            assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (command, err)
+            assert str(where) in err and ("is a file, not a folder" in err or "cannot write" in err), err
+        with pytest.raises(PhikitError, match="is a file, not a folder|cannot write"):  # the path, not a temp name
+            atomic_write(where / "x.json", lambda tmp: tmp.write_text("{}"))
+    assert blocker.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run"]
 
 
 def test_files_written_get_the_users_umask(tiny, tmp_path, capsys):

@@ -483,6 +483,22 @@ def test_run_lm_eval_names_unknown_tasks(phi, local_tasks):
         run_lm_eval(phi, " , ", task_manager=local_tasks)
 
 
+def test_a_task_whose_dataset_cannot_be_fetched_is_a_one_line_error(phi, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import datasets.config
+    from lm_eval.tasks import TaskManager
+
+    from phikit.evaluate import run_lm_eval
+
+    body = TASKS["tiny_mc"]
+    head = "task: tiny_hub\ndataset_path: nobody/no-such-dataset-phikit\ntest_split: test\n"
+    (tmp_path / "tiny_hub.yaml").write_text(head + textwrap.dedent(body))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as on a machine without the Hub, at once
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    with pytest.raises(PhikitError, match="could not get a task's dataset.*Hub is reachable"):
+        run_lm_eval(phi, "tiny_hub", task_manager=manager)
+
+
 @pytest.mark.parametrize("tokenized", [True, False])
 def test_lm_eval_against_phikit_serve_equals_its_hf_backend(tiny, local_tasks, tokenized):
     """lm-eval's local-completions backend scoring through `phikit serve` (echo + logprobs, token-id or text

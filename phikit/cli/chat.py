@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from phikit.cli.common import EPILOG, add_model_args, load_model
+from phikit.cli.common import EPILOG, add_model_args, check_generation, load_model
 
 
 def add_parser(sub) -> None:
@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> None:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    config.validate()
+    check_generation(config)
     phi = load_model(args)
     chat(phi, args.template, config, system=args.system)

@@ -12,6 +12,10 @@ EPILOG = (
 )
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype's choices
+QUANTIZE = ("int8", "int4", "nf4")  # --quantize's choices
+
+
 def add_model_args(
     p: argparse.ArgumentParser,
     quantize: bool = True,
@@ -26,7 +30,7 @@ def add_model_args(
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "bf16", "fp16", "fp32"],
+        choices=DTYPES,
         help="weight/compute dtype (default auto: bf16, or fp16 on GPUs without bf16)",
     )
     if device:
@@ -34,7 +38,7 @@ def add_model_args(
     if quantize:
         p.add_argument(
             "--quantize",
-            choices=["int8", "int4", "nf4"],
+            choices=QUANTIZE,
             help="quantize linear layers while loading: int8 (per channel), int4 (per group), nf4 "
             "(QLoRA's 4-bit; bitsandbytes on CUDA); a checkpoint from 'phikit quantize' needs none",
         )
@@ -98,15 +102,34 @@ def input_file(path, flag: str):
 
 
 def output_file(path, flag: str):
-    """``path`` as a file to write for ``flag``: never a folder."""
+    """``path`` as a file to write for ``flag``: never a folder, and somewhere this user can write."""
     from pathlib import Path
 
+    from phikit.checkpoint import check_writable
     from phikit.errors import PhikitError
 
     path = Path(path)
     if path.is_dir():
         raise PhikitError(f"{flag} {path}: is a directory; give a file name")
-    return path
+    return check_writable(path, flag)
+
+
+def size_text(nbytes: float) -> str:
+    """A file's size for a person: "35.2 MB" under a gigabyte, "2.15 GB" above."""
+    return f"{nbytes / 1e6:.1f} MB" if nbytes < 1e9 else f"{nbytes / 1e9:.2f} GB"
+
+
+def check_generation(config) -> None:
+    """``config.validate()`` (a GenerationConfig), its errors naming the flags (--top-p), not the fields (top_p)."""
+    from phikit.errors import PhikitError
+
+    try:
+        config.validate()
+    except PhikitError as e:
+        field, _, rest = str(e).partition(" ")
+        if field not in config.__dataclass_fields__:
+            raise
+        raise PhikitError(f"--{field.replace('_', '-')} {rest}") from None
 
 
 def at_least(value, minimum: int, flag: str):

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from phikit.cli.common import add_model_args, at_least, input_file, load_model
+from phikit.cli.common import DTYPES, QUANTIZE, add_model_args, at_least, input_file, load_model
 from phikit.errors import PhikitError
 
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
         "prompts) on the model and on each --compare variant, one model loaded at a "
         "time, and writes a side-by-side report.md and report.html to --out. "
         "With --lm-eval it runs lm-evaluation-harness tasks (pip install lm-eval).",
-        epilog="Example: phikit eval --model microsoft/phi-2 --compare fine-tuned:adapter=runs/x/adapter "
+        epilog="Example: phikit eval --model microsoft/phi-2 --compare tuned:adapter=runs/x/adapter "
         "--compare int4:quantize=int4 --out eval/",
     )
     add_model_args(ev, adapter="a LoRA adapter folder")
@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     ev.set_defaults(func=run)
 
 
+CHOICES = {"quantize": (*QUANTIZE, "none"), "dtype": DTYPES}  # those of the flags
+
+
 def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
     """'int4:quantize=int4,group_size=32' -> ('int4', base options with those changed)."""
     label, _, rest = spec.partition(":")
@@ -66,6 +69,8 @@ def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
             )
         if key == "group_size" and value not in ("32", "64", "128", "256"):
             raise PhikitError(f"--compare {spec!r}: group_size must be 32, 64, 128 or 256, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:  # checked before any model loads
+            raise PhikitError(f"--compare {spec!r}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         options[key] = int(value) if key == "group_size" else (None if value == "none" else value)
     return label, options
 
@@ -74,10 +79,11 @@ def run(args: argparse.Namespace) -> None:
     import gc
 
     from phikit import evaluate
-    from phikit.checkpoint import atomic_write
+    from phikit.checkpoint import atomic_write, check_writable
 
     if args.out.exists() and not args.out.is_dir():
         raise PhikitError(f"--out {args.out}: is a file; eval writes a folder of reports")
+    check_writable(args.out / "report.md", "--out")  # before any model runs
     at_least(args.max_new_tokens, 1, "--max-new-tokens")
     at_least(args.batch_size, 1, "--batch-size")
     if args.suite is not None:

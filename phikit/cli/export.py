@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_model_arg
+from phikit.cli.common import EPILOG, add_model_arg, size_text
 from phikit.errors import PhikitError
 
 
@@ -65,6 +65,6 @@ def run(args: argparse.Namespace) -> None:
     else:
         out = export_hf(args.model, args.out, args.adapter, args.dtype, args.overwrite, progress=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
-    print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"wrote {out} ({size_text(size)}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if args.format == "ollama":
         print(f"make the Ollama model with: ollama create NAME -f {out / 'Modelfile'}", file=sys.stderr)

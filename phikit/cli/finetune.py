@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
         "num_generations sampled completions each, reward_funcs: answer, regex, length or package.module:function; "
         "sampler auto|policy|bf16|fp16: what samples them, by default a bf16 copy of an fp32 policy, whose "
         "samples importance_sampling sequence_mask|sequence_truncate|token_mask|token_truncate|off weighs, "
-        "bound importance_sampling_max). --key none clears a recipe's value. "
+        "bound importance_sampling_max). --key none clears an optional setting (max_steps, eval_data ...). "
         "Writes checkpoints, metrics.jsonl and the final PEFT-format adapter to "
         "output_dir/adapter (--lora false: every weight trains, output_dir/model is an HF folder). Runs DDP under "
         "torchrun --nproc-per-node N, or FSDP2 with --fsdp (gloo on CPU, NCCL on GPUs).",

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_model_args, add_sampling_args, input_file, load_model
+from phikit.cli.common import EPILOG, add_model_args, add_sampling_args, check_generation, input_file, load_model
 from phikit.errors import PhikitError
 
 
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
         except UnicodeEncodeError:
             raise PhikitError("the prompt is not valid UTF-8; pass UTF-8 text (or a UTF-8 file with --file)") from None
     config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
-    config.validate()
+    check_generation(config)
     if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer
         get_template(args.template)  # fail on a bad template before the slow load
     if args.stream and args.file:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from phikit.errors import PhikitError
+from phikit.cli.common import output_file
 
 
 def add_parser(sub) -> None:
@@ -27,8 +27,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from phikit.plots import plot_runs
 
-    if args.out.is_dir():
-        raise PhikitError(f"--out {args.out} is a directory; give a .png or .svg file")
+    output_file(args.out, "--out")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     out = plot_runs(args.runs, args.out, metrics)
     print(f"wrote {out}", file=sys.stderr)

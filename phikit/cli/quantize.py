@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_group_size_arg, add_model_args, load_model
+from phikit.cli.common import EPILOG, add_group_size_arg, add_model_args, load_model, size_text
 
 
 def add_parser(sub) -> None:
@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     phi = load_model(args, quantize=spec)
     out = save_quantized(phi, args.out, overwrite=args.overwrite)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
-    print(f"wrote {out} ({args.to}, {size:.2f} GB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    size = size_text(sum(f.stat().st_size for f in out.glob("*.safetensors")))
+    print(f"wrote {out} ({args.to}, {size}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)

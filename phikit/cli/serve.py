@@ -114,7 +114,13 @@ def run(args: argparse.Namespace) -> None:
         allowed_hosts=[args.host, *args.allowed_host],
         cors_origins=args.cors_origin,
     )
-    cache = app.state.engine.cache
+    cache, context = app.state.engine.cache, app.state.engine.context
+    if args.max_tokens >= context:
+        print(
+            f"phikit: note: --max-tokens {args.max_tokens} reaches the model's context of {context} tokens; a "
+            "request without max_tokens generates what fits after its prompt",
+            file=sys.stderr,
+        )
     gb = cache.nbytes / 1e9
     host = f"[{args.host}]" if ":" in args.host else args.host
     if args.host in ("0.0.0.0", "::"):

@@ -187,6 +187,8 @@ class TrainConfig:
             if not optional:
                 raise fail("given")
             return None
+        if "str" not in kind and isinstance(value, str) and value.strip().lower() in ("none", "null"):  # a number
+            raise PhikitError(f"{source}: {name} cannot be none; only optional settings (such as max_steps) clear")
         if name == "lora_targets":
             return _lora_targets(value, fail)
         if name == "report_to":
