@@ -155,6 +155,8 @@ def test_models_and_health(server):
         ({"prompt": []}, 400, "prompt"),
         ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({}, 400, "prompt"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be at least 1 (0 only with echo"),
+        ({"prompt": "hi", "stop": 123}, 400, "stop: Input should be a valid string or Input should be a valid list"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(server, body, status, fragment):
@@ -162,6 +164,20 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, fragmen
     r = httpx.post(f"{server.url}/v1/completions", headers={"content-type": "application/json"}, **kw)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("max_tokens", [0, -3])
+def test_a_chat_reply_of_no_tokens_is_refused_without_mentioning_echo(server, max_tokens):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens}
+    error = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()["error"]
+    assert error["param"] == "max_tokens" and "greater than or equal to 1" in error["message"]
+    assert "echo" not in error["message"]
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}  # a path as written
+    assert (
+        httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        .json()["error"]["message"]
+        .startswith("messages[0].content[0]")
+    )
 
 
 @pytest.mark.parametrize(

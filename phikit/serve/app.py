@@ -10,6 +10,7 @@ with ``response_format`` json_object / json_schema; GET /v1/models (the base and
 
 from __future__ import annotations
 
+import re
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -22,7 +23,7 @@ from phikit.models import CausalLM
 from phikit.serve.engine import Engine
 from phikit.serve.metrics import Metrics
 from phikit.serve.middleware import APIKeyCheck, BodyError, BodyLimit, CountRequests, HostCheck
-from phikit.serve.schemas import APIError, ChatBody, CompletionBody, Limits
+from phikit.serve.schemas import APIError, ChatBody, CompletionBody, Limits, as_written
 from phikit.serve.serving import Serving
 from phikit.templates import get_template
 from phikit.tokenizer import Tokenizer
@@ -33,6 +34,15 @@ UI_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+
+UNION_TAG = re.compile(r"[a-z_-]+\[.*\]|str|int|float|bool|none|dict|list")  # pydantic's per-type loc parts
+
+
+def _field_path(loc) -> tuple:
+    """A validation error's location in the body (``loc[0]`` is "body"), pydantic's tags for the members of a
+    union (``str``, ``list[str]``) left out."""
+    return tuple(p for p in list(loc)[1:] if isinstance(p, int) or not UNION_TAG.fullmatch(str(p)))
 
 
 def create_app(
@@ -149,9 +159,12 @@ def create_app(
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return APIError(400, "request body is not valid JSON").response()
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
-        return APIError(400, message, param=param).response()
+        path = _field_path(first.get("loc", ()))
+        param = ".".join(str(p) for p in path) or None  # as schemas.py's own errors name a param: messages.0.content
+        # a field that takes one of several types fails once per type: say each (without pydantic's tags)
+        why = " or ".join(dict.fromkeys(e["msg"] for e in exc.errors() if _field_path(e.get("loc", ())) == path))
+        why = why or first.get("msg", "invalid request")
+        return APIError(400, f"{as_written(param)}: {why}" if param else why, param=param).response()
 
     @app.get("/health")
     async def health():

@@ -47,8 +47,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def as_written(param: str) -> str:
+    """A param as errors name it (``messages.0.content``, as vLLM and OpenAI's ``param``) the way a user writes
+    the place in the body: ``messages[0].content``."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", param)
+
+
 def unsupported(param: str, what: str) -> APIError:
-    return APIError(400, f"{param}: {what} is not supported by this server", param=param, code="unsupported")
+    message = f"{as_written(param)}: {what} is not supported by this server"
+    return APIError(400, message, param=param, code="unsupported")
 
 
 def check_text(text: str, param: str) -> None:
@@ -173,8 +180,9 @@ class _Common(BaseModel):
                 param="max_tokens" if prompt_len < context else "prompt",
                 code="context_length_exceeded",
             )
-        if max_tokens == 0 and not self.echoes():
-            raise APIError(400, "max_tokens 0 generates nothing; use echo to score a prompt", param="max_tokens")
+        if max_tokens == 0 and not self.echoes():  # completions only: chat's fields are at least 1
+            why = "max_tokens must be at least 1 (0 only with echo, to score a prompt)"
+            raise APIError(400, why, param="max_tokens")
         temperature = 1.0 if self.temperature is None else self.temperature
         config = GenerationConfig(
             max_new_tokens=max(max_tokens, 1), temperature=temperature, top_p=self.top_p or 1.0, seed=self.seed
@@ -273,6 +281,8 @@ class Message(BaseModel):
 class ChatBody(_Common):
     kind: ClassVar[str] = "chat"
     messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # a reply of at least one token (no echo here)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
