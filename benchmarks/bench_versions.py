@@ -9,7 +9,8 @@ own process, with that checkout first on ``sys.path``, and measures load time, t
 --prompt-tokens tokens and the decode of --new-tokens tokens (time per token after the first, medians of
 two runs after a warm-up); versions alternate within each round and rounds repeat, because this VM's memory
 bandwidth drifts by tens of percent within minutes; ``tensor.sum`` (common.sum_bandwidth) is measured right
-before each run, and each decode is reported as a share of it. Without --model: the full-size random Phi-2 of
+before each run, and each decode is reported as a share of it, and of the mean of two readings taken in the worker
+right before and right after that decode. Without --model: the full-size random Phi-2 of
 common.random_phi2. Prints a Markdown table of medians (and each round) and writes
 benchmarks/results_versions.json.
 """
@@ -73,10 +74,19 @@ def worker(checkout: str, model_dir: str, precision: str, prompt_tokens: int, ne
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
     prefill(), decode()  # warm-up (the autotune measures on first use)
+    prefills = [prefill(), prefill()]
+    # the bandwidth limit read right before and right after each decode, in this process: the VM's drifts
+    # within the seconds between the parent's reading and the decode
+    sums, decodes = [sum_bandwidth()], []
+    for _ in range(2):
+        decodes.append(decode())
+        sums.append(sum_bandwidth())
     return {
         "load_s": load_s,
-        "prefill_tok_s": statistics.median([prefill(), prefill()]),
-        "decode_tok_s": statistics.median([decode(), decode()]),
+        "prefill_tok_s": statistics.median(prefills),
+        "decode_tok_s": statistics.median(decodes),
+        "decode_runs": decodes,
+        "sums_around_gb_s": sums,
     }
 
 
@@ -128,7 +138,14 @@ def main() -> None:
         for x in results:  # the share of the bandwidth limit measured right before the run
             x["decode_of_limit"] = x["decode_tok_s"] * step / (x["sum_gb_s"] * 1e9)
             x["decode_of_limit_kv"] = x["decode_tok_s"] * (step + kv) / (x["sum_gb_s"] * 1e9)
-        for key in ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit", "decode_of_limit_kv"):
+            # and of the mean of the two readings around each decode (the median of the two decodes' shares)
+            around = [
+                tok_s * step / ((x["sums_around_gb_s"][i] + x["sums_around_gb_s"][i + 1]) / 2 * 1e9)
+                for i, tok_s in enumerate(x["decode_runs"])
+            ]
+            x["decode_of_limit_around"] = statistics.median(around)
+        keys = ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit", "decode_of_limit_kv")
+        for key in keys + ("decode_of_limit_around",):
             values = [x[key] for x in results]
             row[key] = f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
         rows.append(row)
@@ -136,6 +153,7 @@ def main() -> None:
     columns = [("precision", "precision"), ("version", "version")]
     columns += [("prefill_tok_s", "prefill tok/s (rounds)"), ("decode_tok_s", "decode tok/s"), ("load_s", "load s")]
     columns += [("decode_of_limit", "decode / tensor.sum limit"), ("decode_of_limit_kv", "with the KV cache")]
+    columns += [("decode_of_limit_around", "of the sums read around each decode")]
     print(markdown_table(rows, columns))
     every = {f"{v} {p}": results for (v, p), results in runs.items()}
     save_json(
