@@ -31,7 +31,13 @@ from phikit.templates import ChatTemplate, Template, get_template
 from phikit.tokenizer import Tokenizer
 
 IGNORE = -100
-FORMATS = ("text", "alpaca", "messages", "sharegpt", "prompt_completion")
+FORMATS = {  # each data format and the fields it reads (what ``columns`` may map a data's column to)
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+}
 
 
 @dataclass
@@ -285,6 +291,30 @@ def apply_columns(row: dict, columns: dict[str, str] | None) -> dict:
         if column in row:
             renamed[field] = row[column]
     return renamed
+
+
+def check_columns(source: str, split: str, columns: dict[str, str] | None, fields=None, rows: int = 1000) -> None:
+    """``columns`` (field -> the data's column) names only ``fields`` (where given: the format's) and columns
+    that some row among the first ``rows`` of the data has: a misspelt or absent column is a one-line error
+    before anything trains, not a mapping that renames nothing (or a missing field, rows later)."""
+    if not columns:
+        return
+    if fields is not None and set(columns) - set(fields):
+        unknown = ", ".join(sorted(set(columns) - set(fields)))
+        raise PhikitError(f"columns: {unknown}: not a field of this format (it reads {', '.join(fields)})")
+    wanted, seen, names = set(columns.values()), set(), []
+    for i, (_, row) in enumerate(read_rows(source, split)):
+        if isinstance(row, dict) and "__error__" not in row:
+            seen |= row.keys() & wanted
+            names += [k for k in row if k not in names]
+        if wanted <= seen or i + 1 >= rows:
+            break
+    missing = [f"{field}={column}" for field, column in columns.items() if column not in seen]
+    if missing:
+        raise PhikitError(
+            f"columns {', '.join(missing)}: no such column in {source}"
+            + (f" (its rows have {', '.join(names[:12])})" if names else "")
+        )
 
 
 def split_turns(text: str, template: Template) -> list[tuple[str, bool]]:

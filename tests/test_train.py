@@ -122,7 +122,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused(tiny, tmp_path):
     assert not marker.exists()
 
 
-def test_a_run_keeps_its_folder_to_itself_and_saves_its_last_step(tiny, tmp_path):
+def test_a_run_keeps_its_folder_to_itself_and_saves_its_last_step(tiny, tmp_path, capsys):
     """A second run into a folder a run is using is refused (its lock held); a run's last step is saved too,
     so --resume extends a finished run from where it ended; a NaN metric is written as JSON's null."""
     from phikit.train import MetricsLog
@@ -134,9 +134,10 @@ def test_a_run_keeps_its_folder_to_itself_and_saves_its_last_step(tiny, tmp_path
     with pytest.raises(PhikitError, match="in use by another run"):
         finetune(recipe(folder, out, max_steps=2, eval_every=1000), progress=False)
     held.close()
-    finetune(recipe(folder, out, max_steps=4, save_every=2, eval_every=1000), progress=False)
-    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    finetune(recipe(folder, out, max_steps=3, save_every=2, eval_every=1000), progress=False)
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]  # the last step, off the beat
     finetune(recipe(folder, out, max_steps=6, save_every=2, eval_every=1000, resume=True), progress=False)
+    assert f"resuming from {out / 'checkpoint-3'} (step 3)" in capsys.readouterr().err
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     log = MetricsLog(tmp_path / "log", True)
     log.write(1, reward=float("nan"), best=float("inf"), loss=0.5)
@@ -207,6 +208,32 @@ def test_recipe_mistakes_are_clear(tiny, tmp_path):
         recipe(folder, tmp_path, scheduler="exp")
     with pytest.raises(PhikitError, match="no checkpoint"):
         finetune(recipe(folder, tmp_path / "none", resume=True), progress=False)
+
+
+def test_columns_that_name_nothing_are_refused_before_training(tiny, tmp_path):
+    folder, _ = tiny
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}?", "answer": f" {i}."}) + "\n" for i in range(4)))
+    settings = {"data": str(data), "data_format": "alpaca", "max_steps": 1}
+    for columns, message in (
+        ("instruction=question,output=answr", r"columns output=answr: no such column in .*qa.jsonl .*question, answer"),
+        ("instr=question,output=answer", r"columns: instr: not a field of this format \(it reads instruction, input"),
+    ):
+        with pytest.raises(PhikitError, match=message):
+            finetune(recipe(folder, tmp_path / "run", columns=columns, **settings), progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_an_interrupted_run_says_how_to_go_on(tmp_path):
+    from phikit.cli.finetune import interrupted_note
+
+    assert "no checkpoint" in interrupted_note(tmp_path / "missing")
+    for step in (20, 40):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.pt").write_bytes(b"")
+    assert interrupted_note(tmp_path).endswith(
+        f"{tmp_path / 'checkpoint-40'}: run the same command with --resume to continue from it"
+    )
 
 
 def test_diverging_loss_stops_with_a_clear_error(tiny, tmp_path):
@@ -403,3 +430,9 @@ def test_a_recipes_data_path_is_found_beside_it_from_any_folder(tmp_path, monkey
     hub = tmp_path / "hub.yaml"
     hub.write_text("model: microsoft/phi-2\ndata: timdettmers/openassistant-guanaco\n")
     assert TrainConfig.from_yaml(hub).data == "timdettmers/openassistant-guanaco"
+    lost = tmp_path / "elsewhere" / "lost.yaml"  # a file in neither place: both named, before anything loads
+    lost.parent.mkdir()
+    lost.write_text("data: ../shared/data/train.jsonl\n")
+    with pytest.raises(PhikitError, match=r"neither in the working folder .* nor beside the recipe .*--data"):
+        TrainConfig.from_yaml(lost)
+    assert TrainConfig.from_yaml(lost, {"data": "mine.jsonl"}).data == "mine.jsonl"  # overridden: not looked for

@@ -54,9 +54,24 @@ def run(args: argparse.Namespace) -> None:
     ignored = config.ignored()
     if ignored and os.environ.get("RANK", "0") == "0":
         print(f"phikit: note: method {config.method} does not use {', '.join(ignored)}", file=sys.stderr)
-    final = finetune(config, progress=not args.quiet)
+    try:
+        final = finetune(config, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{interrupted_note(Path(config.output_dir))}", file=sys.stderr)
+        raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process wrote it
         print(f"{'adapter' if final.name == 'adapter' else 'model'} written to {final}", file=sys.stderr)
+
+
+def interrupted_note(out: Path) -> str:
+    """What an interrupted run left and how to go on from it."""
+    from phikit.train.state import checkpoints
+
+    kept = checkpoints(out) if out.is_dir() else []
+    if not kept:
+        return f"phikit: no checkpoint in {out} yet (one is saved every save_every steps); the run starts over"
+    return f"phikit: the newest checkpoint is {kept[-1]}: run the same command with --resume to continue from it"
 
 
 def parse_overrides(tokens: list[str]) -> dict:

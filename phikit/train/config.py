@@ -32,14 +32,25 @@ GRPO_KEYS = (
 CORRECTIONS = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "off")
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
+
+
 def _beside(recipe: Path, value):
     """A relative data path of a recipe: as written where it exists from the working directory (recipes
     written for the folder they are run from keep working), else beside the recipe file when it exists
-    there; anything else (a Hub dataset id, a file still to be made) unchanged."""
+    there; a file (a data suffix, or ./ ../) in neither place is an error naming both; anything else (a Hub
+    dataset id) unchanged."""
     if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
         return value
     near = recipe.parent / value
-    return str(near) if near.exists() else value
+    if near.exists():
+        return str(near)
+    if value.startswith(".") or value.endswith(DATA_SUFFIXES):  # a file, not a Hub dataset id: say where we looked
+        raise PhikitError(
+            f"{recipe}: data file {value} is neither in the working folder ({Path.cwd()}) nor beside the recipe "
+            f"({recipe.parent}); give its path with --data (or --eval_data)"
+        )
+    return value
 
 
 @dataclass
@@ -156,8 +167,8 @@ class TrainConfig:
                 raise PhikitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
             if not isinstance(raw, dict):
                 raise PhikitError(f"{path}: expected a mapping of settings")
-            for key in ("data", "eval_data"):  # a recipe's own files, wherever it is run from
-                if key in raw:
+            for key in ("data", "eval_data"):  # a recipe's own files, wherever it is run from (unless overridden)
+                if key in raw and key not in (overrides or {}):
                     raw[key] = _beside(path, raw[key])
         raw.update(overrides or {})  # None too: "--quantize none" clears what the recipe set
         names = {f.name for f in dataclasses.fields(cls)}

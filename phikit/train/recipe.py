@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -160,9 +161,11 @@ class SFTRecipe:
         """(training items, held-out items): ``load(source, split, limit)`` -> (items, malformed rows skipped)
         reads the data (``self.skipped`` keeps its count); the held-out ones are ``eval_data``/``eval_split``'s,
         else ``eval_fraction`` of the training data. Every method reads its data so."""
-        from phikit.data import split_eval
+        from phikit.data import FORMATS, check_columns, split_eval
 
         config = self.config
+        fields = FORMATS.get(config.format) if config.method == "sft" else None  # the others read their own
+        check_columns(config.data, config.split, config.columns, fields)
         items, self.skipped = load(config.data, config.split, config.max_examples)
         if config.eval_data or config.eval_split:
             return items, load(config.eval_data or config.data, config.eval_split or "test", None)[0]
@@ -478,6 +481,8 @@ class SFTRecipe:
         self.setup_optimizer()
         if config.resume:
             self.resume()
+            if self.main_process:
+                print(f"phikit: resuming from {self.existing[-1]} (step {self.step})", file=sys.stderr)
         size = config.batch_size
         self.eval_batches = [self.eval_set[i : i + size] for i in range(0, len(self.eval_set), size)]
         log = MetricsLog(
@@ -516,7 +521,7 @@ class SFTRecipe:
                     evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
                 log.write(self.step, **evaluated)
                 self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
-            if self.step % config.save_every == 0:  # the last step's too: a finished run extends with --resume
+            if self.step % config.save_every == 0 or self.step == self.total_steps:  # a finished run extends
                 self.save_checkpoint()
             if self.world > 1:
                 torch.distributed.barrier()
