@@ -74,8 +74,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise PhikitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PhikitError(
-            "--device cuda was asked for but torch sees no GPU; use --device cpu "
-            "(or install a CUDA/ROCm build of torch)"
+            'device cuda was asked for but torch sees no GPU; use device cpu (--device cpu, device="cpu") '
+            "or install a CUDA/ROCm build of torch"
         )
     return device
 
@@ -615,7 +615,9 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
         if target == origin or target in origin.parents:
             raise PhikitError(f"{out} is or contains the source model {source}; writing there would delete it")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PhikitError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
+        raise PhikitError(
+            f"{out} already exists and is not empty; choose a new folder or overwrite (--overwrite, overwrite=True)"
+        )
     check_writable(out)
 
 

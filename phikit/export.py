@@ -155,7 +155,9 @@ def export_gguf(
     if out_file.is_dir():
         raise PhikitError(f"{out_file} is a folder; a GGUF export is one file, e.g. {out_file / 'model.gguf'}")
     if out_file.exists() and not overwrite:
-        raise PhikitError(f"{out_file} already exists; choose a new file name or pass --overwrite")
+        raise PhikitError(
+            f"{out_file} already exists; choose a new file name or overwrite (--overwrite, overwrite=True)"
+        )
     check_writable(out_file)  # before the model loads
     folder, config = _full_precision_source(model)
     if folder.resolve() in out_file.resolve().parents:

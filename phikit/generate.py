@@ -54,6 +54,15 @@ class GenerationConfig:
             raise PhikitError(f"draft_tokens must be between 1 and 7, got {self.draft_tokens}")
 
 
+def with_overrides(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    """``config`` (or the defaults) with some fields set; a name that is not a field is a one-line error."""
+    unknown = sorted(set(overrides) - set(GenerationConfig.__dataclass_fields__))
+    if unknown:
+        known = ", ".join(GenerationConfig.__dataclass_fields__)
+        raise PhikitError(f"unknown generation setting(s) {', '.join(unknown)}; known: {known}")
+    return replace(config or GenerationConfig(), **overrides)
+
+
 @dataclass
 class Completion:
     text: str
@@ -511,7 +520,7 @@ def generate(
     ``overrides`` set GenerationConfig fields (``max_new_tokens=64, temperature=0.7 ...``);
     ``on_text(index, piece)`` is called with text as it is produced.
     """
-    config = replace(config or GenerationConfig(), **overrides)
+    config = with_overrides(config, overrides)
     single = isinstance(prompts, str)
     runner = iter_generate(model, tokenizer, [prompts] if single else list(prompts), config, template, draft, stats)
     while True:
@@ -535,7 +544,7 @@ def stream(
     **overrides,
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece as it is generated."""
-    config = replace(config or GenerationConfig(), **overrides)
+    config = with_overrides(config, overrides)
     for _, piece in iter_generate(model, tokenizer, [prompt], config, template, draft):
         yield piece
 

@@ -116,6 +116,12 @@ def test_templates_render_and_stop():
         get_template("alpacca")
 
 
+def test_an_unknown_setting_is_a_one_line_error(phi):
+    model, tok, _ = phi
+    with pytest.raises(PhikitError, match=r"unknown generation setting\(s\) bogus; known: max_new_tokens"):
+        generate(model, tok, "Hi", bogus=1)
+
+
 def test_prompt_longer_than_context(phi):
     model, tok, _ = phi
     context = model.config.max_position_embeddings
