@@ -319,9 +319,13 @@ def test_the_page_asks_for_the_api_key_and_sends_it_as_a_header_only(trained, dr
         row = wait_for(lambda: driver.find_element("id", "api-key-row").is_displayed(), what="the key field")
         assert row and "API key" in driver.find_element("id", "server-status").text
         field = driver.find_element("id", "api-key")
-        field.send_keys(key)
+        driver.execute_script("window.samePage = true")
+        field.send_keys(key + "\n")  # Enter: the key is taken, the page stays (its form is not submitted)
         driver.execute_script("document.getElementById('api-key').dispatchEvent(new Event('change'))")
         wait_for(lambda: driver.find_elements("css selector", "#model option"), what="the models")
+        assert driver.execute_script("return window.samePage === true")
+        said = [e["message"] for e in driver.get_log("browser")]
+        assert not any("Password field is not contained in a form" in m for m in said), said
         set_field(driver, "temperature", 0)
         set_field(driver, "max-tokens", BUDGET)
         send(driver, QUESTION)

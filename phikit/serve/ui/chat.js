@@ -559,6 +559,7 @@
     for (const id of ["model", "temperature", "top-p", "max-tokens", "json-mode", "json-schema"]) {
       $(id).addEventListener("change", saveSettings);
     }
+    $("api-key-row").addEventListener("submit", (event) => event.preventDefault()); // Enter: keep the page
     $("api-key").addEventListener("change", () => {
       const key = $("api-key").value.trim();
       if (key) sessionStorage.setItem(KEY, key);
