@@ -7,7 +7,8 @@ REF is a git revision of this repository (checked out once into benchmarks/_work
 ``git worktree``); --after defaults to this working tree. Each (version, precision) loads the model in its
 own process, with that checkout first on ``sys.path``, and measures load time, the prefill of
 --prompt-tokens tokens and the decode of --new-tokens tokens (time per token after the first, medians of
-two runs after a warm-up); versions alternate within each round and rounds repeat, because this VM's memory
+two runs after a warm-up); a --model written by ``phikit quantize`` loads as stored (name its format in
+--precisions); versions alternate within each round and rounds repeat, because this VM's memory
 bandwidth drifts by tens of percent within minutes; ``tensor.sum`` (common.sum_bandwidth) is measured right
 before each run, and each decode is reported as a share of it, and of the mean of two readings taken in the worker
 right before and right after that decode. Without --model: the full-size random Phi-2 of
@@ -18,6 +19,7 @@ benchmarks/results_versions.json.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -52,7 +54,8 @@ def worker(checkout: str, model_dir: str, precision: str, prompt_tokens: int, ne
     from phikit.generate import GenerationConfig, generate_tokens
 
     assert Path(phikit.__file__).resolve().is_relative_to(Path(checkout).resolve()), phikit.__file__
-    quantize = None if precision == "bf16" else precision
+    stored = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
+    quantize = None if precision == "bf16" or stored else precision  # a `phikit quantize` folder: as stored
     start = time.perf_counter()
     phi = load(model_dir, dtype="bf16", device="cpu", quantize=quantize)
     load_s = time.perf_counter() - start
@@ -112,7 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         path, model, precision, prompt, new = args.worker
-        print(__import__("json").dumps(worker(path, model, precision, int(prompt), int(new))))
+        print(json.dumps(worker(path, model, precision, int(prompt), int(new))))
         return
     model = args.model or random_phi2()
     versions = {"before": checkout(args.before), "after": args.after.resolve()}
