@@ -228,7 +228,11 @@ def export_ollama(
     template = get_template(template, tokenizer)
     check_output_folder(out, overwrite, folder)
     stops = [tokenizer.decode([i]) for i in sorted(tokenizer.stop_ids)] if isinstance(template, ChatTemplate) else None
-    modelfile = ollama_modelfile(template, f"./{OLLAMA_GGUF}", config.max_position_embeddings, _license(folder), stops)
+    # a 128k (LongRoPE) model's window would have Ollama keep a cache of tens of GB for every chat (Phi-3.5-mini:
+    # 51 GB at fp16) and take the long factors for short prompts: its original context instead, as Ollama's own
+    longrope = getattr(config, "longrope", None)
+    context = longrope.original_max_position_embeddings if longrope else config.max_position_embeddings
+    modelfile = ollama_modelfile(template, f"./{OLLAMA_GGUF}", context, _license(folder), stops)
     export_gguf(model, out / OLLAMA_GGUF, adapter, gguf_type, overwrite=True, progress=progress)
     atomic_write(out / "Modelfile", lambda tmp: tmp.write_text(modelfile, encoding="utf-8"))
     return out
@@ -251,7 +255,7 @@ def ollama_modelfile(
     leaving exactly ``template.render(prompt)``. A chat template: see ``_chat_go_template``. Values with a
     newline or a quote are quoted with triple double quotes, others with double quotes; the grammar has no
     escapes, so a newline in a stop string is a real newline inside the quotes. ``PARAMETER stop``: ``stops``
-    where given, else the template's stop strings. ``PARAMETER num_ctx`` is the model's context.
+    where given, else the template's stop strings. ``PARAMETER num_ctx`` is ``context_length``.
     """
     if isinstance(template, ChatTemplate):
         text = _chat_go_template(template)

@@ -605,7 +605,7 @@ def test_phi3_gguf_vocabularies_are_the_tokenizers(phi3_factory, phi3_gguf):
     assert len(field(reader, "tokenizer.ggml.merges")) > 400_000
 
 
-@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini"])
+@pytest.mark.parametrize("variant", ["phi3-4k", "phi4-mini", "phi3-128k"])
 def test_ollama_export_of_a_chat_model_renders_its_chat_template_and_stops_at_its_end(phi3_factory, tmp_path, variant):
     from phikit.templates import get_template
     from phikit.tokenizer import Tokenizer
@@ -626,6 +626,11 @@ def test_ollama_export_of_a_chat_model_renders_its_chat_template_and_stops_at_it
         [earlier], question
     )
     assert "<|end|>" in [v for k, v in commands if k == "stop"]
+    config = json.loads((folder / "config.json").read_text())  # a LongRoPE model's window: its original context
+    longrope = config.get("rope_scaling") or config.get("rope_parameters", {}).get("long_factor")
+    expected = config["original_max_position_embeddings"] if longrope else config["max_position_embeddings"]
+    assert dict(commands)["num_ctx"] == str(expected)
+    assert (int(expected) < config["max_position_embeddings"]) == (variant != "phi3-4k")
 
 
 @pytest.mark.parametrize(
