@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from phikit.errors import PhikitError
 from phikit.generate import GenerationConfig, generate
 from phikit.templates import ChatTemplate, Template, get_template
 
@@ -45,11 +46,16 @@ def chat(
 ) -> list[tuple[str, str]]:
     """Read user turns with ``read`` until /exit or end of input, stream each reply to ``out``; returns the
     history. The turns are written with ``template`` (``auto``: the checkpoint's chat template where it has
-    one, else guanaco's format), after ``system`` if given. Old turns are dropped when the conversation no
-    longer fits the context window."""
+    one, else guanaco's format), after ``system`` if given. Old turns are left out (and it says so) when the
+    conversation no longer fits the context window; a message that alone does not fit is refused, not cut."""
     template = get_template(template, phi.tokenizer)
     config = config or GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.9)
     context = phi.model.config.max_position_embeddings
+    if config.max_new_tokens >= context:
+        raise PhikitError(
+            f"--max-new-tokens {config.max_new_tokens} leaves no room for a message in the model's context of "
+            f"{context} tokens; lower it"
+        )
     history: list[tuple[str, str]] = []
     print(HELP, file=out)
     while True:
@@ -71,8 +77,18 @@ def chat(
             continue
         budget = context - config.max_new_tokens
         count = lambda text: len(phi.tokenizer.encode(text))  # noqa: E731
-        history = fit_history(history, user, template, count, budget, system)
+        kept = fit_history(history, user, template, count, budget, system)
+        if len(kept) < len(history):
+            print(f"(the {len(history) - len(kept)} oldest turn(s) left out to fit the context)", file=out)
+        history = kept
         prompt = template.render_messages(conversation(history, user, system))
+        if count(prompt) > budget:  # the message alone: refused, never cut (a cut loses the turn's markers)
+            print(
+                f"(this message does not fit: {count(prompt)} tokens as a turn, with {config.max_new_tokens} kept "
+                f"for the reply, past the context of {context}; shorten it or lower --max-new-tokens)",
+                file=out,
+            )
+            continue
         out.write("phi> ")
         out.flush()
 
@@ -80,8 +96,6 @@ def chat(
             out.write(piece)
             out.flush()
 
-        reply = generate(
-            phi.model, phi.tokenizer, prompt, config, "raw", on_text=show, truncate=True, stop=template.stop
-        )
+        reply = generate(phi.model, phi.tokenizer, prompt, config, "raw", on_text=show, stop=template.stop)
         out.write("\n")
         history.append((user, reply.text.strip()))

@@ -63,6 +63,7 @@ def test_file_mode_prints_jsonl_in_order(tiny, tmp_path, capsys):
         (["generate", "--file", "/nonexistent/prompts.txt"], "--file /nonexistent/prompts.txt: file not found"),
         (["generate"], "give a prompt"),
         (["generate", "-m", "{folder}", "--template", "nonsense", "hi"], "unknown template"),
+        (["generate", "-m", "/nonexistent/model", "--system", "Be brief", "hi"], "--system needs a template"),
     ],
 )
 def test_user_errors_are_one_line(tiny, capsys, args, message):

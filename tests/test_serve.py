@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from phikit.chat import chat
+from phikit.errors import PhikitError
 from phikit.generate import GenerationConfig
 from phikit.serve import create_app
 from phikit.templates import get_template
@@ -271,6 +272,22 @@ def test_terminal_chat_keeps_history_and_resets(phi):
     )
     assert [u for u, _ in history] == ["Fresh start"]
     assert "(conversation reset)" in out.getvalue() and out.getvalue().count("phi> ") == 3
+
+
+def test_terminal_chat_says_what_does_not_fit_and_cuts_nothing(phi):
+    import io
+
+    context = phi.model.config.max_position_embeddings
+    lines = iter(["Hi there", "word " * context, "And again", "more " * (context // 3), "/exit"])
+    out = io.StringIO()
+    config = GenerationConfig(max_new_tokens=context // 2, temperature=0)
+    history = chat(phi, "guanaco", config, read=lambda _: next(lines), out=out)
+    said = out.getvalue()
+    assert "(this message does not fit" in said and said.count("phi> ") == 3  # the long one: refused, not cut
+    assert "oldest turn(s) left out to fit the context" in said
+    assert history[-1][0] == ("more " * (context // 3)).strip()
+    with pytest.raises(PhikitError, match="leaves no room"):
+        chat(phi, "guanaco", GenerationConfig(max_new_tokens=context), read=lambda _: "/exit", out=out)
 
 
 # ---- hardening: bad input, load, disconnects ----

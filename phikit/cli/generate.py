@@ -31,7 +31,9 @@ def add_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --file mode (default 8)")
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
     g.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
-    g.add_argument("--system", help="a system message before the prompt (with --template chat, auto or a format)")
+    g.add_argument(
+        "--system", help="a system message before the prompt (with any --template but raw: chat, auto, guanaco ...)"
+    )
     g.add_argument(
         "--compile",
         action="store_true",
@@ -68,6 +70,9 @@ def read_prompts(path: Path) -> list[str]:
             raise PhikitError(f'{path}:{number}: expected an object with a string "prompt" field')
         prompts.append(row["prompt"])
     return prompts
+
+
+SYSTEM_NEEDS = "--system needs a template that writes a conversation: --template chat, auto, guanaco, instruct, yours"
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -112,14 +117,15 @@ def run(args: argparse.Namespace) -> None:
     config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
     check_generation(config)
     if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer
-        get_template(args.template)  # fail on a bad template before the slow load
+        if get_template(args.template).name == "raw" and args.system:  # fail before the slow load
+            raise PhikitError(SYSTEM_NEEDS)
     if args.stream and args.file:
         raise PhikitError("--stream prints one completion as it is generated; --file prints one JSON line per prompt")
     phi = load_model(args, progress=not args.quiet)
     template = get_template(args.template, phi.tokenizer)
     if args.system:  # each prompt as a conversation: the system message, then the prompt as the user's turn
         if template.name == "raw":
-            raise PhikitError("--system needs a template that writes a conversation: --template chat, auto or guanaco")
+            raise PhikitError(SYSTEM_NEEDS)
         system = {"role": "system", "content": args.system}
         prompts = [template.render_messages([system, {"role": "user", "content": p}]) for p in prompts]
         config = GenerationConfig(**{**config.__dict__, "stop": (*template.stop, *config.stop)})
