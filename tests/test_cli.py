@@ -331,3 +331,14 @@ def test_generate_reads_prompts_from_stdin_with_file_dash(tiny, monkeypatch, cap
     monkeypatch.setattr(sys, "stdin", stdin)
     code, out, _ = run_cli(capsys, "generate", "-m", folder, "--dtype", "fp32", "-n", "3", "-q", "--file", "-")
     assert code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["Hello", "The sky is"]
+
+
+def test_an_unknown_flag_is_reported_with_the_commands_own_usage(capsys):
+    for argv, usage, error in (
+        (["quantize", "-m", "x", "--to", "int4", "-o", "out"], "usage: phikit quantize", "phikit quantize: error"),
+        (["--bogus"], "usage: phikit [-h]", "phikit: error"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.startswith(usage) and f"{error}: unrecognized arguments" in err

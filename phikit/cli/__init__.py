@@ -48,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "finetune":
+    if extra and args.command is None:
         parser.parse_args(argv)  # reports the unknown arguments the usual way
+    if extra and args.command != "finetune":  # with the command's own usage, not phikit's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     if args.command is None:
         parser.print_help()
