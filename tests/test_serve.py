@@ -278,14 +278,24 @@ def test_terminal_chat_says_what_does_not_fit_and_cuts_nothing(phi):
     import io
 
     context = phi.model.config.max_position_embeddings
-    lines = iter(["Hi there", "word " * context, "And again", "more " * (context // 3), "/exit"])
+    budget = context // 2  # what a turn may take: the rest is kept for the reply
+    turn = get_template("guanaco")
+
+    def size(words: int) -> int:  # tokens of a message of that many words, as a turn
+        return len(phi.tokenizer.encode(turn.render_messages([{"role": "user", "content": "more " * words}])))
+
+    words = 1
+    while size(words + 1) <= budget:
+        words += 1
+    full = ("more " * words).strip()  # fits alone, within a few tokens of the budget: no earlier turn fits beside
+    lines = iter(["Hi there", "word " * context, "And again", full, "/exit"])
     out = io.StringIO()
-    config = GenerationConfig(max_new_tokens=context // 2, temperature=0)
+    config = GenerationConfig(max_new_tokens=context - budget, temperature=0)
     history = chat(phi, "guanaco", config, read=lambda _: next(lines), out=out)
     said = out.getvalue()
     assert "(this message does not fit" in said and said.count("phi> ") == 3  # the long one: refused, not cut
     assert "oldest turn(s) left out to fit the context" in said
-    assert history[-1][0] == ("more " * (context // 3)).strip()
+    assert [u for u, _ in history] == [full]
     with pytest.raises(PhikitError, match="leaves no room"):
         chat(phi, "guanaco", GenerationConfig(max_new_tokens=context), read=lambda _: "/exit", out=out)
 
