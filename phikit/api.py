@@ -23,7 +23,7 @@ from phikit.checkpoint import (
     resolve_model_path,
     save_checkpoint,
 )
-from phikit.config import QUANTIZED_ARCHITECTURES, QUANTIZED_TYPES
+from phikit.config import QUANTIZED_ARCHITECTURES, QUANTIZED_TYPES, set_dtype
 from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
 from phikit.lora import load_adapter
@@ -141,7 +141,7 @@ def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) ->
     source = read_config(phi.path / "config.json")
     config = source.to_hf_dict()
     config["quantization_config"] = phi.quantization.to_config()
-    config["torch_dtype"] = str(phi.model.dtype).removeprefix("torch.")
+    set_dtype(config, str(phi.model.dtype).removeprefix("torch."))
     # marked for phikit alone: others refuse it
     config["model_type"], config["architectures"] = (
         QUANTIZED_TYPES[source.family],

@@ -202,9 +202,7 @@ class PhiConfig:
         )
         out.pop("rope_parameters", None)
         out.pop("rope_scaling", None)
-        if self.torch_dtype:
-            out["torch_dtype"] = self.torch_dtype
-        return out
+        return set_dtype(out, self.torch_dtype) if self.torch_dtype else out
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "extra"}
@@ -380,12 +378,18 @@ class Phi3Config:
         """The transformers ``config.json`` of this model: the one it was read from, as it was."""
         out = dict(self.raw)
         out.update(architectures=["Phi3ForCausalLM"], model_type="phi3")
-        if self.torch_dtype:
-            out["torch_dtype"] = self.torch_dtype
-        return out
+        return set_dtype(out, self.torch_dtype) if self.torch_dtype else out
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "raw"}
+
+
+def set_dtype(hf: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """Write the weights' dtype ("bfloat16" ...) into a config.json dict under both names transformers reads:
+    ``dtype`` (transformers 5, which prefers it) and ``torch_dtype`` (older releases). A config read from a
+    transformers 5 checkpoint carries ``dtype``: left as it was, it would load an fp16 export as fp32."""
+    hf["dtype"] = hf["torch_dtype"] = dtype
+    return hf
 
 
 def _require(raw: dict[str, Any], source: str) -> None:

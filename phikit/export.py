@@ -34,7 +34,7 @@ from phikit.checkpoint import (
     save_checkpoint,
     weight_files,
 )
-from phikit.config import PhiConfig
+from phikit.config import PhiConfig, set_dtype
 from phikit.errors import PhikitError
 from phikit.models import CausalLM, read_config
 from phikit.templates import ChatTemplate, Template, get_template
@@ -124,8 +124,7 @@ def export_hf(
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in net.state_dict().items()}
     if state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr():
         del state["lm_head.weight"]  # tied: safetensors refuses shared tensors, transformers re-ties on load
-    hf = config.to_hf_dict()
-    hf["torch_dtype"] = str(target).removeprefix("torch.")
+    hf = set_dtype(config.to_hf_dict(), str(target).removeprefix("torch."))
     return save_checkpoint(out, state, hf, folder, overwrite=overwrite, source=folder)
 
 

@@ -98,6 +98,7 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tiny, tmp_path):
 
     with safe_open(half / "model.safetensors", "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.float16
+    assert AutoModelForCausalLM.from_pretrained(half, dtype="auto").dtype == torch.float16  # as stored, not fp32
 
 
 def test_hf_export_with_an_adapter_equals_peft(tiny, tmp_path):
