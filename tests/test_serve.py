@@ -470,6 +470,9 @@ def test_api_key_rules(phi):
         (["--api-key", ""], "--api-key is empty"),
         (["--cors-origin", "app.example"], "--cors-origin app.example"),
         (["--cors-origin", "https://app.example/chat"], "no path"),
+        (["--adapter", "a=/x", "--adapter", "a=/y"], "--adapter a: a name given twice"),
+        (["--adapter", "/x", "--adapter", "b=/y"], "or name them: --adapter NAME=DIR ..., not both"),
+        (["--adapter", "model=/x"], "model is the base model's name"),
     ],
 )
 def test_serve_flags_are_checked_before_the_model_loads(flags, fragment, capsys):
