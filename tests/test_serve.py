@@ -157,6 +157,7 @@ def test_models_and_health(server):
         ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({}, 400, "prompt"),
         ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be at least 1 (0 only with echo"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "only allowed when stream is true"),
         ({"prompt": "hi", "stop": 123}, 400, "stop: Input should be a valid string or Input should be a valid list"),
     ],
 )

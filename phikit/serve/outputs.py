@@ -66,7 +66,7 @@ class CompletionOutput:
         lp = None
         if self.logprobs is not None and token is not None:
             text = _token_text(self.tokenizer, token)
-            top = {_token_text(self.tokenizer, t): v for t, v in entry[1]}
+            top = self._top(text, entry)
             lp = {"tokens": [text], "token_logprobs": [entry[0]], "top_logprobs": [top], "text_offset": [0]}
         return {"index": choice.index, "text": piece, "finish_reason": None, "logprobs": lp}
 
@@ -90,11 +90,17 @@ class CompletionOutput:
                 out["top_logprobs"].append(None)
             else:
                 out["token_logprobs"].append(entry[0])
-                top: dict[str, float] = {}
-                for t, lp in entry[1]:
-                    top.setdefault(_token_text(self.tokenizer, t), lp)
-                out["top_logprobs"].append(top)
+                out["top_logprobs"].append(self._top(text, entry))
         return out
+
+    def _top(self, text: str, entry) -> dict[str, float]:
+        """The most likely tokens' log-probabilities and always the chosen token's (up to logprobs + 1 entries,
+        as OpenAI's legacy completions give them); two tokens of one text keep the likelier."""
+        top: dict[str, float] = {}
+        for t, lp in entry[1]:
+            top.setdefault(_token_text(self.tokenizer, t), lp)
+        top.setdefault(text, entry[0])
+        return top
 
 
 class ChatOutput:

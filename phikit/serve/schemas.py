@@ -157,6 +157,8 @@ class _Common(BaseModel):
         best_of = getattr(self, "best_of", None) or n
         if best_of < n:
             raise APIError(400, "best_of must be at least n", param="best_of")
+        if self.stream_options is not None and not self.stream:  # as OpenAI answers it
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if self.stream and best_of > n:
             raise APIError(400, "best_of larger than n cannot be streamed", param="best_of")
         return n, best_of

@@ -63,6 +63,7 @@ class Serving:
         self.engine, self.tokenizer, self.template, self.metrics = engine, tokenizer, template, metrics
         self.names, self.limits, self.timeout, self.max_prompts = names, limits, timeout, max_prompts
         self.prompt_tokenizer = PromptTokenizer(tokenizer)
+        self.created = int(time.time())  # the models' "created": when this server made them available
 
     def close(self) -> None:
         self.prompt_tokenizer.close()
@@ -72,7 +73,8 @@ class Serving:
     def model_card(self, name: str) -> dict:
         self.adapter_of(name)
         parent = None if name == self.names[0] else self.names[0]
-        return {"id": name, "object": "model", "created": 0, "owned_by": "phikit", "root": name, "parent": parent}
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "phikit", "root": name}
+        return {**card, "parent": parent}
 
     def adapter_of(self, name: str | None) -> int:
         """The engine's adapter index of a served model name (-1: the base), or a 404 naming those served."""
