@@ -365,12 +365,19 @@ def test_a_shared_prefix_is_reused_with_the_cold_output(phi):
     app = create_app(phi.model, phi.tokenizer, "tiny", prefix_cache_mb=64)
     engine = app.state.engine
     with Server(app) as s:
-        got = [
-            post(s, "/v1/completions", prompt=prefix + q, max_tokens=12, temperature=0)["choices"][0]["text"]
-            for q in questions
-        ]
-    assert got == cold
+        replies = [post(s, "/v1/completions", prompt=prefix + q, max_tokens=12, temperature=0) for q in questions]
+        # the openai client reads what came from the cache, and /metrics counts it
+        usage = s.client().completions.create(model="tiny", prompt=prefix + "Why?", max_tokens=2).usage
+        metrics = httpx.get(f"{s.url}/metrics").text
+    assert [r["choices"][0]["text"] for r in replies] == cold
     assert engine.prefix_cache.hits >= 2
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies]
+    assert cached[0] == 0 and all(0 < c < r["usage"]["prompt_tokens"] for c, r in zip(cached[1:], replies[1:]))
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    counts = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    assert (
+        float(counts["phikit_prefix_cache_hit_tokens_total"]) == sum(cached) + usage.prompt_tokens_details.cached_tokens
+    )
 
 
 def test_metrics_in_prometheus_format(server):

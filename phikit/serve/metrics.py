@@ -34,8 +34,8 @@ def route_label(path: str) -> str:
 
 
 class Metrics:
-    """Requests by route and status, prompt and generated tokens, queued and active requests, time to first
-    token, per-request decode speed."""
+    """Requests by route and status, prompt and generated tokens, prompt tokens served from the prefix cache,
+    queued and active requests, time to first token, per-request decode speed."""
 
     def __init__(self, engine: Engine):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -43,6 +43,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("phikit_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
         self.prompt_tokens = Counter("phikit_prompt_tokens", "prompt tokens received", registry=self.registry)
+        held = "prompt tokens whose keys and values came from the prefix cache"
+        self.cached_tokens = Counter("phikit_prefix_cache_hit_tokens", held, registry=self.registry)
         self.generated = Counter("phikit_generation_tokens", "tokens generated", registry=self.registry)
         queued = Gauge("phikit_queued_requests", "requests waiting for a slot", registry=self.registry)
         queued.set_function(lambda: engine.waiting.qsize())
@@ -66,6 +68,7 @@ class Metrics:
             self.ttft.observe(request.first_token_at - request.created)
 
     def finished(self, request: Request) -> None:
+        self.cached_tokens.inc(request.cached_prefix)
         if request.first_token_at and request.completion_tokens > 1:
             elapsed = time.time() - request.first_token_at
             if elapsed > 0:

@@ -40,8 +40,12 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def usage(self) -> dict:
+        """Tokens as OpenAI counts them: each prompt once, every generation's; ``cached_tokens``: the prompts' tokens
+        whose keys and values came from the prefix cache (each prompt's first generation, as it is counted once)."""
         done, asked = sum(c.request.completion_tokens for c in self.choices), self.prompt_tokens
-        return {"prompt_tokens": asked, "completion_tokens": done, "total_tokens": asked + done}
+        cached = sum(c.request.cached_prefix for c in self.choices[:: self.best_of])
+        usage = {"prompt_tokens": asked, "completion_tokens": done, "total_tokens": asked + done}
+        return {**usage, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Serving:
