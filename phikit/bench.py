@@ -49,7 +49,8 @@ class BenchSettings:
     kv_cache: str = "auto"  # phikit.load's kv_cache: auto, fp16 or int8
 
 
-def machine_description() -> str:
+def machine_description(threads: int | None = None) -> str:
+    """The CPU (and GPU), the threads a run uses (``threads``, else torch's choice) of those the machine has."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -61,7 +62,8 @@ def machine_description() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPU threads{gpu}, torch {torch.__version__}"
+    used = threads or torch.get_num_threads()
+    return f"{cpu}, {used} of {os.cpu_count()} CPU threads{gpu}, torch {torch.__version__}"
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -314,7 +316,8 @@ def run_bench(s: BenchSettings, progress: bool = True, on_row=None) -> dict:
         jobs += [("transformers", p) for p in dict.fromkeys(["bf16", *s.precisions]) if p in (*DENSE, *nf4)]
     # the baselines (the ratios' denominators) first: a run cut short still has them
     jobs += [("phikit", p) for p in s.precisions]
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "settings": asdict(s), "rows": []}
+    machine = machine_description(s.threads)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "settings": asdict(s), "rows": []}
     bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for engine, precision in bar:
         bar.set_postfix_str(f"{engine} {precision}")

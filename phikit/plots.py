@@ -248,6 +248,11 @@ def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> 
     return _save(plt, fig, out)
 
 
+def _bar_value(value: float) -> str:
+    """A bar's label: whole numbers with thousands separators from 100 up (1,530, not 1.53e+03), else 3 digits."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def check_picture(out: Path) -> None:
     """A picture is written as .png or .svg (by its suffix); anything else is refused before any work."""
     if out.suffix.lower() not in (".png", ".svg"):
@@ -292,7 +297,7 @@ def plot_bench(report: dict, out: Path) -> Path:
             values = {r["precision"]: r.get(key, 0.0) for r in rows if r["engine"] == engine}
             xs = [j + i * width for j, p in enumerate(precisions) if p in values]
             bars = ax.bar(xs, [values[p] for p in precisions if p in values], width, label=engine)
-            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            ax.bar_label(bars, fmt=_bar_value, fontsize=7)
         ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(precisions))], precisions)
         ax.set_title(title)
         ax.legend(fontsize=7)

@@ -45,8 +45,10 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
             str(tmp_path / "bench.png"),
         ]
     )
-    stdout = capsys.readouterr().out
-    assert code == 0
+    said = capsys.readouterr()
+    stdout = said.out
+    assert code == 0 and f"wrote {out}" in said.err and f"wrote {tmp_path / 'bench.png'}" in said.err
+    assert f", {torch.get_num_threads()} of {os.cpu_count()} CPU threads" in stdout  # the threads it used
     head = (tmp_path / "bench.png").read_bytes()[:24]  # 3 panels of bars, 15 x 3.8 inches at 100 dpi
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (1500, 380)
     report = json.loads(out.read_text())

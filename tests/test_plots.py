@@ -118,3 +118,9 @@ def test_phikit_plot_compares_runs_as_png_and_svg(tmp_path, capsys):
         from phikit.plots import plot_runs
 
         plot_runs([a], tmp_path / "x.jpg")
+
+
+def test_bar_labels_are_plain_numbers():
+    from phikit.plots import _bar_value
+
+    assert [_bar_value(v) for v in (1530.4, 128.0, 17.25, 0.5)] == ["1,530", "128", "17.2", "0.5"]

@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> None:
     )
     print(markdown(report))
     save(report)
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         from phikit.plots import plot_bench
 
