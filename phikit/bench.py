@@ -354,7 +354,7 @@ def markdown(report: dict) -> str:
         ("loaded_memory_gb", "loaded GB"),
         ("peak_memory_gb", "peak mem GB"),
         ("kv_cache_mb", "KV cache MB"),
-        ("kv_cache_dtype", "KV cache"),
+        ("kv_cache_dtype", "KV cache type"),
         ("decode_at_depth", "decode tok/s after N tokens (KV cache MB)"),
         ("decode_vs_transformers_bf16", "decode vs transformers bf16"),
         ("perplexity", "perplexity"),
@@ -366,8 +366,11 @@ def markdown(report: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['engine']} | {r['precision']} | error: {r['error']} |")
             continue
-        cells = [f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in cols]
+        digits = {"ttft_s": 3}  # a first token within tens of milliseconds
+        cells = [f"{r[k]:.{digits.get(k, 2)}f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(c[0] == "perplexity" for c in cols):
+        lines.append("\nperplexity: of the --perplexity-data text, windows of up to 1,024 tokens; phikit's rows only")
     return "\n".join(lines)
 
 
