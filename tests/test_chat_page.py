@@ -413,9 +413,9 @@ def test_hosts_origins_and_content_types_are_checked(phi):
 
 @needs_browser
 def test_a_refused_request_leaves_the_conversation_usable(trained, driver):
-    """A reply refused before any text (here temperature -1) leaves no turn behind, only the error; the next
-    message joins the unanswered one and is answered as the API answers that turn. A schema that is not
-    JSON is said before anything is sent, and the typed text stays in the composer."""
+    """A reply refused before any text (here temperature -1) leaves no turn behind, only the error, and the
+    message goes back to the composer: sent again, it is answered as the API answers it (not glued to it). A
+    schema that is not JSON is said before anything is sent, and the typed text stays in the composer."""
     folder, _ = trained
     with serve(folder) as server:
         open_page(driver, server)
@@ -423,13 +423,14 @@ def test_a_refused_request_leaves_the_conversation_usable(trained, driver):
         set_field(driver, "temperature", -1)
         send(driver, "Hello")
         error = wait_for(lambda: driver.find_element("id", "error").text, what="the error")
-        assert "temperature" in error and not driver.find_elements("css selector", ".message.assistant")
+        assert "temperature" in error and not driver.find_elements("css selector", ".message")
+        assert driver.find_element("id", "input").get_attribute("value") == "Hello" and stored_messages(driver) == []
         set_field(driver, "temperature", 0)
-        send(driver, "there")
+        send(driver, "Hello")
         last_reply(driver)
         messages = stored_messages(driver)
-        assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello\n\nthere"
-        assert messages[1]["content"] == api_reply(server, "Hello\n\nthere", max_tokens=30)["message"]["content"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hello"
+        assert messages[1]["content"] == api_reply(server, "Hello", max_tokens=30)["message"]["content"]
         assert not driver.find_element("id", "error").is_displayed()
 
         driver.find_element("id", "json-mode").click()
@@ -438,3 +439,46 @@ def test_a_refused_request_leaves_the_conversation_usable(trained, driver):
         assert "not valid JSON" in wait_for(lambda: driver.find_element("id", "error").text, what="the error")
         assert driver.find_element("id", "input").get_attribute("value") == "keep me"
         assert len(stored_messages(driver)) == 2
+
+
+@needs_browser
+def test_the_page_fits_a_phone_and_the_keyboard_opens_conversations(trained, driver, tmp_path):
+    """At a phone's 390 px the conversations sit above the chat: nothing scrolls sideways, the composer keeps
+    most of the width; a conversation's title takes the keyboard's focus and Enter opens it."""
+    from selenium.webdriver.common.keys import Keys
+
+    folder, _ = trained
+    phone = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
+    with serve(folder) as server:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", phone)
+        try:
+            open_page(driver, server)
+            set_field(driver, "max-tokens", 8)
+            set_field(driver, "temperature", 0)
+            send(driver, "Hello")
+            last_reply(driver)
+            driver.find_element("id", "new-chat").click()
+            send(driver, "Second")
+            last_reply(driver)
+            sizes = driver.execute_script(
+                "const r = (id) => document.getElementById(id).getBoundingClientRect();"
+                "return {page: document.documentElement.scrollWidth, view: window.innerWidth,"
+                " input: r('input').width, toggle: r('settings-toggle').right, send: r('send').right};"
+            )
+            driver.save_screenshot(str(tmp_path / "phone.png"))
+            assert sizes["page"] <= sizes["view"] and max(sizes["toggle"], sizes["send"]) <= sizes["view"], sizes
+            assert sizes["input"] >= 0.6 * sizes["view"], sizes
+            other = next(
+                t
+                for t in driver.find_elements("css selector", "#conversations .title")
+                if t.get_attribute("aria-current") != "true"
+            )
+            name = other.text
+            other.send_keys(Keys.ENTER)
+            current = "#conversations li.current .title"
+            wait_for(lambda: driver.find_element("css selector", current).text == name, what="the conversation")
+            assert driver.switch_to.active_element.text == name  # the keyboard stays on the list
+            assert [m["content"] for m in stored_messages(driver)][0] == name
+            assert console_errors(driver) == []
+        finally:
+            driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

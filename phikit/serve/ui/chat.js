@@ -119,8 +119,12 @@
     status(names.length > 1 ? names.length + " models (the base and its adapters)" : "ready");
   }
 
+  const BUSY = "a reply is streaming: wait for it, or press Stop";
+  let idleStatus = ""; // what the status said before BUSY, said again when the reply ends
+
   function status(text) {
     $("server-status").textContent = text;
+    if (text !== BUSY) idleStatus = text;
   }
 
   function showError(text) {
@@ -219,8 +223,8 @@
       } else {
         message.state = "error";
         message.error = e.code === "context_length_exceeded"
-          ? "this conversation no longer fits the model's context: start a new chat, or edit an earlier " +
-            "message to shorten it (" + e.message + ")"
+          ? "this conversation no longer fits the model's context: lower Max tokens in Settings, start a new " +
+            "chat, or edit an earlier message to shorten it (" + e.message + ")"
           : e.message;
         if (e.status === undefined) loadModels(); // the server may be gone: say so at the top
       }
@@ -232,6 +236,7 @@
       if (first !== null && tokens > 1 && ended > first) message.stats.tokens_per_s = (tokens - 1) / ((ended - first) / 1000);
       running = null;
       setBusy(false);
+      if ($("server-status").textContent === BUSY) status(idleStatus);
       if (message.state === "error" && !message.content) failed(conversation, message);
       save();
       updateMessage(message);
@@ -241,8 +246,15 @@
   // A reply that failed before any text (a refused request, an unreachable server) leaves no turn behind:
   // the error shows above the composer, and the conversation ends with the user's message, which the
   // next message joins or Regenerate answers.
+  // A reply refused before any text: it leaves no turn behind, and the message it answered goes back to the
+  // composer (where the composer is empty) to be changed or sent again, not glued to the next one.
   function failed(conversation, message) {
     conversation.messages.splice(conversation.messages.indexOf(message), 1);
+    const last = conversation.messages[conversation.messages.length - 1];
+    if (current() === conversation && last && last.role === "user" && !$("input").value.trim()) {
+      conversation.messages.pop();
+      $("input").value = last.content;
+    }
     showError(message.error);
     if (current() === conversation) render();
   }
@@ -368,11 +380,22 @@
         render();
       }));
       li.lastChild.title = "delete this conversation";
-      li.addEventListener("click", () => {
-        if (running) return status("a reply is streaming: wait for it, or press Stop");
+      const open = () => {
+        if (running) return status(BUSY);
         store.current = c.id;
         save();
         render();
+      };
+      li.addEventListener("click", open);
+      title.tabIndex = 0; // the title: reachable with Tab, opened with Enter or Space, as a button is
+      title.setAttribute("role", "button");
+      if (c.id === store.current) title.setAttribute("aria-current", "true");
+      title.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          open();
+          $("conversations").querySelector("li.current .title")?.focus(); // the keyboard stays on the list
+        }
       });
       list.appendChild(li);
     }
@@ -587,7 +610,7 @@
     });
     $("stop").addEventListener("click", () => running && running.controller.abort());
     $("new-chat").addEventListener("click", () => {
-      if (running) return status("a reply is streaming: wait for it, or press Stop");
+      if (running) return status(BUSY);
       newConversation();
       render();
       $("input").focus();
