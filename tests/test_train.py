@@ -347,6 +347,11 @@ def test_an_override_of_none_clears_the_recipes_value(tmp_path):
         TrainConfig.from_yaml(recipe, {"lr": None})
     dpo = TrainConfig.from_yaml(recipe, parse_overrides(["--method", "dpo", "--sampler", "fp16", "--temperature", "1"]))
     assert dpo.ignored() == ["sampler"]  # temperature 1 is the default: nothing to say
+    assert dpo.notes() == ["method dpo does not use sampler"]
+    full = TrainConfig.from_yaml(REPO / "recipes" / "tiny-cpu.yaml", parse_overrides(["--lora", "false"]))
+    assert any("LoRA-sized rate" in note for note in full.notes())  # the recipe's 2e-2 on every weight
+    calm = parse_overrides(["--lora", "false", "--lr", "2e-5", "--quantize", "none"])
+    assert TrainConfig.from_yaml(recipe, calm).notes() == []
     assert (
         TrainConfig.from_yaml(recipe, parse_overrides(["--method", "grpo", "--reward_funcs", "answer"])).ignored() == []
     )

@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> None:
     if args.fsdp:
         overrides["fsdp"] = True
     config = TrainConfig.from_yaml(args.config, overrides)
-    ignored = config.ignored()
-    if ignored and os.environ.get("RANK", "0") == "0":
-        print(f"phikit: note: method {config.method} does not use {', '.join(ignored)}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        for note in config.notes():
+            print(f"phikit: note: {note}", file=sys.stderr)
     try:
         final = finetune(config, progress=not args.quiet)
     except KeyboardInterrupt:
