@@ -360,8 +360,10 @@ _STYLE = """.charts { display: flex; flex-wrap: wrap; gap: 1.5em; margin-top: 1.
 body { font-family: system-ui, sans-serif; margin: 2em; }
 table { border-collapse: collapse; width: 100%; table-layout: fixed; }
 th, td { border: 1px solid #ccc; padding: 0.5em; vertical-align: top; text-align: left; }
-pre { white-space: pre-wrap; word-wrap: break-word; margin: 0; font-size: 0.9em; }
-.meta { color: #555; font-size: 0.85em; margin-top: 0.5em; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; margin: 0; font-size: 0.9em; }
+td pre { max-height: 24em; overflow: auto; }
+.meta { color: #555; font-size: 0.85em; margin-top: 0.5em; overflow-wrap: anywhere; }
+.blank { color: #777; font-style: italic; }
 .cut { color: #a33; }
 tr.summary td { font-weight: bold; background: #f4f4f4; }
 """
@@ -394,7 +396,12 @@ def _report_html(
                 cells.append("<td>—</td>")
             else:
                 css = "meta" if r["stopped_by_itself"] else "meta cut"
-                cells.append(f'<td><pre>{esc(r["text"])}</pre><div class="{css}">{esc(_meta(r))}</div></td>')
+                answer = (
+                    f"<pre>{esc(r['text'])}</pre>"
+                    if r["text"].strip()  # an answer of blanks or newlines only: said, not an empty (or tall) cell
+                    else f'<div class="blank">(no text: {len(r["text"])} whitespace characters)</div>'
+                )
+                cells.append(f'<td>{answer}<div class="{css}">{esc(_meta(r))}</div></td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     summaries = "".join(f"<td>{esc(_summary_meta(_summary(by_label[label])))}</td>" for label in labels)
     out.append(f'<tr class="summary"><td>summary</td>{summaries}</tr>')

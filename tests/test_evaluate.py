@@ -183,6 +183,10 @@ def test_report_has_every_prompt_and_column_and_escapes_html(phi, tmp_path):
     for r in base:
         assert f"**{r['id']}**" in markdown
     assert "int4 &lt;&amp;&gt;" in lines[0] and "<script>" not in markdown
+
+    blank = [dict(r, text="\n" * 40) for r in base]  # an answer of newlines only: said, not a tall empty cell
+    blanks = write_report({"base": base, "blank": blank}, tmp_path / "blank")[1].read_text()
+    assert blanks.count("(no text: 40 whitespace characters)") == len(base)
     assert "&nbsp;&nbsp;&nbsp;&nbsp;indented" in markdown
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temporaries
 
