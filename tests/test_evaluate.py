@@ -258,7 +258,10 @@ def test_eval_report_shows_each_models_perplexity_side_by_side(tiny, tmp_path, c
     heights = [float(bar.get("height")) for bar in bars]
     ratio = expected["base"].perplexity / expected["int8 <&>"].perplexity
     assert heights[0] / heights[1] == pytest.approx(ratio, rel=1e-2)  # bars drawn to scale from zero
-    assert [t.text for t in chart.findall(f"{ns}text")][-3:] == ["base", "int8 <&>", "\u25a0 text.txt"]
+    texts = chart.findall(f"{ns}text")
+    assert [t.text for t in texts if t.get("class") == "category"] == ["base", "int8 <&>"]
+    assert [t.text for t in texts if t.get("class") == "value"] == [f"{p.perplexity:.4g}" for p in expected.values()]
+    assert texts[-1].text == "\u25a0 text.txt"
     from test_plots import chromium
 
     if chromium():  # the page renders without console errors in a real browser

@@ -124,3 +124,19 @@ def test_bar_labels_are_plain_numbers():
     from phikit.plots import _bar_value
 
     assert [_bar_value(v) for v in (1530.4, 128.0, 17.25, 0.5)] == ["1,530", "128", "17.2", "0.5"]
+
+
+def test_svg_bars_say_cut_names_whole_on_hover_and_their_values_where_few():
+    import xml.etree.ElementTree as ET
+
+    from phikit.plots import bars_svg
+
+    ns = "{http://www.w3.org/2000/svg}"
+    chart = ET.fromstring(bars_svg("t", ["shakespeare-dialogue", "short"], {"a": [51.59, 51.79]}))
+    texts = chart.findall(f"{ns}text")
+    categories = [t for t in texts if t.get("class") == "category"]
+    assert [t.text for t in categories] == ["shakespeare-d\u2026", "short"]
+    assert categories[0].find(f"{ns}title").text == "shakespeare-dialogue"
+    assert [t.text for t in texts if t.get("class") == "value"] == ["51.59", "51.79"]
+    many = ET.fromstring(bars_svg("t", [str(i) for i in range(13)], {"a": [1.0] * 13}))
+    assert not [t for t in many.findall(f"{ns}text") if t.get("class") == "value"]  # too many to label
