@@ -224,6 +224,18 @@ def test_columns_that_name_nothing_are_refused_before_training(tiny, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(tiny, tmp_path):
+    folder, _ = tiny
+    out = tmp_path / "new" / "run"
+    with pytest.raises(PhikitError, match="data file not found"):
+        finetune(recipe(folder, out, data=str(tmp_path / "missing.jsonl")), progress=False)
+    assert not out.exists()  # not an empty folder holding only the lock
+    out.mkdir(parents=True)
+    with pytest.raises(PhikitError, match="data file not found"):
+        finetune(recipe(folder, out, data=str(tmp_path / "missing.jsonl")), progress=False)
+    assert out.is_dir()  # a folder that was there stays
+
+
 def test_an_interrupted_run_says_how_to_go_on(tmp_path):
     from phikit.cli.finetune import interrupted_note
 

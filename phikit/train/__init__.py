@@ -3,6 +3,9 @@ rewards (GRPO), one recipe in named phases driven by a YAML file (``phikit.train
 ``config``, losses in ``losses``, preference pairs in ``preference``, GRPO's prompts and samples in ``grpo``
 and its rewards in ``rewards``, checkpoints and metrics in ``state``."""
 
+import contextlib
+from pathlib import Path
+
 from phikit.train.config import DPO_LOSSES, GRPO_LOSSES, METHODS, TrainConfig
 from phikit.train.grpo import GRPORecipe
 from phikit.train.losses import (
@@ -23,8 +26,18 @@ RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe, 
 
 def finetune(config: TrainConfig, progress: bool = True):
     """Run a fine-tuning recipe (its ``method``'s); returns the folder of the final adapter
-    (``output_dir/adapter``) or, with full fine-tuning, model (``output_dir/model``)."""
-    return RECIPES[config.method](config, progress).train()
+    (``output_dir/adapter``) or, with full fine-tuning, model (``output_dir/model``). A run that fails
+    before writing anything leaves no output_dir behind where there was none (only its lock file was in it)."""
+    out = Path(config.output_dir)
+    existed = out.exists()
+    try:
+        return RECIPES[config.method](config, progress).train()
+    except BaseException:
+        if not existed and out.is_dir() and [p.name for p in out.iterdir()] == [".phikit.lock"]:
+            with contextlib.suppress(OSError):
+                (out / ".phikit.lock").unlink()
+                out.rmdir()
+        raise
 
 
 __all__ = [
