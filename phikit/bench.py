@@ -380,7 +380,7 @@ def _with_depth_cell(row: dict) -> dict:
         return row
     depth = row["decode_at_depth_tok_s"].items()
     mb = row["kv_cache_mb_at_depth"]  # whole MB, or two significant digits under 10 MB (a small model's cache)
-    cell = ", ".join(f"{d}: {v:.2f} ({mb[d]:.0f})" if mb[d] >= 10 else f"{d}: {v:.2f} ({mb[d]:.2g})" for d, v in depth)
+    cell = ", ".join(f"{d}: {v:.2f} ({mb[d]:{'.0f' if mb[d] >= 10 else '.2g'}})" for d, v in depth)
     return {**row, "decode_at_depth": cell}
 
 

@@ -82,9 +82,10 @@ def chat(
             print(f"(the {len(history) - len(kept)} oldest turn(s) left out to fit the context)", file=out)
         history = kept
         prompt = template.render_messages(conversation(history, user, system))
-        if count(prompt) > budget:  # the message alone: refused, never cut (a cut loses the turn's markers)
+        size = count(prompt)
+        if size > budget:  # the message alone: refused, never cut (a cut loses the turn's markers)
             print(
-                f"(this message does not fit: {count(prompt)} tokens as a turn, with {config.max_new_tokens} kept "
+                f"(this message does not fit: {size} tokens as a turn, with {config.max_new_tokens} kept "
                 f"for the reply, past the context of {context}; shorten it or lower --max-new-tokens)",
                 file=out,
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from phikit.checkpoint import DEFAULT_MODEL
-from phikit.quantize import FORMATS as QUANT_FORMATS
+from phikit.quantize import FORMATS as QUANTIZE  # --quantize's choices
 
 EPILOG = (
     "Models: a local folder (config.json + *.safetensors) or a Hugging Face Hub id such as microsoft/phi-2 or "
@@ -14,7 +14,6 @@ EPILOG = (
 
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")  # --dtype's choices
-QUANTIZE = QUANT_FORMATS  # --quantize's choices
 
 
 def add_model_args(

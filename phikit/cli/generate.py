@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
             raise PhikitError("the prompt is not valid UTF-8; pass UTF-8 text (or a UTF-8 file with --file)") from None
     config = GenerationConfig(batch_size=args.batch_size, **sampling_overrides(args))
     check_generation(config)
-    if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer
+    if args.template not in ("chat", "auto"):  # those need the checkpoint's tokenizer (and never give raw)
         if get_template(args.template).name == "raw" and args.system:  # fail before the slow load
             raise PhikitError(SYSTEM_NEEDS)
     if args.stream and args.file:
@@ -124,8 +124,6 @@ def run(args: argparse.Namespace) -> None:
     phi = load_model(args, progress=not args.quiet)
     template = get_template(args.template, phi.tokenizer)
     if args.system:  # each prompt as a conversation: the system message, then the prompt as the user's turn
-        if template.name == "raw":
-            raise PhikitError(SYSTEM_NEEDS)
         system = {"role": "system", "content": args.system}
         prompts = [template.render_messages([system, {"role": "user", "content": p}]) for p in prompts]
         config = GenerationConfig(**{**config.__dict__, "stop": (*template.stop, *config.stop)})

@@ -92,16 +92,16 @@ def run(args: argparse.Namespace) -> None:
     if len(plain) > 1 or (plain and named):
         raise PhikitError("give one --adapter DIR for every request, or name them: --adapter NAME=DIR ..., not both")
     if len(named) < len(pairs):
-        twice = sorted({n for n, _ in pairs if [m for m, _ in pairs].count(n) > 1})
+        names = [n for n, _ in pairs]
+        twice = sorted({n for n in names if names.count(n) > 1})
         raise PhikitError(f"--adapter {', '.join(twice)}: a name given twice; each adapter needs its own")
-    base = args.model_name or Path(str(args.model)).name
-    if base in named:
-        raise PhikitError(f"--adapter {base}=...: {base} is the base model's name; name the adapter otherwise")
+    name = args.model_name or Path(str(args.model)).name
+    if name in named:
+        raise PhikitError(f"--adapter {name}=...: {name} is the base model's name; name the adapter otherwise")
     for name, folder in named.items():
         if not Path(folder, "adapter_config.json").is_file():
             raise PhikitError(f"--adapter {name}={folder}: no adapter_config.json in {folder}")
     phi = load_model(args, adapter=plain[0] if plain else None)
-    name = base
     app = create_app(
         phi.model,
         phi.tokenizer,

@@ -151,7 +151,8 @@ class TrainConfig:
         """Settings that are valid but likely a mistake, each worth a line before the run: a LoRA-sized learning
         rate for full fine-tuning (the tiny CPU recipe's 2e-2 on every weight: held-out perplexity 51.6 -> 791
         in a new user's trial), and what ``ignored`` names."""
-        out = [f"method {self.method} does not use {', '.join(self.ignored())}"] if self.ignored() else []
+        ignored = self.ignored()
+        out = [f"method {self.method} does not use {', '.join(ignored)}"] if ignored else []
         if not self.lora and self.lr > 1e-3:
             out.append(
                 f"lr {self.lr:g} is a LoRA-sized rate; with lora: false every weight takes it (full fine-tuning "
