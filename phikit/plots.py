@@ -333,6 +333,7 @@ def bars_svg(title: str, categories: list[str], series: dict[str, list[float]], 
     group = plot_w / max(len(categories), 1)
     bar = group * 0.8 / (1 if stacked else max(len(series), 1))
     labelled = not stacked and len(categories) * len(series) <= 12
+    fit = min(14, max(4, int(group / 6)))  # characters of a category name under its group (10 px text: ~6 px each)
     out = [
         f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
@@ -358,7 +359,7 @@ def bars_svg(title: str, categories: list[str], series: dict[str, list[float]], 
                     f'text-anchor="middle">{values[i]:.4g}</text>'
                 )
             base += values[i] if stacked else 0
-        short = category if len(category) <= 14 else category[:13] + "\u2026"  # cut, said, whole on hover
+        short = category if len(category) <= fit else category[: fit - 1] + "\u2026"  # cut, said, whole on hover
         out.append(
             f'<text class="category" x="{x0 + group * 0.4:.1f}" y="{top + plot_h + 14}" font-size="10" '
             f'text-anchor="middle">{_esc(short)}<title>{_esc(category)}</title></text>'

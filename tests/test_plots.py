@@ -140,3 +140,7 @@ def test_svg_bars_say_cut_names_whole_on_hover_and_their_values_where_few():
     assert [t.text for t in texts if t.get("class") == "value"] == ["51.59", "51.79"]
     many = ET.fromstring(bars_svg("t", [str(i) for i in range(13)], {"a": [1.0] * 13}))
     assert not [t for t in many.findall(f"{ns}text") if t.get("class") == "value"]  # too many to label
+    names = [f"attention-summary-{i}" for i in range(10)]  # ten groups of ~53 px: names cut to fit, not overlapping
+    crowded = ET.fromstring(bars_svg("t", names, {"a": [1.0] * 10, "b": [2.0] * 10}))
+    cut = [t.text for t in crowded.findall(f"{ns}text") if t.get("class") == "category"]
+    assert all(len(c) <= 8 and c.endswith("\u2026") for c in cut), cut
