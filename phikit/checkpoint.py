@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -558,14 +559,62 @@ def check_writable(path: str | os.PathLike, what: str = "") -> Path:
     return path
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def temp_tag() -> str:
+    """``host-pid``, in the name of every temporary file or folder phikit writes beside its outputs, so that a
+    later run can tell the leftovers of a killed process (``sweep_stale``)."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale(parent: Path, stem: str) -> None:
+    """Delete what a phikit process on this machine left in ``parent`` when it was killed before it could clean
+    up (SIGKILL, out of memory, a power cut; Ctrl-C cleans up itself): temporaries of an output whose name
+    matches the regex ``stem`` (``.NAME.host-pid....tmp``, ``.NAME.tmp-host-pid-...``, ``.NAME.old-host-pid-...``)
+    whose process no longer runs. Hidden names, so a user would not find them; a model's can be gigabytes. Said
+    on stderr."""
+    import shutil
+
+    pattern = re.compile(rf"\.(?:{stem})\.(?:tmp-|old-)?{re.escape(_HOST)}-(\d+)[.-]")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if not found or _alive(int(found.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        print(f"phikit: removed {entry}, left unfinished by a process that was killed", file=sys.stderr)
+
+
 def _temporary_beside(path: Path, folder: bool = False) -> Path:
-    """A new temporary file (or folder) beside ``path``, its parents made: where that cannot be made, a one-line
-    error naming ``path`` rather than the temporary name (a full disk keeps its own error)."""
+    """A new temporary file (or folder) beside ``path``, its parents made (and what a killed process left there
+    for the same path removed: ``sweep_stale``): where that cannot be made, a one-line error naming ``path``
+    rather than the temporary name (a full disk keeps its own error)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(path.parent, re.escape(path.name))
         if folder:
-            return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{temp_tag()}-"))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{temp_tag()}.", suffix=".tmp")
         os.close(fd)
         return Path(tmp)
     except OSError as e:
@@ -596,7 +645,7 @@ def replace_folder(new: Path, out: Path) -> None:
 
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{temp_tag()}-"))
         os.replace(out, old / out.name)
     os.replace(new, out)
     if old is not None:

@@ -19,7 +19,7 @@ from phikit.errors import PhikitError
 
 # chart title -> the metrics it draws (held-out ones are the same names with "eval_" in front)
 GROUPS = [
-    ("loss", ["loss"]),
+    ("loss", ["loss", "nll_loss"]),  # ORPO's loss is its NLL minus beta x the log odds term
     ("learning rate", ["lr"]),
     ("grad norm", ["grad_norm"]),
     ("tokens/s", ["tokens_per_s"]),
@@ -27,8 +27,10 @@ GROUPS = [
     ("rewards (DPO/ORPO: beta x log-ratio)", ["rewards/chosen", "rewards/rejected"]),
     ("reward accuracy", ["rewards/accuracies"]),
     ("reward margin", ["rewards/margins"]),
-    ("log-probs", ["logps/chosen", "logps/rejected"]),
+    ("log-probs of replies (DPO: sum, ORPO: per token)", ["logps/chosen", "logps/rejected"]),
+    ("log odds, chosen vs rejected (ORPO)", ["log_odds_chosen", "log_odds_ratio"]),
     ("reward (GRPO)", ["reward", "reward_std"]),
+    ("share of groups scored alike (GRPO)", ["frac_reward_zero_std"]),
     ("completion length (GRPO)", ["completions/mean_length"]),
     (
         "importance weights of the sampler's completions (GRPO)",
@@ -182,14 +184,15 @@ function chart(title, keys) {{
 }}
 const grid = document.getElementById("charts");
 for (const [title, keys] of DATA.charts) grid.appendChild(chart(title, keys));
-const state = DATA.live ? "; reloads every {refresh_s} s" : "; run finished";
+const state = DATA.live ? "; reloads every {refresh_s} s" : "; " + DATA.status;
 document.getElementById("meta").textContent = `${{DATA.rows}} rows of metrics.jsonl, written ${{DATA.written}}` + state;
 </script></body></html>
 """
 
 
-def dashboard_html(rows: list[dict], title: str, live: bool) -> str:
-    """The page for ``rows`` (metrics.jsonl's); ``live``: it reloads itself every REFRESH_S seconds."""
+def dashboard_html(rows: list[dict], title: str, live: bool, status: str = "run finished") -> str:
+    """The page for ``rows`` (metrics.jsonl's); ``live``: it reloads itself every REFRESH_S seconds; else it
+    says ``status`` (how the run ended)."""
     data = series(rows)
     payload = {
         "series": data,
@@ -197,6 +200,7 @@ def dashboard_html(rows: list[dict], title: str, live: bool) -> str:
         "rows": len(rows),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         "live": live,
+        "status": status,
     }
     text = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")  # no early </script>
     refresh = f'\n<meta http-equiv="refresh" content="{REFRESH_S}">' if live else ""
@@ -204,12 +208,12 @@ def dashboard_html(rows: list[dict], title: str, live: bool) -> str:
     return PAGE.format(refresh=refresh, title=escaped, data=text, refresh_s=REFRESH_S, colors=json.dumps(COLORS))
 
 
-def write_dashboard(run: Path, live: bool = False) -> Path:
-    """run/dashboard.html from run/metrics.jsonl, written atomically."""
+def write_dashboard(run: Path, live: bool = False, status: str = "run finished") -> Path:
+    """run/dashboard.html from run/metrics.jsonl, written atomically (``status``: see ``dashboard_html``)."""
     from phikit.checkpoint import atomic_write
 
     rows = read_metrics(run / "metrics.jsonl")
-    html = dashboard_html(rows, f"fine-tuning run {run.resolve().name}", live)
+    html = dashboard_html(rows, f"fine-tuning run {run.resolve().name}", live, status)
     atomic_write(run / "dashboard.html", lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return run / "dashboard.html"
 
@@ -218,6 +222,8 @@ def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> 
     """One PNG or SVG (by ``out``'s suffix) with a panel per chart, each run a line: runs compared."""
     check_picture(out)
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     data = {}
     for run in runs:
         path = run / "metrics.jsonl" if run.is_dir() else run
@@ -239,8 +245,9 @@ def plot_runs(runs: list[Path], out: Path, metrics: list[str] | None = None) -> 
                     steps, values = zip(*runs_series[key])
                     name = label if len(keys) == 1 else f"{label}: {key}"
                     ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, lw=1, label=name)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")

@@ -342,3 +342,56 @@ def test_an_unknown_flag_is_reported_with_the_commands_own_usage(capsys):
             main(argv)
         err = capsys.readouterr().err
         assert done.value.code == 2 and err.startswith(usage) and f"{error}: unrecognized arguments" in err
+
+
+def test_merge_takes_the_base_model_its_adapter_names(tiny, tmp_path, capsys):
+    """Without --model, merge (and export, generate ...) use the base model recorded in adapter_config.json,
+    and say so; a recorded local folder that is gone is a one-line error asking for --model."""
+    import json
+
+    from phikit.checkpoint import load_model
+    from phikit.lora import LoRAConfig, inject_lora, save_adapter
+
+    folder, _ = tiny
+    model = load_model(folder, dtype="fp32", device="cpu")
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    save_adapter(model, tmp_path / "adapter", base_model=str(folder))
+    code, _, err = run_cli(capsys, "merge", "--adapter", tmp_path / "adapter", tmp_path / "merged")
+    assert code == 0 and f"base model {folder} (from {tmp_path / 'adapter'}/adapter_config.json" in err
+    assert (tmp_path / "merged" / "config.json").is_file()
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "/gone/model"}))
+    code, _, err = run_cli(capsys, "export", "--adapter", tmp_path / "adapter", tmp_path / "hf")
+    assert (
+        code == 2
+        and err.strip().endswith("names base model /gone/model, which is not here; give --model (its folder or Hub id)")
+        and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_a_gguf_export_into_a_folder_name_is_refused(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    code, _, err = run_cli(capsys, "export", "-m", folder, "--format", "gguf", f"{tmp_path}/new/")
+    assert code == 2 and f"--format gguf writes one file; name it, e.g. {tmp_path}/new/model.gguf" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_killed_writers_hidden_temporaries_are_removed_by_the_next_write(tmp_path, capsys):
+    """Temporaries carry host and pid: the next write of the same output removes those of a process that no
+    longer runs (SIGKILL leaves them; Ctrl-C cleans up itself), never a running one's or another output's."""
+    import subprocess
+    import sys
+
+    from phikit.checkpoint import atomic_write, temp_tag
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = temp_tag().rsplit("-", 1)[0] + "-" + gone.stdout.strip()
+    stale = [tmp_path / f".m.gguf.{dead}.abc.tmp", tmp_path / f".m.gguf.tmp-{dead}-abc"]
+    stale[0].write_bytes(b"x" * 1000)
+    stale[1].mkdir()
+    kept = [tmp_path / f".m.gguf.{temp_tag()}.abc.tmp", tmp_path / f".other.gguf.{dead}.abc.tmp"]
+    for path in kept:
+        path.write_text("x")
+    atomic_write(tmp_path / "m.gguf", lambda tmp: tmp.write_text("done"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.gguf", *(p.name for p in kept)])
+    assert f"removed {stale[0]}, left unfinished by a process that was killed" in capsys.readouterr().err

@@ -242,6 +242,41 @@ def test_a_reward_needing_a_column_the_data_lacks_fails_before_the_model_loads(t
         finetune(recipe, progress=False)
 
 
+def test_equal_rewards_are_noted_and_each_steps_samples_kept(tiny, tmp_path, capsys):
+    """A reward that never tells completions apart: frac_reward_zero_std 1 every step, a note once after
+    FLAT_STEPS steps, and each step's first group with its rewards in completions.jsonl; a resume drops
+    the lines past its checkpoint."""
+    settings = {
+        "model": str(tiny[0]),
+        "output_dir": str(tmp_path / "run"),
+        "data": str(REPO / "recipes/data/arithmetic.jsonl"),
+        "reward_funcs": ["test_grpo:constant_reward"],
+        "max_steps": 6,
+        "num_generations": 2,
+        "batch_size": 2,
+        "max_completion_length": 4,
+        "save_every": 3,
+        "eval_every": 1000,
+    }
+    finetune(TrainConfig.from_yaml(REPO / "recipes" / "tiny-grpo-cpu.yaml", settings), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["frac_reward_zero_std"] for r in rows if "reward" in r] == [1.0] * 6
+    assert capsys.readouterr().out.count("every group's completions got equal rewards") == 1
+    samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2, 3, 4, 5, 6]
+    assert samples[0]["prompt"].startswith("### Human: ") and samples[0]["rewards"] == [0.5, 0.5]
+    assert len(samples[0]["completions"]) == 2
+    (tmp_path / "run" / "adapter").rename(tmp_path / "old-adapter")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    finetune(
+        TrainConfig.from_yaml(REPO / "recipes" / "tiny-grpo-cpu.yaml", {**settings, "resume": True}), progress=False
+    )
+    samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2, 3, 4, 5, 6]
+
+
 def test_the_mean_reward_rises_on_the_arithmetic_recipe(tiny, tmp_path):
     """SFT on the tiny instructions (a base that ends its answers), merged, then the GRPO recipe: sampled with
     phikit's batched generation, its mean reward (exact answers + answering with a number) rises."""

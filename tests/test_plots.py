@@ -73,6 +73,11 @@ def test_charts_group_metrics_and_skip_what_is_not_a_number():
     rows = [{"step": 1, "loss": 1.0, "eval_loss": 1.1, "note": "x", "nan": float("nan"), "flag": True, "custom": 3}]
     assert set(series(rows)) == {"loss", "eval_loss", "custom"}
     assert charts({"loss", "eval_loss", "custom"}) == [("loss", ["loss", "eval_loss"]), ("custom", ["custom"])]
+    orpo = {"loss", "nll_loss", "eval_nll_loss", "log_odds_ratio", "log_odds_chosen", "eval_log_odds_ratio"}
+    assert charts(orpo) == [  # ORPO's terms in two charts, not one each
+        ("loss", ["loss", "nll_loss", "eval_nll_loss"]),
+        ("log odds, chosen vs rejected (ORPO)", ["log_odds_chosen", "log_odds_ratio", "eval_log_odds_ratio"]),
+    ]
     assert "phikit: a &lt;b&gt;" in dashboard_html(rows, "a <b>", live=False)
 
 

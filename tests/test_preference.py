@@ -75,6 +75,34 @@ def test_a_bad_row_names_its_file_and_line(tiny, tmp_path):
         load_pairs(str(path), tokenizer)
     pairs, skipped, _ = load_pairs(str(path), tokenizer, skip_bad_rows=True)
     assert (len(pairs), skipped) == (1, 1)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
+    with pytest.raises(
+        PhikitError,
+        match=r"other.jsonl:1: no 'chosen' or 'rejected' field \(its other columns: "
+        r"question, good, bad\); .* --columns prompt=question,chosen=good,rejected=bad",
+    ):
+        load_pairs(str(other), tokenizer)
+    assert (
+        len(load_pairs(str(other), tokenizer, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})[0])
+        == 1
+    )
+
+
+def test_cut_pairs_are_counted_after_the_held_out_ones_are_split_off(tiny, tmp_path, capsys):
+    import re
+
+    tokenizer = phikit.load(tiny[0], dtype="fp32", device="cpu").tokenizer
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 5)
+    for seq_len in (16, 12):
+        out = tmp_path / f"run{seq_len}"
+        finetune(dpo_recipe(tiny[0], out, data, seq_len=seq_len, eval_fraction=0.2, max_steps=1), progress=False)
+        said = re.search(
+            r"(\d+) of 16 training pair\(s\); (\d+) of 4 held-out were cut to seq_len (\d+) tokens(.*)",
+            capsys.readouterr().out,
+        )
+        cut = load_pairs(str(data), tokenizer, seq_len=seq_len)[2]  # the whole file's
+        assert said and int(said[1]) + int(said[2]) == cut and int(said[3]) == seq_len
+        assert (said[4] == ": a longer seq_len keeps more of each") == (cut * 4 > 20)
 
 
 @pytest.mark.skipif(not HH.is_dir(), reason=f"{HH} is absent (the real HH-RLHF pairs live in ../shared)")

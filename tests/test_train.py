@@ -150,6 +150,40 @@ def test_a_run_keeps_its_folder_to_itself_and_saves_its_last_step(tiny, tmp_path
     }
 
 
+def test_a_run_keeps_its_settings_and_a_resume_names_what_changed(tiny, tmp_path, capsys):
+    """recipe.yaml holds the settings a run goes by; a resume with another lr says so; a resume of a finished
+    run says nothing is left; an interrupted run's dashboard stops reloading and says where it stopped."""
+    from phikit.train.recipe import SFTRecipe
+
+    folder, _ = tiny
+    out = tmp_path / "run"
+    finetune(recipe(folder, out, max_steps=2, save_every=1, eval_every=1000), progress=False)
+    settings = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert settings["max_steps"] == 2 and settings["model"] == str(folder) and "resume" not in settings
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(folder).resolve())  # merge finds it anywhere
+    capsys.readouterr()
+    finetune(recipe(folder, out, max_steps=2, lr=1e-3, resume=True), progress=False)
+    err = capsys.readouterr().err
+    assert "settings other than checkpoint-2's: lr 0.02 there, 0.001 now" in err
+    assert "nothing is left to train" in err
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["lr"] == 1e-3
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    interrupted = tmp_path / "interrupted"
+    original = SFTRecipe.save_checkpoint
+    try:
+        SFTRecipe.save_checkpoint = stop
+        with pytest.raises(KeyboardInterrupt):
+            finetune(recipe(folder, interrupted, max_steps=3, save_every=2, eval_every=1000), progress=False)
+    finally:
+        SFTRecipe.save_checkpoint = original
+    page = (interrupted / "dashboard.html").read_text()
+    assert "interrupted at step 2 of 3" in page and 'http-equiv="refresh"' not in page
+
+
 def test_a_fresh_run_starts_a_new_metrics_file(tiny, tmp_path):
     folder, _ = tiny
     out = tmp_path / "run"
@@ -252,6 +286,21 @@ def test_diverging_loss_stops_with_a_clear_error(tiny, tmp_path):
     folder, _ = tiny
     with pytest.raises(PhikitError, match="loss became"):
         finetune(recipe(folder, tmp_path / "nan", lr=1e9, warmup_steps=0, max_steps=20), progress=False)
+
+
+def test_a_misspelt_setting_gets_the_nearest_name(tmp_path):
+    from phikit.cli.finetune import parse_overrides
+
+    with pytest.raises(PhikitError, match=r"^--max_step: unknown setting\(s\) max_step \(did you mean max_steps\?\)$"):
+        parse_overrides(["--max_step", "3"])
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("lerning_rate: 1e-4\nbta: 0.2\n")
+    with pytest.raises(PhikitError, match=r"unknown setting\(s\) bta, lerning_rate; known: batch_size, beta"):
+        TrainConfig.from_yaml(recipe_file)  # not every key has a near one: the list of keys
+    assert [n for n in TrainConfig(method="sft", beta=0.5, loss_type="ipo").notes() if "does not use" in n] == [
+        "method sft does not use beta, loss_type"
+    ]
+    assert TrainConfig(method="orpo", loss_type="ipo").ignored() == ["loss_type"]
 
 
 def test_cli_overrides_are_typed(tmp_path):

@@ -12,7 +12,7 @@ import os
 import sys
 
 from phikit import __version__
-from phikit.cli.common import EPILOG
+from phikit.cli.common import EPILOG, default_model
 from phikit.errors import PhikitError
 
 # subcommand -> module, in the order --help lists them
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        default_model(args)
         args.func(args)
         sys.stdout.flush()
     except PhikitError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from phikit.checkpoint import DEFAULT_MODEL
 from phikit.quantize import FORMATS as QUANTIZE  # --quantize's choices
@@ -61,7 +62,54 @@ def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_arg(p: argparse.ArgumentParser, what: str = "model") -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"{what} folder or Hub id (default: {DEFAULT_MODEL})")
+    # left out: filled in by default_model once the flags are parsed
+    p.add_argument(
+        "--model",
+        "-m",
+        help=f"{what} folder or Hub id (default: the base model an --adapter names in its adapter_config.json, "
+        f"else {DEFAULT_MODEL})",
+    )
+
+
+def adapter_folders(args: argparse.Namespace) -> list[str]:
+    """The adapter folders the flags name: --adapter DIR, or serve's repeatable [NAME=]DIR."""
+    given = getattr(args, "adapter", None)
+    if not given:
+        return []
+    if isinstance(given, str):
+        return [given]
+    return [a.split("=", 1)[1] if "=" in a else a for a in given]
+
+
+def default_model(args: argparse.Namespace) -> None:
+    """--model left out: the base model the first --adapter records (PEFT's ``base_model_name_or_path``, which
+    phikit's fine-tuning writes as an absolute path for a local folder), else DEFAULT_MODEL. Said on stderr."""
+    import json
+    from pathlib import Path
+
+    from phikit.errors import PhikitError
+
+    if not hasattr(args, "model") or args.model is not None:
+        return
+    args.model = DEFAULT_MODEL
+    for folder in adapter_folders(args):
+        try:
+            base = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue  # a missing or broken adapter is reported where it is loaded
+        if not isinstance(base, str) or not base.strip():
+            continue
+        text = base.strip()
+        if not Path(text).expanduser().exists() and (text.startswith((".", "/", "~")) or text.count("/") != 1):
+            raise PhikitError(
+                f"{folder}/adapter_config.json names base model {text}, which is not here; give --model (its "
+                "folder or Hub id)"
+            )
+        args.model = text
+        print(
+            f"phikit: base model {text} (from {folder}/adapter_config.json; --model chooses another)", file=sys.stderr
+        )
+        return
 
 
 def add_group_size_arg(p: argparse.ArgumentParser) -> None:

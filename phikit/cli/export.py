@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
         "the full-precision checkpoint they came from.",
         epilog=EPILOG,
     )
-    ex.add_argument("out", type=Path, help="output folder (hf, ollama) or file, e.g. phi-2-q8_0.gguf (gguf)")
+    ex.add_argument("out", help="output folder (hf, ollama) or file, e.g. phi-2-q8_0.gguf (gguf)")
     add_model_arg(ex)
     ex.add_argument("--adapter", "-a", help="a LoRA adapter folder to merge in first")
     ex.add_argument("--format", "-f", choices=["hf", "gguf", "ollama"], default="hf", help="output format (default hf)")
@@ -57,6 +58,11 @@ def run(args: argparse.Namespace) -> None:
         raise PhikitError(f"--dtype is for --format hf; for {args.format} choose --type (e.g. f16, q8_0, q4_0)")
     if args.template and args.format != "ollama":
         raise PhikitError("--template is for --format ollama (it goes into the Modelfile)")
+    if args.format == "gguf" and args.out.endswith(("/", os.sep)):
+        raise PhikitError(f"{args.out}: --format gguf writes one file; name it, e.g. {args.out}model.gguf")
+    if args.format == "gguf" and not args.out.endswith(".gguf"):
+        print(f"phikit: note: {args.out} has no .gguf ending (llama.cpp does not need one; people do)", file=sys.stderr)
+    args.out = Path(args.out)
     if args.format == "gguf":
         out = export_gguf(args.model, args.out, args.adapter, args.gguf_type, args.overwrite, progress=True)
     elif args.format == "ollama":

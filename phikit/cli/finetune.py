@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
         epilog="Recipes: recipes/phi2-qlora-guanaco.yaml (the reference QLoRA run), "
         "recipes/tiny-cpu.yaml (a small CPU run), recipes/tiny-phi3-chat-cpu.yaml (a Phi-3-family model on "
         "chat messages in its own chat template), recipes/tiny-guanaco-cpu.yaml and tiny-alpaca-cpu.yaml, "
-        "recipes/tiny-dpo-cpu.yaml (DPO on a CPU), recipes/tiny-grpo-cpu.yaml (GRPO on arithmetic).",
+        "recipes/tiny-dpo-cpu.yaml (DPO on a CPU), recipes/tiny-grpo-cpu.yaml (GRPO on arithmetic). "
+        f"Recipe keys and their defaults (docs/finetune.md's table says what each does): {recipe_keys()}.",
     )
     f.add_argument("--config", "-c", type=Path, help="recipe YAML (see recipes/)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
@@ -40,6 +41,22 @@ def add_parser(sub) -> None:
     )
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     f.set_defaults(func=run)
+
+
+def recipe_keys() -> str:
+    """Every recipe key with its default, for --help: "method sft, model microsoft/phi-2, ..."."""
+    import dataclasses
+
+    from phikit.train.config import TrainConfig
+
+    def shown(value) -> str:
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    per_method = ("beta", "loss_type")  # empty: the method's own (TrainConfig.__post_init__)
+    return ", ".join(
+        f"{f.name} {'(per method)' if f.name in per_method else shown(f.default)}"
+        for f in dataclasses.fields(TrainConfig)
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -62,6 +79,8 @@ def run(args: argparse.Namespace) -> None:
         raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process wrote it
         print(f"{'adapter' if final.name == 'adapter' else 'model'} written to {final}", file=sys.stderr)
+        out = Path(config.output_dir)
+        print(f"metrics: {out / 'metrics.jsonl'}, their charts: {out / 'dashboard.html'}", file=sys.stderr)
 
 
 def interrupted_note(out: Path) -> str:
@@ -89,7 +108,9 @@ def parse_overrides(tokens: list[str]) -> dict:
             raise PhikitError(f"recipe overrides come in pairs like --lr 2e-4; got {' '.join(tokens[i:])!r}")
         name = key[2:].replace("-", "_")
         if name not in fields:
-            raise PhikitError(f"unknown recipe setting --{name}; known: {', '.join(fields)}")
+            from phikit.train.config import unknown_settings
+
+            raise PhikitError(f"--{name}: {unknown_settings([name], fields)}")
         out[name] = coerce(fields[name], tokens[i + 1])
         i += 2
     return out

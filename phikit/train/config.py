@@ -32,6 +32,17 @@ GRPO_KEYS = (
 CORRECTIONS = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "off")
 
 
+def unknown_settings(unknown: list[str], known) -> str:
+    """The message for recipe keys that do not exist: the nearest known key for each where every one has a close
+    one, else every known key in order."""
+    import difflib
+
+    close = {u: difflib.get_close_matches(u, known, 1) for u in unknown}
+    if all(close.values()):
+        return f"unknown setting(s) {', '.join(f'{u} (did you mean {close[u][0]}?)' for u in unknown)}"
+    return f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+
+
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz")
 
 
@@ -145,7 +156,13 @@ class TrainConfig:
         rewards outside grpo, DPO's label smoothing outside dpo): worth a word to whoever set them."""
         used_by = {name: ("grpo",) for name in GRPO_KEYS} | {"label_smoothing": ("dpo",)}
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        return [k for k, methods in used_by.items() if self.method not in methods and getattr(self, k) != defaults[k]]
+        out = [k for k, methods in used_by.items() if self.method not in methods and getattr(self, k) != defaults[k]]
+        # beta and loss_type get the method's defaults when left empty (__post_init__): sft's are DPO's
+        if self.method == "sft" and self.beta != 0.1:
+            out.append("beta")
+        if self.method in ("sft", "orpo") and self.loss_type != "sigmoid":
+            out.append("loss_type")
+        return out
 
     def notes(self) -> list[str]:
         """Settings that are valid but likely a mistake, each worth a line before the run: a LoRA-sized learning
@@ -187,9 +204,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
-            raise PhikitError(
-                f"{path or 'overrides'}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
+            raise PhikitError(f"{path or 'overrides'}: {unknown_settings(unknown, names)}")
         source = str(path or "overrides")
         config = cls(**{name: cls.coerce(name, value, source) for name, value in raw.items()})
         config.validate(f"{path} + overrides" if path and overrides else str(path or "config"))

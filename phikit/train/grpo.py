@@ -244,9 +244,12 @@ class GRPORecipe(SFTRecipe):
             inputs, labels = ids.to(self.device), labels.to(self.device)
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         ended = sum(bool(c) and c[-1] in tokenizer.stop_ids for c in completions) / len(completions)
+        flat = float((total.view(-1, group).std(dim=1).nan_to_num(0.0) == 0).float().mean())
+        self.watch_samples(batch[0].text, texts[:group], total[:group].tolist(), flat)
         metrics = {
             "reward": float(total.mean()),
             "reward_std": float(total.view(-1, group).std(dim=1).mean()),
+            "frac_reward_zero_std": flat,  # TRL's name: groups whose completions all scored the same
             **means,
             "completions/mean_length": float(lengths.mean()),
             "completions/ended": ended,
@@ -257,6 +260,35 @@ class GRPORecipe(SFTRecipe):
 
     def tokens(self, batch: GroupBatch) -> int:
         return batch.inputs.numel()
+
+    FLAT_STEPS = 5  # optimizer steps of equal rewards in every group before the note
+
+    def watch_samples(self, prompt: str, texts: list[str], rewards: list[float], flat: float) -> None:
+        """A step's first group into output_dir/completions.jsonl (what the rewards were given, to check reward
+        functions against; a resumed run first drops the lines past its checkpoint), and a note once when no
+        group's rewards have differed for FLAT_STEPS steps: then every advantage is 0 and nothing is learnt."""
+        import json
+
+        if not self.main_process or not self.model.training:  # held-out groups (evaluate) are not watched
+            return
+        step = self.step + 1  # the optimizer step being sampled for
+        path = self.out / "completions.jsonl"
+        if getattr(self, "sampled_step", None) is None and self.config.resume and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(True) if _step_of(line) <= self.step]
+            path.write_text("".join(kept), encoding="utf-8")
+        if getattr(self, "sampled_step", None) != step:
+            self.sampled_step = step
+            row = {"step": step, "prompt": prompt, "completions": texts, "rewards": rewards}
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.flat_batches = getattr(self, "flat_batches", 0) + 1 if flat == 1.0 else 0
+        if self.flat_batches == self.FLAT_STEPS * self.config.grad_accum and not getattr(self, "flat_noted", False):
+            self.flat_noted = True
+            self.bar.write(
+                f"phikit: note: for {self.FLAT_STEPS} steps every group's completions got equal rewards "
+                "(frac_reward_zero_std 1): the advantages are 0 and GRPO learns nothing; see what the reward "
+                f"functions were given in {path}"
+            )
 
     def logps(self, model, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(batch.inputs, Packed):
@@ -288,6 +320,16 @@ class GRPORecipe(SFTRecipe):
             config.importance_sampling_max,
         )
         return loss, {**batch.metrics, **extra}, len(batch.advantages)
+
+
+def _step_of(line: str) -> int:
+    """The step of a completions.jsonl line (a broken line: past every step, so a resume drops it)."""
+    import json
+
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
 
 
 @dataclass

@@ -20,7 +20,7 @@ decides its factors) the sequences run apart (``collate_pairs``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,7 @@ class PairExample:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    cut: bool = field(default=False, compare=False)  # shortened to fit seq_len (fit_pair)
 
 
 def _is_messages(value) -> bool:
@@ -51,6 +52,13 @@ def split_pair(row: dict) -> tuple[str | list, str | list, str | list]:
     if "__error__" in row:
         raise ValueError(row["__error__"])
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    missing = [name for name in ("chosen", "rejected") if row.get(name) is None]
+    if missing:
+        others = ", ".join(k for k in row if k not in ("prompt", "chosen", "rejected")) or "none"
+        raise ValueError(
+            f"no {' or '.join(repr(m) for m in missing)} field (its other columns: {others}); name the row's own "
+            "columns with columns, e.g. --columns prompt=question,chosen=good,rejected=bad"
+        )
     if prompt is None:
         if isinstance(chosen, str) and isinstance(rejected, str):
             return _shared_transcript(chosen, rejected)
@@ -126,7 +134,7 @@ def fit_pair(pair: PairExample, seq_len: int) -> tuple[PairExample, bool]:
     if room < wanted:
         prompt = prompt[len(prompt) - (seq_len - wanted) :] if seq_len > wanted else []
         room = seq_len - len(prompt)
-    return PairExample(prompt, pair.chosen[:room], pair.rejected[:room]), True
+    return PairExample(prompt, pair.chosen[:room], pair.rejected[:room], cut=True), True
 
 
 def load_pairs(
@@ -196,17 +204,25 @@ class PreferenceRecipe(SFTRecipe):
 
     def setup_data(self) -> None:
         config = self.config
-        cut: list[int] = []  # pairs cut to seq_len, per source read (the training data first)
 
         def load(source, split, limit):
             args = (config.template, split, config.seq_len, config.skip_bad_rows, limit, config.columns)
-            pairs, skipped, cut_here = load_pairs(source, self.tokenizer, *args)
-            cut.append(cut_here)
+            pairs, skipped, _ = load_pairs(source, self.tokenizer, *args)
             return pairs, skipped
 
         self.train_set, self.eval_set = self.read_data(load)
-        if cut[0] and self.main_process:
-            print(f"{cut[0]} of {len(self.train_set)} pair(s) were cut to seq_len {config.seq_len} tokens")
+        cut = [sum(p.cut for p in pairs) for pairs in (self.train_set, self.eval_set)]
+        if any(cut) and self.main_process:  # counted after held-out rows are split off (eval_fraction)
+            held = f"; {cut[1]} of {len(self.eval_set)} held-out" if self.eval_set else ""
+            hint = (
+                ": a longer seq_len keeps more of each"
+                if sum(cut) * 4 > len(self.train_set) + len(self.eval_set)
+                else ""
+            )
+            print(
+                f"{cut[0]} of {len(self.train_set)} training pair(s){held} were cut to seq_len "
+                f"{config.seq_len} tokens{hint}"
+            )
         self.reference: dict[int, tuple[float, float]] = {}
 
     def setup_model(self) -> None:

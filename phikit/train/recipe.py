@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from phikit.errors import PhikitError
@@ -151,7 +152,12 @@ class SFTRecipe:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         if config.resume:
-            _check_resume(existing[-1], config)
+            changed = _check_resume(existing[-1], config)
+            if changed and self.main_process:
+                print(
+                    f"phikit: note: resuming with settings other than {existing[-1].name}'s: {'; '.join(changed)}",
+                    file=sys.stderr,
+                )
         if self.main_process and config.report_to:  # a tracker that is not installed fails now, not after loading
             from phikit.train.report import check_trackers
 
@@ -435,7 +441,9 @@ class SFTRecipe:
         from phikit.lora import save_adapter
 
         if self.config.lora:
-            save_adapter(self.model, folder, base_model=self.config.model, state=state)
+            base = Path(self.config.model).expanduser()  # a local folder as an absolute path: merge finds it anywhere
+            base_model = str(base.resolve()) if base.exists() else self.config.model
+            save_adapter(self.model, folder, base_model=base_model, state=state)
             return
         if getattr(self.model.config, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # transformers ties it on load
@@ -483,6 +491,18 @@ class SFTRecipe:
             self.resume()
             if self.main_process:
                 print(f"phikit: resuming from {self.existing[-1]} (step {self.step})", file=sys.stderr)
+                if self.step >= self.total_steps:
+                    print(
+                        f"phikit: the run already reached its last step ({self.total_steps}); nothing is left to "
+                        "train (raise max_steps or epochs for more); its final weights are written again",
+                        file=sys.stderr,
+                    )
+        if self.main_process:  # the settings this run goes by, for a person (the checkpoints keep their own)
+            from phikit.checkpoint import atomic_write
+
+            settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
+            text = yaml.safe_dump(settings, sort_keys=False)
+            atomic_write(self.out / "recipe.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         size = config.batch_size
         self.eval_batches = [self.eval_set[i : i + size] for i in range(0, len(self.eval_set), size)]
         log = MetricsLog(
@@ -503,28 +523,37 @@ class SFTRecipe:
         )
         self.batches = epoch_batches(self.train_set, size, config.seed, self.cursor["epoch"], self.rank, self.world)
         self.tokens_seen, started, logged = 0, time.perf_counter(), False
-        while self.step < self.total_steps:
-            metrics = self.train_step()
-            elapsed = time.perf_counter() - started
-            rate = self.tokens_seen * self.world / elapsed if elapsed > 0 else 0.0
-            lr = self.scheduler.get_last_lr()[0]
-            self.bar.update()
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-            if not logged:  # what each process holds, once the optimizer has its state
-                log.write(self.step, **self.memory())
-                logged = True
-            if self.step % config.log_every == 0 or self.step == self.total_steps:
-                log.write(self.step, **metrics, lr=lr, tokens_per_s=rate, epoch=self.cursor["epoch"])
-            if self.eval_batches and (self.step % config.eval_every == 0 or self.step == self.total_steps):
-                evaluated = self.evaluate()
-                if "eval_loss" in evaluated and config.method == "sft":
-                    evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
-                log.write(self.step, **evaluated)
-                self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
-            if self.step % config.save_every == 0 or self.step == self.total_steps:  # a finished run extends
-                self.save_checkpoint()
-            if self.world > 1:
-                torch.distributed.barrier()
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - started
+                rate = self.tokens_seen * self.world / elapsed if elapsed > 0 else 0.0
+                lr = self.scheduler.get_last_lr()[0]
+                self.bar.update()
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                if not logged:  # what each process holds, once the optimizer has its state
+                    log.write(self.step, **self.memory())
+                    logged = True
+                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                    log.write(self.step, **metrics, lr=lr, tokens_per_s=rate, epoch=self.cursor["epoch"])
+                if self.eval_batches and (self.step % config.eval_every == 0 or self.step == self.total_steps):
+                    evaluated = self.evaluate()
+                    if "eval_loss" in evaluated and config.method == "sft":
+                        evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
+                    log.write(self.step, **evaluated)
+                    self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+                if self.step % config.save_every == 0 or self.step == self.total_steps:  # a finished run extends
+                    self.save_checkpoint()
+                if self.world > 1:
+                    torch.distributed.barrier()
+        except BaseException as e:  # the dashboard stops reloading and says how the run ended
+            self.bar.close()
+            how = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error ({type(e).__name__})"
+            with contextlib.suppress(Exception):
+                log.close(
+                    f"{how} at step {self.step} of {self.total_steps}; --resume continues from its last checkpoint"
+                )
+            raise
         self.bar.close()
         log.close()
         final = self.save_final()

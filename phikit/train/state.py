@@ -38,10 +38,11 @@ def save_checkpoint(out: Path, step: int, write_weights, trainer_state: dict, li
     RNG, data position, settings: everything needed to resume). ``trainer_state.pt`` holds only tensors and
     plain values, so resuming reads it with ``torch.load(weights_only=True)``: a file planted in a checkpoint
     folder cannot run code. Keeps the newest ``limit`` checkpoints (0: all)."""
-    from phikit.checkpoint import replace_folder, user_mode
+    from phikit.checkpoint import replace_folder, sweep_stale, temp_tag, user_mode
 
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-"))
+    sweep_stale(out, r"checkpoint-\d+")  # a killed run's unfinished checkpoint
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-{temp_tag()}-"))
     user_mode(tmp, directory=True)
     try:
         write_weights(tmp)
@@ -68,9 +69,25 @@ RESUME_SETTINGS = (
 )
 
 
-def _check_resume(checkpoint: Path, config: TrainConfig) -> None:
+# settings a resumed run may change without a word: how long it runs, how often it logs and saves, where
+RESUME_FREE = (
+    "resume",
+    "output_dir",
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "save_every",
+    "save_total_limit",
+    "log_every",
+    "report_to",
+    "device",
+)
+
+
+def _check_resume(checkpoint: Path, config: TrainConfig) -> list[str]:
     """``--resume`` continues the run a checkpoint was saved by: settings that shape the adapter or what it
-    trains on top of must be the checkpoint's, else a PhikitError naming each that differs."""
+    trains on top of must be the checkpoint's, else a PhikitError naming each that differs. Returns the other
+    settings that differ (lr, seq_len, data ...: allowed, but worth a note), each as "key X there, Y now"."""
     saved = read_trainer_state(checkpoint / "trainer_state.pt").get("config", {})
     differ = [
         f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
@@ -82,6 +99,11 @@ def _check_resume(checkpoint: Path, config: TrainConfig) -> None:
             f"--resume: {checkpoint} was trained with other settings ({'; '.join(differ)}); resume with its "
             "settings or start a new output_dir"
         )
+    return [
+        f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
+        for key in saved
+        if key not in (*RESUME_SETTINGS, *RESUME_FREE) and hasattr(config, key) and saved[key] != getattr(config, key)
+    ]
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -152,15 +174,17 @@ class MetricsLog:
             tracker.log(step, values)
         self.draw(live=True)
 
-    def draw(self, live: bool) -> None:
+    def draw(self, live: bool, status: str = "run finished") -> None:
         """Rewrite dashboard.html (while live, at most every ``plots.REFRESH_S`` seconds)."""
         from phikit import plots
 
         if self.enabled and (not live or time.monotonic() - self.drawn >= plots.REFRESH_S):
-            plots.write_dashboard(self.out, live=live)
+            plots.write_dashboard(self.out, live=live, status=status)
             self.drawn = time.monotonic()
 
-    def close(self) -> None:
-        self.draw(live=False)
+    def close(self, status: str = "run finished") -> None:
+        """The dashboard drawn a last time with every row, saying ``status`` (how the run ended), instead of
+        reloading; the trackers closed."""
+        self.draw(live=False, status=status)
         for tracker in self.trackers:
             tracker.close()
