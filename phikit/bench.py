@@ -118,14 +118,15 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
         pass  # warm-up
     prefill_s = statistics.median(prefill() for _ in range(s.repeats))
     ttft_s = statistics.median(first_token() for _ in range(s.repeats))
-    decode_s = statistics.median(decode() for _ in range(s.repeats))
+    decode_runs = [1 / decode() for _ in range(s.repeats)]
     row = {
         "engine": "phikit",
         "precision": precision,
         "load_s": load_s,
         "prefill_tok_s": len(ids) / prefill_s,
         "ttft_s": ttft_s,
-        "decode_tok_s": 1 / decode_s,
+        "decode_tok_s": statistics.median(decode_runs),
+        "decode_tok_s_runs": decode_runs,  # each repeat: how much the machine's speed moved
         "peak_memory_gb": peak_memory_bytes(model.device) / 1e9,
         **loaded,
         "kv_cache_mb": model.kv_cache_bytes(len(ids) + 1) / 1e6,  # the prefill's cache
@@ -262,14 +263,15 @@ def measure_transformers(s: BenchSettings, precision: str) -> dict:
 
     run(4, ids[:, :16])
     first = statistics.median(run(1, ids)[0] for _ in range(s.repeats))
-    decode_s = statistics.median(decode() for _ in range(s.repeats))
+    decode_runs = [1 / decode() for _ in range(s.repeats)]
     return {
         "engine": "transformers",
         "precision": precision,
         "load_s": load_s,
         "prefill_tok_s": ids.shape[1] / first,
         "ttft_s": first,
-        "decode_tok_s": 1 / decode_s,
+        "decode_tok_s": statistics.median(decode_runs),
+        "decode_tok_s_runs": decode_runs,
         "peak_memory_gb": peak_memory_bytes(device) / 1e9,
         **loaded,
     }
@@ -350,7 +352,7 @@ def markdown(report: dict) -> str:
         ("load_s", "load s"),
         ("prefill_tok_s", "prefill tok/s"),
         ("ttft_s", "first token s"),
-        ("decode_tok_s", "decode tok/s"),
+        ("decode_tok_s", "decode tok/s (range)"),
         ("loaded_memory_gb", "loaded GB"),
         ("peak_memory_gb", "peak mem GB"),
         ("kv_cache_mb", "KV cache MB"),
@@ -368,9 +370,27 @@ def markdown(report: dict) -> str:
             continue
         digits = {"ttft_s": 3}  # a first token within tens of milliseconds
         cells = [f"{r[k]:.{digits.get(k, 2)}f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in cols]
+        runs = r.get("decode_tok_s_runs") or []
+        if len(runs) > 1:  # the repeats' range beside their median
+            at = [k for k, _ in cols].index("decode_tok_s")
+            cells[at] += f" ({min(runs):.2f}-{max(runs):.2f})"
         lines.append("| " + " | ".join(cells) + " |")
+    spread = [
+        r
+        for r in rows
+        if len(r.get("decode_tok_s_runs") or []) > 1
+        and max(r["decode_tok_s_runs"]) > 1.25 * min(r["decode_tok_s_runs"])
+    ]
+    if spread:
+        lines.append(
+            "\ndecode repeats differed by more than 25% (range in brackets): the machine was busy or its memory "
+            "bandwidth moved; compare rows of one run, or raise --repeats"
+        )
     if any(c[0] == "perplexity" for c in cols):
-        lines.append("\nperplexity: of the --perplexity-data text, windows of up to 1,024 tokens; phikit's rows only")
+        lines.append(
+            "\nperplexity: of the --perplexity-data text, windows of 1,024 tokens (or the model's context, if "
+            "shorter), half of each scored; phikit's rows only"
+        )
     return "\n".join(lines)
 
 

@@ -147,7 +147,10 @@ def load_suite(path: str | os.PathLike | None = None) -> PromptSuite:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise PhikitError(f"{path}: not valid YAML ({e})") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PhikitError(f"{path}: not valid YAML{at} ({problem})") from None
     if not isinstance(raw, dict):
         raise PhikitError(f"{path}: expected a mapping with a 'prompts' list at the top level")
     unknown = set(raw) - {"template", "max_new_tokens", "prompts"}
@@ -254,6 +257,7 @@ def write_report(
     title: str = "phikit eval",
     perplexities: dict[str, Perplexity] | None = None,
     perplexity_data: str | None = None,
+    settings: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` in ``out_dir``: one row per prompt, one column per label
     ("base", "fine-tuned", "int4", ...) with each answer, its tokens, time and whether it stopped by
@@ -262,7 +266,8 @@ def write_report(
 
     ``perplexities`` (label -> each model's perplexity on the same text, named by ``perplexity_data``)
     adds a row under the summary and a bar chart, so what quantizing or fine-tuning did to the numbers
-    sits beside what it did to the answers."""
+    sits beside what it did to the answers. ``settings`` (label -> what that column ran: model, dtype,
+    quantization, adapter, template) adds a row above the prompts."""
     if not columns:
         raise PhikitError("write_report needs at least one column of results")
     unknown = set(perplexities or {}) - set(columns)
@@ -276,8 +281,9 @@ def write_report(
             ids.setdefault(r["id"], r["prompt"])
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     perplexities = perplexities or {}
-    markdown = _report_markdown(title, by_label, ids, perplexities, perplexity_data)
-    page = _report_html(title, by_label, ids, perplexities, perplexity_data)
+    settings = settings or {}
+    markdown = _report_markdown(title, by_label, ids, perplexities, perplexity_data, settings)
+    page = _report_html(title, by_label, ids, perplexities, perplexity_data, settings)
     atomic_write(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     atomic_write(html_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return md_path, html_path
@@ -333,6 +339,7 @@ def _report_markdown(
     ids: dict[str, str],
     perplexities: dict[str, Perplexity],
     perplexity_data: str | None,
+    settings: dict[str, str],
 ) -> str:
     labels = list(by_label)
     rows = [
@@ -341,6 +348,8 @@ def _report_markdown(
         "| prompt | " + " | ".join(_markdown_cell(label) for label in labels) + " |",
         "|---" * (len(labels) + 1) + "|",
     ]
+    if settings:
+        rows.append("| *settings* | " + " | ".join(f"*{_markdown_cell(settings.get(k, '—'))}*" for k in labels) + " |")
     for prompt_id, prompt in ids.items():
         cells = [f"**{_markdown_cell(prompt_id)}**<br>{_markdown_cell(prompt)}"]
         for label in labels:
@@ -359,6 +368,12 @@ _STYLE = """.charts { display: flex; flex-wrap: wrap; gap: 1.5em; margin-top: 1.
 
 body { font-family: system-ui, sans-serif; margin: 2em; }
 table { border-collapse: collapse; width: 100%; table-layout: fixed; }
+.scroll { overflow-x: auto; }
+@media (max-width: 700px) {  /* a phone: columns keep a readable width and the table scrolls sideways */
+  body { margin: 0.8em; }
+  table { width: auto; min-width: 100%; }
+  th, td { min-width: 14em; }
+}
 th, td { border: 1px solid #ccc; padding: 0.5em; vertical-align: top; text-align: left; }
 pre { white-space: pre-wrap; overflow-wrap: anywhere; margin: 0; font-size: 0.9em; }
 td pre { max-height: 24em; overflow: auto; }
@@ -375,6 +390,7 @@ def _report_html(
     ids: dict[str, str],
     perplexities: dict[str, Perplexity],
     perplexity_data: str | None,
+    settings: dict[str, str],
 ) -> str:
     def esc(text: str) -> str:
         return html.escape(text, quote=True)
@@ -385,9 +401,14 @@ def _report_html(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        "<table><thead><tr><th>prompt</th>" + "".join(f"<th>{esc(label)}</th>" for label in labels) + "</tr></thead>",
+        '<div class="scroll"><table><thead><tr><th>prompt</th>'
+        + "".join(f"<th>{esc(label)}</th>" for label in labels)
+        + "</tr></thead>",
         "<tbody>",
     ]
+    if settings:
+        cells = "".join(f'<td class="meta">{esc(settings.get(label, "—"))}</td>' for label in labels)
+        out.append(f'<tr class="settings"><td class="meta">settings</td>{cells}</tr>')
     for prompt_id, prompt in ids.items():
         cells = [f"<td><b>{esc(prompt_id)}</b><pre>{esc(prompt)}</pre></td>"]
         for label in labels:
@@ -409,7 +430,7 @@ def _report_html(
         cells = "".join(f"<td>{esc(_perplexity_meta(perplexities.get(label)))}</td>" for label in labels)
         out.append(f'<tr class="summary"><td>{esc(_perplexity_heading(perplexity_data))}</td>{cells}</tr>')
     charts = _report_charts(by_label, ids, perplexities, perplexity_data)
-    out += ["</tbody></table>", '<div class="charts">', *charts, "</div>", "</body></html>"]
+    out += ["</tbody></table></div>", '<div class="charts">', *charts, "</div>", "</body></html>"]
     return "\n".join(out) + "\n"
 
 
@@ -426,12 +447,12 @@ def _report_charts(
 
     labels = list(by_label)
     lengths = {label: [by_label[label].get(i, {}).get("tokens", 0) for i in ids] for label in labels}
-    endings = {"EOS": [], "turn marker": [], "budget": []}
+    endings = {"EOS": [], "turn marker": [], "cut at max_new_tokens": []}
     for label in labels:
         results = by_label[label].values()
         endings["EOS"].append(sum(r.get("ended_at") == "eos" for r in results))
         endings["turn marker"].append(sum(r.get("ended_at") == "marker" for r in results))
-        endings["budget"].append(sum(not r["stopped_by_itself"] for r in results))
+        endings["cut at max_new_tokens"].append(sum(not r["stopped_by_itself"] for r in results))
     charts = [
         bars_svg("answer length (tokens) per prompt", list(ids), lengths),
         bars_svg("how the answers ended", labels, endings, stacked=True),
@@ -531,7 +552,9 @@ class PhikitLM(_LMBase):
         spec = self.phi.quantization
         return {
             "model_path": str(self.phi.path),
-            "model_dtype": str(self.phi.model.dtype).removeprefix("torch."),
+            # the weights' dtype (--dtype; quantized layers: "quantization"); on a CPU activations stay fp32
+            "model_dtype": str(self.phi.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+            "compute_dtype": str(self.phi.model.dtype).removeprefix("torch."),
             "quantization": spec.format if spec is not None else None,
             "adapter": str(self.adapter) if self.adapter else None,
         }
@@ -719,6 +742,7 @@ def run_lm_eval(
         else PhikitLM(model, dtype=dtype, device=device, quantize=quantize, adapter=adapter, batch_size=batch_size)
     )
     options.setdefault("log_samples", False)
+    options.setdefault("batch_size", lm.batch_size)  # recorded in the results' config (the model is ours)
     try:
         results = simple_evaluate(model=lm, tasks=resolved, task_manager=manager, **options)
     except _dataset_unreachable() as e:

@@ -1,7 +1,11 @@
 """Write a `phikit eval` prompt suite of the rows a recipe holds out (its ``eval_fraction``).
 
-    python recipes/heldout_suite.py recipes/tiny-guanaco-cpu.yaml runs/tiny-guanaco-cpu/heldout.yaml
+    python recipes/heldout_suite.py runs/tiny-guanaco-cpu/recipe.yaml runs/tiny-guanaco-cpu/heldout.yaml
     phikit eval --model M --suite runs/tiny-guanaco-cpu/heldout.yaml --compare tuned:adapter=runs/.../adapter
+
+The recipe is best the run's own ``output_dir/recipe.yaml`` (every run writes the settings it went by, its
+command-line overrides included); a recipe file with the same ``--key value`` overrides as ``phikit finetune``
+gives the same rows.
 
 `phikit finetune` holds out ``eval_fraction`` of the examples with ``phikit.data.split_eval`` (by the
 recipe's ``seed``); this script reads the same rows in the same order (the recipe's ``data``, ``split``,
@@ -66,12 +70,17 @@ def heldout_rows(config: TrainConfig) -> list[tuple[str, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", help="a fine-tuning recipe YAML with eval_fraction")
+    ap.add_argument(
+        "recipe",
+        help="a run's recipe.yaml, or a fine-tuning recipe YAML with eval_fraction (and --key value overrides)",
+    )
     ap.add_argument("out", type=Path, help="the suite YAML to write")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="answer budget per prompt (default 256)")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
     try:
-        config = TrainConfig.from_yaml(args.recipe)
+        from phikit.cli.finetune import parse_overrides
+
+        config = TrainConfig.from_yaml(args.recipe, parse_overrides(extra))
         template = get_template(config.template)
         held = heldout_rows(config)
     except PhikitError as e:

@@ -69,6 +69,8 @@ def test_bench_json_schema(tiny, tmp_path, capsys):
         assert set(r["decode_at_depth_tok_s"]) == {"48", "96"} and min(r["decode_at_depth_tok_s"].values()) > 0
         assert r["kv_cache_mb_at_depth"]["96"] == pytest.approx(2 * r["kv_cache_mb_at_depth"]["48"])
     assert "decode tok/s after N tokens" in stdout
+    assert main(["plot", str(out), "--out", str(tmp_path / "again.png")]) == 0  # the saved report drawn again
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "bench.png").read_bytes()
 
 
 @pytest.mark.parametrize("depth", ["abc", "0", "1000"])

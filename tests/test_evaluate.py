@@ -278,6 +278,46 @@ def test_eval_report_shows_each_models_perplexity_side_by_side(tiny, tmp_path, c
         write_report({"base": []}, tmp_path / "x", perplexities={"int4": expected["base"]})
 
 
+def test_eval_checks_every_column_first_keeps_finished_ones_and_says_what_each_ran(tiny, tmp_path, capsys):
+    import shutil
+
+    from phikit.cli import main
+
+    folder, _ = tiny
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("template: instruct\nmax_new_tokens: 3\nprompts:\n  - {id: hi, prompt: Say hi}\n")
+    out = tmp_path / "out"
+    args = ["eval", "-m", folder, "--dtype", "fp32", "--device", "cpu", "--suite", suite, "--out", out]
+
+    def refused(*extra) -> str:
+        assert main([str(a) for a in [*args, *extra]]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "loading" not in err, err  # before any model loads
+        return err
+
+    assert "label(s) base given twice" in refused("--compare", "base:dtype=bf16")
+    assert "--compare a: adapter /nowhere: no adapter_config.json there" in refused("--compare", "a:adapter=/nowhere")
+    assert "group_size is int4's; add quantize=int4" in refused("--compare", "g:group_size=128")
+    assert "--compare goes with a prompt suite" in refused("--compare", "q:quantize=int8", "--lm-eval", "hellaswag")
+    assert "--include-path /nowhere: no such folder" in refused("--lm-eval", "x", "--include-path", "/nowhere")
+    assert not out.exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    code = main([str(a) for a in [*args, "--compare", "int8:quantize=int8", "--compare", f"bad:model={broken}"]])
+    err = capsys.readouterr().err
+    assert code == 2 and f"wrote the 2 finished column(s) to {out} before stopping" in err
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# phikit eval (stopped: 2 of 3 columns)")
+    settings = markdown.splitlines()[4]
+    assert settings == (
+        f"| *settings* | *model {folder} · dtype fp32 · template instruct* | "
+        f"*model {folder} · dtype fp32 · int8 · template instruct* |"
+    )
+    assert list(json.loads((out / "results.json").read_text())) == ["base", "int8"]
+
+
 def test_phikit_imports_without_lm_eval():
     code = textwrap.dedent(
         """

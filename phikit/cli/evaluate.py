@@ -72,7 +72,40 @@ def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
         if key in CHOICES and value not in CHOICES[key]:  # checked before any model loads
             raise PhikitError(f"--compare {spec!r}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         options[key] = int(value) if key == "group_size" else (None if value == "none" else value)
+    if "group_size=" in rest and options["quantize"] != "int4":
+        raise PhikitError(f"--compare {spec!r}: group_size is int4's; add quantize=int4")
+    check_sources(options, f"--compare {label}")
     return label, options
+
+
+def check_sources(options: dict, what: str) -> None:
+    """A variant's model and adapter can be found, before any model loads (a later column failing would throw
+    away the finished ones' work): a local model folder holds config.json, else the name is a Hub id; an
+    adapter folder holds adapter_config.json."""
+    model, adapter = options["model"], options.get("adapter")
+    folder = Path(str(model)).expanduser()
+    if folder.exists() and not (folder / "config.json").is_file():
+        hint = "; it is an adapter: use adapter=" if (folder / "adapter_config.json").is_file() else ""
+        raise PhikitError(f"{what}: model {model} has no config.json{hint}")
+    if not folder.exists() and (str(model).startswith((".", "/", "~")) or str(model).count("/") != 1):
+        raise PhikitError(f"{what}: model {model}: no such folder, and not a Hub id of the form owner/name")
+    if adapter and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
+        raise PhikitError(f"{what}: adapter {adapter}: no adapter_config.json there")
+
+
+def describe(options: dict, results: list[dict], dtype: str) -> str:
+    """What a column ran, for the report: model, the weights' dtype as loaded (``dtype``: what --dtype auto
+    became), quantization, adapter, prompt template."""
+    parts = [f"model {options['model']}", f"dtype {dtype}"]
+    if options["quantize"]:
+        group = f" (groups of {options['group_size']})" if options["quantize"] == "int4" else ""
+        parts.append(f"{options['quantize']}{group}")
+    if options.get("adapter"):
+        parts.append(f"adapter {options['adapter']}")
+    templates = sorted({r["template"] for r in results})
+    if templates:
+        parts.append(f"template {', '.join(templates)}")
+    return " · ".join(parts)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -99,6 +132,18 @@ def run(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
         "group_size": args.group_size,
     }
+    if args.template and args.template not in ("chat", "auto"):  # the others are known before any model loads
+        from phikit.templates import get_template
+
+        try:
+            get_template(args.template)
+        except (PhikitError, ValueError) as e:
+            raise PhikitError(f"--template: {e}") from None
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise PhikitError(f"--include-path {args.include_path}: no such folder of task YAMLs")
+    if args.lm_eval and args.compare:
+        raise PhikitError("--compare goes with a prompt suite; with --lm-eval run once per variant (its flags)")
+    check_sources(base, "--model")
     if args.lm_eval:
         results = evaluate.run_lm_eval(
             args.model,
@@ -117,25 +162,48 @@ def run(args: argparse.Namespace) -> None:
 
         text = json.dumps(results, indent=2, default=handle_non_serializable)
         atomic_write(args.out / "lm_eval.json", lambda tmp: tmp.write_text(text))
+        print(f"wrote {args.out / 'lm_eval.json'}", file=sys.stderr)
         return
     suite = evaluate.load_suite(args.suite)  # a bad suite fails before any model loads
     variants = [(args.label, base)] + [parse_compare(c, base) for c in args.compare]
+    labels = [label for label, _ in variants]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise PhikitError(f"column label(s) {', '.join(twice)} given twice (--label is the model's own, default base)")
     overrides = {k: v for k, v in (("template", args.template), ("max_new_tokens", args.max_new_tokens)) if v}
-    columns, perplexities = {}, {}
-    for label, options in variants:
-        print(f"[{label}] loading {options['model']} ...", file=sys.stderr)
-        phi = load_model(args, **options)
-        if args.perplexity is not None:  # first, so a file that is not text fails before the suite runs
-            ids = evaluate.read_text(args.perplexity, phi.tokenizer)  # each model's own tokenizer: they may differ
-            perplexities[label] = evaluate.perplexity(phi.model, ids, progress=True)
-            print(f"[{label}] perplexity {perplexities[label].perplexity:.2f}", file=sys.stderr)
-        columns[label] = evaluate.run_suite(phi, suite, progress=True, **overrides)
-        del phi
-        gc.collect()
-    data = args.perplexity.name if args.perplexity is not None else None
-    md, html = evaluate.write_report(columns, args.out, perplexities=perplexities, perplexity_data=data)
-    atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(columns, indent=2)))
-    if perplexities:
-        measured = {"data": str(args.perplexity), "models": {k: asdict(v) for k, v in perplexities.items()}}
-        atomic_write(args.out / "perplexity.json", lambda tmp: tmp.write_text(json.dumps(measured, indent=2)))
+    columns, perplexities, settings = {}, {}, {}
+
+    def write(finished: bool) -> tuple[Path, Path]:
+        data = args.perplexity.name if args.perplexity is not None else None
+        title = "phikit eval" if finished else f"phikit eval (stopped: {len(columns)} of {len(variants)} columns)"
+        md, html = evaluate.write_report(columns, args.out, title, perplexities, data, settings)
+        atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(columns, indent=2)))
+        if perplexities:
+            measured = {"data": str(args.perplexity), "models": {k: asdict(v) for k, v in perplexities.items()}}
+            atomic_write(args.out / "perplexity.json", lambda tmp: tmp.write_text(json.dumps(measured, indent=2)))
+        return md, html
+
+    try:
+        for label, options in variants:
+            print(f"[{label}] loading {options['model']} ...", file=sys.stderr)
+            phi = load_model(args, **options)
+            if args.perplexity is not None:  # first, so a file that is not text fails before the suite runs
+                ids = evaluate.read_text(args.perplexity, phi.tokenizer)  # each model's own tokenizer: may differ
+                perplexities[label] = evaluate.perplexity(phi.model, ids, progress=True)
+                print(f"[{label}] perplexity {perplexities[label].perplexity:.2f}", file=sys.stderr)
+            results = evaluate.run_suite(phi, suite, progress=True, **overrides)
+            dtype = str(phi.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+            settings[label] = describe(options, results, {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype))
+            columns[label] = results
+            del phi
+            gc.collect()
+    except BaseException:
+        if columns:  # the columns that finished are kept
+            perplexities = {k: v for k, v in perplexities.items() if k in columns}
+            md, _ = write(finished=False)
+            print(
+                f"phikit: wrote the {len(columns)} finished column(s) to {md.parent} before stopping", file=sys.stderr
+            )
+        raise
+    md, html = write(finished=True)
     print(f"wrote {md} and {html}", file=sys.stderr)

@@ -45,11 +45,17 @@ def run(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     result = perplexity(phi.model, ids, args.context, args.stride, args.max_tokens, progress=True)
+    window = min(args.context, context)
     print(
         json.dumps(
             {
                 "model": str(args.model),
-                "precision": phi.precision,
+                "adapter": args.adapter,
+                "precision": phi.precision,  # what the linear layers hold
+                "group_size": phi.quantization.group_size if phi.quantization else None,
+                "dtype": str(next(phi.model.parameters()).dtype).removeprefix("torch."),  # what they compute in
+                "context": window,
+                "stride": args.stride or window // 2,
                 "perplexity": result.perplexity,
                 "nll": result.nll,
                 "tokens": result.tokens,

@@ -501,6 +501,9 @@ class SFTRecipe:
             from phikit.checkpoint import atomic_write
 
             settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
+            for key in ("model", "data", "eval_data"):  # local paths whole: the file reads the same from anywhere
+                if isinstance(settings[key], str) and Path(settings[key]).expanduser().exists():
+                    settings[key] = str(Path(settings[key]).expanduser().resolve())
             text = yaml.safe_dump(settings, sort_keys=False)
             atomic_write(self.out / "recipe.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         size = config.batch_size
@@ -522,12 +525,14 @@ class SFTRecipe:
             disable=not (self.main_process and self.progress),
         )
         self.batches = epoch_batches(self.train_set, size, config.seed, self.cursor["epoch"], self.rank, self.world)
-        self.tokens_seen, started, logged = 0, time.perf_counter(), False
+        self.tokens_seen, logged = 0, False
+        # tokens seen and the time after the last metrics line's step: tokens/s is the training's since then
+        since: tuple[int, float] | None = (0, time.perf_counter())
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
-                elapsed = time.perf_counter() - started
-                rate = self.tokens_seen * self.world / elapsed if elapsed > 0 else 0.0
+                elapsed = time.perf_counter() - since[1]
+                rate = (self.tokens_seen - since[0]) * self.world / elapsed if elapsed > 0 else 0.0
                 lr = self.scheduler.get_last_lr()[0]
                 self.bar.update()
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
@@ -536,6 +541,7 @@ class SFTRecipe:
                     logged = True
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     log.write(self.step, **metrics, lr=lr, tokens_per_s=rate, epoch=self.cursor["epoch"])
+                    since = None  # restarted once this step's evaluation and checkpoint are done
                 if self.eval_batches and (self.step % config.eval_every == 0 or self.step == self.total_steps):
                     evaluated = self.evaluate()
                     if "eval_loss" in evaluated and config.method == "sft":
@@ -546,6 +552,8 @@ class SFTRecipe:
                     self.save_checkpoint()
                 if self.world > 1:
                     torch.distributed.barrier()
+                if since is None:
+                    since = (self.tokens_seen, time.perf_counter())
         except BaseException as e:  # the dashboard stops reloading and says how the run ended
             self.bar.close()
             how = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error ({type(e).__name__})"
