@@ -66,6 +66,11 @@ def chat(
             return history
         if not user:
             continue
+        try:
+            user.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            print("(that message is not valid UTF-8 text; type it again)", file=out)
+            continue
         if user in ("/exit", "/quit"):
             return history
         if user == "/reset":
@@ -77,11 +82,15 @@ def chat(
             continue
         budget = context - config.max_new_tokens
         count = lambda text: len(phi.tokenizer.encode(text))  # noqa: E731
-        kept = fit_history(history, user, template, count, budget, system)
+        try:
+            kept = fit_history(history, user, template, count, budget, system)
+            prompt = template.render_messages(conversation(kept, user, system))
+        except ValueError as e:  # a chat template's raise_exception(...): its own words, and the turn is not taken
+            print(f"({e})", file=out)
+            continue
         if len(kept) < len(history):
             print(f"(the {len(history) - len(kept)} oldest turn(s) left out to fit the context)", file=out)
         history = kept
-        prompt = template.render_messages(conversation(history, user, system))
         size = count(prompt)
         if size > budget:  # the message alone: refused, never cut (a cut loses the turn's markers)
             print(

@@ -280,6 +280,25 @@ def read_safetensors(
                 yield name, tensor
 
 
+def load_pickled(path: Path, remedy: str, **options) -> dict:
+    """A PyTorch pickle (``.bin`` weights, an adapter_model.bin, a trainer state) read with ``weights_only``:
+    tensors and plain values only, so a planted file cannot run code. Either failure is one line: a file that
+    holds other objects is refused as such (not called corrupt, and without torch's advice to load it
+    unsafely), anything else is a truncated or corrupt file; ``remedy`` says what to do about that."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **options)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unreadable"
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise PhikitError(
+                f"{path}: refused: it holds Python objects besides tensors and plain values, and loading those "
+                "could run code; use a file of tensors (safetensors)"
+            ) from None
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PhikitError(f"{path}: cannot read ({reason}); the file is truncated or corrupt: {remedy}") from None
+
+
 def _read_ahead(files: list[Path]) -> None:
     """Ask the kernel to start reading every weight file into the page cache now (posix_fadvise
     WILLNEED), so the disk streams while tensors are converted and placed, instead of one read at a time:
@@ -312,12 +331,7 @@ def iter_tensors(
             for name, tensor in read_safetensors(file, convert, mapped, kept, notify):
                 yield name, tensor, True
             continue
-        try:
-            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise PhikitError(
-                f"{file}: cannot read weights ({e}); the file is truncated or corrupt, re-download it"
-            ) from None
+        state = load_pickled(file, "re-download it", mmap=True)
         for name, tensor in state.items():
             yield name, tensor, False
         del state
@@ -652,9 +666,14 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# what a folder phikit writes holds (a checkpoint, an adapter, an Ollama folder): --overwrite replaces no other
+OUTPUT_MARKS = ("config.json", "adapter_config.json", "Modelfile")
+
+
 def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) -> None:
-    """``out`` may be written: new or empty, or ``overwrite``; never a file or a symbolic link, never the
-    source folder or one that contains it (replacing it would delete the source)."""
+    """``out`` may be written: new or empty, or ``overwrite`` of a folder holding a model (``OUTPUT_MARKS``);
+    never a file or a symbolic link, never the source folder or one that contains it (replacing it would delete
+    the source), never the working folder, a folder holding it, or a mount point."""
     if out.is_symlink():
         raise PhikitError(f"{out} is a symbolic link; give the folder it points to, or a new one")
     if out.exists() and not out.is_dir():
@@ -667,6 +686,18 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
         raise PhikitError(
             f"{out} already exists and is not empty; choose a new folder or overwrite (--overwrite, overwrite=True)"
         )
+    if out.exists():  # the output is renamed into place (replace_folder): never onto these
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise PhikitError(f"{out} is the working folder or holds it; write the model into a folder of its own")
+        if os.path.ismount(out):
+            raise PhikitError(f"{out} is a mount point; write the model into a folder inside it")
+    if out.exists() and any(out.iterdir()):  # overwrite: only a folder phikit could have written is replaced
+        if not any((out / name).exists() for name in OUTPUT_MARKS):
+            raise PhikitError(
+                f"{out} holds no model (no {', '.join(OUTPUT_MARKS)}), so overwriting would delete files phikit did "
+                "not write; remove it yourself or choose another folder"
+            )
     check_writable(out)
 
 

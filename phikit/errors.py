@@ -1,4 +1,4 @@
-"""The one exception type phikit raises for mistakes a user can make or fix."""
+"""The exception phikit raises for mistakes a user can make or fix, and its one special case."""
 
 
 class PhikitError(Exception):
@@ -6,3 +6,8 @@ class PhikitError(Exception):
 
     The CLI prints it as one line (``phikit: error: ...``) instead of a traceback.
     """
+
+
+class ConversationRefused(PhikitError, ValueError):
+    """A chat template refused a conversation (its ``raise_exception``, or its sandbox): one line in the CLI,
+    and, being a ValueError too, a 400 on HTTP as any other bad request body."""

@@ -232,8 +232,14 @@ def export_ollama(
     longrope = getattr(config, "longrope", None)
     context = longrope.original_max_position_embeddings if longrope else config.max_position_embeddings
     modelfile = ollama_modelfile(template, f"./{OLLAMA_GGUF}", context, _license(folder), stops)
-    export_gguf(model, out / OLLAMA_GGUF, adapter, gguf_type, overwrite=True, progress=progress)
-    atomic_write(out / "Modelfile", lambda tmp: tmp.write_text(modelfile, encoding="utf-8"))
+    existed = out.exists()
+    try:
+        export_gguf(model, out / OLLAMA_GGUF, adapter, gguf_type, overwrite=True, progress=progress)
+        atomic_write(out / "Modelfile", lambda tmp: tmp.write_text(modelfile, encoding="utf-8"))
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a folder made for this export and left empty by its failure goes again
+        raise
     return out
 
 

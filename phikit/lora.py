@@ -289,7 +289,9 @@ def read_adapter(folder: str | os.PathLike, model_config=None) -> tuple[LoRAConf
             raise PhikitError(f"{weights_path}: cannot read ({e}); the file is truncated or corrupt") from None
     elif (folder / "adapter_model.bin").is_file():
         weights_path = folder / "adapter_model.bin"
-        raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+        from phikit.checkpoint import load_pickled
+
+        raw = load_pickled(weights_path, "save the adapter again")
     else:
         raise PhikitError(f"{folder}: no adapter_model.safetensors")
     # PEFT's in-memory names carry the adapter's name (.default.); older PEFT kept .modules_to_save. on disk

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from phikit.errors import PhikitError
+from phikit.errors import ConversationRefused, PhikitError
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -142,7 +142,7 @@ class ChatTemplate:
                 **self.special_tokens,
             )
         except jinja2.TemplateError as e:  # raise_exception in the template, or the sandbox refusing
-            raise ValueError(f"the chat template refused the conversation: {e}") from None
+            raise ConversationRefused(f"the chat template refused the conversation: {e}") from None
 
     def render(self, prompt: str) -> str:
         return self.render_messages([{"role": "user", "content": prompt}])

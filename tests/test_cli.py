@@ -4,6 +4,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -395,3 +396,64 @@ def test_a_killed_writers_hidden_temporaries_are_removed_by_the_next_write(tmp_p
     atomic_write(tmp_path / "m.gguf", lambda tmp: tmp.write_text("done"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.gguf", *(p.name for p in kept)])
     assert f"removed {stale[0]}, left unfinished by a process that was killed" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_a_folder_holding_a_model(tiny, tmp_path, capsys, monkeypatch):
+    """--overwrite never replaces the working folder (or one holding it) nor a folder of other files; a model
+    folder it wrote before is replaced."""
+    folder, _ = tiny
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = run_cli(capsys, "quantize", "-m", folder, "--to", "int8", "--overwrite", mine)
+    assert code == 2 and "holds no model (no config.json, adapter_config.json, Modelfile)" in err
+    monkeypatch.chdir(mine / "sub")
+    for where in (".", ".."):
+        code, _, err = run_cli(capsys, "quantize", "-m", folder, "--to", "int8", "--overwrite", where)
+        assert code == 2 and "is the working folder or holds it" in err
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt", "sub"]
+    assert run_cli(capsys, "quantize", "-m", folder, "--to", "int8", tmp_path / "q")[0] == 0
+    assert run_cli(capsys, "quantize", "-m", folder, "--to", "int4", "--overwrite", tmp_path / "q")[0] == 0
+
+
+def test_a_full_disk_is_one_line_whoever_writes(monkeypatch):
+    """safetensors, gguf-py and torch.save each say "disk full" their own way; the CLI says it one way."""
+    import errno
+
+    from phikit.cli import disk_full
+
+    class SafetensorError(Exception):
+        pass
+
+    assert (
+        disk_full(OSError(errno.ENOSPC, "No space left on device", "/x/m.gguf")) == "the disk is full writing /x/m.gguf"
+    )
+    said = "Error while serializing: I/O error: No space left on device (os error 28)"
+    assert disk_full(SafetensorError(said)) == "the disk is full"
+    assert (
+        disk_full(OSError("Not enough free space to write 25755648 bytes after offset 1972736")) == "the disk is full"
+    )
+    assert "probably full" in disk_full(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9 vs 8")
+    )
+    assert disk_full(RuntimeError("shape mismatch")) is None and disk_full(OSError(errno.EACCES, "denied")) is None
+
+
+def test_prompt_files_drop_a_byte_order_mark_and_an_empty_stop_is_refused(tiny, tmp_path, capsys):
+    from phikit.cli.generate import read_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("\ufeffHello\nBye\n".encode())
+    assert read_prompts(prompts) == ["Hello", "Bye"]
+    folder, _ = tiny
+    code, _, err = run_cli(capsys, "generate", "-m", folder, "--stop", "", "Hi")
+    assert code == 2 and "--stop: an empty string would stop before the first token" in err
+
+
+def test_finetune_into_a_place_it_cannot_write_is_one_line(tiny, tmp_path, capsys):
+    folder, _ = tiny
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+    code, _, err = run_cli(
+        capsys, "finetune", "-c", recipe, "--model", folder, "--output_dir", "/proc/phikit-test/run", "-q"
+    )
+    assert code == 2 and "output_dir /proc/phikit-test/run/metrics.jsonl: cannot write in /proc" in err, err

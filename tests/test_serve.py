@@ -275,6 +275,24 @@ def test_terminal_chat_keeps_history_and_resets(phi):
     assert "(conversation reset)" in out.getvalue() and out.getvalue().count("phi> ") == 3
 
 
+def test_terminal_chat_skips_what_is_not_utf8_or_its_template_refuses(phi):
+    import io
+
+    from phikit.templates import ChatTemplate
+
+    strict = ChatTemplate(
+        "{% for m in messages %}{% if 'bad' in m['content'] %}{{ raise_exception('no bad words') }}{% endif %}"
+        "<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    )
+    lines = iter(["caf\udce9", "a bad word", "fine", "/exit"])  # invalid UTF-8 read from stdin: a lone surrogate
+    out = io.StringIO()
+    history = chat(phi, strict, GenerationConfig(max_new_tokens=4, temperature=0), read=lambda _: next(lines), out=out)
+    said = out.getvalue()
+    assert "(that message is not valid UTF-8 text; type it again)" in said
+    assert "(the chat template refused the conversation: no bad words)" in said
+    assert [u for u, _ in history] == ["fine"] and said.count("phi> ") == 1
+
+
 def test_terminal_chat_says_what_does_not_fit_and_cuts_nothing(phi):
     import io
 

@@ -117,8 +117,26 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused(tiny, tmp_path):
     newest = checkpoints(out)[-1]
     torch.save({"step": 2, "payload": Exploit()}, newest / "trainer_state.pt")
     (out / "adapter").rename(tmp_path / "old-adapter")
-    with pytest.raises(PhikitError, match="refusing to resume"):
+    with pytest.raises(PhikitError, match="trainer_state.pt: refused: it holds Python objects") as refused:
         finetune(recipe(folder, out, max_steps=4, save_every=2, eval_every=1000, resume=True), progress=False)
+    assert not marker.exists() and "weights_only" not in str(refused.value)  # not torch's advice to load unsafely
+    adapter = tmp_path / "adapter"  # an adapter_model.bin and a .bin checkpoint are refused the same way
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text((tmp_path / "old-adapter" / "adapter_config.json").read_text())
+    torch.save({"payload": Exploit()}, adapter / "adapter_model.bin")
+    with pytest.raises(PhikitError, match="adapter_model.bin: refused: it holds Python objects"):
+        phikit.load(folder, dtype="fp32", device="cpu", adapter=adapter)
+    bin_model = tmp_path / "bin-model"
+    bin_model.mkdir()
+    for name in os.listdir(folder):
+        if not name.endswith(".safetensors"):
+            (bin_model / name).write_bytes((Path(folder) / name).read_bytes())
+    torch.save({"payload": Exploit()}, bin_model / "pytorch_model.bin")
+    with pytest.raises(PhikitError, match="pytorch_model.bin: refused: it holds Python objects"):
+        phikit.load(bin_model, dtype="fp32", device="cpu")
+    (bin_model / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(PhikitError, match="cannot read .* the file is truncated or corrupt: re-download it"):
+        phikit.load(bin_model, dtype="fp32", device="cpu")
     assert not marker.exists()
 
 

@@ -70,13 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `phikit generate ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
             raise
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"phikit: error: the disk is full{where}; free some space and run again", file=sys.stderr)
+        print(f"phikit: error: {full}; free some space and run again", file=sys.stderr)
         return 2
     return 0
+
+
+def disk_full(e: BaseException) -> str | None:
+    """What to say when ``e`` is a write that ran out of disk space, else None. Python's own writes raise
+    OSError ENOSPC; safetensors (a Rust error naming os error 28), gguf-py ("Not enough free space") and
+    torch.save (its zip writer: "unexpected pos") each say it their own way."""
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"the disk is full{f' writing {e.filename}' if e.filename else ''}"
+    if "No space left on device" in text or "os error 28" in text or "Not enough free space to write" in text:
+        return "the disk is full"
+    if isinstance(e, RuntimeError) and "unexpected pos" in text:  # torch.save's writer cut short
+        return "a file could not be written whole (the disk is probably full)"
+    return None
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ def check_generation(config) -> None:
     """``config.validate()`` (a GenerationConfig), its errors naming the flags (--top-p), not the fields (top_p)."""
     from phikit.errors import PhikitError
 
+    if any(stop == "" for stop in getattr(config, "stop", None) or []):
+        raise PhikitError("--stop: an empty string would stop before the first token; give the text to stop at")
     try:
         config.validate()
     except PhikitError as e:

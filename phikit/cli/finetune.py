@@ -77,6 +77,12 @@ def run(args: argparse.Namespace) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{interrupted_note(Path(config.output_dir))}", file=sys.stderr)
         raise
+    except Exception as e:
+        from phikit.cli import disk_full
+
+        if disk_full(e) and os.environ.get("RANK", "0") == "0":  # the checkpoints written so far are whole
+            print(interrupted_note(Path(config.output_dir)), file=sys.stderr)
+        raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process wrote it
         print(f"{'adapter' if final.name == 'adapter' else 'model'} written to {final}", file=sys.stderr)
         out = Path(config.output_dir)

@@ -52,7 +52,7 @@ def read_prompts(path: Path) -> list[str]:
     else:
         data = input_file(path, "--file").read_bytes()
     try:
-        lines = data.decode("utf-8").splitlines()
+        lines = data.decode("utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise PhikitError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.file)
     elif args.prompt == "-":
         try:
-            prompts = [sys.stdin.buffer.read().decode("utf-8")]
+            prompts = [sys.stdin.buffer.read().decode("utf-8-sig")]
         except UnicodeDecodeError as e:
             raise PhikitError(f"the prompt read from stdin is not valid UTF-8 (byte {e.start})") from None
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -182,4 +183,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
         try:
             probe.bind(address)
         except OSError as e:
-            raise PhikitError(f"cannot serve on {args.host}:{args.port}: {e.strerror}; choose another --port") from None
+            fix = (
+                "choose another --port" if e.errno == errno.EADDRINUSE else "--host must be an address of this machine"
+            )
+            raise PhikitError(f"cannot serve on {args.host}:{args.port}: {e.strerror}; {fix}") from None

@@ -136,6 +136,9 @@ class SFTRecipe:
         self.main_process = self.rank == 0
         self.out = out = Path(config.output_dir)
         if self.main_process:
+            from phikit.checkpoint import check_writable
+
+            check_writable(out / "metrics.jsonl", "output_dir")  # a read-only place: one line, before anything
             self.lock = _lock_run(out)
         self.existing = existing = checkpoints(out) if out.exists() else []
         if (

@@ -108,16 +108,9 @@ def _check_resume(checkpoint: Path, config: TrainConfig) -> list[str]:
 
 def read_trainer_state(path: Path) -> dict:
     """A checkpoint's trainer state, unpickled with ``weights_only=True`` (tensors and plain values only)."""
-    import pickle
+    from phikit.checkpoint import load_pickled
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PhikitError(
-            f"{path}: refusing to resume from it: it is corrupt or holds more than tensors and plain values "
-            f"({reason}); remove that checkpoint folder to resume from an earlier one"
-        ) from None
+    return load_pickled(path, "remove that checkpoint folder to resume from an earlier one")
 
 
 def checkpoints(out: Path) -> list[Path]:
