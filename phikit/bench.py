@@ -320,7 +320,7 @@ def run_bench(s: BenchSettings, progress: bool = True, on_row=None) -> dict:
     jobs += [("phikit", p) for p in s.precisions]
     machine = machine_description(s.threads)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "settings": asdict(s), "rows": []}
-    bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
+    bar = tqdm(jobs, desc="bench", unit="run", disable=None if progress else True, file=sys.stderr)
     for engine, precision in bar:
         bar.set_postfix_str(f"{engine} {precision}")
         report["rows"].append(run_one(s, engine, precision))

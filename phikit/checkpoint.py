@@ -432,7 +432,9 @@ def _load_weights(folder, config, device, dtype, prepare, on_tensor, progress) -
     seen: set[str] = set()
     if device.type == "cpu":
         kernels.available()  # a first use compiles the kernel library: its notice before the bar, not inside it
-    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(expected), desc="loading weights", unit="tensor", disable=None if progress else True, leave=False
+    )
     convert = None
     if on_tensor is None and prepare is None and dtype == torch.bfloat16 and device.type == "cpu":
         convert = _fp16_to_bf16  # plain bf16 loading: every floating weight converts in the reading threads

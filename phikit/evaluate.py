@@ -100,7 +100,7 @@ def perplexity(
         raise PhikitError("need at least 2 tokens of text to measure perplexity")
     total, count, scored_to = 0.0, 0, 0
     starts = list(range(0, max(len(ids) - 1, 1), stride))
-    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress, leave=False):
+    for begin in tqdm(starts, desc="perplexity", unit="window", disable=None if progress else True, leave=False):
         end = min(begin + context, len(ids))
         window = torch.tensor([ids[begin:end]], device=model.device)
         logits = model(window[:, :-1]).float()
@@ -219,7 +219,7 @@ def run_suite(
     template = get_template(template, phi.tokenizer, fallback="instruct") if template else None
     override = options.pop("max_new_tokens", None)
     results = []
-    for item in tqdm(suite.prompts, desc="prompts", unit="prompt", disable=not progress, leave=False):
+    for item in tqdm(suite.prompts, desc="prompts", unit="prompt", disable=None if progress else True, leave=False):
         budget = override or item.max_new_tokens or suite.max_new_tokens or phi.defaults.max_new_tokens
         completion = phi.generate(item.prompt, template=template, max_new_tokens=budget, **options)
         tokens = len(completion.token_ids)

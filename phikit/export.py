@@ -191,7 +191,9 @@ def export_gguf(
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for _, tensor, qtype, via_f16 in tqdm(plan, desc="writing GGUF", unit="tensor", disable=not progress):
+            for _, tensor, qtype, via_f16 in tqdm(
+                plan, desc="writing GGUF", unit="tensor", disable=None if progress else True
+            ):
                 data = tensor.detach().to("cpu", torch.float32).numpy()
                 if via_f16:  # what llama-quantize reads from the converter's f16 file
                     data = data.astype(np.float16).astype(np.float32)

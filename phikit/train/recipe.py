@@ -525,7 +525,7 @@ class SFTRecipe:
             initial=self.step,
             desc=f"fine-tuning ({config.method})",
             unit="step",
-            disable=not (self.main_process and self.progress),
+            disable=None if self.main_process and self.progress else True,  # None: none when stderr is no terminal
         )
         self.batches = epoch_batches(self.train_set, size, config.seed, self.cursor["epoch"], self.rank, self.world)
         self.tokens_seen, logged = 0, False
