@@ -670,12 +670,14 @@ def replace_folder(new: Path, out: Path) -> None:
 
 # what a folder phikit writes holds (a checkpoint, an adapter, an Ollama folder): --overwrite replaces no other
 OUTPUT_MARKS = ("config.json", "adapter_config.json", "Modelfile")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) -> None:
-    """``out`` may be written: new or empty, or ``overwrite`` of a folder holding a model (``OUTPUT_MARKS``);
-    never a file or a symbolic link, never the source folder or one that contains it (replacing it would delete
-    the source), never the working folder, a folder holding it, or a mount point."""
+    """``out`` may be written: new or empty (what a killed phikit process left in it removed), or ``overwrite`` of
+    a folder holding a model (one of ``OUTPUT_MARKS`` beside weights, no subfolders); never a file or a symbolic
+    link, never the source folder or one that contains it (replacing it would delete the source), never the
+    working folder, a folder holding it, or a mount point."""
     if out.is_symlink():
         raise PhikitError(f"{out} is a symbolic link; give the folder it points to, or a new one")
     if out.exists() and not out.is_dir():
@@ -684,6 +686,8 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
         target, origin = out.resolve(), Path(source).resolve()
         if target == origin or target in origin.parents:
             raise PhikitError(f"{out} is or contains the source model {source}; writing there would delete it")
+    if out.is_dir():
+        sweep_stale(out, r"[^/]+")  # what a killed export left inside (an Ollama folder's GGUF) is not content
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PhikitError(
             f"{out} already exists and is not empty; choose a new folder or overwrite (--overwrite, overwrite=True)"
@@ -695,10 +699,15 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
         if os.path.ismount(out):
             raise PhikitError(f"{out} is a mount point; write the model into a folder inside it")
     if out.exists() and any(out.iterdir()):  # overwrite: only a folder phikit could have written is replaced
-        if not any((out / name).exists() for name in OUTPUT_MARKS):
+        entries = list(out.iterdir())
+        model = any((out / name).is_file() for name in OUTPUT_MARKS) and any(
+            e.suffix in WEIGHT_SUFFIXES for e in entries
+        )
+        if not model or any(e.is_dir() and not e.name.startswith(".") for e in entries):
             raise PhikitError(
-                f"{out} holds no model (no {', '.join(OUTPUT_MARKS)}), so overwriting would delete files phikit did "
-                "not write; remove it yourself or choose another folder"
+                f"{out} does not look like a model folder (one of {', '.join(OUTPUT_MARKS)} beside weights, no "
+                "subfolders), so overwriting it could delete files phikit did not write; remove it yourself or "
+                "choose another folder"
             )
     check_writable(out)
 

@@ -327,13 +327,18 @@ def _esc(text: str) -> str:
 def bars_svg(title: str, categories: list[str], series: dict[str, list[float]], stacked: bool = False) -> str:
     """An inline SVG bar chart (no script, nothing fetched): a group of bars per category, a color per
     series; ``stacked`` piles the series up instead (counts that add up to a whole)."""
-    width, height, left, bottom, top = (
-        max(360, 70 + 26 * len(categories) * (1 if stacked else len(series))),
-        230,
-        46,
-        40,
-        28,
-    )
+    width, left, top = max(360, 70 + 26 * len(categories) * (1 if stacked else len(series))), 46, 28
+    legend: list[list[tuple[str, float]]] = [[]]  # rows of (series name, x): as many rows as the names need
+    x = 0.0
+    for name in series:
+        room = 30 + 6.5 * len(name)  # the square, the name (11 px text: ~6.5 px a character), a gap
+        if legend[-1] and left + x + room > width - 10:
+            legend.append([])
+            x = 0.0
+        legend[-1].append((name, left + x))
+        x += room
+    bottom = 40 + 16 * (len(legend) - 1)
+    height = 190 + bottom
     totals = [sum(v[i] for v in series.values()) for i in range(len(categories))] if stacked else []
     peak = max(totals or [x for v in series.values() for x in v] or [1.0]) or 1.0
     plot_w, plot_h = width - left - 10, height - top - bottom
@@ -371,9 +376,12 @@ def bars_svg(title: str, categories: list[str], series: dict[str, list[float]], 
             f'<text class="category" x="{x0 + group * 0.4:.1f}" y="{top + plot_h + 14}" font-size="10" '
             f'text-anchor="middle">{_esc(short)}<title>{_esc(category)}</title></text>'
         )
-    for j, name in enumerate(series):
-        out.append(
-            f'<text x="{left + 110 * j}" y="{height - 6}" font-size="11" fill="{COLORS[j % len(COLORS)]}">'
-            f"&#9632; {_esc(name)}</text>"
-        )
+    j = 0
+    for r, row in enumerate(legend):
+        for name, x in row:
+            y = height - 6 - 16 * (len(legend) - 1 - r)
+            out.append(
+                f'<text x="{x:.0f}" y="{y}" font-size="11" fill="{COLORS[j % len(COLORS)]}">&#9632; {_esc(name)}</text>'
+            )
+            j += 1
     return "".join(out) + "</svg>"

@@ -406,7 +406,13 @@ def test_overwrite_replaces_only_a_folder_holding_a_model(tiny, tmp_path, capsys
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("keep")
     code, _, err = run_cli(capsys, "quantize", "-m", folder, "--to", "int8", "--overwrite", mine)
-    assert code == 2 and "holds no model (no config.json, adapter_config.json, Modelfile)" in err
+    assert code == 2 and "does not look like a model folder (one of config.json, adapter_config.json" in err
+    (mine / "config.json").write_text('{"app": "settings"}')  # a project's own config.json: still not a model
+    (mine / "w.safetensors").write_bytes(b"")
+    code, _, err = run_cli(capsys, "quantize", "-m", folder, "--to", "int8", "--overwrite", mine)
+    assert code == 2 and "does not look like a model folder" in err  # it has a subfolder
+    for name in ("config.json", "w.safetensors"):
+        (mine / name).unlink()
     monkeypatch.chdir(mine / "sub")
     for where in (".", ".."):
         code, _, err = run_cli(capsys, "quantize", "-m", folder, "--to", "int8", "--overwrite", where)

@@ -261,7 +261,7 @@ def test_equal_rewards_are_noted_and_each_steps_samples_kept(tiny, tmp_path, cap
     finetune(TrainConfig.from_yaml(REPO / "recipes" / "tiny-grpo-cpu.yaml", settings), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["frac_reward_zero_std"] for r in rows if "reward" in r] == [1.0] * 6
-    assert capsys.readouterr().out.count("every group's completions got equal rewards") == 1
+    assert capsys.readouterr().err.count("every group's completions got equal rewards") == 1
     samples = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 2, 3, 4, 5, 6]
     assert samples[0]["prompt"].startswith("### Human: ") and samples[0]["rewards"] == [0.5, 0.5]

@@ -98,7 +98,7 @@ def test_cut_pairs_are_counted_after_the_held_out_ones_are_split_off(tiny, tmp_p
         finetune(dpo_recipe(tiny[0], out, data, seq_len=seq_len, eval_fraction=0.2, max_steps=1), progress=False)
         said = re.search(
             r"(\d+) of 16 training pair\(s\); (\d+) of 4 held-out were cut to seq_len (\d+) tokens(.*)",
-            capsys.readouterr().out,
+            capsys.readouterr().err,
         )
         cut = load_pairs(str(data), tokenizer, seq_len=seq_len)[2]  # the whole file's
         assert said and int(said[1]) + int(said[2]) == cut and int(said[3]) == seq_len

@@ -311,6 +311,13 @@ def test_a_misspelt_setting_gets_the_nearest_name(tmp_path):
 
     with pytest.raises(PhikitError, match=r"^--max_step: unknown setting\(s\) max_step \(did you mean max_steps\?\)$"):
         parse_overrides(["--max_step", "3"])
+    with pytest.raises(PhikitError, match=r"learning_rate \(did you mean lr\?\)"):  # transformers' name
+        parse_overrides(["--learning_rate", "1e-4"])
+    assert parse_overrides(["--lr=2e-4", "--max_steps", "3", "--model=/x=y"]) == {
+        "lr": 2e-4,
+        "max_steps": 3,
+        "model": "/x=y",
+    }
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("lerning_rate: 1e-4\nbta: 0.2\n")
     with pytest.raises(PhikitError, match=r"unknown setting\(s\) bta, lerning_rate; known: batch_size, beta"):

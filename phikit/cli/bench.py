@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_group_size_arg, add_kv_cache_arg, add_model_arg, at_least, output_file
+from phikit.cli.common import (
+    EPILOG,
+    add_group_size_arg,
+    add_kv_cache_arg,
+    add_model_arg,
+    at_least,
+    check_group_size,
+    output_file,
+)
 from phikit.errors import PhikitError
 
 
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
         args.prompt_tokens,
         args.new_tokens,
         args.repeats,
-        args.group_size,
+        check_group_size(args, "int4" if "int4" in precisions else precisions[0]),
         args.compare_transformers,
         args.perplexity_data,
         args.threads,

@@ -23,11 +23,12 @@ def add_model_args(
     adapter: str | None = None,
     device: bool = True,
     kv_cache: bool = False,
+    takes_adapter: bool = False,
 ) -> None:
     """The model flags: --model, --dtype, --device, and where the command takes them --quantize and
     --group-size (``quantize``), --adapter (``adapter``: its help text) and --kv-cache (``kv_cache``: it
     decodes)."""
-    add_model_arg(p)
+    add_model_arg(p, adapter=bool(adapter) or takes_adapter)  # takes_adapter: the command adds its own --adapter
     p.add_argument(
         "--dtype",
         default="auto",
@@ -61,14 +62,15 @@ def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_arg(p: argparse.ArgumentParser, what: str = "model") -> None:
-    # left out: filled in by default_model once the flags are parsed
-    p.add_argument(
-        "--model",
-        "-m",
-        help=f"{what} folder or Hub id (default: the base model an --adapter names in its adapter_config.json, "
-        f"else {DEFAULT_MODEL})",
+def add_model_arg(p: argparse.ArgumentParser, what: str = "model", adapter: bool = False) -> None:
+    """--model; left out, ``default_model`` fills it in once the flags are parsed (``adapter``: the command
+    takes --adapter, whose base model is then the default)."""
+    default = (
+        f"the base model an --adapter names in its adapter_config.json, else {DEFAULT_MODEL}"
+        if adapter
+        else DEFAULT_MODEL
     )
+    p.add_argument("--model", "-m", help=f"{what} folder or Hub id (default: {default})")
 
 
 def adapter_folders(args: argparse.Namespace) -> list[str]:
@@ -113,9 +115,20 @@ def default_model(args: argparse.Namespace) -> None:
 
 
 def add_group_size_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--group-size", type=int, default=64, choices=[32, 64, 128, 256], help="int4 group size (default 64)"
-    )
+    # left out: 64; given with another format than int4 it is refused (check_group_size)
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], help="int4 group size (default 64)")
+
+
+def check_group_size(args: argparse.Namespace, fmt: str | None) -> int:
+    """--group-size (64 when left out); given for a format other than int4 (``fmt``), a one-line error: it
+    would change nothing."""
+    from phikit.errors import PhikitError
+
+    fmt = fmt if fmt is None or isinstance(fmt, str) else fmt.format  # a QuantSpec: its format
+    size = getattr(args, "group_size", None)
+    if size is not None and fmt != "int4":
+        raise PhikitError(f"--group-size {size} is int4's; with {fmt or 'no quantization'} it changes nothing")
+    return size or 64
 
 
 def load_model(args: argparse.Namespace, progress: bool = True, **changes):
@@ -127,7 +140,8 @@ def load_model(args: argparse.Namespace, progress: bool = True, **changes):
         "dtype": args.dtype,
         "device": getattr(args, "device", "auto"),
         "quantize": getattr(args, "quantize", None),
-        "group_size": getattr(args, "group_size", 64),
+        "group_size": changes.pop("group_size", None)
+        or check_group_size(args, changes.get("quantize", getattr(args, "quantize", None))),
         "adapter": getattr(args, "adapter", None),
         "kv_cache": getattr(args, "kv_cache", "auto"),
     }

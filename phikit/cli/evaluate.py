@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
         "adapter": args.adapter,
         "quantize": args.quantize,
         "dtype": args.dtype,
-        "group_size": args.group_size,
+        "group_size": args.group_size or 64,
     }
     if args.template and args.template not in ("chat", "auto"):  # the others are known before any model loads
         from phikit.templates import get_template
@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> None:
         return
     suite = evaluate.load_suite(args.suite)  # a bad suite fails before any model loads
     variants = [(args.label, base)] + [parse_compare(c, base) for c in args.compare]
+    if args.group_size is not None and all(options["quantize"] != "int4" for _, options in variants):
+        raise PhikitError(f"--group-size {args.group_size} is int4's; no column quantizes to int4")
     labels = [label for label, _ in variants]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:

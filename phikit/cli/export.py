@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
         epilog=EPILOG,
     )
     ex.add_argument("out", help="output folder (hf, ollama) or file, e.g. phi-2-q8_0.gguf (gguf)")
-    add_model_arg(ex)
+    add_model_arg(ex, adapter=True)
     ex.add_argument("--adapter", "-a", help="a LoRA adapter folder to merge in first")
     ex.add_argument("--format", "-f", choices=["hf", "gguf", "ollama"], default="hf", help="output format (default hf)")
     ex.add_argument(
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
         raise PhikitError("--template is for --format ollama (it goes into the Modelfile)")
     if args.format == "gguf" and args.out.endswith(("/", os.sep)):
         raise PhikitError(f"{args.out}: --format gguf writes one file; name it, e.g. {args.out}model.gguf")
-    if args.format == "gguf" and not args.out.endswith(".gguf"):
+    if args.format == "gguf" and not args.out.endswith(".gguf") and not Path(args.out).is_dir():
         print(f"phikit: note: {args.out} has no .gguf ending (llama.cpp does not need one; people do)", file=sys.stderr)
     args.out = Path(args.out)
     if args.format == "gguf":

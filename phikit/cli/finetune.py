@@ -110,15 +110,19 @@ def parse_overrides(tokens: list[str]) -> dict:
     i = 0
     while i < len(tokens):
         key = tokens[i]
-        if not key.startswith("--") or i + 1 >= len(tokens):
+        if key.startswith("--") and "=" in key:  # --lr=2e-4
+            key, value, step = *key.split("=", 1), 1
+        elif key.startswith("--") and i + 1 < len(tokens):
+            value, step = tokens[i + 1], 2
+        else:
             raise PhikitError(f"recipe overrides come in pairs like --lr 2e-4; got {' '.join(tokens[i:])!r}")
         name = key[2:].replace("-", "_")
         if name not in fields:
             from phikit.train.config import unknown_settings
 
             raise PhikitError(f"--{name}: {unknown_settings([name], fields)}")
-        out[name] = coerce(fields[name], tokens[i + 1])
-        i += 2
+        out[name] = coerce(fields[name], value)
+        i += step
     return out
 
 

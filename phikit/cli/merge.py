@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         epilog=EPILOG,
     )
     mg.add_argument("out", type=Path, help="output folder (must not exist unless --overwrite)")
-    add_model_arg(mg, "base model")
+    add_model_arg(mg, "base model", adapter=True)
     mg.add_argument("--adapter", "-a", required=True, help="LoRA adapter folder")
     mg.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the base checkpoint's)"

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     pp.add_argument("--context", type=int, default=1024, help="window length in tokens (default 1024)")
     pp.add_argument("--stride", type=int, help="tokens between windows (default context/2)")
     pp.add_argument("--max-tokens", type=int, help="only the first N tokens of the data")
-    add_model_args(pp)
+    add_model_args(pp, adapter="a LoRA adapter folder: the perplexity of the fine-tuned model")
     pp.set_defaults(func=run)
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from phikit.cli.common import EPILOG, add_group_size_arg, add_model_args, load_model, size_text
+from phikit.cli.common import EPILOG, add_group_size_arg, add_model_args, check_group_size, load_model, size_text
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
 
     local = Path(str(args.model)).expanduser()
     check_output_folder(args.out, args.overwrite, local if local.is_dir() else None)  # before the slow load
-    spec = QuantSpec(args.to, args.group_size, lm_head=not args.keep_lm_head)
+    spec = QuantSpec(args.to, check_group_size(args, args.to), lm_head=not args.keep_lm_head)
     start = time.perf_counter()
     phi = load_model(args, quantize=spec)
     out = save_quantized(phi, args.out, overwrite=args.overwrite)

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
         "rebinding); browsers on other sites are refused unless --cors-origin names them.",
         epilog=EPILOG,
     )
-    add_model_args(sv, kv_cache=True)
+    add_model_args(sv, kv_cache=True, takes_adapter=True)
     sv.add_argument(
         "--adapter",
         "-a",

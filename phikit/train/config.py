@@ -32,12 +32,34 @@ GRPO_KEYS = (
 CORRECTIONS = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "off")
 
 
+# transformers' TrainingArguments / TRL / PEFT names people bring along -> the recipe's own
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "seq_len",
+    "max_length": "seq_len",
+    "r": "lora_r",
+    "lora_rank": "lora_r",
+    "target_modules": "lora_targets",
+    "lr_scheduler_type": "scheduler",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "optim": "optimizer",
+    "model_name_or_path": "model",
+    "dataset": "data",
+    "dataset_name": "data",
+}
+
+
 def unknown_settings(unknown: list[str], known) -> str:
     """The message for recipe keys that do not exist: the nearest known key for each where every one has a close
     one, else every known key in order."""
     import difflib
 
-    close = {u: difflib.get_close_matches(u, known, 1) for u in unknown}
+    close = {u: [ALIASES[u]] if u in ALIASES else difflib.get_close_matches(u, known, 1) for u in unknown}
     if all(close.values()):
         return f"unknown setting(s) {', '.join(f'{u} (did you mean {close[u][0]}?)' for u in unknown)}"
     return f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"

@@ -8,6 +8,7 @@ template and its generation prompt; every other column goes to the reward functi
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -285,9 +286,10 @@ class GRPORecipe(SFTRecipe):
         if self.flat_batches == self.FLAT_STEPS * self.config.grad_accum and not getattr(self, "flat_noted", False):
             self.flat_noted = True
             self.bar.write(
-                f"phikit: note: for {self.FLAT_STEPS} steps every group's completions got equal rewards "
+                file=sys.stderr,
+                s=f"phikit: note: for {self.FLAT_STEPS} steps every group's completions got equal rewards "
                 "(frac_reward_zero_std 1): the advantages are 0 and GRPO learns nothing; see what the reward "
-                f"functions were given in {path}"
+                f"functions were given in {path}",
             )
 
     def logps(self, model, batch: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:

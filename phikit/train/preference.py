@@ -20,6 +20,7 @@ decides its factors) the sequences run apart (``collate_pairs``).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -221,7 +222,8 @@ class PreferenceRecipe(SFTRecipe):
             )
             print(
                 f"{cut[0]} of {len(self.train_set)} training pair(s){held} were cut to seq_len "
-                f"{config.seq_len} tokens{hint}"
+                f"{config.seq_len} tokens{hint}",
+                file=sys.stderr,
             )
         self.reference: dict[int, tuple[float, float]] = {}
 

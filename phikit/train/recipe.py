@@ -75,6 +75,9 @@ def _lock_run(out: Path):
     return handle
 
 
+PROGRESS_LINE_S = 30  # where stderr is not a terminal (no bar): a line of progress at most this often
+
+
 def lr_lambda(config: TrainConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -504,6 +507,7 @@ class SFTRecipe:
             from phikit.checkpoint import atomic_write
 
             settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
+            settings["output_dir"] = str(self.out.resolve())
             for key in ("model", "data", "eval_data"):  # local paths whole: the file reads the same from anywhere
                 if isinstance(settings[key], str) and Path(settings[key]).expanduser().exists():
                     settings[key] = str(Path(settings[key]).expanduser().resolve())
@@ -519,7 +523,7 @@ class SFTRecipe:
             dataclasses.asdict(config),
         )
         if self.main_process and self.skipped:
-            print(f"skipped {self.skipped} malformed row(s) of {config.data}")
+            print(f"skipped {self.skipped} malformed row(s) of {config.data}", file=sys.stderr)
         self.bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -531,6 +535,7 @@ class SFTRecipe:
         self.tokens_seen, logged = 0, False
         # tokens seen and the time after the last metrics line's step: tokens/s is the training's since then
         since: tuple[int, float] | None = (0, time.perf_counter())
+        quiet_since = time.monotonic()  # the last progress line printed where stderr is not a terminal
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
@@ -539,6 +544,15 @@ class SFTRecipe:
                 lr = self.scheduler.get_last_lr()[0]
                 self.bar.update()
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                if self.main_process and self.progress and self.bar.disable:  # no terminal: a line now and then
+                    if time.monotonic() - quiet_since >= PROGRESS_LINE_S or self.step in (1, self.total_steps):
+                        print(
+                            f"step {self.step}/{self.total_steps}: loss {metrics['loss']:.4f}, lr {lr:.2e}, "
+                            f"tokens/s {rate:.0f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        quiet_since = time.monotonic()
                 if not logged:  # what each process holds, once the optimizer has its state
                     log.write(self.step, **self.memory())
                     logged = True
@@ -560,10 +574,10 @@ class SFTRecipe:
         except BaseException as e:  # the dashboard stops reloading and says how the run ended
             self.bar.close()
             how = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error ({type(e).__name__})"
+            kept = checkpoints(self.out)
+            then = f"--resume continues from {kept[-1].name}" if kept else "no checkpoint yet: a new run starts over"
             with contextlib.suppress(Exception):
-                log.close(
-                    f"{how} at step {self.step} of {self.total_steps}; --resume continues from its last checkpoint"
-                )
+                log.close(f"{how} at step {self.step} of {self.total_steps}; {then}")
             raise
         self.bar.close()
         log.close()
