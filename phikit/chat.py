@@ -88,17 +88,17 @@ def chat(
         except ValueError as e:  # a chat template's raise_exception(...): its own words, and the turn is not taken
             print(f"({e})", file=out)
             continue
-        if len(kept) < len(history):
-            print(f"(the {len(history) - len(kept)} oldest turn(s) left out to fit the context)", file=out)
-        history = kept
         size = count(prompt)
-        if size > budget:  # the message alone: refused, never cut (a cut loses the turn's markers)
+        if size > budget:  # the message alone: refused, never cut (a cut loses the turn's markers), history kept
             print(
                 f"(this message does not fit: {size} tokens as a turn, with {config.max_new_tokens} kept "
                 f"for the reply, past the context of {context}; shorten it or lower --max-new-tokens)",
                 file=out,
             )
             continue
+        if len(kept) < len(history):
+            print(f"(the {len(history) - len(kept)} oldest turn(s) left out to fit the context)", file=out)
+        history = kept
         out.write("phi> ")
         out.flush()
 

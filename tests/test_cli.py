@@ -463,3 +463,29 @@ def test_finetune_into_a_place_it_cannot_write_is_one_line(tiny, tmp_path, capsy
         capsys, "finetune", "-c", recipe, "--model", folder, "--output_dir", "/proc/phikit-test/run", "-q"
     )
     assert code == 2 and "output_dir /proc/phikit-test/run/metrics.jsonl: cannot write in /proc" in err, err
+
+
+def test_perplexity_prints_its_json_line_with_what_it_measured(tiny, tmp_path, capsys):
+    """The command end to end (it once scored and then failed before printing): the line equals
+    evaluate.perplexity on the same model and names precision, group size, dtype, context and stride."""
+    from phikit.evaluate import perplexity, read_text
+
+    folder, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    code, out, _ = run_cli(
+        capsys, "perplexity", "-m", folder, "--data", text, "--quantize", "int4", "--dtype", "fp32", "--context", "64"
+    )
+    assert code == 0
+    line = json.loads(out)
+    phi = load(folder, dtype="fp32", device="cpu", quantize="int4")
+    expected = perplexity(phi.model, read_text(text, phi.tokenizer), 64)
+    assert line["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6) and line["tokens"] == expected.tokens
+    assert {k: line[k] for k in ("precision", "group_size", "dtype", "context", "stride", "adapter")} == {
+        "precision": "int4",
+        "group_size": 64,
+        "dtype": "float32",
+        "context": 64,
+        "stride": 32,
+        "adapter": None,
+    }

@@ -61,7 +61,10 @@ def tokenizer_and_rows() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the check is a bash script for the Linux GPU machines")
-@pytest.mark.skipif(not tokenizer_and_rows(), reason="needs Phi-2's tokenizer and guanaco rows (../shared/data)")
+@pytest.mark.skipif(
+    not tokenizer_and_rows(),
+    reason="needs Phi-2's tokenizer and guanaco rows (../shared/data or .device/, as the script reads)",
+)
 def test_the_dry_run_goes_through_every_stage_without_a_gpu(tmp_path):
     # 1 s per stage: each is cut, which is what this asserts on (the whole dry run takes about 90 s)
     code, summary, seconds = check(

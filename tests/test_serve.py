@@ -5,6 +5,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,7 +21,7 @@ from phikit.templates import get_template
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from serving import Server  # noqa: E402
+from serving import Server, free_port  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("PHIKIT_FUZZ_EXAMPLES", 30))  # raise it to fuzz harder
 
@@ -315,6 +316,10 @@ def test_terminal_chat_says_what_does_not_fit_and_cuts_nothing(phi):
     assert "(this message does not fit" in said and said.count("phi> ") == 3  # the long one: refused, not cut
     assert "oldest turn(s) left out to fit the context" in said
     assert [u for u, _ in history] == [full]
+    lines = iter(["Hi there", "word " * context, "/exit"])  # a refused message leaves the conversation as it was
+    out = io.StringIO()
+    history = chat(phi, "guanaco", config, read=lambda _: next(lines), out=out)
+    assert [u for u, _ in history] == ["Hi there"] and "left out" not in out.getvalue()
     with pytest.raises(PhikitError, match="leaves no room"):
         chat(phi, "guanaco", GenerationConfig(max_new_tokens=context), read=lambda _: "/exit", out=out)
 
@@ -500,6 +505,40 @@ def test_serve_flags_are_checked_before_the_model_loads(flags, fragment, capsys)
     started = time.perf_counter()
     assert main(["serve", "--model", "/nonexistent/model", *flags]) == 2
     assert fragment in capsys.readouterr().err and time.perf_counter() - started < 5
+
+
+def test_serve_starts_with_named_adapters_beside_the_base(tiny, tmp_path, capsys, monkeypatch):
+    """The command as docs/serve.md gives it: --adapter NAME=DIR twice; the app gets the base model's name and
+    both adapters, and the server line names them."""
+    import phikit.serve
+    from phikit.checkpoint import load_model
+    from phikit.cli import main
+    from phikit.lora import LoRAConfig, inject_lora, save_adapter
+
+    folder, _ = tiny
+    model = load_model(folder, dtype="fp32", device="cpu")
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    for name in ("chat", "code"):
+        save_adapter(model, tmp_path / name, base_model=str(folder))
+    started = {}
+    monkeypatch.setattr(phikit.serve, "serve", lambda app, host, port: started.update(app=app, port=port))
+    code = main(
+        [
+            "serve",
+            "-m",
+            str(folder),
+            "--port",
+            str(free_port()),
+            "--adapter",
+            f"chat={tmp_path / 'chat'}",
+            "--adapter",
+            f"code={tmp_path / 'code'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"serving {Path(folder).name}: " in err and "adapters chat, code" in err
+    assert started["app"].state.engine is not None
 
 
 def test_serving_on_a_port_in_use_fails_before_loading(capsys):

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
                 "model": str(args.model),
                 "adapter": args.adapter,
                 "precision": phi.precision,  # what the linear layers hold
-                "group_size": phi.quantization.group_size if phi.quantization else None,
+                "group_size": phi.quantization.group_size if phi.quantization and phi.precision == "int4" else None,
                 "dtype": str(next(phi.model.parameters()).dtype).removeprefix("torch."),  # what they compute in
                 "context": window,
                 "stride": args.stride or window // 2,

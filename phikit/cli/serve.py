@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> None:
     name = args.model_name or Path(str(args.model)).name
     if name in named:
         raise PhikitError(f"--adapter {name}=...: {name} is the base model's name; name the adapter otherwise")
-    for name, folder in named.items():
+    for adapter, folder in named.items():
         if not Path(folder, "adapter_config.json").is_file():
-            raise PhikitError(f"--adapter {name}={folder}: no adapter_config.json in {folder}")
+            raise PhikitError(f"--adapter {adapter}={folder}: no adapter_config.json in {folder}")
     phi = load_model(args, adapter=plain[0] if plain else None)
     app = create_app(
         phi.model,
