@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from phikit.errors import PhikitError
+from phikit.errors import ConversationRefused, PhikitError
 from phikit.generate import GenerationConfig, generate
 from phikit.templates import ChatTemplate, Template, get_template
 
@@ -85,7 +85,7 @@ def chat(
         try:
             kept = fit_history(history, user, template, count, budget, system)
             prompt = template.render_messages(conversation(kept, user, system))
-        except ValueError as e:  # a chat template's raise_exception(...): its own words, and the turn is not taken
+        except ConversationRefused as e:  # a chat template's raise_exception(...): its words; the turn is not taken
             print(f"({e})", file=out)
             continue
         size = count(prompt)

@@ -289,6 +289,10 @@ def load_pickled(path: Path, remedy: str, **options) -> dict:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **options)
+    except MemoryError:
+        raise
+    except OSError as e:  # not the file's fault (permissions, a disk error): said as it is
+        raise PhikitError(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unreadable"
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise PhikitError(
@@ -575,7 +579,17 @@ def check_writable(path: str | os.PathLike, what: str = "") -> Path:
     return path
 
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+def _host_tag() -> str:
+    """This machine's name and PID namespace (containers sharing a hostname do not share pids): what makes a
+    pid in a temporary's name mean this process table."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    try:
+        return f"{host}n{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+_HOST = _host_tag()
 
 
 def temp_tag() -> str:
@@ -611,6 +625,13 @@ def sweep_stale(parent: Path, stem: str) -> None:
         found = pattern.match(entry.name)
         if not found or _alive(int(found.group(1))):
             continue
+        name = entry.name[1:].rsplit(".old-", 1)[0]
+        if ".old-" in entry.name and (entry / name).exists() and not (parent / name).exists():
+            try:  # killed between replace_folder's two renames: the previous output goes back in place
+                os.replace(entry / name, parent / name)
+                print(f"phikit: put {parent / name} back from {entry}, where a killed process left it", file=sys.stderr)
+            except OSError:
+                continue
         try:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -668,8 +689,9 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+INNER_FILES = ("model.gguf", "Modelfile")  # the files phikit writes one by one inside an output folder (Ollama's)
 # what a folder phikit writes holds (a checkpoint, an adapter, an Ollama folder): --overwrite replaces no other
-OUTPUT_MARKS = ("config.json", "adapter_config.json", "Modelfile")
+OUTPUT_MARKS = ("config.json", "adapter_config.json", INNER_FILES[1])
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
@@ -686,8 +708,8 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
         target, origin = out.resolve(), Path(source).resolve()
         if target == origin or target in origin.parents:
             raise PhikitError(f"{out} is or contains the source model {source}; writing there would delete it")
-    if out.is_dir():
-        sweep_stale(out, r"[^/]+")  # what a killed export left inside (an Ollama folder's GGUF) is not content
+    if out.is_dir():  # what a killed export left inside (an Ollama folder's GGUF, its Modelfile) is not content
+        sweep_stale(out, "|".join(re.escape(name) for name in INNER_FILES))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PhikitError(
             f"{out} already exists and is not empty; choose a new folder or overwrite (--overwrite, overwrite=True)"
@@ -703,7 +725,7 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
         model = any((out / name).is_file() for name in OUTPUT_MARKS) and any(
             e.suffix in WEIGHT_SUFFIXES for e in entries
         )
-        if not model or any(e.is_dir() and not e.name.startswith(".") for e in entries):
+        if not model or any(e.is_dir() and e.name != ".cache" for e in entries):  # .cache: huggingface's local-dir
             raise PhikitError(
                 f"{out} does not look like a model folder (one of {', '.join(OUTPUT_MARKS)} beside weights, no "
                 "subfolders), so overwriting it could delete files phikit did not write; remove it yourself or "

@@ -704,6 +704,7 @@ def run_lm_eval(
     adapter: str | os.PathLike | None = None,
     batch_size: int = 8,
     include_path: str | os.PathLike | None = None,
+    group_size: int = 64,
     **options,
 ) -> dict:
     """Run lm-evaluation-harness ``tasks`` ("hellaswag,arc_easy" or a list) on a model: a path or Hub id,
@@ -739,7 +740,15 @@ def run_lm_eval(
     lm = (
         model
         if isinstance(model, PhikitLM)
-        else PhikitLM(model, dtype=dtype, device=device, quantize=quantize, adapter=adapter, batch_size=batch_size)
+        else PhikitLM(
+            model,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            adapter=adapter,
+            batch_size=batch_size,
+            group_size=group_size,
+        )
     )
     options.setdefault("log_samples", False)
     options.setdefault("batch_size", lm.batch_size)  # recorded in the results' config (the model is ours)

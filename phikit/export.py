@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from phikit.checkpoint import (
     DTYPES,
+    INNER_FILES,
     atomic_write,
     check_output_folder,
     check_writable,
@@ -95,8 +96,8 @@ BPE_PRE_TOKENIZERS = {
     r"|\s+(?!\S)|\s+",
 }
 
-# Ollama's Modelfile (docs/modelfile.md): the file the GGUF is saved as next to it.
-OLLAMA_GGUF = "model.gguf"
+# An Ollama folder: the GGUF and the Modelfile (docs/modelfile.md) beside it, named once in checkpoint.INNER_FILES
+OLLAMA_GGUF, MODELFILE = INNER_FILES
 
 
 def export_hf(
@@ -237,7 +238,7 @@ def export_ollama(
     existed = out.exists()
     try:
         export_gguf(model, out / OLLAMA_GGUF, adapter, gguf_type, overwrite=True, progress=progress)
-        atomic_write(out / "Modelfile", lambda tmp: tmp.write_text(modelfile, encoding="utf-8"))
+        atomic_write(out / MODELFILE, lambda tmp: tmp.write_text(modelfile, encoding="utf-8"))
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a folder made for this export and left empty by its failure goes again

@@ -69,14 +69,28 @@ def heldout_rows(config: TrainConfig) -> list[tuple[str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument(
         "recipe",
         help="a run's recipe.yaml, or a fine-tuning recipe YAML with eval_fraction (and --key value overrides)",
     )
     ap.add_argument("out", type=Path, help="the suite YAML to write")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="answer budget per prompt (default 256)")
-    args, extra = ap.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    own = {"-h", "--help", "--max-new-tokens"}
+    rest, extra, i = [], [], 0
+    while i < len(argv):  # recipe overrides (--key value, --key=value) wherever they stand; the rest is ours
+        token = argv[i]
+        if token.startswith("--") and token.split("=", 1)[0] not in own:
+            step = 1 if "=" in token else 2
+            extra += argv[i : i + step]
+        else:
+            step = 2 if token == "--max-new-tokens" else 1
+            rest += argv[i : i + step]
+        i += step
+    args = ap.parse_args(rest)
     try:
         from phikit.cli.finetune import parse_overrides
 

@@ -10,6 +10,7 @@ import pytest
 
 from phikit.api import load
 from phikit.cli import build_parser, main
+from phikit.errors import PhikitError
 
 
 def run_cli(capsys, *args):
@@ -396,6 +397,36 @@ def test_a_killed_writers_hidden_temporaries_are_removed_by_the_next_write(tmp_p
     atomic_write(tmp_path / "m.gguf", lambda tmp: tmp.write_text("done"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.gguf", *(p.name for p in kept)])
     assert f"removed {stale[0]}, left unfinished by a process that was killed" in capsys.readouterr().err
+
+    # killed between replace_folder's two renames: the previous output is put back, not deleted
+    from phikit.checkpoint import check_output_folder, save_checkpoint
+
+    old = tmp_path / f".hf.old-{dead}-abc"
+    (old / "hf").mkdir(parents=True)
+    (old / "hf" / "config.json").write_text("{}")
+    save_checkpoint(tmp_path / "other", {}, {"a": 1})  # a write beside it sweeps only its own name's leftovers
+    assert old.is_dir()
+    save_checkpoint(tmp_path / "hf", {}, {"a": 1}, overwrite=True)
+    assert not old.exists() and "put " in capsys.readouterr().err
+    assert (tmp_path / "hf" / "config.json").read_text().startswith('{\n  "a"')
+    # inside an output folder only phikit's own inner files' leftovers are swept; a user's hidden file stays
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / f".backup.{dead}.tar").write_text("mine")
+    with pytest.raises(PhikitError, match="already exists and is not empty"):
+        check_output_folder(notes, overwrite=False)
+    assert (notes / f".backup.{dead}.tar").read_text() == "mine"
+    (notes / f".backup.{dead}.tar").unlink()
+    (notes / f".model.gguf.{dead}.x.tmp").write_text("half")
+    check_output_folder(notes, overwrite=False)  # a killed Ollama export's GGUF is not content
+    assert not any(notes.iterdir())
+    # a model folder with a .git (a clone of a Hub repo) is not replaced
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "config.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PhikitError, match="does not look like a model folder"):
+        check_output_folder(repo, overwrite=True)
 
 
 def test_overwrite_replaces_only_a_folder_holding_a_model(tiny, tmp_path, capsys, monkeypatch):

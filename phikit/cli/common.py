@@ -127,7 +127,10 @@ def check_group_size(args: argparse.Namespace, fmt: str | None) -> int:
     fmt = fmt if fmt is None or isinstance(fmt, str) else fmt.format  # a QuantSpec: its format
     size = getattr(args, "group_size", None)
     if size is not None and fmt != "int4":
-        raise PhikitError(f"--group-size {size} is int4's; with {fmt or 'no quantization'} it changes nothing")
+        raise PhikitError(
+            f"--group-size {size} is int4's; with {fmt or 'no quantization'} it changes nothing: drop it, or "
+            "quantize to int4"
+        )
     return size or 64
 
 

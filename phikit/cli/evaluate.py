@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from phikit.cli.common import DTYPES, QUANTIZE, add_model_args, at_least, input_file, load_model
+from phikit.cli.common import DTYPES, QUANTIZE, add_model_args, at_least, check_group_size, input_file, load_model
 from phikit.errors import PhikitError
 
 
@@ -60,9 +60,10 @@ def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
     label, _, rest = spec.partition(":")
     if not label or not rest:
         raise PhikitError(f"--compare {spec!r}: expected LABEL:key=value[,key=value]")
-    options = dict(base)
+    options, given = dict(base), set()
     for item in rest.split(","):
         key, _, value = item.partition("=")
+        given.add(key)
         if key not in ("model", "adapter", "quantize", "dtype", "group_size") or not value:
             raise PhikitError(
                 f"--compare {spec!r}: unknown or empty key {key!r} (model, adapter, quantize, dtype, group_size)"
@@ -72,7 +73,7 @@ def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
         if key in CHOICES and value not in CHOICES[key]:  # checked before any model loads
             raise PhikitError(f"--compare {spec!r}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         options[key] = int(value) if key == "group_size" else (None if value == "none" else value)
-    if "group_size=" in rest and options["quantize"] != "int4":
+    if "group_size" in given and options["quantize"] != "int4":
         raise PhikitError(f"--compare {spec!r}: group_size is int4's; add quantize=int4")
     check_sources(options, f"--compare {label}")
     return label, options
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> None:
             adapter=args.adapter,
             batch_size=args.batch_size,
             include_path=args.include_path,
+            group_size=check_group_size(args, args.quantize),
             num_fewshot=args.num_fewshot,
             limit=args.limit,
         )

@@ -183,7 +183,9 @@ def check_serve_args(args: argparse.Namespace) -> None:
         try:
             probe.bind(address)
         except OSError as e:
-            fix = (
-                "choose another --port" if e.errno == errno.EADDRINUSE else "--host must be an address of this machine"
-            )
+            fix = {
+                errno.EADDRINUSE: "choose another --port",
+                errno.EADDRNOTAVAIL: "--host must be an address of this machine",
+                errno.EACCES: "ports below 1024 need privileges: choose --port 1024 or above",
+            }.get(e.errno, "choose another --host or --port")
             raise PhikitError(f"cannot serve on {args.host}:{args.port}: {e.strerror}; {fix}") from None

@@ -275,8 +275,10 @@ class GRPORecipe(SFTRecipe):
         step = self.step + 1  # the optimizer step being sampled for
         path = self.out / "completions.jsonl"
         if getattr(self, "sampled_step", None) is None and self.config.resume and path.is_file():
+            from phikit.checkpoint import atomic_write
+
             kept = [line for line in path.read_text(encoding="utf-8").splitlines(True) if _step_of(line) <= self.step]
-            path.write_text("".join(kept), encoding="utf-8")
+            atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
         if getattr(self, "sampled_step", None) != step:
             self.sampled_step = step
             row = {"step": step, "prompt": prompt, "completions": texts, "rewards": rewards}

@@ -458,16 +458,19 @@ class SFTRecipe:
     def save_final(self) -> Path:
         """output_dir/adapter (PEFT's format) or, with full fine-tuning, output_dir/model (an HF folder),
         written whole and renamed; every process calls it."""
-        from phikit.checkpoint import replace_folder
+        from phikit.checkpoint import _temporary_beside, replace_folder, user_mode
 
         state = self.full_state()
         final = self.out / ("adapter" if self.config.lora else "model")
         if self.main_process:
-            tmp = self.out / f".{final.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            self.write_weights(tmp, state)
-            replace_folder(tmp, final)
+            tmp = _temporary_beside(final, folder=True)  # named for this process: a killed run's is swept later
+            user_mode(tmp, directory=True)
+            try:
+                self.write_weights(tmp, state)
+                replace_folder(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return final
 
     def train(self) -> Path:
@@ -564,9 +567,11 @@ class SFTRecipe:
                     if "eval_loss" in evaluated and config.method == "sft":
                         evaluated["eval_perplexity"] = math.exp(min(evaluated["eval_loss"], 50))
                     log.write(self.step, **evaluated)
+                    since = None  # the evaluation's time is not the training's
                     self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
                 if self.step % config.save_every == 0 or self.step == self.total_steps:  # a finished run extends
                     self.save_checkpoint()
+                    since = None
                 if self.world > 1:
                     torch.distributed.barrier()
                 if since is None:

@@ -69,6 +69,8 @@ RESUME_SETTINGS = (
 )
 
 
+PATH_SETTINGS = ("model", "data", "eval_data")  # compared as the files they name
+
 # settings a resumed run may change without a word: how long it runs, how often it logs and saves, where
 RESUME_FREE = (
     "resume",
@@ -89,10 +91,17 @@ def _check_resume(checkpoint: Path, config: TrainConfig) -> list[str]:
     trains on top of must be the checkpoint's, else a PhikitError naming each that differs. Returns the other
     settings that differ (lr, seq_len, data ...: allowed, but worth a note), each as "key X there, Y now"."""
     saved = read_trainer_state(checkpoint / "trainer_state.pt").get("config", {})
+
+    def differs(key: str) -> bool:  # a local path given relative once and whole once (recipe.yaml) is the same
+        a, b = saved[key], getattr(config, key)
+        if key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+            return Path(a).resolve() != Path(b).resolve()
+        return a != b
+
     differ = [
         f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
         for key in RESUME_SETTINGS
-        if key in saved and saved[key] != getattr(config, key)
+        if key in saved and differs(key)
     ]
     if differ:
         raise PhikitError(
@@ -102,7 +111,7 @@ def _check_resume(checkpoint: Path, config: TrainConfig) -> list[str]:
     return [
         f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
         for key in saved
-        if key not in (*RESUME_SETTINGS, *RESUME_FREE) and hasattr(config, key) and saved[key] != getattr(config, key)
+        if key not in (*RESUME_SETTINGS, *RESUME_FREE) and hasattr(config, key) and differs(key)
     ]
 
 
