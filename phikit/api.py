@@ -46,6 +46,14 @@ class Phi:
     draft: CausalLM | None = None  # a smaller model for speculative decoding (same tokenizer)
 
     @property
+    def dtype(self) -> str:
+        """The dtype the weights were loaded in (``load``'s ``dtype`` once resolved: bf16, fp16 or fp32), as the
+        embedding holds it; quantized layers keep their format (``precision``), and on a CPU activations stay
+        fp32 whatever this is."""
+        held = self.model.model.embed_tokens.weight.dtype
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(held, str(held))
+
+    @property
     def precision(self) -> str:
         """What the linear layers hold: the quantized format, else their weights' dtype (not the
         LayerNorms', which the CPU backend keeps in fp32)."""

@@ -515,7 +515,7 @@ def test_perplexity_prints_its_json_line_with_what_it_measured(tiny, tmp_path, c
     assert {k: line[k] for k in ("precision", "group_size", "dtype", "context", "stride", "adapter")} == {
         "precision": "int4",
         "group_size": 64,
-        "dtype": "float32",
+        "dtype": "fp32",
         "context": 64,
         "stride": 32,
         "adapter": None,

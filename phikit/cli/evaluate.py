@@ -196,8 +196,7 @@ def run(args: argparse.Namespace) -> None:
                 perplexities[label] = evaluate.perplexity(phi.model, ids, progress=True)
                 print(f"[{label}] perplexity {perplexities[label].perplexity:.2f}", file=sys.stderr)
             results = evaluate.run_suite(phi, suite, progress=True, **overrides)
-            dtype = str(phi.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-            settings[label] = describe(options, results, {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype))
+            settings[label] = describe(options, results, phi.dtype)
             columns[label] = results
             del phi
             gc.collect()

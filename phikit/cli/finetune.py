@@ -90,13 +90,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def interrupted_note(out: Path) -> str:
-    """What an interrupted run left and how to go on from it."""
-    from phikit.train.state import checkpoints
+    """What an interrupted run left and how to go on from it (``train.state.how_to_go_on``), as a message."""
+    from phikit.train.state import how_to_go_on
 
-    kept = checkpoints(out) if out.is_dir() else []
-    if not kept:
-        return f"phikit: no checkpoint in {out} yet (one is saved every save_every steps); the run starts over"
-    return f"phikit: the newest checkpoint is {kept[-1]}: run the same command with --resume to continue from it"
+    return f"phikit: {how_to_go_on(out)}"
 
 
 def parse_overrides(tokens: list[str]) -> dict:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
                 "adapter": args.adapter,
                 "precision": phi.precision,  # what the linear layers hold
                 "group_size": phi.quantization.group_size if phi.quantization and phi.precision == "int4" else None,
-                "dtype": str(next(phi.model.parameters()).dtype).removeprefix("torch."),  # what they compute in
+                "dtype": phi.dtype,  # the weights' as loaded
                 "context": window,
                 "stride": args.stride or window // 2,
                 "perplexity": result.perplexity,

@@ -34,6 +34,7 @@ from phikit.train.state import (
     _check_resume,
     _set_rng_state,
     checkpoints,
+    how_to_go_on,
     read_trainer_state,
     save_checkpoint,
 )
@@ -579,10 +580,8 @@ class SFTRecipe:
         except BaseException as e:  # the dashboard stops reloading and says how the run ended
             self.bar.close()
             how = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error ({type(e).__name__})"
-            kept = checkpoints(self.out)
-            then = f"--resume continues from {kept[-1].name}" if kept else "no checkpoint yet: a new run starts over"
             with contextlib.suppress(Exception):
-                log.close(f"{how} at step {self.step} of {self.total_steps}; {then}")
+                log.close(f"{how} at step {self.step} of {self.total_steps}; {how_to_go_on(self.out)}")
             raise
         self.bar.close()
         log.close()

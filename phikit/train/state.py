@@ -122,6 +122,15 @@ def read_trainer_state(path: Path) -> dict:
     return load_pickled(path, "remove that checkpoint folder to resume from an earlier one")
 
 
+def how_to_go_on(out: Path) -> str:
+    """What a run that stopped early left in ``out`` and how to go on from it: the terminal's note and the
+    dashboard's last words."""
+    kept = checkpoints(out) if out.is_dir() else []
+    if not kept:
+        return f"no checkpoint in {out} yet (one is saved every save_every steps); the run starts over"
+    return f"the newest checkpoint is {kept[-1]}: run the same command with --resume to continue from it"
+
+
 def checkpoints(out: Path) -> list[Path]:
     """The run's checkpoint-<step> folders in step order (``checkpoint-4.bak`` and the like are not)."""
     found = [
