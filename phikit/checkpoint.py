@@ -94,6 +94,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def hub_id_shaped(text: str) -> bool:
+    """``owner/name``: what may be fetched from the Hub when no local path of that name exists."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
 def resolve_model_path(model: str | os.PathLike, revision: str | None = None) -> Path:
     """A local model folder as is, or a Hub id downloaded (and cached) by huggingface_hub."""
     path = Path(model).expanduser()
@@ -102,7 +107,7 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
             raise PhikitError(f"{path}: expected a model folder (config.json and *.safetensors), got a file")
         return path
     text = str(model)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not hub_id_shaped(text):
         raise PhikitError(f"{text}: no such model folder, and not a Hub id of the form owner/name")
     try:
         print(f"phikit: fetching {text} from the Hugging Face Hub (cached after the first time) ...", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phikit.checkpoint import DEFAULT_MODEL
+from phikit.checkpoint import DEFAULT_MODEL, hub_id_shaped
 from phikit.quantize import FORMATS as QUANTIZE  # --quantize's choices
 
 EPILOG = (
@@ -102,7 +102,7 @@ def default_model(args: argparse.Namespace) -> None:
         if not isinstance(base, str) or not base.strip():
             continue
         text = base.strip()
-        if not Path(text).expanduser().exists() and (text.startswith((".", "/", "~")) or text.count("/") != 1):
+        if not Path(text).expanduser().exists() and not hub_id_shaped(text):
             raise PhikitError(
                 f"{folder}/adapter_config.json names base model {text}, which is not here; give --model (its "
                 "folder or Hub id)"

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from phikit.checkpoint import hub_id_shaped
 from phikit.cli.common import DTYPES, QUANTIZE, add_model_args, at_least, check_group_size, input_file, load_model
 from phikit.errors import PhikitError
 
@@ -88,7 +89,7 @@ def check_sources(options: dict, what: str) -> None:
     if folder.exists() and not (folder / "config.json").is_file():
         hint = "; it is an adapter: use adapter=" if (folder / "adapter_config.json").is_file() else ""
         raise PhikitError(f"{what}: model {model} has no config.json{hint}")
-    if not folder.exists() and (str(model).startswith((".", "/", "~")) or str(model).count("/") != 1):
+    if not folder.exists() and not hub_id_shaped(str(model)):
         raise PhikitError(f"{what}: model {model}: no such folder, and not a Hub id of the form owner/name")
     if adapter and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
         raise PhikitError(f"{what}: adapter {adapter}: no adapter_config.json there")

@@ -275,10 +275,9 @@ class GRPORecipe(SFTRecipe):
         step = self.step + 1  # the optimizer step being sampled for
         path = self.out / "completions.jsonl"
         if getattr(self, "sampled_step", None) is None and self.config.resume and path.is_file():
-            from phikit.checkpoint import atomic_write
+            from phikit.train.state import keep_lines_up_to
 
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(True) if _step_of(line) <= self.step]
-            atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+            keep_lines_up_to(path, self.step)
         if getattr(self, "sampled_step", None) != step:
             self.sampled_step = step
             row = {"step": step, "prompt": prompt, "completions": texts, "rewards": rewards}
@@ -324,16 +323,6 @@ class GRPORecipe(SFTRecipe):
             config.importance_sampling_max,
         )
         return loss, {**batch.metrics, **extra}, len(batch.advantages)
-
-
-def _step_of(line: str) -> int:
-    """The step of a completions.jsonl line (a broken line: past every step, so a resume drops it)."""
-    import json
-
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62
 
 
 @dataclass

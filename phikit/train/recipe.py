@@ -30,6 +30,7 @@ from phikit.errors import PhikitError
 from phikit.train.config import TrainConfig
 from phikit.train.losses import causal_lm_loss, frozen_head
 from phikit.train.state import (
+    PATH_SETTINGS,
     MetricsLog,
     _check_resume,
     _set_rng_state,
@@ -37,6 +38,7 @@ from phikit.train.state import (
     how_to_go_on,
     read_trainer_state,
     save_checkpoint,
+    whole_path,
 )
 
 # ---- distributed helpers ----
@@ -448,9 +450,8 @@ class SFTRecipe:
         from phikit.lora import save_adapter
 
         if self.config.lora:
-            base = Path(self.config.model).expanduser()  # a local folder as an absolute path: merge finds it anywhere
-            base_model = str(base.resolve()) if base.exists() else self.config.model
-            save_adapter(self.model, folder, base_model=base_model, state=state)
+            # a local folder as an absolute path: merge finds it from anywhere
+            save_adapter(self.model, folder, base_model=whole_path(self.config.model), state=state)
             return
         if getattr(self.model.config, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # transformers ties it on load
@@ -512,9 +513,8 @@ class SFTRecipe:
 
             settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"}
             settings["output_dir"] = str(self.out.resolve())
-            for key in ("model", "data", "eval_data"):  # local paths whole: the file reads the same from anywhere
-                if isinstance(settings[key], str) and Path(settings[key]).expanduser().exists():
-                    settings[key] = str(Path(settings[key]).expanduser().resolve())
+            for key in PATH_SETTINGS:  # local paths whole: the file reads the same from anywhere
+                settings[key] = whole_path(settings[key])
             text = yaml.safe_dump(settings, sort_keys=False)
             atomic_write(self.out / "recipe.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         size = config.batch_size

@@ -71,6 +71,15 @@ RESUME_SETTINGS = (
 
 PATH_SETTINGS = ("model", "data", "eval_data")  # compared as the files they name
 
+
+def whole_path(value):
+    """A setting naming a local path that exists, as an absolute path (read the same from any folder); any
+    other value (a Hub id, None, a number) as it is."""
+    if isinstance(value, str) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 # settings a resumed run may change without a word: how long it runs, how often it logs and saves, where
 RESUME_FREE = (
     "resume",
@@ -94,9 +103,7 @@ def _check_resume(checkpoint: Path, config: TrainConfig) -> list[str]:
 
     def differs(key: str) -> bool:  # a local path given relative once and whole once (recipe.yaml) is the same
         a, b = saved[key], getattr(config, key)
-        if key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
-            return Path(a).resolve() != Path(b).resolve()
-        return a != b
+        return whole_path(a) != whole_path(b) if key in PATH_SETTINGS else a != b
 
     differ = [
         f"{key} {saved[key]!r} there, {getattr(config, key)!r} now"
@@ -141,6 +148,23 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def keep_lines_up_to(path: Path, step: int) -> None:
+    """Rewrite a run's JSON-lines log (metrics.jsonl, completions.jsonl) keeping the lines of steps up to
+    ``step`` (a resumed run's checkpoint: the killed run may have logged past it); a line that does not parse
+    goes too. A missing file is written empty."""
+    from phikit.checkpoint import atomic_write
+
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+
+
 class MetricsLog:
     """metrics.jsonl, the live dashboard.html beside it (``phikit.plots``, rewritten at most every few
     seconds and once at the end), and the trackers of ``report_to`` (``phikit.train.report``)."""
@@ -161,18 +185,9 @@ class MetricsLog:
         self.trackers: list = []
         self.drawn = 0.0  # time.monotonic() of the last dashboard
         if enabled:
-            kept = []
-            if resume_step is not None and self.path.is_file():
-                for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                    try:
-                        if json.loads(line)["step"] <= resume_step:
-                            kept.append(line + "\n")
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue
-            from phikit.checkpoint import atomic_write
             from phikit.train.report import open_trackers
 
-            atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+            keep_lines_up_to(self.path, resume_step if resume_step is not None else -1)
             self.trackers = open_trackers(report_to or [], out, out.resolve().name, config or {})
 
     def write(self, step: int, **values) -> None:
