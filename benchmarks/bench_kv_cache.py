@@ -23,8 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_vs_llamacpp import BYTES_PER_WEIGHT  # noqa: E402
-from common import isa_flags, linear_weights, markdown_table, random_phi3, save_json, sum_bandwidth  # noqa: E402
+from common import BYTES_PER_WEIGHT, isa_flags, linear_weights, markdown_table, random_phi3, save_json, sum_bandwidth  # noqa: E402
 
 CACHES = ("fp16", "int8")
 

@@ -11,7 +11,8 @@ two runs after a warm-up); a --model written by ``phikit quantize`` loads as sto
 --precisions); versions alternate within each round and rounds repeat, because this VM's memory
 bandwidth drifts by tens of percent within minutes; ``tensor.sum`` (common.sum_bandwidth) is measured right
 before each run, and each decode is reported as a share of it, and of the mean of two readings taken in the worker
-right before and right after that decode. Without --model: the full-size random Phi-2 of
+right before and right after that decode, and of a ``tensor.sum`` over the step's bytes run after each step
+of a third decode (``paired``: the closest reading of the limit). Without --model: the full-size random Phi-2 of
 common.random_phi2. Prints a Markdown table of medians (and each round) and writes
 benchmarks/results_versions.json.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    BYTES_PER_WEIGHT,
     HERE,
     WORK,
     decode_kv_bytes,
@@ -84,13 +86,56 @@ def worker(checkout: str, model_dir: str, precision: str, prompt_tokens: int, ne
     for _ in range(2):
         decodes.append(decode())
         sums.append(sum_bandwidth())
+    step_bytes = BYTES_PER_WEIGHT[stored["format"] if stored else precision] * linear_weights(Path(model_dir))
     return {
+        **paired(model, prompt[:16], new_tokens, step_bytes, phi.tokenizer.pad_id),
         "load_s": load_s,
+        "anon_huge_gb": huge_pages_gb(),
         "prefill_tok_s": statistics.median(prefills),
         "decode_tok_s": statistics.median(decodes),
         "decode_runs": decodes,
         "sums_around_gb_s": sums,
     }
+
+
+def paired(model, prompt: list[int], new_tokens: int, step_bytes: float, pad_id: int) -> dict:
+    """The decode against the limit read step by step: each decoding step of one generation is followed by
+    a ``tensor.sum`` over as many bytes as the step's weights, so every step is timed within a tenth of a
+    second of a reading of the limit, and the VM's drifts (15-29 GB/s within seconds, RESULTS.md) fall on
+    both alike. A step's share is the time of the sums either side of it over its own (same bytes); the
+    median over the steps is ``decode_of_limit_paired``."""
+    import torch
+
+    from phikit import kernels
+    from phikit.generate import GenerationConfig, generate_tokens
+
+    t = kernels.empty_weight((int(step_bytes) // 4,), torch.float32).fill_(1.0)
+    t.sum()
+    steps, sums, resumed = [], [], None
+    for _ in generate_tokens(model, [prompt], GenerationConfig(max_new_tokens=new_tokens), pad_id):
+        if resumed is not None:
+            steps.append(time.perf_counter() - resumed)
+        started = time.perf_counter()
+        t.sum()
+        sums.append(time.perf_counter() - started)
+        resumed = time.perf_counter()
+    shares = [(sums[i] + sums[i + 1]) / 2 / step for i, step in enumerate(steps)]
+    return {
+        "decode_of_limit_paired": statistics.median(shares),
+        "paired_decode_tok_s": 1 / statistics.median(steps),
+        "paired_sum_gb_s": step_bytes / statistics.median(sums) / 1e9,
+    }
+
+
+def huge_pages_gb() -> float | None:
+    """This process's memory on transparent 2 MB pages (the weights are advised to them; a fragmented host
+    may not have them to give, and then the decode streams from 4 KB pages)."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return None
+    kb = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("AnonHugePages:")), 0)
+    return kb / 1e6
 
 
 def checkout(ref: str) -> Path:
@@ -131,8 +176,6 @@ def main() -> None:
                 result["sum_gb_s"] = limit
                 runs[(version, precision)].append(result)
                 print(f"round {r + 1} {precision} {version}: {result}", file=sys.stderr, flush=True)
-    from bench_vs_llamacpp import BYTES_PER_WEIGHT
-
     weights, rows = linear_weights(model), []
     kv = decode_kv_bytes(model, args.prompt_tokens, args.new_tokens)  # the KV cache a step reads too
     for (version, precision), results in runs.items():
@@ -148,7 +191,7 @@ def main() -> None:
             ]
             x["decode_of_limit_around"] = statistics.median(around)
         keys = ("prefill_tok_s", "decode_tok_s", "load_s", "decode_of_limit", "decode_of_limit_kv")
-        for key in keys + ("decode_of_limit_around",):
+        for key in keys + ("decode_of_limit_around", "decode_of_limit_paired"):
             values = [x[key] for x in results]
             row[key] = f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
         rows.append(row)
@@ -157,6 +200,7 @@ def main() -> None:
     columns += [("prefill_tok_s", "prefill tok/s (rounds)"), ("decode_tok_s", "decode tok/s"), ("load_s", "load s")]
     columns += [("decode_of_limit", "decode / tensor.sum limit"), ("decode_of_limit_kv", "with the KV cache")]
     columns += [("decode_of_limit_around", "of the sums read around each decode")]
+    columns += [("decode_of_limit_paired", "of a sum after each step")]
     print(markdown_table(rows, columns))
     every = {f"{v} {p}": results for (v, p), results in runs.items()}
     save_json(

@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
+    BYTES_PER_WEIGHT,
     decode_kv_bytes,
     isa_flags,
     linear_weights,
@@ -53,11 +54,6 @@ from common import (  # noqa: E402
 from phikit.bench import BenchSettings, run_one  # noqa: E402
 
 PAIRS = [("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")]
-# bytes per weight a decoding step reads through the linear layers and the output head (int8 adds a per-row
-# scale, int4 (group 64) an fp16 scale and minimum per group: 4.5 bits); Phi-2: 2.648e9 such weights
-BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 4.5 / 8, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-# (llama.cpp's blocks of 32: Q8_0 an fp16 scale, Q4_0 an fp16 scale per 32 nibbles; its Q4_0 files keep the
-# output head in Q6_K, 6.56 bits, counted here as Q4_0: its limit is slightly overstated)
 FAMILIES = {"phi2": ["phi2"], "phi3": ["phi3-mini", "phi4-mini"]}
 
 

@@ -191,6 +191,13 @@ def random_phi3(variant: str, folder: Path | None = None) -> Path:
     return folder
 
 
+# bytes per weight a decoding step reads through the linear layers and the output head (int8 adds a per-row
+# scale, int4 (group 64) an fp16 scale and minimum per group: 4.5 bits); Phi-2: 2.648e9 such weights
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 4.5 / 8, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# (llama.cpp's blocks of 32: Q8_0 an fp16 scale, Q4_0 an fp16 scale per 32 nibbles; its Q4_0 files keep the
+# output head in Q6_K, 6.56 bits, counted here as Q4_0: its limit is slightly overstated)
+
+
 def sum_bandwidth() -> float:
     """GB/s of ``tensor.sum()`` over 2 GB of fp32 (median of 5), the bandwidth decoding can reach: the tensor on
     2 MB pages as phikit places weights (``kernels.empty_weight``; on 4 KB pages the same sum read 28-29

@@ -28,7 +28,7 @@ from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
 from phikit.lora import load_adapter
 from phikit.models import CausalLM, read_config
-from phikit.quantize import QuantSpec, bnb_available, bnb_nf4_hook, prepare_shells, quantizing_hook
+from phikit.quantize import GROUP_SIZE, QuantSpec, bnb_available, bnb_nf4_hook, prepare_shells, quantizing_hook
 from phikit.templates import Template
 from phikit.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
     quantize: str | QuantSpec | None = None,
-    group_size: int = 64,
+    group_size: int = GROUP_SIZE,
     progress: bool = False,
     adapter: str | os.PathLike | None = None,
     kv_cache: str | None = "auto",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from phikit.errors import PhikitError
+from phikit.quantize import GROUP_SIZE
 
 DENSE = ("fp32", "bf16", "fp16")
 QUANTIZED = ("int8", "int4", "nf4")
@@ -40,7 +41,7 @@ class BenchSettings:
     prompt_tokens: int = 128
     new_tokens: int = 128
     repeats: int = 3
-    group_size: int = 64
+    group_size: int = GROUP_SIZE
     compare_transformers: bool = False
     perplexity_data: str | None = None
     threads: int | None = None
@@ -364,6 +365,7 @@ def markdown(report: dict) -> str:
     rows = [_with_depth_cell(r) for r in report["rows"]]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    spread = False  # some row's decode repeats more than 25% apart
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['engine']} | {r['precision']} | error: {r['error']} |")
@@ -374,13 +376,8 @@ def markdown(report: dict) -> str:
         if len(runs) > 1:  # the repeats' range beside their median
             at = [k for k, _ in cols].index("decode_tok_s")
             cells[at] += f" ({min(runs):.2f}-{max(runs):.2f})"
+            spread = spread or max(runs) > 1.25 * min(runs)
         lines.append("| " + " | ".join(cells) + " |")
-    spread = [
-        r
-        for r in rows
-        if len(r.get("decode_tok_s_runs") or []) > 1
-        and max(r["decode_tok_s_runs"]) > 1.25 * min(r["decode_tok_s_runs"])
-    ]
     if spread:
         lines.append(
             "\ndecode repeats differed by more than 25% (range in brackets): the machine was busy or its memory "

@@ -25,6 +25,7 @@ from phikit.checkpoint import atomic_write
 from phikit.errors import PhikitError
 from phikit.generate import generate
 from phikit.models import CausalLM
+from phikit.quantize import GROUP_SIZE
 from phikit.templates import get_template
 from phikit.tokenizer import EOS_TEXT, Tokenizer
 
@@ -496,7 +497,7 @@ class PhikitLM(_LMBase):
         max_batch_size: int | None = None,  # passed by lm-eval's CLI; phikit does not search batch sizes
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        group_size: int = 64,
+        group_size: int = GROUP_SIZE,
     ):
         if TemplateLM is None:
             raise PhikitError(LM_EVAL_MISSING)
@@ -704,7 +705,7 @@ def run_lm_eval(
     adapter: str | os.PathLike | None = None,
     batch_size: int = 8,
     include_path: str | os.PathLike | None = None,
-    group_size: int = 64,
+    group_size: int = GROUP_SIZE,
     **options,
 ) -> dict:
     """Run lm-evaluation-harness ``tasks`` ("hellaswag,arc_easy" or a list) on a model: a path or Hub id,

@@ -37,19 +37,24 @@ NF4_CODE = torch.tensor([
 ])  # fmt: skip
 
 
+GROUP_SIZES = (32, 64, 128, 256)  # int4's groups (values sharing one scale and minimum) the kernels take
+GROUP_SIZE = 64  # int4's group when none is chosen
+GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"  # for errors
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """What to quantize: format, int4 group size, and whether lm_head is included."""
 
     format: str
-    group_size: int = 64
+    group_size: int = GROUP_SIZE
     lm_head: bool = True
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise PhikitError(f"unknown quantization {self.format!r}; use one of {', '.join(FORMATS)}")
-        if self.format == "int4" and self.group_size not in (32, 64, 128, 256):
-            raise PhikitError(f"int4 group size must be 32, 64, 128 or 256, got {self.group_size}")
+        if self.format == "int4" and self.group_size not in GROUP_SIZES:
+            raise PhikitError(f"int4 group size must be {GROUP_SIZES_TEXT}, got {self.group_size}")
 
     def targets(self, name: str) -> bool:
         """Whether the linear layer called ``name`` (e.g. model.layers.3.mlp.fc1) is quantized: every decoder
@@ -67,7 +72,7 @@ class QuantSpec:
                 f"{source}: quantized with {raw.get('quant_method')!r}; phikit loads its own "
                 "quantized checkpoints (phikit quantize) or full-precision ones"
             )
-        return cls(raw["format"], int(raw.get("group_size", 64)), bool(raw.get("lm_head", True)))
+        return cls(raw["format"], int(raw.get("group_size", GROUP_SIZE)), bool(raw.get("lm_head", True)))
 
 
 # ---- reference quantizers and dequantizers (plain PyTorch) ----
@@ -138,7 +143,7 @@ def int4_scales_and_zeros(scale: torch.Tensor, minimum: torch.Tensor) -> torch.T
     return torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-def dequantize(fmt: str, t: dict[str, torch.Tensor], group_size: int = 64) -> torch.Tensor:
+def dequantize(fmt: str, t: dict[str, torch.Tensor], group_size: int = GROUP_SIZE) -> torch.Tensor:
     """The fp32 weight (N, K) that quantized tensors ``t`` stand for."""
     if fmt == "int8":
         return t["weight"].float() * t["weight_scale"][:, None]
@@ -160,7 +165,7 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "nf4": quantize_nf4}
 # ---- the layer ----
 
 
-def quantized_shapes(fmt: str, out_features: int, in_features: int, group_size: int = 64) -> dict[str, tuple]:
+def quantized_shapes(fmt: str, out_features: int, in_features: int, group_size: int = GROUP_SIZE) -> dict[str, tuple]:
     """name -> (shape, dtype) of the buffers ``quantize_weight`` makes of an (out, in) weight, without making
     them: the checkpoint loader's empty shells and the C quantizer's outputs take them from here. (Running the
     quantizers on the meta device gives the same, but a process's first meta computation imports torch's
@@ -185,7 +190,7 @@ def quantized_shapes(fmt: str, out_features: int, in_features: int, group_size: 
     }
 
 
-def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int = 64) -> dict[str, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, fmt: str, group_size: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
     """The quantized tensors of ``weight`` in ``fmt``, computed in fp32 by the reference quantizers."""
     return quantize_int4(weight, group_size) if fmt == "int4" else QUANTIZERS[fmt](weight)
 
@@ -208,7 +213,12 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, fmt: str, group_size: int = 64, bias: torch.Tensor | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str,
+        group_size: int = GROUP_SIZE,
+        bias: torch.Tensor | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -230,7 +240,7 @@ class QuantizedLinear(nn.Module):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         fmt: str,
-        group_size: int = 64,
+        group_size: int = GROUP_SIZE,
         device: torch.device | str = "cpu",
         quantizer=quantize_weight,
     ) -> QuantizedLinear:

@@ -193,6 +193,21 @@ def test_a_closed_pipe_ends_quietly(tiny, tmp_path):
     assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err
 
 
+def test_a_ctrl_c_while_pytorch_imports_is_one_line(monkeypatch, capsys):
+    # the command's first imports do not reach PyTorch, so main() is running when it imports
+    probe = "import sys, phikit.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    import phikit.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phikit.cli, "build_parser", interrupted)
+    code, out, err = run_cli(capsys, "generate", "Hi")
+    assert code == 130 and err.strip() == "phikit: interrupted" and not out
+
+
 def test_a_full_disk_says_so(monkeypatch, capsys):
     import errno
 

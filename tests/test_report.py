@@ -81,3 +81,18 @@ def test_trackers_are_checked_before_the_run(tmp_path):
 
     with pytest.raises(PhikitError, match="unknown tracker"):
         check_trackers(["comet"])
+
+
+def test_wandb_without_credentials_is_an_error_before_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from phikit.train.report import check_trackers
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # no terminal to ask on
+    with pytest.raises(PhikitError, match="wandb has no API key: run `wandb login`"):
+        check_trackers(["wandb"])
+    monkeypatch.setenv("WANDB_MODE", "offline")  # logging locally needs no key
+    check_trackers(["wandb"])

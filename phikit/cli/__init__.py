@@ -12,7 +12,6 @@ import os
 import sys
 
 from phikit import __version__
-from phikit.cli.common import EPILOG, default_model
 from phikit.errors import PhikitError
 
 # subcommand -> module, in the order --help lists them
@@ -32,6 +31,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from phikit.cli.common import EPILOG  # the commands' modules import PyTorch: main() catches a Ctrl-C then
+
     parser = argparse.ArgumentParser(
         prog="phikit",
         description="Run, quantize, benchmark, fine-tune, evaluate, serve and export Microsoft's Phi models "
@@ -46,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except KeyboardInterrupt:  # while PyTorch imports (seconds on a cold start)
+        print("\nphikit: interrupted", file=sys.stderr)
+        return 130
     args, extra = parser.parse_known_args(argv)
     if extra and args.command is None:
         parser.parse_args(argv)  # reports the unknown arguments the usual way
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from phikit.cli.common import default_model
+
         default_model(args)
         args.func(args)
         sys.stdout.flush()

@@ -7,6 +7,7 @@ import sys
 
 from phikit.checkpoint import DEFAULT_MODEL, hub_id_shaped
 from phikit.quantize import FORMATS as QUANTIZE  # --quantize's choices
+from phikit.quantize import GROUP_SIZE, GROUP_SIZES
 
 EPILOG = (
     "Models: a local folder (config.json + *.safetensors) or a Hugging Face Hub id such as microsoft/phi-2 or "
@@ -115,12 +116,12 @@ def default_model(args: argparse.Namespace) -> None:
 
 
 def add_group_size_arg(p: argparse.ArgumentParser) -> None:
-    # left out: 64; given with another format than int4 it is refused (check_group_size)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], help="int4 group size (default 64)")
+    # left out: GROUP_SIZE; given with another format than int4 it is refused (check_group_size)
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, help=f"int4 group size (default {GROUP_SIZE})")
 
 
 def check_group_size(args: argparse.Namespace, fmt: str | None) -> int:
-    """--group-size (64 when left out); given for a format other than int4 (``fmt``), a one-line error: it
+    """--group-size (GROUP_SIZE when left out); given for a format other than int4 (``fmt``), a one-line error: it
     would change nothing."""
     from phikit.errors import PhikitError
 
@@ -131,7 +132,7 @@ def check_group_size(args: argparse.Namespace, fmt: str | None) -> int:
             f"--group-size {size} is int4's; with {fmt or 'no quantization'} it changes nothing: drop it, or "
             "quantize to int4"
         )
-    return size or 64
+    return size or GROUP_SIZE
 
 
 def load_model(args: argparse.Namespace, progress: bool = True, **changes):

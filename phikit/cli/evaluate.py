@@ -11,6 +11,7 @@ from pathlib import Path
 from phikit.checkpoint import hub_id_shaped
 from phikit.cli.common import DTYPES, QUANTIZE, add_model_args, at_least, check_group_size, input_file, load_model
 from phikit.errors import PhikitError
+from phikit.quantize import GROUP_SIZE, GROUP_SIZES, GROUP_SIZES_TEXT
 
 
 def add_parser(sub) -> None:
@@ -69,8 +70,8 @@ def parse_compare(spec: str, base: dict) -> tuple[str, dict]:
             raise PhikitError(
                 f"--compare {spec!r}: unknown or empty key {key!r} (model, adapter, quantize, dtype, group_size)"
             )
-        if key == "group_size" and value not in ("32", "64", "128", "256"):
-            raise PhikitError(f"--compare {spec!r}: group_size must be 32, 64, 128 or 256, got {value!r}")
+        if key == "group_size" and value not in map(str, GROUP_SIZES):
+            raise PhikitError(f"--compare {spec!r}: group_size must be {GROUP_SIZES_TEXT}, got {value!r}")
         if key in CHOICES and value not in CHOICES[key]:  # checked before any model loads
             raise PhikitError(f"--compare {spec!r}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         options[key] = int(value) if key == "group_size" else (None if value == "none" else value)
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
         "adapter": args.adapter,
         "quantize": args.quantize,
         "dtype": args.dtype,
-        "group_size": args.group_size or 64,
+        "group_size": args.group_size or GROUP_SIZE,
     }
     if args.template and args.template not in ("chat", "auto"):  # the others are known before any model loads
         from phikit.templates import get_template

@@ -98,6 +98,24 @@ def check_trackers(names: list[str]) -> None:
             raise PhikitError(f"report_to: unknown tracker {name!r}; use {', '.join(TRACKERS)} or none")
         if importlib.util.find_spec(name) is None:
             raise PhikitError(f"report_to: {name} is not installed: pip install {PACKAGES[name]}")
+    if "wandb" in names:
+        _check_wandb_login()
+
+
+def _check_wandb_login() -> None:
+    """W&B without credentials (online, no API key, no terminal to ask on) fails in ``wandb.init``, after the
+    model has loaded: its own login check runs first (at a terminal it asks for the key there)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):  # logging locally: no key
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError:
+        raise PhikitError(
+            "report_to: wandb has no API key: run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log "
+            "locally"
+        ) from None
 
 
 def open_trackers(names: list[str], out: Path, name: str, config: dict) -> list:
