@@ -7,10 +7,8 @@ The names below import on first use (PEP 562), so ``import phikit.errors`` or th
 first lines do not wait for PyTorch: a Ctrl-C while it imports ends the command with one line.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -35,23 +33,27 @@ __all__ = sorted(_EXPORTS, key=str.lower)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    else:  # a submodule not imported yet (phikit.kernels, ...), as an eager package would have it
-        try:
-            value = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
+    elif name in _submodules():  # not imported yet (phikit.kernels, ...): as an eager package would have it
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
     return value
 
 
+def _submodules() -> set[str]:
+    """phikit's modules and packages, by name (``__main__``, the command, is none of them)."""
+    import pkgutil
+
+    return {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted({*_EXPORTS, *_submodules(), "__version__"})
 
 
-if TYPE_CHECKING:  # what editors and type checkers see (`X as X`: re-exported)
+if _TYPE_CHECKING:  # what editors and type checkers see (`X as X`: re-exported)
     from phikit.api import Phi as Phi
     from phikit.api import load as load
     from phikit.api import save_quantized as save_quantized

@@ -26,9 +26,17 @@ from phikit.checkpoint import (
 from phikit.config import QUANTIZED_ARCHITECTURES, QUANTIZED_TYPES, set_dtype
 from phikit.errors import PhikitError
 from phikit.generate import Completion, GenerationConfig, generate, stream
-from phikit.lora import load_adapter
+from phikit.lora import LoRALinear, load_adapter
 from phikit.models import CausalLM, read_config
-from phikit.quantize import GROUP_SIZE, QuantSpec, bnb_available, bnb_nf4_hook, prepare_shells, quantizing_hook
+from phikit.quantize import (
+    GROUP_SIZE,
+    GROUP_SIZES_TEXT,
+    QuantSpec,
+    bnb_available,
+    bnb_nf4_hook,
+    prepare_shells,
+    quantizing_hook,
+)
 from phikit.templates import Template
 from phikit.tokenizer import Tokenizer
 
@@ -67,9 +75,16 @@ class Phi:
     def generate(
         self, prompts: str | list[str], template: Template | str | None = None, **overrides
     ) -> Completion | list[Completion]:
+        """Complete one prompt (a ``Completion``: ``.text``, ``.token_ids``, ``.finish_reason``) or a list of
+        them (batched). ``template``: how a prompt is wrapped (``"chat"``: the model's chat template;
+        ``"instruct"``, ``"raw"``, ...; default: the model's usual one). ``overrides`` are GenerationConfig's
+        fields: ``max_new_tokens`` (256), ``temperature`` (0: greedy), ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``, ``stop`` (a string or a list), ``truncate``, ``batch_size``,
+        ``prompt_lookup``, ``draft_tokens``."""
         return generate(self.model, self.tokenizer, prompts, self.defaults, template, draft=self.draft, **overrides)
 
     def stream(self, prompt: str, template: Template | str | None = None, **overrides) -> Iterator[str]:
+        """The completion of one prompt as pieces of text while it is generated; arguments as ``generate``'s."""
         return stream(self.model, self.tokenizer, prompt, self.defaults, template, self.draft, **overrides)
 
 
@@ -81,15 +96,16 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
     quantize: str | QuantSpec | None = None,
-    group_size: int = GROUP_SIZE,
+    group_size: int | None = None,
     progress: bool = False,
     adapter: str | os.PathLike | None = None,
     kv_cache: str | None = "auto",
 ) -> Phi:
     """Load a checkpoint of any Phi family (local folder or Hub id) and its tokenizer.
 
-    ``quantize`` (int8, int4, nf4) quantizes each linear layer as it is read; a checkpoint written by
-    ``phikit quantize`` loads already quantized. ``dtype`` is that of everything not quantized.
+    ``quantize`` (int8, int4, nf4) quantizes each linear layer as it is read (``group_size``: int4's, 64 when
+    left out); a checkpoint written by ``phikit quantize`` loads already quantized. ``dtype`` (auto, bf16,
+    fp16, fp32) is that of everything not quantized.
     ``kv_cache``: the KV cache's element type: auto (the device's choice: fp16 on a CPU with phikit's kernels,
     else the compute dtype), fp16, or int8 (a scale a row: about half fp16's bytes, for long contexts).
     """
@@ -105,14 +121,15 @@ def load(
             f"{config.vocab_size}; ids past it have no embedding (a tokenizer of another model?)"
         )
     target = resolve_device(device)
-    spec = QuantSpec(quantize, group_size) if isinstance(quantize, str) else quantize
+    resolve_dtype(dtype, target)  # a dtype that is no dtype of weights: refused before the weights are read
+    spec = quant_spec(quantize, group_size)
     saved = config.extra.get("quantization_config")
     if saved:
         saved_spec = QuantSpec.from_config(saved, str(folder / "config.json"))
         if spec is not None and spec != saved_spec:
             raise PhikitError(
-                f"{folder} is already quantized ({saved_spec.format}); load it as it is, or quantize the "
-                "full-precision checkpoint it came from"
+                f"{folder} is already quantized ({saved_spec.describe()}; asked for {spec.describe()}); load it as "
+                "it is (leave quantize out), or quantize the full-precision checkpoint it came from"
             )
         spec = saved_spec
         net = load_model(folder, dtype, target, prepare=lambda m: prepare_shells(m, saved_spec), progress=progress)
@@ -133,6 +150,26 @@ def load(
     return Phi(net, tokenizer, folder, spec, time.perf_counter() - start)
 
 
+def quant_spec(quantize: str | QuantSpec | None, group_size: int | None = None) -> QuantSpec | None:
+    """``load``'s quantize and group_size as a QuantSpec (None: no quantization), or a one-line error."""
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)):
+        raise PhikitError(f"group_size must be an integer ({GROUP_SIZES_TEXT}), got {group_size!r}")
+    if isinstance(quantize, str):
+        fmt = quantize.lower()
+        quantize = None if fmt == "none" else QuantSpec(fmt, group_size if fmt == "int4" and group_size else GROUP_SIZE)
+    elif isinstance(quantize, QuantSpec):
+        if group_size is not None and group_size != quantize.group_size:
+            raise PhikitError(f"group_size {group_size} differs from the QuantSpec's {quantize.group_size}: give one")
+    elif quantize is not None:
+        raise PhikitError(f"quantize must be int8, int4, nf4, a QuantSpec or None, got {quantize!r}")
+    if group_size not in (None, GROUP_SIZE) and (quantize is None or quantize.format != "int4"):
+        raise PhikitError(
+            f"group_size {group_size} is int4's; with {quantize.format if quantize else 'no quantization'} it "
+            "changes nothing: leave it out, or quantize to int4"
+        )
+    return quantize
+
+
 def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a quantized model as a checkpoint folder that ``load`` reads without re-quantizing.
 
@@ -141,6 +178,11 @@ def save_quantized(phi: Phi, out: str | os.PathLike, overwrite: bool = False) ->
     and weights in ``phikit-quantized.safetensors`` rather than ``model.safetensors``."""
     if phi.quantization is None:
         raise PhikitError("the model is not quantized; load it with quantize=... first")
+    if any(isinstance(m, LoRALinear) for m in phi.model.modules()):
+        raise PhikitError(
+            "the model carries a LoRA adapter, which a quantized folder does not hold; merge it first (phikit "
+            "merge, phikit.api.merge_adapter) and quantize the merged model, or load without adapter="
+        )
     if any(type(m).__name__ == "Linear4bit" for m in phi.model.modules()):
         raise PhikitError(
             "this NF4 model is bitsandbytes' (loaded on a GPU), whose layers phikit's folders do not hold; quantize "

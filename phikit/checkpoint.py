@@ -73,6 +73,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise PhikitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: nothing phikit runs on
+        raise PhikitError(f"device {str(device)!r} is not one phikit runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PhikitError(
             'device cuda was asked for but torch sees no GPU; use device cpu (--device cpu, device="cpu") '
@@ -84,7 +86,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto``: bf16 where the GPU supports it, else fp16 on GPU; bf16 on CPU."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            hint = f' (for {dtype} weights: quantize="int8")' if dtype == torch.int8 else ""
+            raise PhikitError(f"dtype {dtype} is not a dtype of weights; use bf16, fp16 or fp32{hint}")
         return dtype
+    if isinstance(dtype, str):
+        dtype = dtype.lower()
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

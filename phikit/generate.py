@@ -37,7 +37,22 @@ class GenerationConfig:
     prompt_lookup: bool = False  # speculative decoding with drafts copied from earlier text
     draft_tokens: int = 5  # tokens proposed per speculative step (prompt lookup or a draft model)
 
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, as the OpenAI API takes it (not its characters)
+            self.stop = (self.stop,)
+        elif isinstance(self.stop, list):
+            self.stop = tuple(self.stop)
+
     def validate(self) -> None:
+        for name, kind in _FIELD_TYPES.items():  # a wrong type is named here, not deep in torch
+            value = getattr(self, name)
+            if not (isinstance(value, kind) and not isinstance(value, bool)) and not (
+                (name == "seed" and value is None) or (kind is bool and isinstance(value, bool))
+            ):
+                need = {int: "an integer", (int, float): "a number", bool: "True or False"}[kind]
+                raise PhikitError(f"{name} must be {need}, got {value!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise PhikitError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if self.max_new_tokens < 1:
             raise PhikitError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -52,6 +67,20 @@ class GenerationConfig:
             raise PhikitError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 1 <= self.draft_tokens <= 7:
             raise PhikitError(f"draft_tokens must be between 1 and 7, got {self.draft_tokens}")
+
+
+_FIELD_TYPES = {
+    "max_new_tokens": int,
+    "temperature": (int, float),
+    "top_k": int,
+    "top_p": (int, float),
+    "repetition_penalty": (int, float),
+    "seed": int,
+    "truncate": bool,
+    "batch_size": int,
+    "prompt_lookup": bool,
+    "draft_tokens": int,
+}
 
 
 def with_overrides(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
@@ -408,7 +437,7 @@ def encode_prompts(tokenizer: Tokenizer, texts: list[str], config: GenerationCon
     if room < 1:
         raise PhikitError(
             f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the "
-            f"model's context of {context} tokens; lower --max-new-tokens"
+            f"model's context of {context} tokens; lower max_new_tokens (--max-new-tokens)"
         )
     out = []
     for i, ids in enumerate(tokenizer.encode_batch(texts)):
@@ -418,18 +447,33 @@ def encode_prompts(tokenizer: Tokenizer, texts: list[str], config: GenerationCon
                 which = f"prompt {i + 1}" if len(texts) > 1 else "the prompt"
                 raise PhikitError(
                     f"{which} is {len(ids)} tokens; with max_new_tokens {config.max_new_tokens} that exceeds "
-                    f"the model's context of {context} tokens; shorten it, lower --max-new-tokens, or pass "
-                    "--truncate to keep its last tokens"
+                    f"the model's context of {context} tokens; shorten it, lower max_new_tokens (--max-new-tokens), "
+                    "or truncate=True (--truncate) to keep its last tokens"
                 )
             ids = ids[-room:]
         out.append(ids)
     return out
 
 
+def _prompt_list(prompts) -> list[str]:
+    """``prompts`` (text, or a list of texts) as a list; anything else is a one-line error."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    if isinstance(prompts, dict) or isinstance(prompts, (list, tuple)) and any(isinstance(p, dict) for p in prompts):
+        raise PhikitError(
+            "prompts are text (a string or a list of strings), not chat messages; render a conversation with its "
+            "template first: phikit.templates.get_template('chat', phi.tokenizer).render_messages(messages)"
+        )
+    kind = type(prompts).__name__ if not isinstance(prompts, (list, tuple)) else f"a list holding {prompts!r:.60}"
+    raise PhikitError(f"prompts must be a string or a list of strings, got {kind}")
+
+
 def iter_generate(
     model: CausalLM,
     tokenizer: Tokenizer,
-    prompts: list[str],
+    prompts: str | list[str],
     config: GenerationConfig,
     template: Template | str | None = None,
     draft: CausalLM | None = None,
@@ -437,7 +481,9 @@ def iter_generate(
 ) -> Generator[tuple[int, str], None, list[Completion]]:
     """Generate for ``prompts`` in batches; yield (prompt index, new text) as text becomes final and
     return the completions in prompt order. With ``draft`` (a smaller model) or ``config.prompt_lookup``,
-    decoding is speculative: one prompt at a time, greedy, with output identical to plain greedy."""
+    decoding is speculative: one prompt at a time, greedy, with output identical to plain greedy.
+    Every check (settings, template, prompts and their lengths) is made here, before the generator is
+    returned: a mistake is an error at the call, not at the first ``next``."""
     config.validate()
     speculative = draft is not None or config.prompt_lookup
     if speculative:
@@ -454,8 +500,22 @@ def iter_generate(
         config = replace(config, batch_size=1)
     template = get_template(template, tokenizer)
     stop = tuple(dict.fromkeys((*template.stop, *config.stop)))
-    texts = [template.render(p) for p in prompts]
+    texts = [template.render(p) for p in _prompt_list(prompts)]
     encoded = encode_prompts(tokenizer, texts, config, model.config.max_position_embeddings)
+    return _batches(model, tokenizer, config, stop, encoded, speculative, draft, stats)
+
+
+def _batches(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    config: GenerationConfig,
+    stop: tuple[str, ...],
+    encoded: list[list[int]],
+    speculative: bool,
+    draft: CausalLM | None,
+    stats: SpeculativeStats | None,
+) -> Generator[tuple[int, str], None, list[Completion]]:
+    """iter_generate's generator, over checked and encoded prompts."""
     completions: list[Completion] = []
     for first in range(0, len(encoded), config.batch_size):
         chunk = encoded[first : first + config.batch_size]
@@ -522,7 +582,7 @@ def generate(
     """
     config = with_overrides(config, overrides)
     single = isinstance(prompts, str)
-    runner = iter_generate(model, tokenizer, [prompts] if single else list(prompts), config, template, draft, stats)
+    runner = iter_generate(model, tokenizer, prompts, config, template, draft, stats)
     while True:
         try:
             index, piece = next(runner)
@@ -543,10 +603,12 @@ def stream(
     draft: CausalLM | None = None,
     **overrides,
 ) -> Iterator[str]:
-    """Yield the completion of ``prompt`` piece by piece as it is generated."""
-    config = with_overrides(config, overrides)
-    for _, piece in iter_generate(model, tokenizer, [prompt], config, template, draft):
-        yield piece
+    """The completion of ``prompt`` piece by piece as it is generated (an iterator; a mistake in the
+    arguments is an error here, at the call)."""
+    if not isinstance(prompt, str):
+        raise PhikitError(f"stream takes one prompt (a string), got {type(prompt).__name__}; generate takes several")
+    runner = iter_generate(model, tokenizer, prompt, with_overrides(config, overrides), template, draft)
+    return (piece for _, piece in runner)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

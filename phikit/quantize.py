@@ -54,7 +54,13 @@ class QuantSpec:
         if self.format not in FORMATS:
             raise PhikitError(f"unknown quantization {self.format!r}; use one of {', '.join(FORMATS)}")
         if self.format == "int4" and self.group_size not in GROUP_SIZES:
-            raise PhikitError(f"int4 group size must be {GROUP_SIZES_TEXT}, got {self.group_size}")
+            raise PhikitError(f"int4 group size must be {GROUP_SIZES_TEXT}, got {self.group_size!r}")
+        if self.format != "int4" and self.group_size != GROUP_SIZE:
+            raise PhikitError(f"group size {self.group_size!r} is int4's; {self.format} has none (leave it out)")
+
+    def describe(self) -> str:
+        """'int4, groups of 32', 'int8', ... for messages."""
+        return f"int4, groups of {self.group_size}" if self.format == "int4" else self.format
 
     def targets(self, name: str) -> bool:
         """Whether the linear layer called ``name`` (e.g. model.layers.3.mlp.fc1) is quantized: every decoder
