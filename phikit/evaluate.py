@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,14 +85,22 @@ class Perplexity:
 def perplexity(
     model: CausalLM,
     ids: list[int],
-    context: int = 1024,
+    context: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     progress: bool = False,
 ) -> Perplexity:
     """Perplexity of ``ids`` with a sliding window: windows of ``context`` tokens every ``stride`` tokens,
-    each scoring only the tokens the previous window did not (transformers' documented method)."""
-    context = min(context, model.config.max_position_embeddings)
+    each scoring only the tokens the previous window did not (transformers' documented method). ``model``: a
+    CausalLM or a loaded ``Phi``; ``context``: 1024 or the model's, if shorter (a longer one given: the
+    model's, with a warning)."""
+    model = getattr(model, "model", model) if hasattr(model, "tokenizer") else model  # a Phi: its network
+    longest = model.config.max_position_embeddings
+    if context is not None and context > longest:
+        warnings.warn(f"context {context} is past the model's {longest} tokens; using {longest}", stacklevel=2)
+    context = min(1024 if context is None else context, longest)
+    if context < 2:
+        raise PhikitError(f"context must be at least 2 tokens, got {context}")
     stride = stride or context // 2
     if not 0 < stride <= context:
         raise PhikitError(f"stride must be between 1 and the context ({context}), got {stride}")

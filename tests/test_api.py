@@ -118,3 +118,27 @@ def test_a_conversation_rendered_by_its_template_generates_as_the_chat_template_
     assert phi.generate(text, template="raw", stop=list(chat.stop), max_new_tokens=8).text == direct.text
     system = chat.render_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert "Be brief." in system and phi.generate(system, template="raw", max_new_tokens=4).token_ids
+
+
+def test_perplexity_takes_a_loaded_model_and_says_when_it_shortens_the_context(phi):
+    from phikit.evaluate import perplexity
+
+    ids = phi.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)
+    assert perplexity(phi, ids).perplexity == perplexity(phi.model, ids).perplexity
+    longest = phi.model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"past the model's {longest} tokens"):
+        perplexity(phi, ids, context=longest + 1)
+    with pytest.raises(PhikitError, match="context must be at least 2 tokens, got 0"):
+        perplexity(phi, ids, context=0)
+
+
+def test_a_recipe_built_in_python_is_checked_as_a_yaml_one(tiny, tmp_path):
+    from phikit.train import TrainConfig, finetune
+
+    data = REPO / "recipes" / "data" / "tiny-instructions.jsonl"
+    base = {"model": str(tiny[0]), "data": str(data), "output_dir": str(tmp_path / "run"), "device": "cpu"}
+    with pytest.raises(PhikitError, match="lr"):
+        finetune(TrainConfig(**base, lr=-1.0), progress=False)
+    with pytest.raises(PhikitError, match="seq_len"):
+        finetune(TrainConfig(**base, seq_len=2), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

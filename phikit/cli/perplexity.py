@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
             f"phikit: --context {args.context} is more than the model's {context}; windows of {context}",
             file=sys.stderr,
         )
-    result = perplexity(phi.model, ids, args.context, args.stride, args.max_tokens, progress=True)
+    result = perplexity(phi.model, ids, min(args.context, context), args.stride, args.max_tokens, progress=True)
     window = min(args.context, context)
     print(
         json.dumps(

@@ -4,6 +4,7 @@ rewards (GRPO), one recipe in named phases driven by a YAML file (``phikit.train
 and its rewards in ``rewards``, checkpoints and metrics in ``state``."""
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from phikit.train.config import DPO_LOSSES, GRPO_LOSSES, METHODS, TrainConfig
@@ -28,6 +29,8 @@ def finetune(config: TrainConfig, progress: bool = True):
     """Run a fine-tuning recipe (its ``method``'s); returns the folder of the final adapter
     (``output_dir/adapter``) or, with full fine-tuning, model (``output_dir/model``). A run that fails
     before writing anything leaves no output_dir behind where there was none (only its lock file was in it)."""
+    # a config built in Python (TrainConfig(...)) is read as a recipe is: types coerced, values checked
+    config = TrainConfig.from_yaml(None, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     out = Path(config.output_dir)
     existed = out.exists()
     try:
