@@ -1,6 +1,6 @@
 """Building, caching and loading the CPU kernel library (``phikit/csrc``), and what the CPU has.
 
-A plain C library rather than a torch C++ extension: it compiles in about a second without torch's
+A plain C library rather than a torch C++ extension: it compiles in seconds (7-8 s on a 2-core VM) without torch's
 headers or ninja, and the call overhead (~1 us) is small next to a matrix-vector product. The library
 links the same ``libgomp.so.1`` that torch loaded, so both share one OpenMP thread pool.
 
