@@ -698,7 +698,11 @@ def replace_folder(new: Path, out: Path) -> None:
         os.replace(out, old / out.name)
     os.replace(new, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # a Ctrl-C while the old copy goes: the new one is in place; the old one goes too
+            shutil.rmtree(old, ignore_errors=True)
+            raise
 
 
 INNER_FILES = ("model.gguf", "Modelfile")  # the files phikit writes one by one inside an output folder (Ollama's)
@@ -768,8 +772,8 @@ def save_checkpoint(
     out = Path(out)
     check_output_folder(out, overwrite, source)
     tmp = _temporary_beside(out, folder=True)
-    user_mode(tmp, directory=True)
     try:
+        user_mode(tmp, directory=True)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in state_dict.items():

@@ -14,6 +14,7 @@ Like ``api``, this module composes the core with ``lora`` (merging is part of ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -202,7 +203,14 @@ def export_gguf(
         finally:
             writer.close()
 
-    atomic_write(out_file, write)
+    made = [p for p in out_file.parents if not p.exists()]  # folders this export creates, innermost first
+    try:
+        atomic_write(out_file, write)
+    except BaseException:
+        for folder_made in made:  # left empty by the failure: they go again
+            with contextlib.suppress(OSError):
+                folder_made.rmdir()
+        raise
     return out_file
 
 

@@ -208,6 +208,31 @@ def test_a_ctrl_c_while_pytorch_imports_is_one_line(monkeypatch, capsys):
     assert code == 130 and err.strip() == "phikit: interrupted" and not out
 
 
+def test_sigterm_cleans_up_as_a_ctrl_c_does(monkeypatch, capsys, tmp_path):
+    """kill / timeout / a container's stop send SIGTERM: the command stops as after a Ctrl-C (its cleanup
+    runs: here the temporary of a write in progress goes) and says so in one line, exit 143."""
+    import signal
+
+    import phikit.cli.bench
+    from phikit.checkpoint import atomic_write
+
+    def killed_while_writing(args):
+        def write(tmp):
+            tmp.write_text("half")
+            signal.raise_signal(signal.SIGTERM)
+
+        atomic_write(tmp_path / "out.json", write)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(phikit.cli.bench, "run", killed_while_writing)
+    try:
+        code, _, err = run_cli(capsys, "bench")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and err.strip() == "phikit: terminated"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_says_so(monkeypatch, capsys):
     import errno
 

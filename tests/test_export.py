@@ -218,6 +218,10 @@ def test_gguf_errors_and_atomic_writes(tiny, checkpoint_factory, tmp_path, monke
         export_gguf(folder, out, overwrite=True)
     assert out.read_bytes() == before  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m.gguf")) == ["m.gguf"]
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):  # into folders it makes: they go again
+        export_gguf(folder, tmp_path / "new" / "deeper" / "m.gguf")
+    assert not (tmp_path / "new").exists()
 
 
 def test_export_command(tiny, tmp_path, capsys):
@@ -691,6 +695,21 @@ def test_replacing_a_folder_never_leaves_neither(tmp_path, monkeypatch):
     assert [p.read_text() for p in tmp_path.glob(".out.old-*/out/old.txt")] == ["old"]
     replace_folder(new, tmp_path / "fresh")
     assert (tmp_path / "fresh" / "new.txt").read_text() == "new"
+
+    import shutil
+
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    real_rmtree = shutil.rmtree
+
+    def interrupted_once(path, *args, **kwargs):  # a Ctrl-C while the old copy is being deleted
+        monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(newer, tmp_path / "fresh")
+    assert (tmp_path / "fresh").is_dir() and not list(tmp_path.glob(".fresh.old-*"))  # new in place, old gone
 
 
 def test_an_export_into_a_symlinked_folder_is_refused(tiny, tmp_path):

@@ -73,7 +73,7 @@ def test_metrics_reach_every_tracker_offline(tiny, tmp_path):
 
 
 def test_trackers_are_checked_before_the_run(tmp_path):
-    with pytest.raises(PhikitError, match="report_to must be trackers among .*not comet"):
+    with pytest.raises(PhikitError, match="report_to must be trackers among .*, got .tensorboard,comet."):
         TrainConfig.from_yaml(None, {"report_to": "tensorboard,comet"})
     assert TrainConfig.from_yaml(None, {"report_to": "none"}).report_to is None
     assert TrainConfig.from_yaml(None, {"report_to": ["WandB", "mlflow"]}).report_to == ["wandb", "mlflow"]
@@ -96,3 +96,46 @@ def test_wandb_without_credentials_is_an_error_before_the_run(tmp_path, monkeypa
         check_trackers(["wandb"])
     monkeypatch.setenv("WANDB_MODE", "offline")  # logging locally needs no key
     check_trackers(["wandb"])
+
+
+def test_an_interrupted_run_is_marked_so_and_its_resume_continues_the_same_runs(tiny, tmp_path, monkeypatch):
+    for module in ("tensorboard", "mlflow"):
+        pytest.importorskip(module)
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from phikit.train import finetune
+    from phikit.train.recipe import SFTRecipe
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    settings = {
+        "model": str(tiny[0]),
+        "output_dir": str(out),
+        "data": str(REPO / "recipes/data/tiny-instructions.jsonl"),
+        "max_steps": 4,
+        "save_every": 2,
+        "eval_every": 1000,
+        "report_to": "tensorboard,mlflow",
+    }
+    original, saves = SFTRecipe.save_checkpoint, []
+
+    def second_save_interrupted(self):
+        saves.append(self.step)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(SFTRecipe, "save_checkpoint", second_save_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(TrainConfig.from_yaml(REPO / "recipes" / "tiny-cpu.yaml", settings), progress=False)
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    monkeypatch.setattr(SFTRecipe, "save_checkpoint", original)
+    finetune(TrainConfig.from_yaml(REPO / "recipes" / "tiny-cpu.yaml", {**settings, "resume": True}), progress=False)
+    [again] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]  # what the first run logged past step 2: dropped

@@ -9,7 +9,9 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from phikit import __version__
 from phikit.errors import PhikitError
@@ -30,7 +32,19 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a container's or a batch system's stop), raised where a Ctrl-C would be, so
+    every command cleans up after it as after a Ctrl-C (temporaries removed, a run's dashboard and trackers
+    told)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import numpy  # noqa: F401 - before PyTorch, which imports it from C and would swallow a Ctrl-C meanwhile
+
     from phikit.cli.common import EPILOG  # the commands' modules import PyTorch: main() catches a Ctrl-C then
 
     parser = argparse.ArgumentParser(
@@ -47,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():  # (tests call main() from other threads too)
+        signal.signal(signal.SIGTERM, _terminate)  # the server's uvicorn installs its own while it runs
     try:
         parser = build_parser()
-    except KeyboardInterrupt:  # while PyTorch imports (seconds on a cold start)
-        print("\nphikit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # while PyTorch imports (seconds on a cold start)
+        return _interrupted(e)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command is None:
         parser.parse_args(argv)  # reports the unknown arguments the usual way
@@ -71,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except PhikitError as e:
         print(f"phikit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nphikit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except BrokenPipeError:  # `phikit generate ... | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -84,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phikit: error: {full}; free some space and run again", file=sys.stderr)
         return 2
     return 0
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line and 130; SIGTERM: one line and 143 (128 + the signal, as a shell reports them)."""
+    terminated = isinstance(e, Terminated)
+    print(f"\nphikit: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def disk_full(e: BaseException) -> str | None:

@@ -213,7 +213,10 @@ def add_chat_page(app: FastAPI) -> None:
         return Response((folder / name).read_bytes(), media_type=UI_FILES[name], headers=headers)
 
 
+SHUTDOWN_GRACE_S = 10  # a Ctrl-C or SIGTERM lets streaming requests finish this long, then ends them
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -261,8 +261,8 @@ class TrainConfig:
 
             unknown = [v for v in items if v not in TRACKERS]
             if unknown:
-                raise fail(f"trackers among {', '.join(TRACKERS)} (or none); not {', '.join(unknown)}")
-            return items or None
+                raise fail(f"trackers among {', '.join(TRACKERS)} (or none)")
+            return list(dict.fromkeys(items)) or None  # each once
         if name in ("reward_funcs", "reward_weights"):
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
             if not isinstance(items, list) or not items:

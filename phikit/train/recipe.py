@@ -466,8 +466,8 @@ class SFTRecipe:
         final = self.out / ("adapter" if self.config.lora else "model")
         if self.main_process:
             tmp = _temporary_beside(final, folder=True)  # named for this process: a killed run's is swept later
-            user_mode(tmp, directory=True)
             try:
+                user_mode(tmp, directory=True)
                 self.write_weights(tmp, state)
                 replace_folder(tmp, final)
             except BaseException:
@@ -577,15 +577,15 @@ class SFTRecipe:
                     torch.distributed.barrier()
                 if since is None:
                     since = (self.tokens_seen, time.perf_counter())
+            self.bar.close()
+            final = self.save_final()
         except BaseException as e:  # the dashboard stops reloading and says how the run ended
             self.bar.close()
             how = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error ({type(e).__name__})"
             with contextlib.suppress(Exception):
-                log.close(f"{how} at step {self.step} of {self.total_steps}; {how_to_go_on(self.out)}")
+                log.close(f"{how} at step {self.step} of {self.total_steps}; {how_to_go_on(self.out)}", failed=True)
             raise
-        self.bar.close()
         log.close()
-        final = self.save_final()
         if self.world > 1:
             torch.distributed.barrier()
             # what holds the process group (FSDP's sharded modules, DDP, the optimizer's sharded state) goes

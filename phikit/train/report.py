@@ -11,6 +11,7 @@ its own settings decide (WANDB_MODE=offline, MLFLOW_TRACKING_URI, TRACKIO_DIR).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,35 +25,63 @@ def _numbers(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+# Each tracker: (out, name, config, resumed) -> log(step, values), close(failed). ``resumed``: the step a
+# resumed run goes on from (None: a new run); its tracker's run continues (TensorBoard drops what was logged
+# past that step; W&B and MLflow reopen the run whose id ``RUN_IDS`` kept) instead of a second run beside it.
+RUN_IDS = "trackers.json"  # in output_dir: the W&B and MLflow run of this output folder
+
+
+def _run_id(out: Path, tracker: str) -> str | None:
+    try:
+        return json.loads((out / RUN_IDS).read_text()).get(tracker)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _keep_run_id(out: Path, tracker: str, run_id: str) -> None:
+    from phikit.checkpoint import atomic_write
+
+    try:
+        ids = json.loads((out / RUN_IDS).read_text())
+    except (OSError, ValueError):
+        ids = {}
+    ids[tracker] = run_id
+    atomic_write(out / RUN_IDS, lambda tmp: tmp.write_text(json.dumps(ids)))
+
+
 class TensorBoard:
-    def __init__(self, out: Path, name: str, config: dict):
+    def __init__(self, out: Path, name: str, config: dict, resumed: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=None if resumed is None else resumed + 1)
 
     def log(self, step: int, values: dict) -> None:
         for k, v in _numbers(values).items():
             self.writer.add_scalar(k, v, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
 class WandB:
-    def __init__(self, out: Path, name: str, config: dict):
+    def __init__(self, out: Path, name: str, config: dict, resumed: int | None = None):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "phikit"), name=name, dir=str(out), config=config)
+        run_id = _run_id(out, "wandb") if resumed is not None else None
+        project = os.environ.get("WANDB_PROJECT", "phikit")
+        resume = {"id": run_id, "resume": "allow"} if run_id else {}
+        self.run = wandb.init(project=project, name=name, dir=str(out), config=config, **resume)
+        _keep_run_id(out, "wandb", self.run.id)
 
     def log(self, step: int, values: dict) -> None:
         self.run.log(_numbers(values), step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MLflow:
-    def __init__(self, out: Path, name: str, config: dict):
+    def __init__(self, out: Path, name: str, config: dict, resumed: int | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -60,29 +89,32 @@ class MLflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "phikit"))
-        self.run = mlflow.start_run(run_name=name)
-        mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
+        run_id = _run_id(out, "mlflow") if resumed is not None else None
+        self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name)
+        _keep_run_id(out, "mlflow", self.run.info.run_id)
+        if not run_id:
+            mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
 
     def log(self, step: int, values: dict) -> None:
         self.mlflow.log_metrics(_numbers(values), step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="KILLED" if failed else "FINISHED")
 
 
 class Trackio:
-    def __init__(self, out: Path, name: str, config: dict):
+    def __init__(self, out: Path, name: str, config: dict, resumed: int | None = None):
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(
-            project=os.environ.get("TRACKIO_PROJECT", "phikit"), name=name, config=config, embed=False
-        )
+        project = os.environ.get("TRACKIO_PROJECT", "phikit")
+        resume = "allow" if resumed is not None else "never"
+        self.run = trackio.init(project=project, name=name, config=config, embed=False, resume=resume)
 
     def log(self, step: int, values: dict) -> None:
         self.trackio.log(_numbers(values), step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.trackio.finish()
 
 
@@ -118,5 +150,16 @@ def _check_wandb_login() -> None:
         ) from None
 
 
-def open_trackers(names: list[str], out: Path, name: str, config: dict) -> list:
-    return [CLASSES[n](out, name, config) for n in names]
+def open_trackers(names: list[str], out: Path, name: str, config: dict, resumed: int | None = None) -> list:
+    """The trackers of ``names``, started; one that cannot start (a server out of reach, a refused key) is a
+    one-line error, the ones already started closed as failed."""
+    opened: list = []
+    for n in names:
+        try:
+            opened.append(CLASSES[n](out, name, config, resumed))
+        except Exception as e:  # noqa: BLE001 - each library fails its own way
+            for tracker in opened:
+                tracker.close(failed=True)
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise PhikitError(f"report_to {n}: could not start a run ({reason})") from None
+    return opened

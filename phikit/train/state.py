@@ -43,8 +43,8 @@ def save_checkpoint(out: Path, step: int, write_weights, trainer_state: dict, li
     final = out / f"checkpoint-{step}"
     sweep_stale(out, r"checkpoint-\d+")  # a killed run's unfinished checkpoint
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-{temp_tag()}-"))
-    user_mode(tmp, directory=True)
     try:
+        user_mode(tmp, directory=True)
         write_weights(tmp)
         torch.save({"step": step, "rng": _rng_state(), **trainer_state}, tmp / "trainer_state.pt")
         replace_folder(tmp, final)
@@ -188,7 +188,7 @@ class MetricsLog:
             from phikit.train.report import open_trackers
 
             keep_lines_up_to(self.path, resume_step if resume_step is not None else -1)
-            self.trackers = open_trackers(report_to or [], out, out.resolve().name, config or {})
+            self.trackers = open_trackers(report_to or [], out, out.resolve().name, config or {}, resume_step)
 
     def write(self, step: int, **values) -> None:
         if not self.enabled:
@@ -208,9 +208,9 @@ class MetricsLog:
             plots.write_dashboard(self.out, live=live, status=status)
             self.drawn = time.monotonic()
 
-    def close(self, status: str = "run finished") -> None:
+    def close(self, status: str = "run finished", failed: bool = False) -> None:
         """The dashboard drawn a last time with every row, saying ``status`` (how the run ended), instead of
-        reloading; the trackers closed."""
+        reloading; the trackers closed, told whether the run ``failed`` (interrupted or stopped by an error)."""
         self.draw(live=False, status=status)
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(failed)
