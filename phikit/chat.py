@@ -6,11 +6,11 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from phikit.errors import ConversationRefused, PhikitError
+from phikit.errors import ConversationRefused, PhikitError, Terminated
 from phikit.generate import GenerationConfig, generate
 from phikit.templates import ChatTemplate, Template, get_template
 
-HELP = "Commands: /reset forgets the conversation, /help shows this, /exit (or Ctrl-D) quits."
+HELP = "Commands: /reset forgets the conversation, /help shows this, /exit (or Ctrl-D) quits; Ctrl-C stops a reply."
 
 
 def conversation(history: list[tuple[str, str]], user: str, system: str | None = None) -> list[dict]:
@@ -102,10 +102,19 @@ def chat(
         out.write("phi> ")
         out.flush()
 
-        def show(_index: int, piece: str) -> None:
+        pieces: list[str] = []
+
+        def show(_index: int, piece: str, pieces: list[str] = pieces) -> None:
+            pieces.append(piece)
             out.write(piece)
             out.flush()
 
-        reply = generate(phi.model, phi.tokenizer, prompt, config, "raw", on_text=show, stop=template.stop)
+        try:
+            reply = generate(phi.model, phi.tokenizer, prompt, config, "raw", on_text=show, stop=template.stop).text
+        except KeyboardInterrupt as e:  # Ctrl-C stops the reply (kept as far as it got), not the conversation
+            if isinstance(e, Terminated):
+                raise
+            reply = "".join(pieces)
+            out.write(" (stopped)")
         out.write("\n")
-        history.append((user, reply.text.strip()))
+        history.append((user, reply.strip()))

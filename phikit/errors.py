@@ -11,3 +11,9 @@ class PhikitError(Exception):
 class ConversationRefused(PhikitError, ValueError):
     """A chat template refused a conversation (its ``raise_exception``, or its sandbox): one line in the CLI,
     and, being a ValueError too, a 400 on HTTP as any other bad request body."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a container's or a batch system's stop), raised by the command line where
+    a Ctrl-C would be, so every command cleans up after it as after a Ctrl-C (temporaries removed, a run's
+    dashboard and trackers told); unlike a Ctrl-C it is never taken as "stop this reply" (``phikit chat``)."""

@@ -276,6 +276,34 @@ def test_terminal_chat_keeps_history_and_resets(phi):
     assert "(conversation reset)" in out.getvalue() and out.getvalue().count("phi> ") == 3
 
 
+def test_ctrl_c_stops_a_terminal_reply_and_the_conversation_goes_on(phi):
+    import io
+
+    from phikit.errors import Terminated
+
+    class Interrupting(io.StringIO):  # a Ctrl-C as the second piece of the first reply is shown
+        pieces = 0
+
+        def write(self, text):
+            if self.getvalue().count("phi> ") == 1 and text != "phi> " and not text.startswith((" (", "\n")):
+                self.pieces += 1
+                if self.pieces == 2:
+                    raise self.signal
+            return super().write(text)
+
+    lines = iter(["Hi there", "And again", "/exit"])
+    out = Interrupting()
+    out.signal = KeyboardInterrupt()
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    history = chat(phi, "guanaco", config, read=lambda _: next(lines), out=out)
+    assert [u for u, _ in history] == ["Hi there", "And again"] and " (stopped)\n" in out.getvalue()
+    lines = iter(["Hi there", "/exit"])
+    out = Interrupting()
+    out.signal = Terminated()  # SIGTERM ends the program, not the reply
+    with pytest.raises(Terminated):
+        chat(phi, "guanaco", config, read=lambda _: next(lines), out=out)
+
+
 def test_terminal_chat_skips_what_is_not_utf8_or_its_template_refuses(phi):
     import io
 

@@ -14,7 +14,7 @@ import sys
 import threading
 
 from phikit import __version__
-from phikit.errors import PhikitError
+from phikit.errors import PhikitError, Terminated
 
 # subcommand -> module, in the order --help lists them
 COMMANDS = {
@@ -30,12 +30,6 @@ COMMANDS = {
     "perplexity": "perplexity",
     "plot": "plot",
 }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a container's or a batch system's stop), raised where a Ctrl-C would be, so
-    every command cleans up after it as after a Ctrl-C (temporaries removed, a run's dashboard and trackers
-    told)."""
 
 
 def _terminate(signum, frame):
