@@ -316,6 +316,13 @@ def test_eval_checks_every_column_first_keeps_finished_ones_and_says_what_each_r
         f"*model {folder} · dtype fp32 · int8 · template instruct* |"
     )
     assert list(json.loads((out / "results.json").read_text())) == ["base", "int8"]
+    assert main([str(a) for a in [*args, "--compare", "int8:quantize=int8"]]) == 0  # a finished report
+    capsys.readouterr()
+    code = main([str(a) for a in [*args, "--compare", "int8:quantize=int8", "--compare", f"bad:model={broken}"]])
+    err = capsys.readouterr().err  # stopped again: the finished report stays, the stopped one goes beside it
+    assert code == 2 and f"to {out / 'stopped'} before stopping ({out}'s earlier finished report kept)" in err
+    assert (out / "report.md").read_text().startswith("# phikit eval\n")
+    assert (out / "stopped" / "report.md").read_text().startswith("# phikit eval (stopped: 2 of 3 columns)")
 
 
 def test_phikit_imports_without_lm_eval():

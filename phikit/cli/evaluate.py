@@ -178,15 +178,19 @@ def run(args: argparse.Namespace) -> None:
         raise PhikitError(f"column label(s) {', '.join(twice)} given twice (--label is the model's own, default base)")
     overrides = {k: v for k, v in (("template", args.template), ("max_new_tokens", args.max_new_tokens)) if v}
     columns, perplexities, settings = {}, {}, {}
+    try:  # a finished report already there is not replaced by a stopped run's (that one goes to out/stopped)
+        earlier_finished = (args.out / "report.md").read_text().splitlines()[0].strip() == "# phikit eval"
+    except (OSError, UnicodeDecodeError, IndexError):
+        earlier_finished = False
 
-    def write(finished: bool) -> tuple[Path, Path]:
+    def write(finished: bool, out: Path) -> tuple[Path, Path]:
         data = args.perplexity.name if args.perplexity is not None else None
         title = "phikit eval" if finished else f"phikit eval (stopped: {len(columns)} of {len(variants)} columns)"
-        md, html = evaluate.write_report(columns, args.out, title, perplexities, data, settings)
-        atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(columns, indent=2)))
+        md, html = evaluate.write_report(columns, out, title, perplexities, data, settings)
+        atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(columns, indent=2)))
         if perplexities:
             measured = {"data": str(args.perplexity), "models": {k: asdict(v) for k, v in perplexities.items()}}
-            atomic_write(args.out / "perplexity.json", lambda tmp: tmp.write_text(json.dumps(measured, indent=2)))
+            atomic_write(out / "perplexity.json", lambda tmp: tmp.write_text(json.dumps(measured, indent=2)))
         return md, html
 
     try:
@@ -205,10 +209,12 @@ def run(args: argparse.Namespace) -> None:
     except BaseException:
         if columns:  # the columns that finished are kept
             perplexities = {k: v for k, v in perplexities.items() if k in columns}
-            md, _ = write(finished=False)
+            md, _ = write(False, args.out / "stopped" if earlier_finished else args.out)
+            kept = f" ({args.out}'s earlier finished report kept)" if earlier_finished else ""
             print(
-                f"phikit: wrote the {len(columns)} finished column(s) to {md.parent} before stopping", file=sys.stderr
+                f"phikit: wrote the {len(columns)} finished column(s) to {md.parent} before stopping{kept}",
+                file=sys.stderr,
             )
         raise
-    md, html = write(finished=True)
+    md, html = write(True, args.out)
     print(f"wrote {md} and {html}", file=sys.stderr)
