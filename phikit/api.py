@@ -58,19 +58,18 @@ class Phi:
         """The dtype the weights were loaded in (``load``'s ``dtype`` once resolved: bf16, fp16 or fp32), as the
         embedding holds it; quantized layers keep their format (``precision``), and on a CPU activations stay
         fp32 whatever this is."""
-        held = self.model.model.embed_tokens.weight.dtype
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(held, str(held))
+        return _short(self.model.model.embed_tokens.weight.dtype)
 
     @property
     def precision(self) -> str:
-        """What the linear layers hold: the quantized format, else their weights' dtype (not the
-        LayerNorms', which the CPU backend keeps in fp32)."""
+        """What the linear layers hold: the quantized format, else their weights' dtype (bf16, fp16, fp32; not
+        the LayerNorms', which the CPU backend keeps in fp32)."""
         if self.quantization is not None:
             return self.quantization.format
         mlp = self.model.model.layers[0].mlp
         linear = next(m for m in mlp.children() if hasattr(m, "in_features"))
         linear = getattr(linear, "base_layer", linear)  # under a LoRA adapter
-        return str(linear.weight.dtype).removeprefix("torch.")
+        return _short(linear.weight.dtype)
 
     def generate(
         self, prompts: str | list[str], template: Template | str | None = None, **overrides
@@ -86,6 +85,11 @@ class Phi:
     def stream(self, prompt: str, template: Template | str | None = None, **overrides) -> Iterator[str]:
         """The completion of one prompt as pieces of text while it is generated; arguments as ``generate``'s."""
         return stream(self.model, self.tokenizer, prompt, self.defaults, template, self.draft, **overrides)
+
+
+def _short(dtype: torch.dtype) -> str:
+    """bf16, fp16, fp32: the names --dtype and load(dtype=) take."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 KV_CACHE_TYPES = {"auto": None, None: None, "fp16": torch.float16, "int8": torch.int8}  # load's kv_cache

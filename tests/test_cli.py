@@ -314,7 +314,7 @@ def test_version_and_reported_precision(tiny, capsys):
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("phikit ")
     code, _, err = run_cli(capsys, "generate", "-m", folder, "--dtype", "bf16", "-n", "2", "Hello")
-    assert code == 0 and "(bfloat16, cpu)" in err
+    assert code == 0 and "(bf16, cpu)" in err
 
 
 def test_every_subcommand_is_a_module_with_the_shared_model_flags():
