@@ -5,6 +5,7 @@ This is the one place that composes the capability modules around the core, so t
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Iterator
@@ -156,8 +157,10 @@ def load(
 
 def quant_spec(quantize: str | QuantSpec | None, group_size: int | None = None) -> QuantSpec | None:
     """``load``'s quantize and group_size as a QuantSpec (None: no quantization), or a one-line error."""
-    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)):
-        raise PhikitError(f"group_size must be an integer ({GROUP_SIZES_TEXT}), got {group_size!r}")
+    if group_size is not None:
+        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool):
+            raise PhikitError(f"group_size must be an integer ({GROUP_SIZES_TEXT}), got {group_size!r}")
+        group_size = int(group_size)
     if isinstance(quantize, str):
         fmt = quantize.lower()
         quantize = None if fmt == "none" else QuantSpec(fmt, group_size if fmt == "int4" and group_size else GROUP_SIZE)

@@ -83,7 +83,8 @@ def measure_phikit(s: BenchSettings, precision: str) -> dict:
     quantize = precision if precision in QUANTIZED else None
     dtype = precision if precision in DENSE else "auto"
     start = time.perf_counter()
-    phi = load(s.model, dtype=dtype, device=s.device, quantize=quantize, group_size=s.group_size, kv_cache=s.kv_cache)
+    group = s.group_size if quantize == "int4" else None  # int4's own: the other rows have none
+    phi = load(s.model, dtype=dtype, device=s.device, quantize=quantize, group_size=group, kv_cache=s.kv_cache)
     load_s = time.perf_counter() - start
     model, ids = phi.model, prompt_ids(phi.tokenizer, s.prompt_tokens)
     loaded = _loaded_memory(model.device)

@@ -61,7 +61,9 @@ def chat(
     while True:
         try:
             user = read("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt) as e:
+            if isinstance(e, Terminated):  # SIGTERM: the program ends (exit 143), not just the conversation
+                raise
             print(file=out)
             return history
         if not user:

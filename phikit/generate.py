@@ -8,9 +8,10 @@ span tokens) live in ``TextStream`` so the HTTP server can reuse them.
 from __future__ import annotations
 
 import math
+import numbers
 import resource
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,19 +39,22 @@ class GenerationConfig:
     draft_tokens: int = 5  # tokens proposed per speculative step (prompt lookup or a draft model)
 
     def __post_init__(self):
-        if isinstance(self.stop, str):  # one stop string, as the OpenAI API takes it (not its characters)
+        self._stops()
+
+    def _stops(self) -> None:
+        """``stop`` as a tuple: one string is one stop string, as the OpenAI API takes it (not its characters)."""
+        if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        elif isinstance(self.stop, list):
+        elif not isinstance(self.stop, tuple) and isinstance(self.stop, Iterable):
             self.stop = tuple(self.stop)
 
     def validate(self) -> None:
         for name, kind in _FIELD_TYPES.items():  # a wrong type is named here, not deep in torch
             value = getattr(self, name)
-            if not (isinstance(value, kind) and not isinstance(value, bool)) and not (
-                (name == "seed" and value is None) or (kind is bool and isinstance(value, bool))
-            ):
-                need = {int: "an integer", (int, float): "a number", bool: "True or False"}[kind]
+            if (not isinstance(value, kind) or isinstance(value, bool)) and not (name == "seed" and value is None):
+                need = "an integer" if kind is numbers.Integral else "a number"
                 raise PhikitError(f"{name} must be {need}, got {value!r}")
+        self._stops()
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise PhikitError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if self.max_new_tokens < 1:
@@ -69,17 +73,15 @@ class GenerationConfig:
             raise PhikitError(f"draft_tokens must be between 1 and 7, got {self.draft_tokens}")
 
 
-_FIELD_TYPES = {
-    "max_new_tokens": int,
-    "temperature": (int, float),
-    "top_k": int,
-    "top_p": (int, float),
-    "repetition_penalty": (int, float),
-    "seed": int,
-    "truncate": bool,
-    "batch_size": int,
-    "prompt_lookup": bool,
-    "draft_tokens": int,
+_FIELD_TYPES = {  # the numbers' types (numpy's included); the flags are taken for their truth
+    "max_new_tokens": numbers.Integral,
+    "temperature": numbers.Real,
+    "top_k": numbers.Integral,
+    "top_p": numbers.Real,
+    "repetition_penalty": numbers.Real,
+    "seed": numbers.Integral,
+    "batch_size": numbers.Integral,
+    "draft_tokens": numbers.Integral,
 }
 
 
@@ -459,14 +461,18 @@ def _prompt_list(prompts) -> list[str]:
     """``prompts`` (text, or a list of texts) as a list; anything else is a one-line error."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
-        return list(prompts)
-    if isinstance(prompts, dict) or isinstance(prompts, (list, tuple)) and any(isinstance(p, dict) for p in prompts):
-        raise PhikitError(
-            "prompts are text (a string or a list of strings), not chat messages; render a conversation with its "
-            "template first: phikit.templates.get_template('chat', phi.tokenizer).render_messages(messages)"
-        )
-    kind = type(prompts).__name__ if not isinstance(prompts, (list, tuple)) else f"a list holding {prompts!r:.60}"
+    chat = PhikitError(
+        "prompts are text (a string or a list of strings), not chat messages; render a conversation with its "
+        "template first: phikit.templates.get_template('chat', phi.tokenizer).render_messages(messages)"
+    )
+    if isinstance(prompts, dict):
+        raise chat
+    items = list(prompts) if isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, bytearray)) else None
+    if items is not None and all(isinstance(p, str) for p in items):  # a list, a dataset's column, a generator
+        return items
+    if items is not None and any(isinstance(p, dict) for p in items):
+        raise chat
+    kind = type(prompts).__name__ if items is None else f"a sequence holding {items!r:.60}"
     raise PhikitError(f"prompts must be a string or a list of strings, got {kind}")
 
 

@@ -78,7 +78,9 @@ class QuantSpec:
                 f"{source}: quantized with {raw.get('quant_method')!r}; phikit loads its own "
                 "quantized checkpoints (phikit quantize) or full-precision ones"
             )
-        return cls(raw["format"], int(raw.get("group_size", GROUP_SIZE)), bool(raw.get("lm_head", True)))
+        fmt = raw["format"]  # (an int8/nf4 folder written with another group size by an early version: it has none)
+        group = int(raw.get("group_size", GROUP_SIZE)) if fmt == "int4" else GROUP_SIZE
+        return cls(fmt, group, bool(raw.get("lm_head", True)))
 
 
 # ---- reference quantizers and dequantizers (plain PyTorch) ----

@@ -33,6 +33,18 @@ def test_names_import_on_first_use_and_probing_runs_nothing():
         phikit.lod  # noqa: B018
 
 
+def test_numpy_numbers_and_any_sequence_of_prompts_are_taken(phi):
+    import numpy as np
+
+    expected = phi.generate(["Hi", "Yo"], max_new_tokens=3)
+    assert [c.text for c in phi.generate(np.array(["Hi", "Yo"]), max_new_tokens=np.int64(3))] == [
+        c.text for c in expected
+    ]
+    assert [c.text for c in phi.generate((p for p in ["Hi", "Yo"]), max_new_tokens=3, temperature=np.float32(0))] == [
+        c.text for c in expected
+    ]
+
+
 def test_one_stop_string_is_one_string_not_its_characters(phi):
     whole = phi.generate("Hello", max_new_tokens=12)
     word = next(w for w in whole.text.split() if len(w) > 2)  # a word the reply holds, longer than a character
@@ -142,3 +154,22 @@ def test_a_recipe_built_in_python_is_checked_as_a_yaml_one(tiny, tmp_path):
     with pytest.raises(PhikitError, match="seq_len"):
         finetune(TrainConfig(**base, seq_len=2), progress=False)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    import numpy as np
+
+    paths = {**base, "model": tiny[0], "data": data, "output_dir": tmp_path / "run"}  # Path objects, a tuple
+    small = {"seq_len": 64, "grad_accum": 1, "eval_fraction": 0.0, "max_steps": np.int64(2)}
+    adapter = finetune(TrainConfig(**paths, **small, lora_targets=("q_proj", "v_proj")), progress=False)
+    assert (adapter / "adapter_config.json").is_file()
+
+
+def test_a_group_size_reaches_int4_columns_only(tiny, tmp_path, capsys):
+    from phikit.cli import main
+    from phikit.quantize import QuantSpec
+
+    # a folder an early version wrote as int8 "with" group size 32 loads as int8
+    assert QuantSpec.from_config({"quant_method": "phikit", "format": "int8", "group_size": 32}) == QuantSpec("int8")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("template: instruct\nmax_new_tokens: 2\nprompts:\n  - {id: hi, prompt: Say hi}\n")
+    args = ["eval", "-m", tiny[0], "--dtype", "fp32", "--device", "cpu", "--suite", suite, "--out", tmp_path / "o"]
+    assert main([str(a) for a in [*args, "--group-size", "32", "--compare", "q4:quantize=int4"]]) == 0
+    assert "groups of 32" in (tmp_path / "o" / "report.md").read_text()

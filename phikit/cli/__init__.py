@@ -55,8 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():  # (tests call main() from other threads too)
-        signal.signal(signal.SIGTERM, _terminate)  # the server's uvicorn installs its own while it runs
+    if threading.current_thread() is not threading.main_thread():  # (tests call main() from other threads too)
+        return _main(argv)
+    before = signal.signal(signal.SIGTERM, _terminate)  # the server's uvicorn installs its own while it runs
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)  # a caller's own (main() called from Python) comes back
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()
     except KeyboardInterrupt as e:  # while PyTorch imports (seconds on a cold start)

@@ -150,6 +150,8 @@ def load_model(args: argparse.Namespace, progress: bool = True, **changes):
         "kv_cache": getattr(args, "kv_cache", "auto"),
     }
     options.update(changes)
+    if options["quantize"] != "int4":  # a column or row of another format than int4 (eval's, bench's) has none
+        options["group_size"] = None
     return load(options.pop("model"), progress=progress, **options)
 
 

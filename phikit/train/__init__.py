@@ -5,6 +5,8 @@ and its rewards in ``rewards``, checkpoints and metrics in ``state``."""
 
 import contextlib
 import dataclasses
+import numbers
+import os
 from pathlib import Path
 
 from phikit.train.config import DPO_LOSSES, GRPO_LOSSES, METHODS, TrainConfig
@@ -25,12 +27,27 @@ from phikit.train.state import MetricsLog, checkpoints, read_trainer_state
 RECIPES = {"sft": SFTRecipe, "dpo": PreferenceRecipe, "orpo": PreferenceRecipe, "grpo": GRPORecipe}
 
 
+def _plain(value):
+    """A value given in Python as a recipe would hold it: paths as text, tuples as lists, numpy's numbers
+    as Python's."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def finetune(config: TrainConfig, progress: bool = True):
     """Run a fine-tuning recipe (its ``method``'s); returns the folder of the final adapter
     (``output_dir/adapter``) or, with full fine-tuning, model (``output_dir/model``). A run that fails
     before writing anything leaves no output_dir behind where there was none (only its lock file was in it)."""
     # a config built in Python (TrainConfig(...)) is read as a recipe is: types coerced, values checked
-    config = TrainConfig.from_yaml(None, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    given = {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    config = TrainConfig.from_yaml(None, given, source="TrainConfig")
     out = Path(config.output_dir)
     existed = out.exists()
     try:

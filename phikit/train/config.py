@@ -207,7 +207,9 @@ class TrainConfig:
             self.loss_type = "dapo" if self.method == "grpo" else "sigmoid"
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    def from_yaml(
+        cls, path: str | Path | None, overrides: dict | None = None, source: str | None = None
+    ) -> TrainConfig:
         raw: dict = {}
         if path is not None:
             path = Path(path)
@@ -225,11 +227,12 @@ class TrainConfig:
         raw.update(overrides or {})  # None too: "--quantize none" clears what the recipe set
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
+        given = source  # what the messages name: the caller's word (TrainConfig), else the recipe or "overrides"
+        source = given or str(path or "overrides")
         if unknown:
-            raise PhikitError(f"{path or 'overrides'}: {unknown_settings(unknown, names)}")
-        source = str(path or "overrides")
+            raise PhikitError(f"{source}: {unknown_settings(unknown, names)}")
         config = cls(**{name: cls.coerce(name, value, source) for name, value in raw.items()})
-        config.validate(f"{path} + overrides" if path and overrides else str(path or "config"))
+        config.validate(f"{path} + overrides" if path and overrides else str(path or given or "config"))
         return config
 
     @classmethod

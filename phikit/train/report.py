@@ -90,7 +90,11 @@ class MLflow:
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "phikit"))
         run_id = _run_id(out, "mlflow") if resumed is not None else None
-        self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name)
+        try:
+            self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name)
+        except mlflow.exceptions.MlflowException:  # the run is not in this store (another tracking URI): a new one
+            run_id = None
+            self.run = mlflow.start_run(run_name=name)
         _keep_run_id(out, "mlflow", self.run.info.run_id)
         if not run_id:
             mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
@@ -108,8 +112,9 @@ class Trackio:
 
         self.trackio = trackio
         project = os.environ.get("TRACKIO_PROJECT", "phikit")
-        resume = "allow" if resumed is not None else "never"
-        self.run = trackio.init(project=project, name=name, config=config, embed=False, resume=resume)
+        # Trackio resumes a run by its name, which other output folders may share: a resumed run is its own
+        name = name if resumed is None else f"{name} (from step {resumed})"
+        self.run = trackio.init(project=project, name=name, config=config, embed=False)
 
     def log(self, step: int, values: dict) -> None:
         self.trackio.log(_numbers(values), step=step)
