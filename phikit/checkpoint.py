@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from phikit import kernels, pagecache
 from phikit.config import PhiConfig
-from phikit.errors import PhikitError
+from phikit.errors import PhikitError, first_line
 from phikit.models import CausalLM, build_model, read_config
 
 DEFAULT_MODEL = "microsoft/phi-2"
@@ -122,9 +122,8 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
         if not any(folder.glob("*.safetensors")):  # older repos ship only pytorch_model.bin
             folder = _hub_download(text, revision, [*HUB_PATTERNS, "*.bin"])
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; all mean "not reachable/found"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PhikitError(
-            f"could not get {text!r} from the Hugging Face Hub ({reason[:200]}); "
+            f"could not get {text!r} from the Hugging Face Hub ({first_line(e)}); "
             "download it where the Hub is reachable and pass --model PATH to its folder"
         ) from None
     return folder
@@ -311,8 +310,9 @@ def load_pickled(path: Path, remedy: str, **options) -> dict:
                 f"{path}: refused: it holds Python objects besides tensors and plain values, and loading those "
                 "could run code; use a file of tensors (safetensors)"
             ) from None
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PhikitError(f"{path}: cannot read ({reason}); the file is truncated or corrupt: {remedy}") from None
+        raise PhikitError(
+            f"{path}: cannot read ({first_line(e)}); the file is truncated or corrupt: {remedy}"
+        ) from None
 
 
 def _read_ahead(files: list[Path]) -> None:
@@ -686,6 +686,23 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_folder(out: Path, write) -> Path:
+    """``atomic_write``'s twin for a folder: ``write(tmp)`` fills a temporary folder beside ``out`` (the user's
+    umask, as a plain mkdir would give), which then replaces ``out`` (``replace_folder``); a failure or an
+    interrupt removes the temporary, so ``out`` is never half-written."""
+    import shutil
+
+    tmp = _temporary_beside(out, folder=True)  # named for this process: a killed one's is swept later
+    try:
+        user_mode(tmp, directory=True)
+        write(tmp)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def replace_folder(new: Path, out: Path) -> None:
     """Put the finished folder ``new`` at ``out`` (a sibling), replacing what is there without a moment where
     neither exists on disk: the old folder is renamed aside, the new one renamed into place, then the old
@@ -726,7 +743,8 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
             raise PhikitError(f"{out} is or contains the source model {source}; writing there would delete it")
     if out.is_dir():  # what a killed export left inside (an Ollama folder's GGUF, its Modelfile) is not content
         sweep_stale(out, "|".join(re.escape(name) for name in INNER_FILES))
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    entries = list(out.iterdir()) if out.exists() else []
+    if entries and not overwrite:
         raise PhikitError(
             f"{out} already exists and is not empty; choose a new folder or overwrite (--overwrite, overwrite=True)"
         )
@@ -736,8 +754,7 @@ def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) 
             raise PhikitError(f"{out} is the working folder or holds it; write the model into a folder of its own")
         if os.path.ismount(out):
             raise PhikitError(f"{out} is a mount point; write the model into a folder inside it")
-    if out.exists() and any(out.iterdir()):  # overwrite: only a folder phikit could have written is replaced
-        entries = list(out.iterdir())
+    if entries:  # overwrite: only a folder phikit could have written is replaced
         model = any((out / name).is_file() for name in OUTPUT_MARKS) and any(
             e.suffix in WEIGHT_SUFFIXES for e in entries
         )
@@ -771,9 +788,8 @@ def save_checkpoint(
 
     out = Path(out)
     check_output_folder(out, overwrite, source)
-    tmp = _temporary_beside(out, folder=True)
-    try:
-        user_mode(tmp, directory=True)
+
+    def write(tmp: Path) -> None:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in state_dict.items():
@@ -804,8 +820,5 @@ def save_checkpoint(
                     shutil.copyfile(tokenizer_folder / name, tmp / name)
         for written in tmp.iterdir():  # safetensors writes 0600: give every file the user's umask
             user_mode(written)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(out, write)

@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from phikit.checkpoint import atomic_write
-from phikit.errors import PhikitError
+from phikit.errors import PhikitError, first_line
 from phikit.generate import generate
 from phikit.models import CausalLM
 from phikit.quantize import GROUP_SIZE
@@ -765,9 +765,8 @@ def run_lm_eval(
     try:
         results = simple_evaluate(model=lm, tasks=resolved, task_manager=manager, **options)
     except _dataset_unreachable() as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PhikitError(
-            f"lm-eval could not get a task's dataset ({reason[:200]}); run it once where the Hugging Face Hub is "
+            f"lm-eval could not get a task's dataset ({first_line(e)}); run it once where the Hugging Face Hub is "
             "reachable (datasets caches what it downloads)"
         ) from None
     if results is None:

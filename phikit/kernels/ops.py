@@ -14,6 +14,7 @@ import ctypes
 import torch
 
 from phikit.kernels.build import FEATURE_BF16_DP, FEATURE_VNNI, MAX_ROWS, has, library
+from phikit.quantize import GROUP_SIZES  # the int4 groups the C kernels have a loop for
 
 # ---- checks before any pointer reaches C ----
 
@@ -64,7 +65,7 @@ def check_linear(what: str, kind: str, weight, scale, minimum, bias, group_size:
     if kind == "int8":
         check(f"{what} scale", scale, torch.float32, (n,))
     elif kind == "int4":
-        if group_size not in (32, 64, 128, 256) or k % group_size:
+        if group_size not in GROUP_SIZES or k % group_size:
             raise ValueError(f"phikit CPU kernel: {what} int4 group size {group_size} does not divide {k}")
         check(f"{what} scale", scale, torch.float16, (n, k // group_size))
         check(f"{what} minimum", minimum, torch.float16, (n, k // group_size))

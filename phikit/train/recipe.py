@@ -17,7 +17,6 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -460,19 +459,12 @@ class SFTRecipe:
     def save_final(self) -> Path:
         """output_dir/adapter (PEFT's format) or, with full fine-tuning, output_dir/model (an HF folder),
         written whole and renamed; every process calls it."""
-        from phikit.checkpoint import _temporary_beside, replace_folder, user_mode
+        from phikit.checkpoint import write_folder
 
         state = self.full_state()
         final = self.out / ("adapter" if self.config.lora else "model")
         if self.main_process:
-            tmp = _temporary_beside(final, folder=True)  # named for this process: a killed run's is swept later
-            try:
-                user_mode(tmp, directory=True)
-                self.write_weights(tmp, state)
-                replace_folder(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            write_folder(final, lambda tmp: self.write_weights(tmp, state))
         return final
 
     def train(self) -> Path:

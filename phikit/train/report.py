@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from phikit.errors import PhikitError
+from phikit.errors import PhikitError, first_line
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "trackio": "trackio"}
@@ -31,21 +31,19 @@ def _numbers(values: dict) -> dict[str, float]:
 RUN_IDS = "trackers.json"  # in output_dir: the W&B and MLflow run of this output folder
 
 
-def _run_id(out: Path, tracker: str) -> str | None:
+def _run_ids(out: Path) -> dict:
+    """tracker -> the id of this output folder's run ({} where none was kept, or the file is unreadable)."""
     try:
-        return json.loads((out / RUN_IDS).read_text()).get(tracker)
-    except (OSError, ValueError, AttributeError):
-        return None
+        ids = json.loads((out / RUN_IDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
 
 
 def _keep_run_id(out: Path, tracker: str, run_id: str) -> None:
     from phikit.checkpoint import atomic_write
 
-    try:
-        ids = json.loads((out / RUN_IDS).read_text())
-    except (OSError, ValueError):
-        ids = {}
-    ids[tracker] = run_id
+    ids = {**_run_ids(out), tracker: run_id}
     atomic_write(out / RUN_IDS, lambda tmp: tmp.write_text(json.dumps(ids)))
 
 
@@ -67,7 +65,7 @@ class WandB:
     def __init__(self, out: Path, name: str, config: dict, resumed: int | None = None):
         import wandb
 
-        run_id = _run_id(out, "wandb") if resumed is not None else None
+        run_id = _run_ids(out).get("wandb") if resumed is not None else None
         project = os.environ.get("WANDB_PROJECT", "phikit")
         resume = {"id": run_id, "resume": "allow"} if run_id else {}
         self.run = wandb.init(project=project, name=name, dir=str(out), config=config, **resume)
@@ -89,7 +87,7 @@ class MLflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "phikit"))
-        run_id = _run_id(out, "mlflow") if resumed is not None else None
+        run_id = _run_ids(out).get("mlflow") if resumed is not None else None
         try:
             self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name)
         except mlflow.exceptions.MlflowException:  # the run is not in this store (another tracking URI): a new one
@@ -165,6 +163,5 @@ def open_trackers(names: list[str], out: Path, name: str, config: dict, resumed:
         except Exception as e:  # noqa: BLE001 - each library fails its own way
             for tracker in opened:
                 tracker.close(failed=True)
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise PhikitError(f"report_to {n}: could not start a run ({reason})") from None
+            raise PhikitError(f"report_to {n}: could not start a run ({first_line(e)})") from None
     return opened

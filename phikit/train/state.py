@@ -8,7 +8,6 @@ import math
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,19 +37,16 @@ def save_checkpoint(out: Path, step: int, write_weights, trainer_state: dict, li
     RNG, data position, settings: everything needed to resume). ``trainer_state.pt`` holds only tensors and
     plain values, so resuming reads it with ``torch.load(weights_only=True)``: a file planted in a checkpoint
     folder cannot run code. Keeps the newest ``limit`` checkpoints (0: all)."""
-    from phikit.checkpoint import replace_folder, sweep_stale, temp_tag, user_mode
+    from phikit.checkpoint import sweep_stale, write_folder
 
     final = out / f"checkpoint-{step}"
-    sweep_stale(out, r"checkpoint-\d+")  # a killed run's unfinished checkpoint
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".checkpoint-{step}.tmp-{temp_tag()}-"))
-    try:
-        user_mode(tmp, directory=True)
+    sweep_stale(out, r"checkpoint-\d+")  # a killed run's unfinished checkpoint, whatever its step
+
+    def write(tmp: Path) -> None:
         write_weights(tmp)
         torch.save({"step": step, "rng": _rng_state(), **trainer_state}, tmp / "trainer_state.pt")
-        replace_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(final, write)
     for old in checkpoints(out)[:-limit] if limit > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
